@@ -1,0 +1,184 @@
+"""The `edgedistill` command: one console script, a subcommand per public verb.
+
+    edgedistill run                                   # the default recipe on the embedded teacher
+    edgedistill run recipes/tiny.yaml --out runs/tiny
+    edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf
+    edgedistill bench model.gguf --json bench.json
+    edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher
+    edgedistill chat model.gguf "What is the capital of France?"
+
+Problems with the user's input are printed as one message with the fix, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from edgedistill.errors import EdgedistillError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+
+def _default_recipe() -> Path:
+    for candidate in (Path("recipes/default.yaml"), DEFAULT_RECIPE):
+        if candidate.is_file():
+            return candidate
+    raise EdgedistillError("no recipe given and recipes/default.yaml was not found",
+                           "run from the edgedistill checkout or pass a recipe: edgedistill run RECIPE.yaml")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from edgedistill.pipeline import Pipeline
+    from edgedistill.recipe import load_recipe
+    from edgedistill.stages import STAGES
+
+    recipe = load_recipe(args.recipe or _default_recipe())
+    out = args.out or Path("runs") / recipe.name
+    results = Pipeline(STAGES, recipe, out).run(force=args.force, from_stage=args.from_stage)
+    report = out / "report" / "report.md"
+    if report.exists():
+        shutil.copy2(report, out / "report.md")
+    done = [r for r in results if not r.cached]
+    print(f"\n{len(done)} stage(s) ran, {len(results) - len(done)} up to date; "
+          f"total {sum(r.seconds for r in done):.1f} s. Report: {out / 'report.md'}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from edgedistill.export.gguf import quantize_gguf, write_gguf
+    from edgedistill.sources import materialize, resolve_source
+
+    if args.format != "gguf":
+        raise EdgedistillError(f"--format {args.format} is not supported yet", "use --format gguf")
+    if args.out.exists() and not args.overwrite:
+        raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
+    source = resolve_source(str(args.model))
+    model = source.path
+    if source.kind != "hf":
+        model = args.out.parent / f".{args.out.name}.hf"
+        materialize(source, model)
+    qtype = args.quant.upper()
+    if qtype == "F16":
+        write_gguf(model, args.out, overwrite=args.overwrite)
+    else:
+        f16 = args.out.with_name(f".{args.out.name}.f16")
+        write_gguf(model, f16, overwrite=True)
+        try:
+            quantize_gguf(f16, args.out, qtype)
+        finally:
+            f16.unlink(missing_ok=True)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _write_json(path: Path | None, value) -> None:
+    if path is not None:
+        path.write_text(json.dumps(value, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from edgedistill.bench.latency import bench_many
+    from edgedistill.recipe import BenchConfig
+
+    cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                      repetitions=args.repetitions, threads=args.threads)
+    results = bench_many(args.models, cfg)
+    print(f"{'artifact':<32} {'MB':>8} {'prefill t/s':>12} {'decode t/s':>11} {'TTFT ms':>9} {'peak RSS MB':>12}")
+    for r in results:
+        print(f"{r['artifact']:<32} {r['file_mb']:>8.1f} {r['prefill_tokens_per_s']:>12.1f} "
+              f"{r['decode_tokens_per_s']:>11.1f} {r['ttft_ms']:>9.1f} {r['peak_rss_mb']:>12.1f}")
+    _write_json(args.json, results)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from edgedistill.evaluate.task import evaluate
+
+    report = evaluate(args.models, args.data, args.reference, max_new_tokens=args.max_new_tokens)
+    if report["reference"]:
+        ref = report["reference"]
+        print(f"reference {ref['artifact']}: task score {ref['task_score']:.3f} ({ref['correct']}/{ref['examples']})")
+    for r in report["artifacts"]:
+        share = f", {100 * r['share_of_reference']:.1f}% of reference" if r.get("share_of_reference") is not None else ""
+        print(f"{r['artifact']}: task score {r['task_score']:.3f} ({r['correct']}/{r['examples']}){share}")
+    _write_json(args.json, report)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from edgedistill.runtimes import open_chat_model
+
+    model = open_chat_model(args.model)
+    print(model.generate([[{"role": "user", "content": args.prompt}]], args.max_new_tokens)[0][0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgedistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = add("run", "distill, export, benchmark and evaluate as a recipe says",
+              "edgedistill run recipes/tiny.yaml --out runs/tiny")
+    run.add_argument("recipe", nargs="?", type=Path, help="YAML recipe (default: recipes/default.yaml)")
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
+    run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    run.set_defaults(fn=cmd_run)
+
+    export = add("export", "export a model to GGUF, quantized by llama.cpp",
+                 "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf")
+    export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
+    export.add_argument("--format", default="gguf", choices=["gguf"])
+    export.add_argument("--quant", default="q4_k_m", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(fn=cmd_export)
+
+    bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp",
+                "edgedistill bench model.gguf --json bench.json")
+    bench.add_argument("models", nargs="+", type=Path)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--gen-tokens", type=int, default=64)
+    bench.add_argument("--repetitions", type=int, default=3)
+    bench.add_argument("--threads", type=int)
+    bench.add_argument("--json", type=Path, help="write the results here")
+    bench.set_defaults(fn=cmd_bench)
+
+    evaluate = add("eval", "task score on held-out prompts, and its share of a reference's",
+                   "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher")
+    evaluate.add_argument("models", nargs="+", type=Path, help="GGUF files or HF folders")
+    evaluate.add_argument("--data", type=Path, required=True, help="heldout.jsonl of a run's generate stage")
+    evaluate.add_argument("--reference", type=Path, help="the teacher (HF folder or GGUF) to compare with")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--json", type=Path, help="write the results here")
+    evaluate.set_defaults(fn=cmd_eval)
+
+    chat = add("chat", "one greedy chat answer from a GGUF or an HF folder",
+               'edgedistill chat model.gguf "What is the capital of France?"')
+    chat.add_argument("model", type=Path)
+    chat.add_argument("prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.set_defaults(fn=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except EdgedistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

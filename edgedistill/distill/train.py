@@ -1,0 +1,161 @@
+"""The distill stage: train the student on the teacher's answers and cached top-k log-probs.
+
+    edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
+
+The loss on each answer token is (1 - kl_weight) * cross-entropy on the teacher's text plus
+kl_weight * T^2 * KL to the teacher's distribution (edgedistill.distill.losses). The loop runs
+under HF Accelerate, so the same code trains on CPU, on a GPU or over several processes.
+
+After every epoch the model, optimizer, scheduler and RNG state go to `checkpoint/` in the
+stage's partial folder (written aside, then renamed); a killed run reloads it (weights_only) and
+goes on with the next epoch. The finished folder holds the student as an HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from edgedistill.data.logits import CACHE
+from edgedistill.distill.losses import distill_loss
+from edgedistill.distill.student import TOKENIZER_FILES
+from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import sha256_file
+from edgedistill.recipe import Recipe
+from edgedistill.runtimes.pytorch import load_model
+
+CHECKPOINT = "checkpoint"
+
+
+class SoftLabelSet:
+    """Examples of the logits cache as (input_ids, prompt_length, topk_ids, topk_logprobs)."""
+
+    def __init__(self, folder: Path):
+        tensors = load_file(str(folder / CACHE))
+        self.ids = tensors["input_ids"]
+        self.offsets = tensors["example_offsets"].tolist()
+        self.prompt_lengths = tensors["prompt_lengths"].tolist()
+        self.topk_ids, self.topk_logprobs = tensors["topk_ids"], tensors["topk_logprobs"]
+        self.answer_offsets = tensors["answer_offsets"].tolist()
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    def __getitem__(self, i: int):
+        ids = self.ids[self.offsets[i]:self.offsets[i + 1]]
+        a, b = self.answer_offsets[i], self.answer_offsets[i + 1]
+        return ids, self.prompt_lengths[i], self.topk_ids[a:b], self.topk_logprobs[a:b]
+
+
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, *_ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    # answer_mask[b, t] marks positions whose logits predict an answer token.
+    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, (ids, prompt_len, _, _) in enumerate(examples):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+        answer_mask[row, prompt_len - 1:len(ids) - 1] = True
+    targets = torch.cat([ids[p:].long() for ids, p, _, _ in examples])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
+            "targets": targets, "topk_ids": torch.cat([e[2] for e in examples]),
+            "topk_logprobs": torch.cat([e[3] for e in examples])}
+
+
+def _check_tokenizers(logits: Path, student: Path) -> None:
+    meta = json.loads((logits / "meta.json").read_text())
+    if meta["tokenizer_sha256"] != sha256_file(student / "tokenizer.json"):
+        raise EdgedistillError(
+            "the student's tokenizer differs from the teacher's, so logit distillation cannot compare them",
+            "build the student from the teacher (student.method prune or config), or set distill.kl_weight: 0")
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history: list) -> None:
+    aside = out / f"{CHECKPOINT}.writing"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                "torch_rng": torch.get_rng_state()}, aside / "state.pt")
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    os.rename(aside, out / CHECKPOINT)
+
+
+def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
+    cfg = recipe.distill
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _check_tokenizers(logits, student)
+    data = SoftLabelSet(logits)
+    if len(data) == 0:
+        raise EdgedistillError("the logits cache holds no training examples",
+                               "check generate/train.jsonl and distill.max_seq_len")
+    model = load_model(student)
+    model.config.use_cache = False
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+
+    def schedule(step: int) -> float:
+        # Linear warm-up, then cosine decay to a tenth of the peak rate.
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start_epoch, history = 0, []
+    checkpoint = out / CHECKPOINT / "state.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        print(f"[distill] resuming after epoch {start_epoch} from {checkpoint}")
+
+    accelerator = Accelerator()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = list(range(len(data)))
+        random.Random(recipe.seed * 1000 + epoch).shuffle(order)
+        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for step, start in enumerate(bar, 1):
+            batch = collate([data[i] for i in order[start:start + cfg.batch_size]], pad_id)
+            batch = {name: t.to(accelerator.device) for name, t in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            losses = distill_loss(logits[batch["answer_mask"]], batch["targets"], batch["topk_logprobs"],
+                                  batch["topk_ids"], kl_weight=cfg.kl_weight, temperature=cfg.temperature)
+            accelerator.backward(losses["loss"])
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for name in sums:
+                sums[name] += losses[name].item()
+            bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
+        history.append({"epoch": epoch + 1, **{name: round(v / steps_per_epoch, 4) for name, v in sums.items()}})
+        _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history)
+
+    final = accelerator.unwrap_model(model)
+    final.config.use_cache = True
+    final.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (student / name).exists():
+            shutil.copy2(student / name, out / name)
+    shutil.rmtree(out / CHECKPOINT)
+    return {"epochs": history, "train_examples": len(data), "steps": total_steps}

@@ -1,0 +1,77 @@
+"""Task quality: each artifact answers the held-out prompts; the score is the share it gets right.
+
+    edgedistill eval runs/default/export/student-q4_k_m.gguf --data runs/default/generate/heldout.jsonl \\
+        --reference runs/default/teacher --json eval.json
+
+A held-out record carries its prompt messages, the gold label and the label choices. The answer's
+label is the choice named first in it (whole words, case-insensitive); an answer naming none
+counts as wrong and is counted as unparsed. Generation is greedy, so the same artifact gives the
+same score every time, in any runtime that computes the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edgedistill.data.prompts import read_jsonl
+from edgedistill.errors import EdgedistillError
+from edgedistill.recipe import Recipe
+from edgedistill.runtimes import gguf_artifacts, open_chat_model
+
+
+def parse_label(answer: str, choices: list[str]) -> str | None:
+    found = []
+    for choice in choices:
+        match = re.search(rf"\b{re.escape(choice.lower())}\b", answer.lower())
+        if match:
+            found.append((match.start(), choice))
+    return min(found)[1] if found else None
+
+
+def load_heldout(path: Path) -> list[dict]:
+    rows = read_jsonl(path)
+    for index, row in enumerate(rows, 1):
+        if not {"messages", "label", "choices"} <= row.keys():
+            raise EdgedistillError(f"{path}:{index}: a held-out record needs messages, label and choices",
+                                   "use the heldout.jsonl written by the generate stage")
+    if not rows:
+        raise EdgedistillError(f"{path} holds no held-out records")
+    return rows
+
+
+def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16) -> dict:
+    model = open_chat_model(artifact)
+    correct = unparsed = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {artifact.name}", unit="batch"):
+        batch = rows[start:start + batch_size]
+        answers = model.generate([row["messages"] for row in batch], max_new_tokens)
+        for row, (answer, _) in zip(batch, answers):
+            label = parse_label(answer, row["choices"])
+            unparsed += label is None
+            correct += label == row["label"]
+    return {"artifact": artifact.name if artifact.is_file() else artifact.name + "/", "path": str(artifact),
+            "examples": len(rows), "correct": correct, "unparsed": unparsed,
+            "task_score": round(correct / len(rows), 4)}
+
+
+def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int) -> dict:
+    rows = load_heldout(data)
+    ref = task_score(reference, rows, max_new_tokens=max_new_tokens) if reference is not None else None
+    results = []
+    for artifact in artifacts:
+        result = task_score(artifact, rows, max_new_tokens=max_new_tokens)
+        if ref is not None:
+            result["share_of_reference"] = round(result["task_score"] / ref["task_score"], 4) if ref["task_score"] else None
+        results.append(result)
+    return {"data": str(data), "reference": ref, "artifacts": results}
+
+
+def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path) -> dict:
+    report = evaluate(gguf_artifacts(teacher_gguf, export), generate / "heldout.jsonl", teacher,
+                      max_new_tokens=recipe.eval.max_new_tokens)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {"reference_task_score": report["reference"]["task_score"]}

@@ -1,0 +1,226 @@
+"""Tokenizer metadata for GGUF, read from an HF folder's tokenizer.json and tokenizer_config.json.
+
+llama.cpp tokenizes with its own code from what the GGUF says, so everything here must describe
+the HF tokenizer exactly: tokens by id, their types, BPE merges, special ids, whether a BOS is
+added, the chat template, and `tokenizer.ggml.pre`, the name of the pre-tokenizer regex set
+llama.cpp applies. The pre-tokenizer name is looked up from the tokenizer.json pre_tokenizer
+structure in `PRE_TOKENIZERS`; a structure not in the table is refused rather than guessed,
+because a wrong guess tokenizes differently without any error.
+
+Byte-level BPE (GGUF `tokenizer.ggml.model` "gpt2") is supported; SentencePiece is not yet.
+
+    meta = read_tokenizer(Path("runs/x/merged"), vocab_size=49152)
+    add_tokenizer_metadata(gguf_writer, meta)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+from gguf import TokenType
+
+from edgedistill.errors import EdgedistillError
+
+# Each entry: the llama.cpp pre-tokenizer name and the steps it implements. A step matches a
+# tokenizer.json step of the same type whose listed fields have these values (fields not listed,
+# such as ByteLevel's trim_offsets, do not change how text splits).
+# Note llama.cpp spells GPT-2's "gpt-2"; plain "gpt2" is rejected at load time.
+PRE_TOKENIZERS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
+    (
+        "smollm",
+        (
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        ),
+    ),
+    ("gpt-2", ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},)),
+)
+
+
+@dataclass(frozen=True)
+class TokenizerMetadata:
+    """What llama.cpp needs to tokenize exactly as the HF tokenizer does."""
+
+    model: str
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | list[dict[str, str]] | None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgedistillError(
+            f"{path} not found", "the folder must hold a fast (tokenizer.json) HF tokenizer"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise EdgedistillError(f"{path} is not valid JSON: {err}") from None
+
+
+def _steps(pre_tokenizer: dict | None) -> list[dict]:
+    if pre_tokenizer is None:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [step for sub in pre_tokenizer["pretokenizers"] for step in _steps(sub)]
+    return [pre_tokenizer]
+
+
+def pre_tokenizer_name(pre_tokenizer: dict | None, source: Path) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` name for a tokenizer.json pre_tokenizer structure."""
+    steps = _steps(pre_tokenizer)
+    for name, pattern in PRE_TOKENIZERS:
+        if len(steps) == len(pattern) and all(
+            all(step.get(field) == value for field, value in want.items())
+            for step, want in zip(steps, pattern)
+        ):
+            return name
+    raise EdgedistillError(
+        f"{source}: pre_tokenizer {json.dumps(pre_tokenizer)} has no known llama.cpp equivalent",
+        "add its structure and llama.cpp's pre-tokenizer name to PRE_TOKENIZERS in "
+        "edgedistill/export/gguf/tokenizer.py",
+    )
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config stores special tokens as a string or as an AddedToken dict
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _post_processor_adds(post_processor: dict | None, token: str | None, position: int) -> bool:
+    """Whether the tokenizer.json post-processor puts `token` first (0) or last (-1) of one sequence."""
+    if post_processor is None or token is None:
+        return False
+    if post_processor.get("type") == "Sequence":
+        return any(_post_processor_adds(p, token, position) for p in post_processor["processors"])
+    single = post_processor.get("single") if post_processor.get("type") == "TemplateProcessing" else None
+    if not single:
+        return False
+    return single[position].get("SpecialToken", {}).get("id") == token
+
+
+def _chat_template(hf_dir: Path, tokenizer_config: dict) -> str | list[dict[str, str]] | None:
+    # transformers >= 4.43 may write the template to its own file instead of tokenizer_config.json
+    if tokenizer_config.get("chat_template"):
+        return tokenizer_config["chat_template"]
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = hf_dir / "chat_template.json"
+    if as_json.is_file():
+        return _read_json(as_json).get("chat_template")
+    return None
+
+
+def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerMetadata:
+    """Read a byte-level BPE tokenizer from an HF folder.
+
+    `vocab_size` is the model's embedding row count: when it is larger than the tokenizer (padded
+    embeddings), the gap is filled with UNUSED placeholder tokens, since llama.cpp sizes the
+    vocabulary from the token list and checks it against token_embd.
+    """
+    hf_dir = Path(hf_dir)
+    tokenizer_file = hf_dir / "tokenizer.json"
+    tokenizer_json = _read_json(tokenizer_file)
+    config_file = hf_dir / "tokenizer_config.json"
+    tokenizer_config = _read_json(config_file) if config_file.is_file() else {}
+
+    model = tokenizer_json.get("model") or {}
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps):
+        raise EdgedistillError(
+            f"{tokenizer_file}: tokenizer model {model.get('type')!r} is not byte-level BPE",
+            "only byte-level BPE tokenizers (GPT-2 style, e.g. SmolLM2) export to GGUF so far",
+        )
+    pre = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_file)
+
+    id_to_token: dict[int, str] = {i: tok for tok, i in model["vocab"].items()}
+    id_to_type: dict[int, int] = {i: TokenType.NORMAL for i in id_to_token}
+    for added in tokenizer_json.get("added_tokens", []):
+        # llama.cpp matches USER_DEFINED and CONTROL tokens on raw text, so their content stays raw
+        id_to_token[added["id"]] = added["content"]
+        id_to_type[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+
+    n_tokens = max(id_to_token) + 1
+    if vocab_size is not None and vocab_size < n_tokens:
+        raise EdgedistillError(
+            f"{tokenizer_file}: the tokenizer has ids up to {n_tokens - 1} but the model's vocab_size is {vocab_size}",
+            "export the tokenizer that was trained with this model",
+        )
+    n_tokens = max(n_tokens, vocab_size or 0)
+    tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(n_tokens)]
+    token_types = [int(id_to_type.get(i, TokenType.UNUSED)) for i in range(n_tokens)]
+
+    # tokenizers >= 0.20 writes merges as [left, right] pairs, older versions as "left right"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    token_to_id = {tok: i for i, tok in id_to_token.items()}
+
+    def special_id(field: str) -> int | None:
+        content = _token_content(tokenizer_config.get(field))
+        if content is None:
+            return None
+        if content not in token_to_id:
+            raise EdgedistillError(f"{config_file}: {field} {content!r} is not a token of {tokenizer_file}")
+        return token_to_id[content]
+
+    bos_token = _token_content(tokenizer_config.get("bos_token"))
+    eos_token = _token_content(tokenizer_config.get("eos_token"))
+    post_processor = tokenizer_json.get("post_processor")
+    add_bos = tokenizer_config.get("add_bos_token")
+    if add_bos is None:
+        add_bos = _post_processor_adds(post_processor, bos_token, 0)
+    add_eos = tokenizer_config.get("add_eos_token")
+    if add_eos is None:
+        add_eos = _post_processor_adds(post_processor, eos_token, -1)
+
+    return TokenizerMetadata(
+        model="gpt2",
+        pre=pre,
+        tokens=tokens,
+        token_types=token_types,
+        merges=merges,
+        bos_id=special_id("bos_token"),
+        eos_id=special_id("eos_token"),
+        pad_id=special_id("pad_token"),
+        unk_id=special_id("unk_token"),
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        chat_template=_chat_template(hf_dir, tokenizer_config),
+    )
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, meta: TokenizerMetadata) -> None:
+    """Put the tokenizer keys into a GGUFWriter (before its header is written)."""
+    writer.add_tokenizer_model(meta.model)
+    writer.add_tokenizer_pre(meta.pre)
+    writer.add_token_list(meta.tokens)
+    writer.add_token_types(meta.token_types)
+    writer.add_token_merges(meta.merges)
+    for set_id, token_id in (
+        (writer.add_bos_token_id, meta.bos_id),
+        (writer.add_eos_token_id, meta.eos_id),
+        (writer.add_pad_token_id, meta.pad_id),
+        (writer.add_unk_token_id, meta.unk_id),
+    ):
+        if token_id is not None:
+            set_id(token_id)
+    # always explicit: llama.cpp's default for a missing add_bos key differs by pre-tokenizer
+    writer.add_add_bos_token(meta.add_bos)
+    writer.add_add_eos_token(meta.add_eos)
+    if meta.chat_template:
+        writer.add_chat_template(meta.chat_template)

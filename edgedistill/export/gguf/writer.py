@@ -1,0 +1,204 @@
+"""Write an HF model folder (config.json + safetensors + tokenizer) as an F16 GGUF file for llama.cpp.
+
+Tensors are streamed: the plan (names, shapes, types) comes from the safetensors headers alone,
+GGUFWriter writes header, metadata and tensor infos from it, and then each tensor is read,
+converted and written one at a time, so memory holds one tensor, not the model. 2-D weights are
+stored as float16, norms and biases (1-D) as float32. The file is written beside `out_file` under
+a temporary name and renamed into place only when complete.
+
+    write_gguf(Path("runs/tiny/merged"), Path("tiny-f16.gguf"))
+    python -c "from edgedistill.export.gguf import write_gguf; write_gguf('runs/tiny/merged', 'm.gguf')"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.gguf import arch
+from edgedistill.export.gguf.tokenizer import add_tokenizer_metadata, read_tokenizer
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One GGUF tensor and where its data comes from."""
+
+    source: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    dtype: type[np.floating]
+    rope_heads: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _read_config(hf_dir: Path) -> tuple[dict, Path]:
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise EdgedistillError(f"{config_file} not found", "pass an HF model folder written by save_pretrained")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")), config_file
+    except json.JSONDecodeError as err:
+        raise EdgedistillError(f"{config_file} is not valid JSON: {err}") from None
+
+
+def _safetensors_files(hf_dir: Path) -> list[Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [hf_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise EdgedistillError(
+            f"{hf_dir}: no *.safetensors files", "save the model with save_pretrained(safe_serialization=True)"
+        )
+    return files
+
+
+def plan_tensors(spec: arch.ArchSpec, dims: arch.Dims, tied: bool, shapes: dict[str, tuple[int, ...]],
+                 where: Path) -> list[PlannedTensor]:
+    """Map every checkpoint tensor to its GGUF tensor, checking names and shapes.
+
+    Fails if a required tensor is missing, a shape differs from what config.json implies, or a
+    checkpoint tensor is neither mapped nor listed as ignorable (it would be silently lost).
+    """
+    plan: list[PlannedTensor] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    wrong_shape: list[str] = []
+
+    def take(source: str, expected: tuple[int, ...]) -> None:
+        used.add(source)
+        if shapes[source] != expected:
+            wrong_shape.append(f"{source} {list(shapes[source])} (config implies {list(expected)})")
+
+    for rule in spec.tensors:
+        for bid in range(dims["n_layer"]) if rule.per_block else [None]:
+            module = rule.hf_name.format(bid=bid)
+            shape = tuple(dims[d] for d in rule.shape)
+            weight = module + ".weight"
+            if rule.dropped_when_tied and tied:
+                if weight in shapes:
+                    take(weight, shape)
+                continue
+            if weight not in shapes:
+                missing.append(weight)
+                continue
+            take(weight, shape)
+            heads = dims[rule.rope_heads] if rule.rope_heads else None
+            dtype = np.float16 if len(shape) == 2 else np.float32
+            plan.append(PlannedTensor(weight, rule.gguf_name(bid) + ".weight", shape, dtype, heads))
+            if rule.bias and module + ".bias" in shapes:
+                take(module + ".bias", shape[:1])
+                plan.append(PlannedTensor(module + ".bias", rule.gguf_name(bid) + ".bias", shape[:1],
+                                          np.float32, heads))
+
+    unused = sorted(
+        name for name in shapes
+        if name not in used and not any(re.fullmatch(p, name) for p in spec.ignored)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if wrong_shape:
+        problems.append(f"unexpected shapes: {'; '.join(wrong_shape)}")
+    if unused:
+        problems.append(f"tensors the {spec.hf_architecture} map does not cover: {', '.join(unused)}")
+    if problems:
+        raise EdgedistillError(
+            f"{where}: checkpoint does not match config.json for {spec.hf_architecture}: " + " | ".join(problems),
+            "re-save the model with save_pretrained, or extend the tensor map in edgedistill/export/gguf/arch.py",
+        )
+    return plan
+
+
+def _convert(tensor: torch.Tensor, planned: PlannedTensor) -> np.ndarray:
+    # via float32: bfloat16 checkpoints are common and numpy has no bfloat16
+    data = tensor.to(torch.float32).numpy()
+    if planned.rope_heads is not None:
+        data = arch.permute_rotary_rows(data, planned.rope_heads)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
+        out = np.ascontiguousarray(data.astype(planned.dtype))
+    if planned.dtype == np.float16 and not np.isfinite(out).all() and np.isfinite(data).all():
+        raise EdgedistillError(
+            f"{planned.source} has values beyond float16's range (max |x| {np.abs(data).max():.3g})",
+            "rescale the weights, or export to a format that keeps bfloat16/float32",
+        )
+    return out
+
+
+def _add_metadata(writer: gguf.GGUFWriter, spec: arch.ArchSpec, dims: arch.Dims, name: str) -> None:
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for hparam in spec.hparams:
+        writer.add_key_value(hparam.key.format(arch=spec.gguf_arch_name), dims[hparam.dim], hparam.vtype)
+
+
+def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwrite: bool = False,
+               progress: bool = False) -> Path:
+    """Write the HF model folder `hf_dir` as an F16 GGUF at `out_file` and return `out_file`.
+
+    `name` becomes general.name (default: the folder's name). An existing `out_file` is an error
+    unless `overwrite`. `progress` shows a tqdm bar over the tensor bytes written.
+    """
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if out_file.exists() and not overwrite:
+        raise EdgedistillError(f"{out_file} already exists", "choose another path or pass overwrite=True")
+    if not out_file.parent.is_dir():
+        raise EdgedistillError(f"{out_file.parent} is not a folder", "create the output folder first")
+    config, config_file = _read_config(hf_dir)
+    spec = arch.spec_for(config, config_file)
+    dims = spec.dims(config, config_file)
+    vocab = read_tokenizer(hf_dir, vocab_size=dims["vocab"])
+    tied = bool(config.get("tie_word_embeddings", spec.tied_default))
+
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(path, framework="pt")) for path in _safetensors_files(hf_dir)]
+        source_file = {key: f for f in files for key in f.keys()}
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key, f in source_file.items()}
+        plan = plan_tensors(spec, dims, tied, shapes, hf_dir)
+
+        # a plain name (not mkstemp's 0600 file) so the result gets the usual permissions
+        tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.partial")
+        writer = gguf.GGUFWriter(tmp_file, spec.gguf_arch_name)
+        try:
+            _add_metadata(writer, spec, dims, name or hf_dir.resolve().name)
+            add_tokenizer_metadata(writer, vocab)
+            for planned in plan:
+                writer.add_tensor_info(planned.gguf_name, planned.shape, np.dtype(planned.dtype), planned.nbytes)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = _progress_bar(sum(p.nbytes for p in plan), out_file.name) if progress else None
+            # write_tensor_data takes tensors in the order their infos were added
+            for planned in plan:
+                writer.write_tensor_data(_convert(source_file[planned.source].get_tensor(planned.source), planned))
+                if bar is not None:
+                    bar.update(planned.nbytes)
+            if bar is not None:
+                bar.close()
+            writer.close()
+            os.replace(tmp_file, out_file)
+        finally:
+            writer.close()
+            tmp_file.unlink(missing_ok=True)
+    return out_file
+
+
+def _progress_bar(total_bytes: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {label}")

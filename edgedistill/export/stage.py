@@ -1,0 +1,37 @@
+"""The export stages: an HF folder to GGUF F16, then llama.cpp's quantizer for each chosen type.
+
+    edgedistill run recipes/default.yaml --from export
+
+Files are named `<role>-<type>.gguf` (student-q4_k_m.gguf, teacher-f16.gguf), F16 always first:
+it is what the quantized types are made from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edgedistill.export.gguf import quantize_gguf, write_gguf
+from edgedistill.recipe import Recipe
+
+
+def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: str) -> dict:
+    f16 = out / f"{role}-f16.gguf"
+    if not f16.exists():
+        write_gguf(model, f16, name=name, overwrite=True)
+    files = {"F16": f16}
+    for qtype in tqdm([q for q in quants if q != "F16"], desc=f"quantize {role}", unit="type"):
+        target = out / f"{role}-{qtype.lower()}.gguf"
+        if not target.exists():
+            quantize_gguf(f16, target, qtype)
+        files[qtype] = target
+    return {qtype: {"file": path.name, "bytes": path.stat().st_size} for qtype, path in files.items()}
+
+
+def export_student(recipe: Recipe, out: Path, *, distill: Path) -> dict:
+    return export_gguf_set(distill, out, "student", recipe.export.quants, f"{recipe.name}-student")
+
+
+def export_teacher(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
+    return export_gguf_set(teacher, out, "teacher", recipe.export.teacher_quants, f"{recipe.name}-teacher")

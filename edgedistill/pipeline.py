@@ -1,0 +1,212 @@
+"""The stage runner: cache keys, resume, atomic stage folders and manifests.
+
+    edgedistill run recipes/tiny.yaml --out runs/tiny            # runs what is not done yet
+    edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
+
+Each stage writes one folder `RUN/<stage>/` with a `manifest.json`. Its cache key is a hash of
+the stage's name and version, the recipe sections it reads, the content hashes of the stage
+folders it reads and of any outside files (a prompt file, a model file). A stage whose folder
+holds a manifest with the same key (and whose files are all there) is skipped.
+
+A stage works in `RUN/.partial/<stage>.<key>/` and that folder is renamed to `RUN/<stage>/` only
+when the stage has finished, so a run killed at any point never leaves a half-written stage under
+its final name. The partial folder survives the kill, so a stage that saves progress there (the
+generator per example, the trainer per epoch) resumes where it stopped when run again with the
+same key.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedistill import __version__
+from edgedistill.errors import EdgedistillError
+from edgedistill.recipe import Recipe, section_dump
+
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: `fn(recipe, out, **inputs)` fills `out` from input stage folders."""
+
+    name: str
+    fn: Callable[..., dict[str, Any] | None]
+    inputs: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+    # Outside files whose content goes into the key, found from the recipe.
+    external: Callable[[Recipe], dict[str, Path]] | None = None
+    # Bump when the stage's code changes what it writes, so old folders are not reused.
+    version: int = 1
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: Path
+    cached: bool
+    seconds: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(path: Path) -> str:
+    """Content hash of a file, or of every file in a folder (relative names included)."""
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in files})
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """What a downstream stage's key depends on: the content of this stage's files."""
+    return sha256_json(manifest["files"])
+
+
+def is_complete(folder: Path, key: str | None = None) -> bool:
+    manifest = read_manifest(folder)
+    if manifest is None or (key is not None and manifest.get("key") != key):
+        return False
+    for rel, info in manifest["files"].items():
+        file = folder / rel
+        if not file.is_file() or file.stat().st_size != info["bytes"]:
+            return False
+    return True
+
+
+def write_manifest(folder: Path, stage: Stage, key: str, config: dict[str, Any], inputs: dict[str, str],
+                   seconds: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {
+        "stage": stage.name,
+        "stage_version": stage.version,
+        "edgedistill_version": __version__,
+        "key": key,
+        "config": config,
+        "inputs": inputs,
+        "files": files,
+        "seconds": round(seconds, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"result": extra} if extra else {}),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+class Pipeline:
+    """Runs stages in order under one run folder, skipping those already done for the same key."""
+
+    def __init__(self, stages: list[Stage], recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print):
+        names = [s.name for s in stages]
+        for stage in stages:
+            unknown = [i for i in stage.inputs if i not in names[: names.index(stage.name)]]
+            if unknown:
+                raise ValueError(f"stage {stage.name} reads {unknown}, which do not run before it")
+        self.stages, self.recipe, self.run_dir, self.log = stages, recipe, run_dir, log
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def key(self, stage: Stage, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        config = section_dump(self.recipe, stage.sections)
+        external = {}
+        if stage.external is not None:
+            external = {name: fingerprint(path) for name, path in stage.external(self.recipe).items()}
+        key = sha256_json({"stage": stage.name, "version": stage.version, "config": config,
+                           "inputs": inputs, "external": external})
+        return key, config
+
+    def run(self, *, force: bool = False, from_stage: str | None = None) -> list[StageResult]:
+        if from_stage is not None and from_stage not in self.stage_names():
+            raise EdgedistillError(f"--from {from_stage}: no such stage",
+                                   f"use one of: {', '.join(self.stage_names())}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        redo = force
+        results: list[StageResult] = []
+        digests: dict[str, str] = {}
+        for stage in self.stages:
+            redo = redo or stage.name == from_stage
+            inputs = {name: digests[name] for name in stage.inputs}
+            result = self._run_stage(stage, inputs, redo)
+            digests[stage.name] = manifest_digest(result.manifest)
+            results.append(result)
+        return results
+
+    def _run_stage(self, stage: Stage, inputs: dict[str, str], redo: bool) -> StageResult:
+        key, config = self.key(stage, inputs)
+        final = self.run_dir / stage.name
+        if not redo and is_complete(final, key):
+            self.log(f"[{stage.name}] up to date, skipped")
+            return StageResult(stage.name, final, True, 0.0, read_manifest(final) or {})
+
+        partial = self.run_dir / PARTIAL / f"{stage.name}.{key[:16]}"
+        if redo and partial.exists():
+            shutil.rmtree(partial)
+        resumed = partial.exists()
+        partial.mkdir(parents=True, exist_ok=True)
+        self.log(f"[{stage.name}] {'resuming' if resumed else 'running'}")
+        started = time.perf_counter()
+        input_paths = {name: self.run_dir / name for name in stage.inputs}
+        try:
+            extra = stage.fn(self.recipe, partial, **input_paths)
+            seconds = time.perf_counter() - started
+            manifest = write_manifest(partial, stage, key, config, inputs, seconds, extra)
+            self._swap_into_place(partial, final)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise EdgedistillError(
+                    f"[{stage.name}] the disk is full while writing {self.run_dir}",
+                    f"free some space and run the same command again: finished stages are kept and "
+                    f"{stage.name} resumes from {partial}") from None
+            raise
+        self._drop_stale_partials(stage.name)
+        self.log(f"[{stage.name}] done in {seconds:.1f} s")
+        return StageResult(stage.name, final, False, seconds, manifest)
+
+    def _swap_into_place(self, partial: Path, final: Path) -> None:
+        # A killed swap leaves no final folder (so the stage reruns), never a mix of old and new.
+        if final.exists():
+            trash = self.run_dir / PARTIAL / f"old-{final.name}.{os.getpid()}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.rename(final, trash)
+            os.rename(partial, final)
+            shutil.rmtree(trash)
+        else:
+            os.rename(partial, final)
+
+    def _drop_stale_partials(self, name: str) -> None:
+        for old in (self.run_dir / PARTIAL).glob(f"{name}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+        for old in (self.run_dir / PARTIAL).glob(f"old-{name}.*"):
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""Recipes: the YAML file that declares a run, validated into typed config objects.
+
+    edgedistill run recipes/tiny.yaml --out runs/tiny
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names the
+file, the field and the reason instead of a silently ignored setting. Paths inside a recipe are
+relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgedistill.errors import EdgedistillError
+
+GGUF_QUANTS = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RandomModelConfig(Section):
+    """A llama-architecture model with random weights, for tests and quick tries."""
+
+    hidden_size: Annotated[int, Field(gt=0)] = 64
+    num_hidden_layers: Annotated[int, Field(gt=0)] = 2
+    num_attention_heads: Annotated[int, Field(gt=0)] = 4
+    num_key_value_heads: Annotated[int, Field(gt=0)] = 2
+    intermediate_size: Annotated[int, Field(gt=0)] = 128
+    max_position_embeddings: Annotated[int, Field(gt=0)] = 2048
+    tie_word_embeddings: bool = True
+    # Wider than transformers' 0.02: with small weights a random model repeats one token (often
+    # "\n"), which leaves later stages nothing to do; at 0.2 it writes varied (nonsense) text.
+    initializer_range: Annotated[float, Field(gt=0)] = 0.2
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> RandomModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class TeacherConfig(Section):
+    # A built-in name, an HF folder or a GGUF file; "random" builds `random` with `tokenizer`.
+    source: str = "smollm2-135m-instruct"
+    random: RandomModelConfig | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _random_needs_tokenizer(self) -> TeacherConfig:
+        if self.source == "random" and (self.random is None or self.tokenizer is None):
+            raise ValueError("source 'random' needs both 'random' (a model config) and 'tokenizer' (a source)")
+        if self.source != "random" and self.random is not None:
+            raise ValueError("'random' is only used with source: random")
+        return self
+
+
+class TaskConfig(Section):
+    """A classification task: the prompt asks for one of `labels`; the score is accuracy."""
+
+    kind: Literal["classification"] = "classification"
+    labels: Annotated[list[str], Field(min_length=2)]
+    instruction: str
+    system: str | None = None
+
+
+class DataConfig(Section):
+    prompts: Path
+    text_field: str = "text"
+    label_field: str = "label"
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+
+class GenerateConfig(Section):
+    max_new_tokens: Annotated[int, Field(gt=0, le=4096)] = 16
+    batch_size: Annotated[int, Field(gt=0)] = 16
+
+
+class StudentConfig(Section):
+    # prune: keep `keep_layers` of the teacher's blocks (a count, evenly spread, or explicit indices);
+    # config: a fresh random model of the teacher's family with `config` overriding the teacher's.
+    method: Literal["prune", "config"] = "prune"
+    keep_layers: int | list[int] | None = None
+    config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> StudentConfig:
+        if self.method == "prune" and self.keep_layers is None:
+            raise ValueError("method 'prune' needs keep_layers (a count or a list of layer indices)")
+        if self.method == "config" and not self.config:
+            raise ValueError("method 'config' needs config (keys that override the teacher's config)")
+        if isinstance(self.keep_layers, int) and self.keep_layers < 1:
+            raise ValueError("keep_layers must be at least 1")
+        return self
+
+
+class DistillConfig(Section):
+    epochs: Annotated[int, Field(gt=0)] = 3
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    max_seq_len: Annotated[int, Field(gt=8)] = 256
+    # loss = (1 - kl_weight) * CE(teacher text) + kl_weight * T^2 * KL(teacher_T || student_T)
+    kl_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    topk: Annotated[int, Field(gt=0, le=1024)] = 32
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    threads: Annotated[int, Field(gt=0)] | None = None
+
+
+class ExportConfig(Section):
+    quants: list[Literal[GGUF_QUANTS]] = ["Q8_0", "Q4_K_M"]  # type: ignore[valid-type]
+    teacher_quants: list[Literal[GGUF_QUANTS]] = ["Q4_K_M"]  # type: ignore[valid-type]
+
+
+class BenchConfig(Section):
+    prompt_tokens: Annotated[int, Field(gt=0)] = 128
+    gen_tokens: Annotated[int, Field(gt=0)] = 64
+    repetitions: Annotated[int, Field(gt=0)] = 3
+    threads: Annotated[int, Field(gt=0)] | None = None
+
+
+class EvalConfig(Section):
+    max_new_tokens: Annotated[int, Field(gt=0)] = 16
+
+
+class Recipe(Section):
+    name: str
+    seed: int = 0
+    teacher: TeacherConfig = TeacherConfig()
+    task: TaskConfig
+    data: DataConfig
+    generate: GenerateConfig = GenerateConfig()
+    student: StudentConfig
+    distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
+    bench: BenchConfig = BenchConfig()
+    eval: EvalConfig = EvalConfig()
+    # Where the recipe came from; relative paths inside it are resolved against this folder.
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgedistillError(f"recipe {path} does not exist", "pass the path of a YAML recipe, e.g. recipes/default.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML syntax at the line shown") from None
+    if not isinstance(raw, dict):
+        raise EdgedistillError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    if "base_dir" in raw:
+        raise EdgedistillError(f"{path}: 'base_dir' is set from the recipe's location and cannot be given")
+    try:
+        recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            reason = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+            value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
+            problems.append(f"{path}: {_field_path(err['loc'])}: {reason}{value}")
+        raise EdgedistillError("invalid recipe\n  " + "\n  ".join(problems), "see the recipe format in README.md") from None
+    prompts = recipe.resolve(recipe.data.prompts)
+    if not prompts.is_file():
+        raise EdgedistillError(f"{path}: data.prompts: {prompts} does not exist", "point data.prompts at a JSONL file, relative to the recipe")
+    return recipe
+
+
+def section_dump(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON-able config of the named sections (or `section.field`s): a stage's cache key."""
+    dumped: dict[str, Any] = {}
+    for name in sections:
+        value: Any = recipe
+        for part in name.split("."):
+            value = getattr(value, part)
+        dumped[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else (
+            str(value) if isinstance(value, Path) else value)
+    return dumped

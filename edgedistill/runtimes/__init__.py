@@ -1,0 +1,41 @@
+"""One way to open any artifact for chat generation: a GGUF file (llama.cpp) or an HF folder (PyTorch).
+
+    python -c "from edgedistill.runtimes import open_chat_model; print(open_chat_model('model.gguf'))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from edgedistill.errors import EdgedistillError
+
+
+class ChatModel(Protocol):
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
+        """Greedy answers, each with whether it ended by itself (False: cut at max_new_tokens)."""
+
+
+def gguf_artifacts(*folders: Path) -> list[Path]:
+    """The GGUF files of stage folders, in a stable order."""
+    return [path for folder in folders for path in sorted(folder.glob("*.gguf"))]
+
+
+def artifact_kind(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").exists():
+        return "hf"
+    raise EdgedistillError(f"{path} is neither a .gguf file nor an HF model folder",
+                           "pass a GGUF file or a folder with config.json and *.safetensors")
+
+
+def open_chat_model(path: Path | str, *, threads: int | None = None) -> ChatModel:
+    path = Path(path)
+    if not path.exists():
+        raise EdgedistillError(f"{path} does not exist", "check the artifact path")
+    if artifact_kind(path) == "gguf":
+        from edgedistill.runtimes.llamacpp import LlamaCppChatModel
+        return LlamaCppChatModel(path, threads=threads)
+    from edgedistill.runtimes.pytorch import TorchChatModel
+    return TorchChatModel(path)

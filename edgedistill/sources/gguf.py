@@ -1,0 +1,292 @@
+"""GGUF files as model sources: the weights through transformers, the tokenizer rebuilt from the GGUF.
+
+    python -c "from edgedistill.sources.gguf import tokenizer_from_gguf; print(tokenizer_from_gguf('model.gguf'))"
+
+transformers dequantizes GGUF weights well, but the tokenizer it converts from a byte-level BPE GGUF
+is misconfigured (a `LlamaTokenizer` adding bos, eos `<|im_start|>`, a SentencePiece/ByteLevel decoder
+mix) and breaks other runtimes. The GGUF's own `tokenizer.*` metadata is what llama.cpp runs, so
+that is the truth we rebuild the tokenizer from, with the `tokenizers` library directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from edgedistill.errors import EdgedistillError
+
+GGUF_MAGIC = b"GGUF"
+
+# llama.cpp's `tokenizer.ggml.pre` names -> the HF pre-tokenizer that splits text the same way.
+# smollm: llama.cpp splits every digit on its own (`\p{N}`), then applies the GPT-2 regex.
+PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    ),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+}
+
+
+@dataclass(frozen=True)
+class GgufTokenizerMetadata:
+    """The `tokenizer.*` keys of a GGUF file, as plain Python values."""
+
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+    context_length: int | None
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Open and check a GGUF file; a bad or truncated file raises EdgedistillError, not a traceback."""
+    path = Path(path)
+    stat = path.stat()
+    # Cached because resolving, tokenizing and materializing the same file each need the reader,
+    # and parsing the metadata of a 49k-token vocabulary takes about 1.6 s.
+    return _open_gguf_cached(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf_cached(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise EdgedistillError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r})",
+            hint="pass a .gguf file written by llama.cpp or gguf-py, or an HF folder",
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:  # gguf-py reports truncation as IndexError/ValueError deep in numpy
+        raise EdgedistillError(
+            f"{path} is a damaged or truncated GGUF file ({size} bytes; gguf could not read it: {error})",
+            hint="copy or download the file again and compare its size and checksum with the original",
+        ) from error
+    data_end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if data_end > size:
+        raise EdgedistillError(
+            f"{path} is truncated: its tensors end at byte {data_end} but the file has {size} bytes",
+            hint="copy or download the file again",
+        )
+    return reader
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def read_tokenizer_metadata(path: Path) -> GgufTokenizerMetadata:
+    """The tokenizer metadata of the GGUF at `path`."""
+    reader = open_gguf(path)
+    model = _field(reader, "tokenizer.ggml.model")
+    if model is None:
+        raise EdgedistillError(
+            f"{path} has no tokenizer (no tokenizer.ggml.model key)",
+            hint="use a GGUF converted with its tokenizer, or an HF folder",
+        )
+    architecture = _field(reader, "general.architecture", "")
+    return GgufTokenizerMetadata(
+        model=model,
+        pre=_field(reader, "tokenizer.ggml.pre"),
+        tokens=list(_field(reader, "tokenizer.ggml.tokens", [])),
+        token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type", [])],
+        merges=list(_field(reader, "tokenizer.ggml.merges", [])),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        unk_token_id=_field(reader, "tokenizer.ggml.unknown_token_id"),
+        # llama.cpp's defaults when the keys are absent: bos on for SentencePiece, eos off.
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        context_length=_field(reader, f"{architecture}.context_length"),
+    )
+
+
+def _token(meta: GgufTokenizerMetadata, token_id: int | None, key: str, path: Path) -> str | None:
+    if token_id is None:
+        return None
+    if not 0 <= token_id < len(meta.tokens):
+        raise EdgedistillError(f"{path}: tokenizer.ggml.{key}={token_id} is not a token id")
+    return meta.tokens[token_id]
+
+
+def _bos_eos_post_processor(meta: GgufTokenizerMetadata, path: Path) -> processors.PostProcessor | None:
+    """Add bos/eos around each sequence exactly when the GGUF says llama.cpp does; None if neither."""
+    bos = _token(meta, meta.bos_token_id, "bos_token_id", path) if meta.add_bos else None
+    eos = _token(meta, meta.eos_token_id, "eos_token_id", path) if meta.add_eos else None
+    if bos is None and eos is None:
+        return None
+
+    def around(sequence: str, type_id: int) -> list[str]:
+        return [f"{t}:{type_id}" for t in (bos, sequence, eos) if t is not None]
+
+    single = around("$A", 0)
+    return processors.TemplateProcessing(
+        single=single,
+        pair=single + around("$B", 1),
+        special_tokens=[
+            (token, token_id)
+            for token, token_id in ((bos, meta.bos_token_id), (eos, meta.eos_token_id))
+            if token is not None
+        ],
+    )
+
+
+def _byte_level_bpe(meta: GgufTokenizerMetadata, path: Path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` equal to llama.cpp's byte-level BPE for this vocabulary."""
+    if meta.pre not in PRE_TOKENIZERS:
+        raise EdgedistillError(
+            f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={meta.pre!r}",
+            hint=f"known ones: {', '.join(sorted(PRE_TOKENIZERS))}; add the matching split to "
+            "PRE_TOKENIZERS in edgedistill/sources/gguf.py",
+        )
+    vocab = {token: token_id for token_id, token in enumerate(meta.tokens)}
+    if len(vocab) != len(meta.tokens):
+        raise EdgedistillError(f"{path}: tokenizer.ggml.tokens holds duplicate tokens")
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.merges]
+    # Byte-level BPE covers every byte with its 256 base symbols: no unk token, no byte fallback.
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+    tokenizer.pre_tokenizer = PRE_TOKENIZERS[meta.pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+
+    # CONTROL tokens are llama.cpp's specials (parsed in text only when asked, skipped when decoding
+    # with skip_special_tokens); USER_DEFINED ones are always matched as whole tokens.
+    added = [
+        AddedToken(token, special=token_type == gguf.TokenType.CONTROL, normalized=False)
+        for token, token_type in zip(meta.tokens, meta.token_types)
+        if token_type in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+    ]
+    tokenizer.add_tokens(added)
+
+    post_processor = _bos_eos_post_processor(meta, path)
+    if post_processor is not None:
+        tokenizer.post_processor = post_processor
+    return tokenizer
+
+
+def tokenizer_from_gguf(path: Path):
+    """A `PreTrainedTokenizerFast` from the GGUF's metadata alone (no weights are read)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    meta = read_tokenizer_metadata(path)
+    if meta.model == "llama":
+        from transformers import AutoTokenizer
+
+        # SentencePiece GGUFs: transformers' own conversion is the best we have until we rebuild
+        # those from metadata too; it has not been checked against llama.cpp here.
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if meta.model != "gpt2":
+        raise EdgedistillError(
+            f"{path}: tokenizer.ggml.model={meta.model!r} is not supported",
+            hint="supported: gpt2 (byte-level BPE) and llama (SentencePiece)",
+        )
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_bpe(meta, path),
+        bos_token=_token(meta, meta.bos_token_id, "bos_token_id", path),
+        eos_token=_token(meta, meta.eos_token_id, "eos_token_id", path),
+        pad_token=_token(meta, meta.pad_token_id, "padding_token_id", path),
+        unk_token=_token(meta, meta.unk_token_id, "unknown_token_id", path),
+        chat_template=meta.chat_template,
+        # Byte-level decoding is exact; the "cleanup" would turn " ." into "." and break round trips.
+        clean_up_tokenization_spaces=False,
+        # Ignored by PreTrainedTokenizerFast (the post-processor decides), but saved into
+        # tokenizer_config.json, where gguf's SpecialVocab and other exporters read them.
+        add_bos_token=meta.add_bos,
+        add_eos_token=meta.add_eos,
+        model_max_length=meta.context_length or int(1e30),
+        # The default also returns token_type_ids, which decoder-only models reject in generate().
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+@contextlib.contextmanager
+def _transformers_gguf_loader(progress: bool) -> Iterator[None]:
+    """Patch two things in transformers' GGUF loader for the duration of one load.
+
+    Its tqdm bar has no switch, so `progress=False` replaces it with a disabled one. And it rebuilds
+    gguf's TensorNameMap (pure in architecture and layer count) once per submodule, 397 times for
+    SmolLM2, which is a third of the load time; a cache makes that once.
+    """
+    import tqdm.auto
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    original_tqdm, original_name_map = loader.tqdm, gguf.get_tensor_name_map
+    if not progress:
+        loader.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)
+    try:
+        yield
+    finally:
+        loader.tqdm, gguf.get_tensor_name_map = original_tqdm, original_name_map
+
+
+def load_gguf_model(path: Path, *, progress: bool = True):
+    """The GGUF's weights, dequantized to float32, as a transformers causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    path = Path(path)
+    reader = open_gguf(path)
+    architecture = _field(reader, "general.architecture")
+    if not reader.tensors:
+        raise EdgedistillError(f"{path} holds no weights (a vocabulary-only GGUF)")
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise EdgedistillError(
+            f"{path}: transformers cannot load GGUF architecture {architecture!r}",
+            hint=f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; or convert the "
+            "model to an HF folder another way",
+        )
+    if progress:
+        print(
+            f"loading {path.name}: dequantizing {len(reader.tensors)} tensors to float32 ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    with _transformers_gguf_loader(progress):
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        )
+
+
+def materialize_gguf(path: Path, out: Path, *, progress: bool = True) -> Path:
+    """Write the GGUF at `path` as an HF folder into `out` (which exists and is empty)."""
+    path = Path(path)
+    model = load_gguf_model(path, progress=progress)
+    tokenizer = tokenizer_from_gguf(path)
+    meta = read_tokenizer_metadata(path)
+    # The config transformers derives from the GGUF must agree with the tokenizer the GGUF runs:
+    # generation stops on eos, and exporters copy these ids into every other format.
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = meta.bos_token_id
+        config.eos_token_id = meta.eos_token_id
+        config.pad_token_id = meta.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    # The chat template goes into tokenizer_config.json, where older readers (onnxruntime-genai,
+    # transformers < 4.52) look, rather than a separate chat_template.jinja.
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    return out

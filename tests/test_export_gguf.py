@@ -1,0 +1,327 @@
+"""HF → GGUF export and quantization, checked by loading the result in llama.cpp.
+
+Tiny random llama models (2 layers, width 64) with a byte-level BPE tokenizer trained in the
+test; every check compares llama.cpp against the torch model or the HF tokenizer.
+
+    .venv/bin/python -m pytest -q tests/test_export_gguf.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.gguf import ARCHITECTURES, quantize_gguf, write_gguf
+from edgedistill.export.gguf.arch import permute_rotary_rows
+from edgedistill.export.gguf.tokenizer import pre_tokenizer_name
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPTS = [[1, 40, 41, 42], [5, 17, 42, 100, 7, 300, 8, 9, 10, 11, 5, 17, 42], [3]]
+TEXTS = [
+    "Hello world",
+    "spaces   runs  \n\n\tand\ttabs    end ",
+    "digits 12345 and 3.14159, 2024-11-05",
+    "café naïve Zürich Ærø",
+    "emoji 🚀🎉 done 👍🏽",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def _corpus() -> list[str]:
+    syllables = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po", "de", "va", "qu", "zé", "ñu", "ør"]
+    words = ["".join(pair) for pair in itertools.product(syllables, repeat=2)]  # 196 words
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    extras = ["numbers 0 1 2 3 4 5 6 7 8 9 10 42 314", "  indented\n\tlines\n\n  and   gaps", "rocket 🚀 party 🎉"]
+    return lines + extras
+
+
+def _save_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=450, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>", chat_template=CHATML,
+    )
+    hf_tokenizer.save_pretrained(out)
+    return hf_tokenizer
+
+
+def _save_model(out: Path, *, vocab_size: int, tied: bool, hidden: int = 64, ff: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=ff, max_position_embeddings=256, tie_word_embeddings=tied,
+        # weights this large make attention position-sensitive, so a wrong rotary layout shows in the logits
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            # F16 GGUF stores float16 weights; rounding here leaves only runtime differences to compare
+            param.copy_(param.half().float())
+    model.save_pretrained(out, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    _save_tokenizer(out)
+    return out
+
+
+def _model_dir(tmp_path_factory, tokenizer_dir: Path, name: str, **model_args):
+    out = tmp_path_factory.mktemp(name)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    n_tokens = len(PreTrainedTokenizerFast.from_pretrained(out))
+    model = _save_model(out, vocab_size=model_args.pop("vocab_size", n_tokens), **model_args)
+    return out, model
+
+
+@pytest.fixture(scope="module", params=["tied", "untied_padded_vocab"])
+def exported(request, tmp_path_factory, tokenizer_dir):
+    """(hf_dir, torch model, F16 GGUF path); the untied model also pads its vocab to 512 rows."""
+    tied = request.param == "tied"
+    model_args = {"tied": True} if tied else {"tied": False, "vocab_size": 512}
+    hf_dir, model = _model_dir(tmp_path_factory, tokenizer_dir, request.param, **model_args)
+    gguf_file = write_gguf(hf_dir, hf_dir.parent / f"{request.param}-f16.gguf")
+    return hf_dir, model, gguf_file
+
+
+def _load(gguf_file: Path):
+    # Without extra weight buffers: on CPUs reporting AMX (this VM's Xeon), ggml moves quantized
+    # weights to its AMX buffer and its AMX matmul segfaults (ldtilecfg) on any batch > 1 token.
+    # llama_cpp.Llama has no argument for use_extra_bufts, so its defaults are patched while loading.
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params_without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params_without_extra_buffers)
+        return llama_cpp.Llama(model_path=str(gguf_file), logits_all=True, n_ctx=128, verbose=False)
+
+
+def _llama_logits(llm, prompt: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(prompt)
+    return np.array(llm.scores[: len(prompt)])
+
+
+def _torch_logits(model, prompt: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].numpy()
+
+
+def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(_torch_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_f16_logits_and_greedy_match_torch(exported):
+    _, model, gguf_file = exported
+    llm = _load(gguf_file)
+    for prompt in PROMPTS:
+        expected, got = _torch_logits(model, prompt), _llama_logits(llm, prompt)
+        assert got.shape == expected.shape
+        # llama.cpp rounds activations to float16 for F16 matmuls: ~0.2% of the logit range
+        assert np.abs(got - expected).max() < 1e-2 * np.abs(expected).max() + 1e-3
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+        llm.reset()
+        continuation = list(itertools.islice(llm.generate(prompt, temp=0.0), 8))
+        assert continuation == _torch_greedy(model, prompt, 8)
+
+
+def test_llama_cpp_tokenizes_like_hf(exported):
+    hf_dir, _, gguf_file = exported
+    hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    llm = _load(gguf_file)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf_tokenizer.encode(
+            text, add_special_tokens=False
+        ), text
+        ids = hf_tokenizer.encode(text, add_special_tokens=False)
+        assert llm.detokenize(ids, special=True).decode() == text
+
+
+def test_gguf_metadata(exported):
+    hf_dir, model, gguf_file = exported
+    reader = gguf.GGUFReader(gguf_file)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama"
+    assert fields["general.name"] == hf_dir.name
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert fields["llama.block_count"] == 2
+    assert fields["llama.embedding_length"] == 64
+    assert fields["llama.feed_forward_length"] == 128
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (4, 2)
+    assert fields["llama.rope.dimension_count"] == 16
+    assert fields["llama.context_length"] == 256
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "smollm"
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["tokenizer.chat_template"] == CHATML
+
+    vocab_size = model.config.vocab_size
+    assert fields["llama.vocab_size"] == vocab_size
+    token_types = fields["tokenizer.ggml.token_type"]
+    assert len(fields["tokenizer.ggml.tokens"]) == len(token_types) == vocab_size
+    assert token_types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL]
+    n_tokens = len(PreTrainedTokenizerFast.from_pretrained(hf_dir))
+    assert set(token_types[n_tokens:]) <= {gguf.TokenType.UNUSED}
+
+    tensor_types = {t.name: t.tensor_type for t in reader.tensors}
+    assert ("output.weight" in tensor_types) == (not model.config.tie_word_embeddings)
+    assert tensor_types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    assert tensor_types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert len(tensor_types) == 2 + 9 * 2 + (not model.config.tie_word_embeddings)
+    assert not list(gguf_file.parent.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_quantized_files_load_and_shrink(exported, qtype):
+    _, model, gguf_file = exported
+    out = quantize_gguf(gguf_file, gguf_file.with_name(f"{gguf_file.stem}-{qtype}.gguf"), qtype, threads=2)
+    assert 0 < out.stat().st_size < gguf_file.stat().st_size
+    prompt = PROMPTS[1]
+    got, expected = _llama_logits(_load(out), prompt), _torch_logits(model, prompt)
+    # lossy, so only sanity: same shape, finite, still tracking the model
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9
+
+
+def test_q4_k_m_uses_k_quants_when_rows_are_256_wide(tmp_path_factory, tokenizer_dir):
+    # width 64 makes llama.cpp fall back to q5_0/q8_0; width 256 gets real K-quants
+    hf_dir, _ = _model_dir(tmp_path_factory, tokenizer_dir, "wide", tied=True, hidden=256, ff=512)
+    f16 = write_gguf(hf_dir, hf_dir / "wide-f16.gguf")
+    q4 = quantize_gguf(f16, hf_dir / "wide-q4_k_m.gguf", "q4_k_m")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(q4).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_K
+    assert gguf.GGMLQuantizationType.Q6_K in types.values()
+    assert len(_llama_logits(_load(q4), PROMPTS[0])) == len(PROMPTS[0])
+
+
+def _broken_copy(hf_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "broken"
+    shutil.copytree(hf_dir, out, ignore=shutil.ignore_patterns("*.gguf"))
+    return out
+
+
+def test_unknown_architecture_is_refused(exported, tmp_path):
+    hf_dir = _broken_copy(exported[0], tmp_path)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["architectures"] = ["FalconMambaForCausalLM"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgedistillError, match="FalconMambaForCausalLM.*not supported") as err:
+        write_gguf(hf_dir, tmp_path / "out.gguf")
+    assert "LlamaForCausalLM" in err.value.hint
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_missing_and_extra_tensors_are_refused(exported, tmp_path):
+    hf_dir = _broken_copy(exported[0], tmp_path)
+    tensors = load_file(hf_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.0.mystery.weight"] = torch.zeros(3)
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EdgedistillError) as err:
+        write_gguf(hf_dir, tmp_path / "out.gguf")
+    assert "model.layers.1.mlp.up_proj.weight" in err.value.problem
+    assert "model.layers.0.mystery.weight" in err.value.problem
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_failure_while_writing_leaves_no_file(exported, tmp_path):
+    hf_dir = _broken_copy(exported[0], tmp_path)
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6  # beyond float16
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EdgedistillError, match="down_proj.*float16"):
+        write_gguf(hf_dir, tmp_path / "out.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_existing_output_needs_overwrite(exported, tmp_path):
+    hf_dir, _, gguf_file = exported
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(EdgedistillError, match="already exists"):
+        write_gguf(hf_dir, out)
+    with pytest.raises(EdgedistillError, match="already exists"):
+        quantize_gguf(gguf_file, out, "Q8_0")
+    assert out.read_bytes() == b"keep me"
+    write_gguf(hf_dir, out, overwrite=True)
+    assert out.read_bytes() == gguf_file.read_bytes()
+
+
+def test_quantize_errors(exported, tmp_path):
+    gguf_file = exported[2]
+    with pytest.raises(EdgedistillError, match="unknown GGUF quantization 'Q3_X'") as err:
+        quantize_gguf(gguf_file, tmp_path / "q.gguf", "Q3_X")
+    assert "Q4_K_M" in err.value.hint
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(EdgedistillError, match="could not quantize"):
+        quantize_gguf(not_gguf, tmp_path / "q.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not.gguf"]
+
+
+def test_pre_tokenizer_table():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, byte_level]}, Path("t")) == "smollm"
+    assert pre_tokenizer_name(byte_level, Path("t")) == "gpt-2"
+    with pytest.raises(EdgedistillError, match='"add_prefix_space": true'):
+        pre_tokenizer_name({**byte_level, "add_prefix_space": True}, Path("t"))
+    with pytest.raises(EdgedistillError, match="Whitespace"):
+        pre_tokenizer_name({"type": "Whitespace"}, Path("t"))
+
+
+def test_rotary_permutation_pairs_rotated_dims():
+    n_head, head_dim = 2, 8
+    rows = np.arange(n_head * head_dim, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    permuted = permute_rotary_rows(rows, n_head)
+    for head, j in itertools.product(range(n_head), range(head_dim // 2)):
+        # HF rotates dim j with dim j + head_dim/2; llama.cpp rotates 2j with 2j+1
+        base = head * head_dim
+        assert permuted[base + 2 * j, 0] == base + j
+        assert permuted[base + 2 * j + 1, 0] == base + j + head_dim // 2
+    assert np.array_equal(permute_rotary_rows(rows[:, 0], n_head), permuted[:, 0])
+
+
+def test_architecture_tables_name_real_gguf_tensors():
+    for spec in ARCHITECTURES:
+        allowed = set(gguf.MODEL_TENSORS[spec.gguf_arch])
+        assert {rule.tensor for rule in spec.tensors} <= allowed, spec.hf_architecture
