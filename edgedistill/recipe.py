@@ -68,8 +68,15 @@ class TaskConfig(Section):
 
     kind: Literal["classification"] = "classification"
     labels: Annotated[list[str], Field(min_length=2)]
-    instruction: str
+    # The user message; {text} is replaced by the example's text.
+    prompt: str
     system: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_has_text(self) -> TaskConfig:
+        if "{text}" not in self.prompt:
+            raise ValueError("prompt must contain {text}, where the example's text goes")
+        return self
 
 
 class DataConfig(Section):
@@ -108,8 +115,10 @@ class DistillConfig(Section):
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     batch_size: Annotated[int, Field(gt=0)] = 8
     max_seq_len: Annotated[int, Field(gt=8)] = 256
-    # loss = (1 - kl_weight) * CE(teacher text) + kl_weight * T^2 * KL(teacher_T || student_T)
+    # loss = (1 - kl_weight) * CE(teacher's answer) + kl_weight * T^2 * KL(teacher_T || student_T)
     kl_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # Where the KL term applies: the answer tokens only, or every position, prompt included.
+    kl_positions: Literal["answer", "all"] = "all"
     temperature: Annotated[float, Field(gt=0)] = 2.0
     topk: Annotated[int, Field(gt=0, le=1024)] = 32
     warmup_steps: Annotated[int, Field(ge=0)] = 10

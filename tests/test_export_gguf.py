@@ -116,19 +116,8 @@ def exported(request, tmp_path_factory, tokenizer_dir):
 
 
 def _load(gguf_file: Path):
-    # Without extra weight buffers: on CPUs reporting AMX (this VM's Xeon), ggml moves quantized
-    # weights to its AMX buffer and its AMX matmul segfaults (ldtilecfg) on any batch > 1 token.
-    # llama_cpp.Llama has no argument for use_extra_bufts, so its defaults are patched while loading.
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params_without_extra_buffers():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params_without_extra_buffers)
-        return llama_cpp.Llama(model_path=str(gguf_file), logits_all=True, n_ctx=128, verbose=False)
+    # llama.cpp is built without its AMX kernels by setup.sh (they segfault on this CPU).
+    return llama_cpp.Llama(model_path=str(gguf_file), logits_all=True, n_ctx=128, verbose=False)
 
 
 def _llama_logits(llm, prompt: list[int]) -> np.ndarray:

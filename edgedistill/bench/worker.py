@@ -18,6 +18,16 @@ import statistics
 import time
 
 
+def peak_rss_kb() -> int:
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a worker started
+    # from a big parent would report the parent's peak.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def measure(path: str, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int) -> dict:
     import llama_cpp
     import numpy as np
@@ -56,7 +66,7 @@ def measure(path: str, prompt_tokens: int, gen_tokens: int, repetitions: int, th
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
         "decode_tokens_per_s": round(gen_tokens / decode_s, 2),
         "decode_tokens_per_s_spread": round(max(decode_rates) - min(decode_rates), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
     }
 
 

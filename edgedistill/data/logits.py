@@ -2,18 +2,20 @@
 
     edgedistill run recipes/tiny.yaml --out runs/tiny --from logits
 
-For every answer token of every training example, the teacher's `topk` most likely next tokens
-and their log-probabilities (at temperature 1, normalized over the full vocabulary) are stored in
-`cache.safetensors`, together with the token ids of the examples. The distill stage trains from
+For every position of every training example (prompt and answer), the teacher's `topk` most
+likely next tokens and their log-probabilities (at temperature 1, normalized over the full
+vocabulary) are stored in `cache.safetensors`, together with the token ids of the examples. The
+prompt positions cost little to keep and give the KL term some 30 times more signal than the
+few answer tokens of a classification task (distill.kl_positions chooses which are used). The distill stage trains from
 this folder alone, so the teacher is never in memory while the student trains.
 
 Layout of cache.safetensors (flat tensors, one row per token; offsets index them per example):
   input_ids        int32 [total_tokens]        prompt + answer + eos, example after example
   example_offsets  int64 [examples + 1]        where each example starts in input_ids
   prompt_lengths   int32 [examples]            tokens before the answer
-  topk_ids         int32 [answer_tokens, k]    teacher's top-k next tokens for each answer token
-  topk_logprobs    float32 [answer_tokens, k]
-  answer_offsets   int64 [examples + 1]        where each example starts in topk_*
+  topk_ids         int32 [rows, k]             teacher's top-k next tokens at positions 0 .. len - 2
+  topk_logprobs    float32 [rows, k]
+  row_offsets      int64 [examples + 1]        where each example starts in topk_* (len - 1 rows)
 """
 
 from __future__ import annotations
@@ -71,22 +73,21 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
         logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for row, i in enumerate(index):
             seq, prompt_len = examples[i]
-            # The logits at position t predict token t + 1.
-            values, indices = logprobs[row, prompt_len - 1:len(seq) - 1].topk(k, dim=-1)
+            # The logits at position t predict token t + 1; the last position predicts nothing.
+            values, indices = logprobs[row, :len(seq) - 1].topk(k, dim=-1)
             topk_ids[i], topk_logprobs[i] = indices.to(torch.int32), values
 
     lengths = [len(seq) for seq, _ in examples]
-    answer_lengths = [len(seq) - p for seq, p in examples]
     save_file({
         "input_ids": torch.tensor([t for seq, _ in examples for t in seq], dtype=torch.int32),
         "example_offsets": torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0),
         "prompt_lengths": torch.tensor([p for _, p in examples], dtype=torch.int32),
         "topk_ids": torch.cat(topk_ids) if examples else torch.zeros((0, k), dtype=torch.int32),
         "topk_logprobs": torch.cat(topk_logprobs) if examples else torch.zeros((0, k)),
-        "answer_offsets": torch.tensor([0] + answer_lengths, dtype=torch.int64).cumsum(0),
+        "row_offsets": torch.tensor([0] + [n - 1 for n in lengths], dtype=torch.int64).cumsum(0),
     }, str(out / CACHE))
     meta = {"topk": k, "max_seq_len": max_len, "vocab_size": model.config.vocab_size,
-            "examples": len(examples), "answer_tokens": sum(answer_lengths), "skipped_too_long": skipped,
+            "examples": len(examples), "tokens": sum(lengths), "answer_tokens": sum(len(seq) - p for seq, p in examples), "skipped_too_long": skipped,
             "tokenizer_sha256": sha256_file(teacher / "tokenizer.json")}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -75,5 +75,5 @@ def split_examples(recipe: Recipe, examples: list[Example]) -> tuple[list[Exampl
 
 def prompt_messages(recipe: Recipe, text: str) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": recipe.task.system}] if recipe.task.system else []
-    messages.append({"role": "user", "content": f"{recipe.task.instruction}\n\n{text}"})
+    messages.append({"role": "user", "content": recipe.task.prompt.replace("{text}", text)})
     return messages

@@ -1,4 +1,4 @@
-"""Distillation losses on answer tokens: cross-entropy on the teacher's text and a top-k KL term.
+"""Distillation losses: cross-entropy on the teacher's answer and a KL term on its top-k log-probs.
 
     python -c "import torch; from edgedistill.distill.losses import topk_forward_kl; print(topk_forward_kl(torch.randn(4, 10), torch.randn(4, 3).log_softmax(-1), torch.randint(0, 10, (4, 3)), 2.0))"
 
@@ -26,9 +26,14 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_topk_logprobs: torch.T
     return kl.mean() * temperature**2
 
 
-def distill_loss(student_logits: torch.Tensor, target_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
-                 teacher_topk_ids: torch.Tensor, *, kl_weight: float, temperature: float) -> dict[str, torch.Tensor]:
-    """(1 - kl_weight) * CE + kl_weight * KL, over answer-token rows only; all inputs are [N, ...]."""
-    ce = F.cross_entropy(student_logits.float(), target_ids.long())
+def distill_loss(student_logits: torch.Tensor, is_answer: torch.Tensor, target_ids: torch.Tensor,
+                 teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor, *,
+                 kl_weight: float, temperature: float) -> dict[str, torch.Tensor]:
+    """(1 - kl_weight) * CE on the answer rows + kl_weight * KL on all rows.
+
+    student_logits [N, V] and the teacher's top-k [N, k] are rows of the same positions;
+    is_answer [N] marks the rows that predict an answer token, target_ids [answer rows] their tokens.
+    """
+    ce = F.cross_entropy(student_logits[is_answer].float(), target_ids.long())
     kl = topk_forward_kl(student_logits, teacher_topk_logprobs, teacher_topk_ids, temperature)
     return {"loss": (1 - kl_weight) * ce + kl_weight * kl, "ce": ce.detach(), "kl": kl.detach()}

@@ -21,7 +21,8 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
 def evenly_spaced_layers(n_layers: int, keep: int) -> list[int]:

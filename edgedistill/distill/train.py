@@ -2,8 +2,9 @@
 
     edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
 
-The loss on each answer token is (1 - kl_weight) * cross-entropy on the teacher's text plus
-kl_weight * T^2 * KL to the teacher's distribution (edgedistill.distill.losses). The loop runs
+The loss is (1 - kl_weight) * cross-entropy on the teacher's answer tokens plus kl_weight * T^2 *
+KL to the teacher's distribution (edgedistill.distill.losses), on the answer tokens or, with
+kl_positions: all, on every position of prompt and answer. The loop runs
 under HF Accelerate, so the same code trains on CPU, on a GPU or over several processes.
 
 After every epoch the model, optimizer, scheduler and RNG state go to `checkpoint/` in the
@@ -37,7 +38,10 @@ CHECKPOINT = "checkpoint"
 
 
 class SoftLabelSet:
-    """Examples of the logits cache as (input_ids, prompt_length, topk_ids, topk_logprobs)."""
+    """Examples of the logits cache as (input_ids, prompt_length, topk_ids, topk_logprobs).
+
+    The top-k rows of an example are its positions 0 .. len - 2, each predicting the next token.
+    """
 
     def __init__(self, folder: Path):
         tensors = load_file(str(folder / CACHE))
@@ -45,31 +49,40 @@ class SoftLabelSet:
         self.offsets = tensors["example_offsets"].tolist()
         self.prompt_lengths = tensors["prompt_lengths"].tolist()
         self.topk_ids, self.topk_logprobs = tensors["topk_ids"], tensors["topk_logprobs"]
-        self.answer_offsets = tensors["answer_offsets"].tolist()
+        self.row_offsets = tensors["row_offsets"].tolist()
 
     def __len__(self) -> int:
         return len(self.prompt_lengths)
 
     def __getitem__(self, i: int):
         ids = self.ids[self.offsets[i]:self.offsets[i + 1]]
-        a, b = self.answer_offsets[i], self.answer_offsets[i + 1]
+        a, b = self.row_offsets[i], self.row_offsets[i + 1]
         return ids, self.prompt_lengths[i], self.topk_ids[a:b], self.topk_logprobs[a:b]
 
 
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples, pad_id: int, kl_positions: str) -> dict[str, torch.Tensor]:
+    """A padded batch; `row_mask` picks the positions the losses use, in the order of the top-k rows.
+
+    `is_answer` says which of those rows predict an answer token (the cross-entropy rows).
+    """
     width = max(len(ids) for ids, *_ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    # answer_mask[b, t] marks positions whose logits predict an answer token.
-    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for row, (ids, prompt_len, _, _) in enumerate(examples):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
-        answer_mask[row, prompt_len - 1:len(ids) - 1] = True
+    row_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    is_answer, topk_ids, topk_logprobs = [], [], []
+    for row, (ids, prompt_len, ex_topk_ids, ex_topk_logprobs) in enumerate(examples):
+        n = len(ids)
+        input_ids[row, :n] = ids
+        attention_mask[row, :n] = 1
+        first = 0 if kl_positions == "all" else prompt_len - 1
+        row_mask[row, first:n - 1] = True
+        is_answer.append(torch.arange(first, n - 1) >= prompt_len - 1)
+        topk_ids.append(ex_topk_ids[first:])
+        topk_logprobs.append(ex_topk_logprobs[first:])
     targets = torch.cat([ids[p:].long() for ids, p, _, _ in examples])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
-            "targets": targets, "topk_ids": torch.cat([e[2] for e in examples]),
-            "topk_logprobs": torch.cat([e[3] for e in examples])}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "row_mask": row_mask,
+            "is_answer": torch.cat(is_answer), "targets": targets,
+            "topk_ids": torch.cat(topk_ids), "topk_logprobs": torch.cat(topk_logprobs)}
 
 
 def _check_tokenizers(logits: Path, student: Path) -> None:
@@ -135,11 +148,12 @@ def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step, start in enumerate(bar, 1):
-            batch = collate([data[i] for i in order[start:start + cfg.batch_size]], pad_id)
+            batch = collate([data[i] for i in order[start:start + cfg.batch_size]], pad_id, cfg.kl_positions)
             batch = {name: t.to(accelerator.device) for name, t in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            losses = distill_loss(logits[batch["answer_mask"]], batch["targets"], batch["topk_logprobs"],
-                                  batch["topk_ids"], kl_weight=cfg.kl_weight, temperature=cfg.temperature)
+            losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
+                                  batch["topk_logprobs"], batch["topk_ids"],
+                                  kl_weight=cfg.kl_weight, temperature=cfg.temperature)
             accelerator.backward(losses["loss"])
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -46,6 +46,7 @@ def load_heldout(path: Path) -> list[dict]:
 def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16) -> dict:
     model = open_chat_model(artifact)
     correct = unparsed = 0
+    answers_out = []
     for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {artifact.name}", unit="batch"):
         batch = rows[start:start + batch_size]
         answers = model.generate([row["messages"] for row in batch], max_new_tokens)
@@ -53,9 +54,10 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
             label = parse_label(answer, row["choices"])
             unparsed += label is None
             correct += label == row["label"]
+            answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
     return {"artifact": artifact.name if artifact.is_file() else artifact.name + "/", "path": str(artifact),
             "examples": len(rows), "correct": correct, "unparsed": unparsed,
-            "task_score": round(correct / len(rows), 4)}
+            "task_score": round(correct / len(rows), 4), "answers": answers_out}
 
 
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int) -> dict:

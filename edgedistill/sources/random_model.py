@@ -38,5 +38,6 @@ def build_random_model(cfg: RandomModelConfig, tokenizer: PreTrainedTokenizerBas
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # The chat template goes into tokenizer_config.json, where every consumer here looks for it.
+    tokenizer.save_pretrained(out, save_jinja_files=False)
     return out

@@ -10,7 +10,11 @@ llama.cpp's `llama-quantize` tool would write. The output is written under a tem
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgedistill.errors import EdgedistillError
@@ -25,6 +29,22 @@ QTYPES: dict[str, str] = {
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
+
+
+@contextlib.contextmanager
+def _stderr_to(log: list[str]) -> Iterator[None]:
+    """Sends file descriptor 2 to a temporary file: llama.cpp prints a line per tensor there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log.append(sink.read().decode(errors="replace"))
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = None,
@@ -53,12 +73,15 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     params.ftype = getattr(llama_cpp, ftype_name)
     params.nthread = threads or 0  # llama.cpp reads <= 0 as "all hardware threads"
     tmp_file = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    log: list[str] = []
     try:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp_file).encode(), params)
+        with _stderr_to(log):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp_file).encode(), params)
         if status != 0:
+            tail = "\n    ".join(log[0].strip().splitlines()[-5:])
             raise EdgedistillError(
-                f"llama.cpp could not quantize {src} to {qtype} (status {status})",
-                "llama.cpp's log above says why; check that the input is a valid F16/F32 GGUF",
+                f"llama.cpp could not quantize {src} to {qtype} (status {status}); its log ends:\n    {tail}",
+                "check that the input is a valid F16/F32 GGUF",
             )
         os.replace(tmp_file, dst)
     finally:

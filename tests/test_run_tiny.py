@@ -1,0 +1,166 @@
+"""`edgedistill run` end to end on the tiny recipe: every stage for real, in about a minute.
+
+The tiny teacher has random weights (its answers are noise), but every part is real: the
+SmolLM2 tokenizer, transformers, the GGUF writer, llama.cpp's quantizer and runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgedistill.cli import main
+from edgedistill.pipeline import PARTIAL, is_complete
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["teacher", "generate", "logits", "student", "distill", "export", "teacher_gguf", "bench", "eval", "report"]
+
+
+def copy_recipe(folder: Path, **replace: str) -> Path:
+    """The tiny recipe and its data in `folder`, so relative paths (and cache keys) stay the same."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "recipes" / "data", folder / "data", dirs_exist_ok=True)
+    text = (ROOT / "recipes" / "tiny.yaml").read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    (folder / "tiny.yaml").write_text(text)
+    return folder / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out)]) == 0
+    return out
+
+
+def test_every_stage_is_written_and_complete(tiny_run):
+    assert {p.name for p in tiny_run.iterdir()} == set(STAGES) | {PARTIAL, "report.md"}
+    assert list((tiny_run / PARTIAL).iterdir()) == []
+    for stage in STAGES:
+        assert is_complete(tiny_run / stage), stage
+    assert {p.name for p in (tiny_run / "export").glob("*.gguf")} == {
+        "student-f16.gguf", "student-q8_0.gguf", "student-q4_k_m.gguf"}
+    assert {p.name for p in (tiny_run / "teacher_gguf").glob("*.gguf")} == {"teacher-f16.gguf", "teacher-q4_k_m.gguf"}
+    # Checkpoints are progress, not results: the finished distill folder holds the model only.
+    assert not (tiny_run / "distill" / "checkpoint").exists()
+    assert (tiny_run / "distill" / "model.safetensors").exists()
+
+
+def test_heldout_prompts_never_reach_training(tiny_run):
+    train = [json.loads(line) for line in (tiny_run / "generate" / "train.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (tiny_run / "generate" / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) + len(heldout) == 48 and len(heldout) == 12
+    assert not {r["id"] for r in train} & {r["id"] for r in heldout}
+    assert all(r["messages"][-1]["role"] == "assistant" for r in train)
+    assert all(r["messages"][-1]["role"] == "user" and r["choices"] == ["positive", "negative"] for r in heldout)
+
+
+def test_report_has_a_row_per_artifact_with_the_measured_numbers(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    bench = json.loads((tiny_run / "bench" / "bench.json").read_text())
+    evaluation = json.loads((tiny_run / "eval" / "eval.json").read_text())
+    assert len(bench) == len(evaluation["artifacts"]) == 5
+    for row in bench:
+        line = next(line for line in report.splitlines() if line.startswith(f"| `{row['artifact']}`"))
+        assert f"{row['decode_tokens_per_s']:.1f}" in line and f"{row['file_mb']:.1f}" in line
+    for stage in STAGES[:-1]:
+        assert f"| {stage} |" in report
+
+
+def test_rerun_does_no_work(tiny_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.name != "report.md"}
+    assert main(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(tiny_run)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("up to date, skipped") == len(STAGES)
+    assert "0 stage(s) ran" in printed
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.name != "report.md"} == before
+
+
+def test_eval_command_reproduces_the_run_scores(tiny_run, tmp_path):
+    evaluation = json.loads((tiny_run / "eval" / "eval.json").read_text())
+    artifact = tiny_run / "export" / "student-q4_k_m.gguf"
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(artifact), "--data", str(tiny_run / "generate" / "heldout.jsonl"),
+                 "--reference", str(tiny_run / "teacher"), "--max-new-tokens", "8", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    expected = next(r for r in evaluation["artifacts"] if r["artifact"] == artifact.name)
+    assert again["artifacts"][0]["task_score"] == expected["task_score"]
+    assert again["reference"]["task_score"] == evaluation["reference"]["task_score"]
+
+
+def test_bench_command_measures_a_gguf(tiny_run, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny_run / "export" / "student-q4_k_m.gguf"), "--prompt-tokens", "16",
+                 "--gen-tokens", "8", "--repetitions", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+    # The worker's own peak, not its parent's (this test process holds torch and more).
+    assert 0 < row["peak_rss_mb"] < 1000
+
+
+def test_the_quantized_student_chats_in_llama_cpp(tiny_run, capsys):
+    assert main(["chat", str(tiny_run / "export" / "student-q4_k_m.gguf"), "Hello", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_bad_input_fails_at_once_and_keeps_finished_stages(tiny_run, tmp_path, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(tiny_run, run_copy)
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
+    cases = {
+        "corrupt": (copy_recipe(tmp_path / "a", **{"source: random": f"source: {corrupt}",
+                                                  "  random:\n": "  unused:\n"}), ["broken.gguf"]),
+        "missing": (copy_recipe(tmp_path / "b", **{"source: random": "source: /no/such/model.gguf",
+                                                  "  random:\n": "  unused:\n"}), ["/no/such/model.gguf"]),
+        "typo": (copy_recipe(tmp_path / "c", **{"keep_layers": "keep_layer"}), ["student.keep_layer", "unknown key"]),
+    }
+    for name, (recipe, fragments) in cases.items():
+        if name != "typo":
+            # Drop the now-unused random-model block so only the model source is wrong.
+            text = recipe.read_text()
+            recipe.write_text(text[:text.index("  unused:\n")] + text[text.index("task:"):])
+        started = time.perf_counter()
+        assert main(["run", str(recipe), "--out", str(run_copy)]) == 2, name
+        assert time.perf_counter() - started < 20, name
+        error = capsys.readouterr().err
+        assert all(f in error for f in fragments), (name, error)
+    for stage in STAGES:
+        assert is_complete(run_copy / stage), stage
+
+
+def test_killed_during_distill_resumes_and_finishes(tiny_run, tmp_path):
+    recipe = copy_recipe(tmp_path / "recipe", **{"epochs: 2": "epochs: 4"})
+    out = tmp_path / "run"
+    out.mkdir()
+    # The stages before distill are the same as the tiny run's (same recipe sections and inputs).
+    for stage in ("teacher", "generate", "logits", "student"):
+        shutil.copytree(tiny_run / stage, out / stage)
+    command = [sys.executable, "-m", "edgedistill.cli", "run", str(recipe), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f"{PARTIAL}/distill.*/checkpoint/state.pt")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "distill").exists()
+
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[distill] resuming" in done.stdout and "resuming after epoch" in done.stdout
+    for stage in ("teacher", "generate", "logits", "student"):
+        assert "[%s] up to date" % stage in done.stdout
+    history = json.loads((out / "distill" / "manifest.json").read_text())["result"]["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert is_complete(out / "report")
