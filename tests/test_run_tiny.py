@@ -164,3 +164,20 @@ def test_killed_during_distill_resumes_and_finishes(tiny_run, tmp_path):
     history = json.loads((out / "distill" / "manifest.json").read_text())["result"]["epochs"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert is_complete(out / "report")
+
+
+def test_exported_gguf_tokenizes_like_the_student_folder(tiny_run):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_run / "distill")
+    llm = Llama(model_path=str(tiny_run / "export" / "student-q4_k_m.gguf"), vocab_only=True, verbose=False)
+    texts = ["Hello world", "  leading spaces\n\n\ttabs", "digits 12345 and 3.14", "café Zürich naïve",
+             "日本語のテキスト", "emoji 🚀👍🏽", "def f(x):\n    return x * 2\n",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert hf.decode(ids) == text
+    assert llm.token_eos() == hf.eos_token_id
+    assert llm.metadata["tokenizer.ggml.pre"] == "smollm"

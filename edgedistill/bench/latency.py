@@ -1,6 +1,6 @@
 """Latency and memory of GGUF artifacts in llama.cpp: the bench stage and `edgedistill bench`.
 
-    edgedistill bench runs/default/export/student-q4_k_m.gguf --json bench.json
+    edgedistill bench runs/sentiment/export/student-q4_k_m.gguf --json bench.json
 
 Each artifact is measured by edgedistill.bench.worker in a fresh process, one after the other,
 so artifacts never share a process's memory or compete for the cores.

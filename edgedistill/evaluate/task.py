@@ -1,7 +1,7 @@
 """Task quality: each artifact answers the held-out prompts; the score is the share it gets right.
 
-    edgedistill eval runs/default/export/student-q4_k_m.gguf --data runs/default/generate/heldout.jsonl \\
-        --reference runs/default/teacher --json eval.json
+    edgedistill eval runs/sentiment/export/student-q4_k_m.gguf --data runs/sentiment/generate/heldout.jsonl \\
+        --reference runs/sentiment/teacher --json eval.json
 
 A held-out record carries its prompt messages, the gold label and the label choices. The answer's
 label is the choice named first in it (whole words, case-insensitive); an answer naming none

@@ -1,6 +1,6 @@
 """llama.cpp runtime (llama-cpp-python): load a GGUF, chat with its own template, greedy decode.
 
-    python -m edgedistill.runtimes.llamacpp runs/default/export/student-q4_k_m.gguf "Hello!"
+    python -m edgedistill.runtimes.llamacpp runs/sentiment/export/student-q4_k_m.gguf "Hello!"
 
 The prompt is rendered with the chat template stored in the GGUF and tokenized by llama.cpp, so
 what is measured here is what a llama.cpp user of the file gets.
@@ -13,23 +13,14 @@ import sys
 from pathlib import Path
 
 from edgedistill.errors import EdgedistillError
-
-GGUF_MAGIC = b"GGUF"
+from edgedistill.sources.gguf import open_gguf
 
 
 def check_gguf(path: Path) -> None:
     """Fails clearly on a file llama.cpp would abort on (missing, not GGUF, truncated)."""
     if not path.is_file():
         raise EdgedistillError(f"{path} does not exist", "pass the path of a .gguf file")
-    with open(path, "rb") as handle:
-        if handle.read(4) != GGUF_MAGIC:
-            raise EdgedistillError(f"{path} is not a GGUF file (bad magic bytes)", "export one with `edgedistill export`")
-    try:
-        import gguf
-        gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises assorted errors on truncated or corrupt files
-        raise EdgedistillError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc})",
-                               "export the file again") from None
+    open_gguf(path)
 
 
 class LlamaCppChatModel:

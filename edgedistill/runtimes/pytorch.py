@@ -1,6 +1,6 @@
 """PyTorch runtime: an HF folder loaded with transformers, batched greedy chat generation.
 
-    python -m edgedistill.runtimes.pytorch runs/default/teacher "What is the capital of France?"
+    python -m edgedistill.runtimes.pytorch runs/sentiment/teacher "What is the capital of France?"
 
 Weights load from safetensors only; remote code runs only when the caller asks for it.
 """
