@@ -48,28 +48,25 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import tempfile
+
     from edgedistill.export.gguf import quantize_gguf, write_gguf
     from edgedistill.sources import materialize, resolve_source
 
-    if args.format != "gguf":
-        raise EdgedistillError(f"--format {args.format} is not supported yet", "use --format gguf")
     if args.out.exists() and not args.overwrite:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
     source = resolve_source(str(args.model))
-    model = source.path
-    if source.kind != "hf":
-        model = args.out.parent / f".{args.out.name}.hf"
-        materialize(source, model)
     qtype = args.quant.upper()
-    if qtype == "F16":
-        write_gguf(model, args.out, overwrite=args.overwrite)
-    else:
-        f16 = args.out.with_name(f".{args.out.name}.f16")
-        write_gguf(model, f16, overwrite=True)
-        try:
-            quantize_gguf(f16, args.out, qtype)
-        finally:
-            f16.unlink(missing_ok=True)
+    # Beside the output, so the intermediate files land on the disk that has room for the result.
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as scratch:
+        model = source.path
+        if source.kind != "hf":
+            model = materialize(source, Path(scratch) / "hf")
+        if qtype == "F16":
+            write_gguf(model, args.out, overwrite=args.overwrite, progress=True)
+        else:
+            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", progress=True)
+            quantize_gguf(f16, args.out, qtype, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -85,7 +82,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                       repetitions=args.repetitions, threads=args.threads)
-    results = bench_many(args.models, cfg)
+    from edgedistill.runtimes import resolve_artifact
+
+    results = bench_many([resolve_artifact(m) for m in args.models], cfg)
     print(f"{'artifact':<32} {'MB':>8} {'prefill t/s':>12} {'decode t/s':>11} {'TTFT ms':>9} {'peak RSS MB':>12}")
     for r in results:
         print(f"{r['artifact']:<32} {r['file_mb']:>8.1f} {r['prefill_tokens_per_s']:>12.1f} "
@@ -96,7 +95,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from edgedistill.evaluate.task import evaluate
 
-    report = evaluate(args.models, args.data, args.reference, max_new_tokens=args.max_new_tokens)
+    from edgedistill.runtimes import resolve_artifact
+
+    reference = resolve_artifact(args.reference) if args.reference else None
+    report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
+                      max_new_tokens=args.max_new_tokens)
     if report["reference"]:
         ref = report["reference"]
         print(f"reference {ref['artifact']}: task score {ref['task_score']:.3f} ({ref['correct']}/{ref['examples']})")
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = add("export", "export a model to GGUF, quantized by llama.cpp",
                  "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf")
     export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
-    export.add_argument("--format", default="gguf", choices=["gguf"])
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (ONNX is planned)")
     export.add_argument("--quant", default="q4_k_m", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true")
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp",
                 "edgedistill bench model.gguf --json bench.json")
-    bench.add_argument("models", nargs="+", type=Path)
+    bench.add_argument("models", nargs="+", help="GGUF files or built-in names")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--gen-tokens", type=int, default=64)
     bench.add_argument("--repetitions", type=int, default=3)
@@ -151,16 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = add("eval", "task score on held-out prompts, and its share of a reference's",
                    "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher")
-    evaluate.add_argument("models", nargs="+", type=Path, help="GGUF files or HF folders")
+    evaluate.add_argument("models", nargs="+", help="GGUF files, HF folders or built-in names")
     evaluate.add_argument("--data", type=Path, required=True, help="heldout.jsonl of a run's generate stage")
-    evaluate.add_argument("--reference", type=Path, help="the teacher (HF folder or GGUF) to compare with")
+    evaluate.add_argument("--reference", help="the teacher (HF folder, GGUF or built-in name) to compare with")
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
     evaluate.add_argument("--json", type=Path, help="write the results here")
     evaluate.set_defaults(fn=cmd_eval)
 
     chat = add("chat", "one greedy chat answer from a GGUF or an HF folder",
                'edgedistill chat model.gguf "What is the capital of France?"')
-    chat.add_argument("model", type=Path)
+    chat.add_argument("model", help="GGUF file, HF folder or built-in name")
     chat.add_argument("prompt")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.set_defaults(fn=cmd_chat)

@@ -181,3 +181,13 @@ def test_exported_gguf_tokenizes_like_the_student_folder(tiny_run):
         assert hf.decode(ids) == text
     assert llm.token_eos() == hf.eos_token_id
     assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_export_command_writes_a_quantized_gguf_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
+    out = tmp_path / "student.gguf"
+    assert main(["export", str(tiny_run / "distill"), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert main(["export", str(tiny_run / "distill"), "--quant", "q8_0", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    # Nothing but the result is left beside it.
+    assert [p.name for p in tmp_path.iterdir()] == ["student.gguf"]

@@ -19,7 +19,7 @@ from edgedistill.recipe import Recipe
 def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: str) -> dict:
     f16 = out / f"{role}-f16.gguf"
     if not f16.exists():
-        write_gguf(model, f16, name=name, overwrite=True)
+        write_gguf(model, f16, name=name, overwrite=True, progress=True)
     files = {"F16": f16}
     for qtype in tqdm([q for q in quants if q != "F16"], desc=f"quantize {role}", unit="type"):
         target = out / f"{role}-{qtype.lower()}.gguf"

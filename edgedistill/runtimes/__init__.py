@@ -17,8 +17,8 @@ class ChatModel(Protocol):
 
 
 def gguf_artifacts(*folders: Path) -> list[Path]:
-    """The GGUF files of stage folders, in a stable order."""
-    return [path for folder in folders for path in sorted(folder.glob("*.gguf"))]
+    """The GGUF files of stage folders, folder by folder, largest (least quantized) first."""
+    return [path for folder in folders for path in sorted(folder.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))]
 
 
 def artifact_kind(path: Path) -> str:
@@ -30,10 +30,21 @@ def artifact_kind(path: Path) -> str:
                            "pass a GGUF file or a folder with config.json and *.safetensors")
 
 
-def open_chat_model(path: Path | str, *, threads: int | None = None) -> ChatModel:
-    path = Path(path)
+def resolve_artifact(spec: Path | str) -> Path:
+    """An artifact's path: a file or folder as given, or a built-in model's GGUF file."""
+    from edgedistill.sources.builtin import BUILTIN_MODELS, builtin_gguf_path
+
+    if str(spec) in BUILTIN_MODELS:
+        return builtin_gguf_path(str(spec))
+    path = Path(spec)
     if not path.exists():
-        raise EdgedistillError(f"{path} does not exist", "check the artifact path")
+        raise EdgedistillError(f"{path} does not exist",
+                               f"pass a GGUF file, an HF folder or a built-in name ({', '.join(BUILTIN_MODELS)})")
+    return path
+
+
+def open_chat_model(spec: Path | str, *, threads: int | None = None) -> ChatModel:
+    path = resolve_artifact(spec)
     if artifact_kind(path) == "gguf":
         from edgedistill.runtimes.llamacpp import LlamaCppChatModel
         return LlamaCppChatModel(path, threads=threads)
