@@ -87,17 +87,56 @@ class DataConfig(Section):
     limit: Annotated[int, Field(gt=0)] | None = None
 
 
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat endpoint (vLLM, llama.cpp's server, TGI) that answers as the teacher."""
+
+    url: str  # base URL, e.g. http://127.0.0.1:8000/v1
+    model: str = "teacher"
+    api_key_env: str | None = None  # name of the environment variable holding the key, if any
+    concurrency: Annotated[int, Field(gt=0, le=256)] = 4
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    retries: Annotated[int, Field(ge=0)] = 3
+
+
 class GenerateConfig(Section):
     max_new_tokens: Annotated[int, Field(gt=0, le=4096)] = 16
     batch_size: Annotated[int, Field(gt=0)] = 16
+    # Answers per prompt; more than one needs temperature > 0 to differ.
+    samples: Annotated[int, Field(gt=0, le=64)] = 1
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    # Ask the teacher to reason step by step; the trace and the final answer are stored apart.
+    reasoning: bool = False
+    # Answer through this endpoint instead of the local teacher model (which still gives the logits).
+    endpoint: EndpointConfig | None = None
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> GenerateConfig:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 needs temperature > 0, or every sample is the same greedy answer")
+        return self
+
+
+class WidthConfig(Section):
+    """Width pruning: the most important MLP channels and attention heads are kept."""
+
+    intermediate_size: Annotated[int, Field(gt=0)] | None = None
+    num_attention_heads: Annotated[int, Field(gt=0)] | None = None
 
 
 class StudentConfig(Section):
-    # prune: keep `keep_layers` of the teacher's blocks (a count, evenly spread, or explicit indices);
-    # config: a fresh random model of the teacher's family with `config` overriding the teacher's.
-    method: Literal["prune", "config"] = "prune"
+    # prune: keep `keep_layers` of the teacher's blocks (a count or explicit indices) and optionally
+    # narrow them (`width`); config: a fresh random model of the teacher's family with `config`
+    # overriding the teacher's; given: an existing smaller model (`source`) sharing the tokenizer.
+    method: Literal["prune", "config", "given"] = "prune"
     keep_layers: int | list[int] | None = None
+    # With a count: "even" spreads the kept blocks from first to last; "importance" keeps the blocks
+    # that change their input most on the training prompts (scores recorded in the manifest).
+    layer_selection: Literal["even", "importance"] = "even"
+    width: WidthConfig | None = None
+    # Training prompts run through the teacher to score blocks, channels and heads.
+    calibration_examples: Annotated[int, Field(gt=0)] = 64
     config: dict[str, Any] | None = None
+    source: str | None = None
 
     @model_validator(mode="after")
     def _method_fields(self) -> StudentConfig:
@@ -105,6 +144,8 @@ class StudentConfig(Section):
             raise ValueError("method 'prune' needs keep_layers (a count or a list of layer indices)")
         if self.method == "config" and not self.config:
             raise ValueError("method 'config' needs config (keys that override the teacher's config)")
+        if self.method == "given" and not self.source:
+            raise ValueError("method 'given' needs source (an HF folder or GGUF file of the student)")
         if isinstance(self.keep_layers, int) and self.keep_layers < 1:
             raise ValueError("keep_layers must be at least 1")
         return self
@@ -119,6 +160,10 @@ class DistillConfig(Section):
     kl_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
     # Where the KL term applies: the answer tokens only, or every position, prompt included.
     kl_positions: Literal["answer", "all"] = "all"
+    # The divergence of the KL term: forward KL(teacher||student), reverse KL(student||teacher) or
+    # the generalized Jensen-Shannon divergence with mixture weight jsd_beta (as in GKD).
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
     temperature: Annotated[float, Field(gt=0)] = 2.0
     topk: Annotated[int, Field(gt=0, le=1024)] = 32
     warmup_steps: Annotated[int, Field(ge=0)] = 10
