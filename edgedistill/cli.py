@@ -34,11 +34,11 @@ def _default_recipe() -> Path:
 def cmd_run(args: argparse.Namespace) -> None:
     from edgedistill.pipeline import Pipeline
     from edgedistill.recipe import load_recipe
-    from edgedistill.stages import STAGES
+    from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or _default_recipe())
     out = args.out or Path("runs") / recipe.name
-    results = Pipeline(STAGES, recipe, out).run(force=args.force, from_stage=args.from_stage)
+    results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage)
     report = out / "report" / "report.md"
     if report.exists():
         shutil.copy2(report, out / "report.md")

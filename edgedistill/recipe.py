@@ -151,23 +151,40 @@ class StudentConfig(Section):
         return self
 
 
-class DistillConfig(Section):
+class TrainingConfig(Section):
+    """What the distill and LoRA stages share: the schedule and the loss."""
+
     epochs: Annotated[int, Field(gt=0)] = 3
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     batch_size: Annotated[int, Field(gt=0)] = 8
-    max_seq_len: Annotated[int, Field(gt=8)] = 256
-    # loss = (1 - kl_weight) * CE(teacher's answer) + kl_weight * T^2 * KL(teacher_T || student_T)
+    # loss = (1 - kl_weight) * CE(teacher's answer) + kl_weight * T^2 * divergence(teacher_T, student_T)
     kl_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
-    # Where the KL term applies: the answer tokens only, or every position, prompt included.
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    # Where the divergence applies: the answer tokens only, or every position, prompt included.
     kl_positions: Literal["answer", "all"] = "all"
-    # The divergence of the KL term: forward KL(teacher||student), reverse KL(student||teacher) or
-    # the generalized Jensen-Shannon divergence with mixture weight jsd_beta (as in GKD).
+    # forward KL(teacher||student), reverse KL(student||teacher) or the generalized Jensen-Shannon
+    # divergence with mixture weight jsd_beta (as in GKD).
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    temperature: Annotated[float, Field(gt=0)] = 2.0
-    topk: Annotated[int, Field(gt=0, le=1024)] = 32
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     threads: Annotated[int, Field(gt=0)] | None = None
+
+
+class DistillConfig(TrainingConfig):
+    max_seq_len: Annotated[int, Field(gt=8)] = 256
+    topk: Annotated[int, Field(gt=0, le=1024)] = 32
+
+
+class LoraConfig(TrainingConfig):
+    """A LoRA adapter trained on the task data after distillation, then merged into the student."""
+
+    epochs: Annotated[int, Field(gt=0)] = 2
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    r: Annotated[int, Field(gt=0)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ExportConfig(Section):
@@ -195,6 +212,7 @@ class Recipe(Section):
     generate: GenerateConfig = GenerateConfig()
     student: StudentConfig
     distill: DistillConfig = DistillConfig()
+    lora: LoraConfig | None = None
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
     eval: EvalConfig = EvalConfig()

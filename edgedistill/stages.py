@@ -17,6 +17,7 @@ from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export.stage import export_student, export_teacher
+from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Stage
 from edgedistill.recipe import Recipe
 from edgedistill.report.markdown import report_stage
@@ -47,18 +48,28 @@ def prompt_files(recipe: Recipe) -> dict[str, Path]:
     return {"prompts": recipe.resolve(recipe.data.prompts)}
 
 
-STAGES = [
-    Stage("teacher", teacher_stage, sections=("seed", "teacher"), external=teacher_files),
-    Stage("generate", generate, inputs=("teacher",), sections=("seed", "task", "data", "generate"),
-          external=prompt_files),
-    Stage("logits", cache_teacher_logits, inputs=("teacher", "generate"),
-          sections=("distill.topk", "distill.max_seq_len", "generate.batch_size")),
-    Stage("student", build_student, inputs=("teacher",), sections=("seed", "student")),
-    Stage("distill", distill, inputs=("student", "logits"), sections=("seed", "distill")),
-    Stage("export", export_student, inputs=("distill",), sections=("name", "export.quants")),
-    Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants")),
-    Stage("bench", bench_stage, inputs=("teacher_gguf", "export"), sections=("bench",)),
-    Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export"), sections=("eval",)),
-    Stage("report", report_stage, inputs=("teacher", "generate", "logits", "student", "distill", "export",
-                                          "teacher_gguf", "bench", "eval"), sections=("name", "teacher")),
-]
+def stages_for(recipe: Recipe) -> list[Stage]:
+    """The stages a recipe runs, in order; `lora` and `merge` only when it has a `lora:` section."""
+    tuned = ("merge",) if recipe.lora is not None else ("distill",)
+    lora_stages = [
+        Stage("lora", train_lora, inputs=("distill", "logits"), sections=("seed", "lora")),
+        Stage("merge", merge_lora, inputs=("distill", "lora", "logits")),
+    ] if recipe.lora is not None else []
+    return [
+        Stage("teacher", teacher_stage, sections=("seed", "teacher"), external=teacher_files),
+        Stage("generate", generate, inputs=("teacher",), sections=("seed", "task", "data", "generate"),
+              external=prompt_files),
+        Stage("logits", cache_teacher_logits, inputs=("teacher", "generate"),
+              sections=("distill.topk", "distill.max_seq_len", "generate.batch_size")),
+        Stage("student", build_student, inputs=("teacher", "generate"), sections=("seed", "student")),
+        Stage("distill", distill, inputs=("student", "logits"), sections=("seed", "distill")),
+        *lora_stages,
+        Stage("export", export_student, inputs=tuned, sections=("name", "export.quants")),
+        Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants")),
+        Stage("bench", bench_stage, inputs=("teacher_gguf", "export"), sections=("bench",)),
+        Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export"), sections=("eval",)),
+        Stage("report", report_stage, inputs=("teacher", "generate", "logits", "student", "distill",
+                                              *(s.name for s in lora_stages), "export", "teacher_gguf", "bench",
+                                              "eval"),
+              sections=("name", "teacher")),
+    ]

@@ -3,27 +3,97 @@
     edgedistill run recipes/tiny.yaml --out runs/tiny --from generate
 
 Writes `train.jsonl` (chat format: the prompt messages plus the teacher's answer as the assistant
-turn, and the gold label) and `heldout.jsonl` (prompt messages, gold label and the label choices;
-no teacher answer, so nothing of it can leak into training). Answers are appended to
-`answers.partial.jsonl` batch by batch, so a killed run resumes at the first unanswered example.
+turn, the gold label, the sample index; in reasoning mode also `trace` and `answer` apart) and
+`heldout.jsonl` (prompt messages, gold label and the label choices; no teacher answer, so nothing
+of it can leak into training). The teacher is the local model (`generate.samples` answers per
+prompt, sampled at `generate.temperature` with per-example seeds) or an OpenAI-compatible endpoint
+(`generate.endpoint`, see data/remote.py). Every answer is appended to `answers.partial.jsonl` as
+it is finished, so a killed run or a dead endpoint resumes at the first unanswered (prompt, sample).
+
+Quality filters, applied when train.jsonl is written (counts in the stage result):
+- empty: nothing left after stripping whitespace.
+- repeated: degenerate loops, see `is_repeated`.
+- truncated: hit max_new_tokens without EOS (finish_reason "length"). Always counted; dropped in
+  reasoning mode only, where a cut trace lacks its conclusion. A short plain answer cut off is
+  still the teacher's text token by token, which is what distillation learns from.
+- failed_format: reasoning mode only: no parseable `Answer:` line, or (classification) an answer
+  naming none of task.labels. Plain answers naming no label are kept and counted
+  (`answers_naming_no_label`): the recipe's own prompt sets their format, not this stage.
+- duplicate: the same answer text as an earlier sample of the same prompt.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+from collections import Counter
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from edgedistill.data.prompts import load_examples, prompt_messages, split_examples, write_jsonl
+from edgedistill.data.prompts import Example, load_examples, named_label, prompt_messages, split_examples, write_jsonl
+from edgedistill.data.remote import Request, answer_remote
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
-from edgedistill.runtimes.pytorch import TorchChatModel
+from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
 
 PARTIAL_ANSWERS = "answers.partial.jsonl"
 
+# Repetition: an answer of at least REPEAT_MIN_WORDS words is degenerate when one word n-gram
+# (n <= REPEAT_MAX_N) occurs REPEAT_MIN_COUNT+ times and covers REPEAT_MIN_SHARE of the words
+# ("the the the ...", "I am sure. I am sure. ..."). Normal prose stays far below: even "the" is
+# under 10% of English words. Below 12 words a classification answer may fairly say "positive,
+# positive" and is never judged.
+REPEAT_MIN_WORDS = 12
+REPEAT_MAX_N = 4
+REPEAT_MIN_COUNT = 4
+REPEAT_MIN_SHARE = 0.5
+# Loops without spaces ("!!!!!!!!!!", "ababab..."): a unit of 1-20 characters repeated 10+ times
+# in a row that covers half the answer; a markdown rule ("----------") inside prose does not.
+CHAR_LOOP = re.compile(r"(.{1,20}?)\1{9,}", re.DOTALL)
+CHAR_LOOP_MIN_SHARE = 0.5
+# The reasoning mode's final line; tolerant of what small models add ("**Final answer:** X.").
+ANSWER_LINE = re.compile(r"^[\s*#>_-]*(?:the\s+)?(?:final\s+)?answer\s*[*_]*\s*[:：]\s*[*_]*\s*(.+?)\s*$",
+                         re.IGNORECASE | re.MULTILINE)
 
-def _answered(path: Path) -> dict[int, dict]:
+
+def is_repeated(text: str) -> bool:
+    """True for degenerate repetition (thresholds above)."""
+    words = text.split()
+    if len(words) >= REPEAT_MIN_WORDS:
+        for n in range(1, REPEAT_MAX_N + 1):
+            grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+            count = grams.most_common(1)[0][1]
+            if count >= REPEAT_MIN_COUNT and count * n >= REPEAT_MIN_SHARE * len(words):
+                return True
+    loop = max((m.end() - m.start() for m in CHAR_LOOP.finditer(text)), default=0)
+    return loop >= 20 and loop >= CHAR_LOOP_MIN_SHARE * len(text)
+
+
+def split_reasoning(text: str) -> tuple[str, str] | None:
+    """(trace, final answer) from "...reasoning...\\nAnswer: X"; None when there is no answer line.
+
+    The last `Answer:` line counts (a model may restate the question's format earlier).
+    """
+    matches = list(ANSWER_LINE.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    answer = last.group(1).strip().strip("*_`\"'.").strip()
+    if not answer:
+        return None
+    return text[:last.start()].strip(), answer
+
+
+def sample_seed(seed: int, example_id: int, sample: int) -> int:
+    """One seed per (example, sample): the same answer whatever the batching or resume point."""
+    return (seed * 1_000_003 + example_id * 64 + sample) % 2**31
+
+
+def _answered(path: Path) -> dict[tuple[int, int], dict]:
     done = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -31,51 +101,175 @@ def _answered(path: Path) -> dict[int, dict]:
                 row = json.loads(line)
             except ValueError:
                 break  # the line a kill cut short; it is answered again
-            done[row["id"]] = row
+            done[row["id"], row.get("sample", 0)] = row
     return done
 
 
+class SeededSampler(LogitsProcessor):
+    """Temperature sampling with one torch.Generator per batch row, done as a logits processor.
+
+    transformers' own sampling draws from the global RNG across the whole batch, so an answer would
+    depend on its batch mates; here each row samples from its own seeded generator and every other
+    token is masked, so greedy decoding picks the sampled one.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        picked = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(1, picked, 0.0)
+
+
+@torch.inference_mode()
+def _sample(chat: TorchChatModel, conversations: list[list[dict]], max_new_tokens: int,
+            sampler: SeededSampler) -> list[tuple[str, bool]]:
+    """TorchChatModel.generate with the seeded sampler: (answer, finished) per conversation."""
+    tokenizer = chat.tokenizer
+    batch = tokenizer.pad({"input_ids": [chat.prompt_ids(m) for m in conversations]}, return_tensors="pt")
+    output = chat.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 logits_processor=LogitsProcessorList([sampler]),
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    answers = []
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        finished = tokenizer.eos_token_id in row
+        if finished:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    return answers
+
+
+def _generate_local(recipe: Recipe, chat: TorchChatModel, requests: list[Request], record) -> None:
+    size, cfg = recipe.generate.batch_size, recipe.generate
+    # Similar lengths in a batch waste less compute on padding.
+    requests = sorted(requests, key=lambda r: len(r.messages[-1]["content"]))
+    for start in range(0, len(requests), size):
+        batch = requests[start:start + size]
+        conversations = [r.messages for r in batch]
+        if cfg.temperature > 0:
+            sampler = SeededSampler([r.seed for r in batch], cfg.temperature)
+            answers = _sample(chat, conversations, cfg.max_new_tokens, sampler)
+        else:
+            answers = chat.generate(conversations, cfg.max_new_tokens)
+        for request, (answer, finished) in zip(batch, answers):
+            record(request, answer, finished)
+
+
+def _context_length(teacher: Path) -> int | None:
+    config = json.loads((teacher / "config.json").read_text())
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+
+
+def _fits(recipe: Recipe, teacher: Path, train: list[Example]) -> tuple[list[Example], int]:
+    """The training examples whose prompt plus max_new_tokens fits the teacher's context, and the skip count."""
+    context = _context_length(teacher)
+    if context is None:
+        return train, 0
+    tokenizer = load_tokenizer(teacher)
+    fits = [ex for ex in train
+            if len(tokenizer.apply_chat_template(prompt_messages(recipe, ex.text), add_generation_prompt=True,
+                                                 tokenize=True)) + recipe.generate.max_new_tokens <= context]
+    return fits, len(train) - len(fits)
+
+
+def judge(recipe: Recipe, answer: str, finished: bool) -> tuple[str | None, dict]:
+    """(drop reason or None, extra row fields) for one answer, by the filters in the module docstring."""
+    if not answer:
+        return "empty", {}
+    if is_repeated(answer):
+        return "repeated", {}
+    if not recipe.generate.reasoning:
+        return None, {}
+    if not finished:
+        return "truncated", {}
+    parsed = split_reasoning(answer)
+    if parsed is None:
+        return "failed_format", {}
+    trace, final = parsed
+    if recipe.task.kind == "classification":
+        label = named_label(final, recipe.task.labels)
+        if label is None:
+            return "failed_format", {}
+        final = label
+    return None, {"trace": trace, "answer": final}
+
+
+def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int], dict]) -> tuple[list[dict], dict]:
+    """train.jsonl rows and the filter counts, from the answers of every (example, sample)."""
+    counts = Counter()
+    rows = []
+    for ex in train:
+        seen = set()
+        for sample in range(recipe.generate.samples):
+            if (ex.id, sample) not in done:
+                continue  # skipped prompt or endpoint failure, counted where it happened
+            answer, finished = done[ex.id, sample]["answer"], done[ex.id, sample]["finished"]
+            counts["truncated_answers"] += not finished
+            reason, extra = judge(recipe, answer, finished)
+            if reason is None and answer in seen:
+                reason = "duplicate"
+            if reason is not None:
+                counts[f"dropped_{reason}"] += 1
+                continue
+            seen.add(answer)
+            if not recipe.generate.reasoning and named_label(answer, recipe.task.labels) is None:
+                counts["answers_naming_no_label"] += 1
+            messages = prompt_messages(recipe, ex.text) + [{"role": "assistant", "content": answer}]
+            rows.append({"id": ex.id, "sample": sample, "messages": messages, "label": ex.label, **extra})
+    return rows, counts
+
+
 def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
+    cfg = recipe.generate
     train, heldout = split_examples(recipe, load_examples(recipe))
+    train_fit, skipped_too_long = _fits(recipe, teacher, train)
     partial = out / PARTIAL_ANSWERS
     done = _answered(partial)
     # Rewrite without a possibly cut last line before appending to it.
     write_jsonl(partial, [done[k] for k in sorted(done)])
-    todo = [ex for ex in train if ex.id not in done]
-    if todo:
-        chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
-        size = recipe.generate.batch_size
-        # Similar lengths in a batch waste less compute on padding.
-        todo.sort(key=lambda ex: len(ex.text))
+    requests = [Request((ex.id, s), prompt_messages(recipe, ex.text), sample_seed(recipe.seed, ex.id, s))
+                for ex in train_fit for s in range(cfg.samples) if (ex.id, s) not in done]
+    skipped_endpoint = []
+    if requests:
+        lock = threading.Lock()
+        total = len(train_fit) * cfg.samples
         with open(partial, "a", encoding="utf-8") as sink, \
-                tqdm(total=len(train), initial=len(train) - len(todo), desc="generate", unit="ex") as bar:
-            for start in range(0, len(todo), size):
-                batch = todo[start:start + size]
-                answers = chat.generate([prompt_messages(recipe, ex.text) for ex in batch],
-                                        recipe.generate.max_new_tokens)
-                for ex, (answer, finished) in zip(batch, answers):
-                    row = {"id": ex.id, "answer": answer, "finished": finished}
-                    done[ex.id] = row
+                tqdm(total=total, initial=total - len(requests), desc="generate", unit="answer") as bar:
+            def record(request: Request, answer: str, finished: bool) -> None:
+                row = {"id": request.key[0], "sample": request.key[1], "answer": answer, "finished": finished}
+                # Remote answers arrive from worker threads; one line per answer, whole, flushed at once.
+                with lock:
+                    done[request.key] = row
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                sink.flush()
-                bar.update(len(batch))
+                    sink.flush()
+                    bar.update(1)
 
-    rows, empty = [], 0
-    for ex in train:
-        answer = done[ex.id]["answer"]
-        if not answer:
-            empty += 1
-            continue
-        messages = prompt_messages(recipe, ex.text) + [{"role": "assistant", "content": answer}]
-        rows.append({"id": ex.id, "messages": messages, "label": ex.label})
+            if cfg.endpoint is not None:
+                answer_remote(cfg.endpoint, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              on_answer=record, on_skip=lambda request, reason: skipped_endpoint.append(request.key))
+            else:
+                chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
+                _generate_local(recipe, chat, requests, record)
+
+    rows, counts = build_rows(recipe, train, done)
     if not rows:
-        raise EdgedistillError(f"the teacher gave an empty answer to all {len(train)} training prompts",
-                               "check the teacher with `edgedistill chat` and raise generate.max_new_tokens")
+        raise EdgedistillError(
+            f"no usable teacher answer for the {len(train)} training prompts (filtered: {dict(counts)}, "
+            f"too long: {skipped_too_long}, endpoint failures: {len(skipped_endpoint)})",
+            "check the teacher with `edgedistill chat`, raise generate.max_new_tokens, or turn off generate.reasoning")
     write_jsonl(out / "train.jsonl", rows)
     write_jsonl(out / "heldout.jsonl", [
         {"id": ex.id, "messages": prompt_messages(recipe, ex.text), "label": ex.label, "choices": recipe.task.labels}
         for ex in heldout])
     partial.unlink()
-    truncated = sum(1 for ex in train if not done[ex.id]["finished"])
-    return {"train_examples": len(rows), "heldout_examples": len(heldout),
-            "dropped_empty": empty, "truncated_answers": truncated}
+    result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),
+              "samples_per_prompt": cfg.samples, "answers": sum(1 for ex in train for s in range(cfg.samples)
+                                                                if (ex.id, s) in done),
+              "train_examples": len(rows), "heldout_examples": len(heldout),
+              "skipped_too_long": skipped_too_long, "skipped_endpoint_failures": len(skipped_endpoint)}
+    for key in ("dropped_empty", "dropped_repeated", "dropped_truncated", "dropped_failed_format", "dropped_duplicate",
+                "truncated_answers", "answers_naming_no_label"):
+        result[key] = counts[key]
+    return result

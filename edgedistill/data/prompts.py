@@ -1,4 +1,4 @@
-"""Task prompts: read labelled examples, turn them into chat prompts, split off a held-out set.
+"""Task prompts: read labelled examples (JSONL, CSV, .txt), turn them into chat prompts, split off a held-out set.
 
     python -c "from edgedistill.recipe import load_recipe; from edgedistill.data.prompts import load_examples; \
 print(len(load_examples(load_recipe('recipes/default.yaml'))))"
@@ -9,8 +9,10 @@ The held-out split is chosen here, once, from the recipe's seed: its examples ar
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +47,44 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_prompt_file(path: Path, text_field: str, label_field: str) -> list[tuple[str, str | None]]:
+    """(text, label or None) per example, from JSONL, CSV (a header row naming the fields) or .txt.
+
+    A .txt file is one prompt per line and has no labels; JSONL/CSV rows may lack the label field.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [(line, None) for line in lines if line.strip()]
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                return []
+            if text_field not in reader.fieldnames:
+                raise EdgedistillError(f"{path}: the CSV header {reader.fieldnames} has no column '{text_field}'",
+                                       "set data.text_field to the column holding the text")
+            rows = list(reader)
+    else:
+        rows = read_jsonl(path)
+    return [(row.get(text_field), row.get(label_field) or None) for row in rows]
+
+
 def load_examples(recipe: Recipe) -> list[Example]:
     path = recipe.resolve(recipe.data.prompts)
-    field_text, field_label = recipe.data.text_field, recipe.data.label_field
+    field_text = recipe.data.text_field
+    pairs = read_prompt_file(path, field_text, recipe.data.label_field)
+    if not pairs:
+        raise EdgedistillError(f"{path} holds no prompts", "data.prompts must name a JSONL, CSV or .txt file with examples")
+    if all(label is None for _, label in pairs):
+        # Unlabelled prompts could train (the teacher answers them), but the held-out split is
+        # scored against gold labels, and every task kind so far is classification.
+        raise EdgedistillError(
+            f"{path} has no labels (field '{recipe.data.label_field}'), so the held-out split cannot be scored",
+            f"a {recipe.task.kind} task needs a gold label per example: use JSONL or CSV with a label "
+            "column named by data.label_field")
     examples = []
-    for index, row in enumerate(read_jsonl(path)):
-        text, label = row.get(field_text), row.get(field_label)
+    for index, (text, label) in enumerate(pairs):
         if not isinstance(text, str) or not text.strip():
             raise EdgedistillError(f"{path}: example {index + 1} has no text in field '{field_text}'",
                                    "set data.text_field to the field holding the text")
@@ -73,7 +107,28 @@ def split_examples(recipe: Recipe, examples: list[Example]) -> tuple[list[Exampl
     return order[n_heldout:], order[:n_heldout]
 
 
+def reasoning_instruction(labels: list[str]) -> str:
+    """Appended to the user turn, not sent as a system turn: small instruct models (SmolLM2-135M)
+    follow an instruction at the end of the user message far more often than a system prompt."""
+    return ("\n\nThink step by step and explain your reasoning briefly. Then write your final answer on the "
+            f"last line as \"Answer: <label>\", where <label> is one of: {', '.join(labels)}.")
+
+
 def prompt_messages(recipe: Recipe, text: str) -> list[dict[str, str]]:
+    """The chat prompt for one example; in reasoning mode it asks for a trace and an `Answer:` line."""
     messages = [{"role": "system", "content": recipe.task.system}] if recipe.task.system else []
-    messages.append({"role": "user", "content": recipe.task.prompt.replace("{text}", text)})
+    content = recipe.task.prompt.replace("{text}", text)
+    if recipe.generate.reasoning:
+        content += reasoning_instruction(recipe.task.labels)
+    messages.append({"role": "user", "content": content})
     return messages
+
+
+def named_label(text: str, labels: list[str]) -> str | None:
+    """The label named first in `text` (whole words, case-insensitive), as the eval stage reads answers."""
+    found = []
+    for label in labels:
+        match = re.search(rf"\b{re.escape(label.lower())}\b", text.lower())
+        if match:
+            found.append((match.start(), label))
+    return min(found)[1] if found else None

@@ -1,12 +1,16 @@
-"""The student stage: the initial student, by depth pruning of the teacher or from a config.
+"""The student stage: the initial student, by depth and width pruning of the teacher, from a
+config, or a given smaller model.
 
     edgedistill run recipes/default.yaml --from student
 
-Depth pruning keeps a subset of the teacher's transformer blocks (a count spread evenly from the
-first block to the last, or explicit indices) and everything else (embeddings, final norm,
-lm_head) as is, so the student starts from the teacher's representations and shares its
-tokenizer. A config student is a fresh random model of the teacher's family with some keys of the
-teacher's config overridden (for instance fewer layers and a narrower width).
+Depth pruning keeps a subset of the teacher's transformer blocks: a count spread evenly from the
+first block to the last, a count chosen by importance (ShortGPT's block influence on the training
+prompts, edgedistill.distill.importance), or explicit indices. Width pruning then keeps, in every
+remaining block, the most important MLP channels and attention heads (Minitron), whole GQA groups
+at a time. Embeddings, norms and lm_head stay as they are, so the student starts from the
+teacher's representations and shares its tokenizer. A config student is a fresh random model of
+the teacher's family with some config keys overridden; a given student is an existing model
+(`student.source`) whose tokenizer must equal the teacher's.
 """
 
 from __future__ import annotations
@@ -17,22 +21,48 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from edgedistill.distill.importance import Importance, calibration_sequences, compute_importance
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import Recipe
-from edgedistill.runtimes.pytorch import load_model
+from edgedistill.recipe import Recipe, WidthConfig
+from edgedistill.runtimes.pytorch import load_model, load_tokenizer
+from edgedistill.sources import materialize, resolve_source, tokenizer_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
+# Texts both tokenizers of a given student and its teacher must split identically.
+TOKENIZER_PROBES = ("Hello, world! How are you?", "  spaces   and\n\ttabs\n\n", "digits 12345 and 3.14159",
+                    "café naïve Zürich 🚀", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
 
 
 def evenly_spaced_layers(n_layers: int, keep: int) -> list[int]:
     """`keep` block indices from 0 to n_layers - 1, first and last always kept."""
-    if not 1 <= keep <= n_layers:
-        raise EdgedistillError(f"student.keep_layers is {keep}, but the teacher has {n_layers} layers",
-                               f"choose a count between 1 and {n_layers}")
+    _check_layer_count(n_layers, keep)
     if keep == 1:
         return [0]
     return sorted({round(i * (n_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def important_layers(block_importance: list[float], keep: int) -> list[int]:
+    """The `keep` blocks with the highest importance, the first and the last always among them.
+
+    Both ends are pinned: the first block turns token embeddings into the residual stream and the
+    last one feeds the final norm and lm_head. On SmolLM2 they score highest anyway (influence
+    0.99 and 0.33 against 0.03-0.19 for the rest), but a score from a few calibration prompts is
+    noisy and dropping either end costs far more than a middle block. With keep == 1 only block 0
+    is kept, as with even spacing.
+    """
+    n_layers = len(block_importance)
+    _check_layer_count(n_layers, keep)
+    if keep == 1:
+        return [0]
+    middle = sorted(range(1, n_layers - 1), key=lambda i: block_importance[i], reverse=True)
+    return sorted({0, n_layers - 1, *middle[: keep - 2]})
+
+
+def _check_layer_count(n_layers: int, keep: int) -> None:
+    if not 1 <= keep <= n_layers:
+        raise EdgedistillError(f"student.keep_layers is {keep}, but the teacher has {n_layers} layers",
+                               f"choose a count between 1 and {n_layers}")
 
 
 def prune_depth(model, keep: list[int]):
@@ -51,21 +81,202 @@ def prune_depth(model, keep: list[int]):
     return model
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_width(config, width: WidthConfig) -> None:
+    """EdgedistillError, naming the field, the value and the valid choices, for impossible sizes."""
+    if width.intermediate_size is not None and width.intermediate_size > config.intermediate_size:
+        raise EdgedistillError(
+            f"student.width.intermediate_size is {width.intermediate_size}, but the teacher's MLP has "
+            f"{config.intermediate_size} channels",
+            f"choose 1..{config.intermediate_size}; multiples of 256 quantize best with K-quants")
+    if width.num_attention_heads is not None:
+        group = config.num_attention_heads // config.num_key_value_heads
+        choices = list(range(group, config.num_attention_heads + 1, group))
+        if width.num_attention_heads not in choices:
+            raise EdgedistillError(
+                f"student.width.num_attention_heads is {width.num_attention_heads}, but the teacher has "
+                f"{config.num_attention_heads} query heads in {config.num_key_value_heads} KV groups of {group}, "
+                "and heads are pruned a whole group at a time",
+                f"choose one of {', '.join(map(str, choices))}")
+
+
+def _slice_linear(linear: torch.nn.Linear, *, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> None:
+    """Keeps output `rows` and input `cols` of `linear`, in place."""
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight[rows]
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias.detach()[rows].clone())
+    if cols is not None:
+        weight = weight[:, cols]
+    linear.weight = torch.nn.Parameter(weight.clone())
+    linear.out_features, linear.in_features = weight.shape
+
+
+def _span_rows(units: list[int], size: int) -> torch.Tensor:
+    """Row indices of whole units (heads) of `size` rows each."""
+    return torch.cat([torch.arange(u * size, (u + 1) * size) for u in units])
+
+
+@torch.no_grad()
+def prune_width(model, channel_scores: list[torch.Tensor], head_scores: list[torch.Tensor], *,
+                intermediate_size: int | None = None, num_attention_heads: int | None = None) -> dict:
+    """Narrows every block of `model` in place to its top channels and top KV groups of heads.
+
+    `channel_scores[i]` / `head_scores[i]` score block i's MLP channels and query heads. A KV group
+    (one key/value head and the query heads that share it) is kept or dropped whole, scored by the
+    sum of its heads, so the pruned model is still valid GQA. Kept channels and heads stay in
+    their original order. The hidden size is unchanged, so config.head_dim is set explicitly: it
+    no longer equals hidden_size / num_attention_heads.
+    """
+    config = model.config
+    check_width(config, WidthConfig(intermediate_size=intermediate_size, num_attention_heads=num_attention_heads))
+    head_dim = _head_dim(config)
+    group = config.num_attention_heads // config.num_key_value_heads
+    n_groups = (num_attention_heads or config.num_attention_heads) // group
+    kept_groups = []
+    for index, layer in enumerate(model.model.layers):
+        if intermediate_size is not None:
+            channels = channel_scores[index].topk(intermediate_size).indices.sort().values
+            _slice_linear(layer.mlp.gate_proj, rows=channels)
+            _slice_linear(layer.mlp.up_proj, rows=channels)
+            _slice_linear(layer.mlp.down_proj, cols=channels)
+            layer.mlp.intermediate_size = intermediate_size
+        if num_attention_heads is not None:
+            # Query head h reads KV head h // group (transformers' repeat_kv, llama.cpp alike).
+            group_scores = head_scores[index].reshape(config.num_key_value_heads, group).sum(dim=1)
+            groups = group_scores.topk(n_groups).indices.sort().values.tolist()
+            heads = [g * group + i for g in groups for i in range(group)]
+            attention = layer.self_attn
+            _slice_linear(attention.q_proj, rows=_span_rows(heads, head_dim))
+            _slice_linear(attention.k_proj, rows=_span_rows(groups, head_dim))
+            _slice_linear(attention.v_proj, rows=_span_rows(groups, head_dim))
+            _slice_linear(attention.o_proj, cols=_span_rows(heads, head_dim))
+            kept_groups.append(groups)
+    config.head_dim = head_dim
+    if intermediate_size is not None:
+        config.intermediate_size = intermediate_size
+    if num_attention_heads is not None:
+        config.num_attention_heads = num_attention_heads
+        config.num_key_value_heads = n_groups
+    return {"intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
+            **({"kept_kv_groups": kept_groups} if kept_groups else {})}
+
+
 def count_parameters(model) -> int:
     # Tied input/output embeddings are one tensor and counted once.
     return sum(p.numel() for p in model.parameters())
 
 
-def build_student(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
+def _teacher_importance(recipe: Recipe, model, teacher: Path, generate: Path | None) -> Importance:
+    cfg = recipe.student
+    if generate is None:
+        raise EdgedistillError(
+            "the student stage needs the generate stage's train.jsonl to score blocks, channels and heads "
+            "(student.layer_selection: importance or student.width), but was given no generate folder",
+            "pass generate=<generate stage folder> to build_student, or use layer_selection: even without width")
+    tokenizer = load_tokenizer(teacher)
+    sequences = calibration_sequences(tokenizer, generate / "train.jsonl", cfg.calibration_examples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return compute_importance(model, sequences, pad_id=pad_id)
+
+
+def _pruned_student(recipe: Recipe, model, teacher: Path, generate: Path | None):
+    cfg = recipe.student
+    n_layers = model.config.num_hidden_layers
+    by_importance = cfg.layer_selection == "importance"
+    if by_importance and not isinstance(cfg.keep_layers, int):
+        raise EdgedistillError(
+            f"student.layer_selection is 'importance', but keep_layers lists the blocks: {cfg.keep_layers}",
+            "give keep_layers as a count to choose blocks by importance, or drop layer_selection")
+    if isinstance(cfg.keep_layers, int):
+        _check_layer_count(n_layers, cfg.keep_layers)
+    if cfg.width is not None:
+        # Before the calibration pass, so an impossible size fails in a second, not minutes.
+        check_width(model.config, cfg.width)
+    detail: dict = {"layer_selection": cfg.layer_selection if isinstance(cfg.keep_layers, int) else "explicit"}
+    importance = None
+    if by_importance or cfg.width is not None:
+        # One pass over the unpruned teacher scores everything: channel and head scores of a kept
+        # block are measured on the teacher's own inputs to that block, as Minitron does.
+        importance = _teacher_importance(recipe, model, teacher, generate)
+        detail["calibration"] = {"sequences": importance.sequences, "tokens": importance.tokens}
+        detail["block_importance"] = [round(score, 6) for score in importance.blocks]
+    if isinstance(cfg.keep_layers, int):
+        keep = (important_layers(importance.blocks, cfg.keep_layers) if by_importance
+                else evenly_spaced_layers(n_layers, cfg.keep_layers))
+    else:
+        keep = list(cfg.keep_layers)
+    student = prune_depth(model, keep)
+    detail["kept_layers"] = sorted(keep)
+    if cfg.width is not None:
+        kept = sorted(keep)
+        detail["width"] = prune_width(student, [importance.channels[i] for i in kept],
+                                      [importance.heads[i] for i in kept],
+                                      intermediate_size=cfg.width.intermediate_size,
+                                      num_attention_heads=cfg.width.num_attention_heads)
+    return student, detail
+
+
+def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """How two tokenizers differ (vocabulary or the ids of a probe text), or None if they agree."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sum(student_vocab.get(token) != token_id for token, token_id in teacher_vocab.items())
+        return (f"the vocabularies differ ({len(teacher_vocab)} tokens in the teacher's, {len(student_vocab)} in "
+                f"the student's; {differing} of the teacher's tokens have another id or none)")
+    for text in TOKENIZER_PROBES:
+        if teacher_tokenizer.encode(text, add_special_tokens=False) != student_tokenizer.encode(
+                text, add_special_tokens=False):
+            return f"they split {text!r} differently"
+    return None
+
+
+def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
+    spec = recipe.student.source
+    # Paths in a recipe are relative to the recipe file; built-in names are not paths.
+    relative = recipe.resolve(Path(spec))
+    source = resolve_source(str(relative) if relative.exists() else spec)
+    difference = tokenizer_difference(load_tokenizer(teacher), tokenizer_source(str(source.path)))
+    if difference is not None:
+        raise EdgedistillError(
+            f"student.source {spec}: its tokenizer is not the teacher's: {difference}; logit distillation "
+            "compares the two distributions token by token, so it needs identical tokenizers",
+            "use a student that shares the teacher's tokenizer, or distill from the teacher's text only "
+            "(response distillation, distill.kl_weight: 0)")
+    # A resumed stage may hold a killed attempt's files; materialize wants an empty folder.
+    for leftover in out.iterdir():
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    materialize(source, out)
+    # Equal tokenizers, but the files may be written differently (a GGUF source's are rebuilt from
+    # metadata); the distill stage checks the student's tokenizer.json hash against the logit cache's.
+    for name in TOKENIZER_FILES[:-1]:
+        if (teacher / name).exists():
+            shutil.copy2(teacher / name, out / name)
+    return {"source": spec, "source_kind": source.kind, "tokenizer_matches_teacher": True}
+
+
+def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | None = None) -> dict:
+    """Writes the initial student into `out` as an HF folder; returns what goes into the manifest.
+
+    build_student(recipe, Path("runs/x/.partial/student"), teacher=Path("runs/x/teacher"),
+                  generate=Path("runs/x/generate"))
+    `generate` (its train.jsonl) is needed only to score importance.
+    """
     cfg = recipe.student
     teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
     teacher_params = count_parameters(teacher_model)
-    if cfg.method == "prune":
-        n_layers = teacher_model.config.num_hidden_layers
-        keep = (evenly_spaced_layers(n_layers, cfg.keep_layers) if isinstance(cfg.keep_layers, int)
-                else list(cfg.keep_layers))
-        student = prune_depth(teacher_model, keep)
-        detail = {"kept_layers": sorted(keep)}
+    if cfg.method == "given":
+        del teacher_model
+        detail = _given_student(recipe, out, teacher)
+        student = load_model(out)
+    elif cfg.method == "prune":
+        student, detail = _pruned_student(recipe, teacher_model, teacher, generate)
     else:
         config = AutoConfig.from_pretrained(teacher)
         for key, value in cfg.config.items():
@@ -76,10 +287,11 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
         torch.manual_seed(recipe.seed)
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         detail = {"config_overrides": cfg.config}
-    student.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (teacher / name).exists() and not (out / name).exists():
-            shutil.copy2(teacher / name, out / name)
+    if cfg.method != "given":
+        student.save_pretrained(out, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (teacher / name).exists() and not (out / name).exists():
+                shutil.copy2(teacher / name, out / name)
     student_params = count_parameters(student)
     return {"method": cfg.method, **detail, "teacher_parameters": teacher_params,
             "student_parameters": student_params, "parameter_ratio": round(student_params / teacher_params, 4)}

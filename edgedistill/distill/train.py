@@ -3,9 +3,11 @@
     edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
 
 The loss is (1 - kl_weight) * cross-entropy on the teacher's answer tokens plus kl_weight * T^2 *
-KL to the teacher's distribution (edgedistill.distill.losses), on the answer tokens or, with
-kl_positions: all, on every position of prompt and answer. The loop runs
-under HF Accelerate, so the same code trains on CPU, on a GPU or over several processes.
+a divergence (forward KL, reverse KL or JSD) from the teacher's top-k distribution
+(edgedistill.distill.losses), on the answer tokens or, with kl_positions: all, on every position
+of prompt and answer. The loop runs under HF Accelerate for device placement (CPU or one GPU);
+it does not yet shard batches across processes, so `accelerate launch` with several processes
+would repeat the same batches. The LoRA stage (edgedistill.lora) uses the same loop.
 
 After every epoch the model, optimizer, scheduler and RNG state go to `checkpoint/` in the
 stage's partial folder (written aside, then renamed); a killed run reloads it (weights_only) and
@@ -31,7 +33,7 @@ from edgedistill.distill.losses import distill_loss
 from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
 from edgedistill.pipeline import sha256_file
-from edgedistill.recipe import Recipe
+from edgedistill.recipe import Recipe, TrainingConfig
 from edgedistill.runtimes.pytorch import load_model
 
 CHECKPOINT = "checkpoint"
@@ -104,21 +106,28 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history
     os.rename(aside, out / CHECKPOINT)
 
 
-def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
-    cfg = recipe.distill
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def load_soft_labels(logits: Path, student: Path) -> SoftLabelSet:
     _check_tokenizers(logits, student)
     data = SoftLabelSet(logits)
     if len(data) == 0:
         raise EdgedistillError("the logits cache holds no training examples",
                                "check generate/train.jsonl and distill.max_seq_len")
-    model = load_model(student)
+    return data
+
+
+def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str) -> list[dict]:
+    """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
+
+    Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model.config.use_cache = False
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
 
     def schedule(step: int) -> float:
         # Linear warm-up, then cosine decay to a tenth of the peak rate.
@@ -137,39 +146,50 @@ def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        print(f"[distill] resuming after epoch {start_epoch} from {checkpoint}")
+        print(f"[{name}] resuming after epoch {start_epoch} from {checkpoint}")
 
     accelerator = Accelerator()
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         order = list(range(len(data)))
-        random.Random(recipe.seed * 1000 + epoch).shuffle(order)
+        random.Random(seed * 1000 + epoch).shuffle(order)
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step, start in enumerate(bar, 1):
             batch = collate([data[i] for i in order[start:start + cfg.batch_size]], pad_id, cfg.kl_positions)
-            batch = {name: t.to(accelerator.device) for name, t in batch.items()}
+            batch = {key: t.to(accelerator.device) for key, t in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
-                                  batch["topk_logprobs"], batch["topk_ids"],
-                                  kl_weight=cfg.kl_weight, temperature=cfg.temperature)
+                                  batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
+                                  temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
             accelerator.backward(losses["loss"])
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for name in sums:
-                sums[name] += losses[name].item()
+            for key in sums:
+                sums[key] += losses[key].item()
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
-        history.append({"epoch": epoch + 1, **{name: round(v / steps_per_epoch, 4) for name, v in sums.items()}})
+        history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
         _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history)
+    accelerator.unwrap_model(model).config.use_cache = True
+    return history
 
-    final = accelerator.unwrap_model(model)
-    final.config.use_cache = True
-    final.save_pretrained(out, safe_serialization=True)
+
+def finish(out: Path, tokenizer_from: Path) -> None:
+    """Copies the tokenizer files next to the saved model and drops the checkpoint."""
     for name in TOKENIZER_FILES:
-        if (student / name).exists():
-            shutil.copy2(student / name, out / name)
-    shutil.rmtree(out / CHECKPOINT)
-    return {"epochs": history, "train_examples": len(data), "steps": total_steps}
+        if (tokenizer_from / name).exists():
+            shutil.copy2(tokenizer_from / name, out / name)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+
+
+def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
+    data = load_soft_labels(logits, student)
+    model = load_model(student)
+    history = train_epochs(model, data, recipe.distill, out, seed=recipe.seed, name="distill")
+    model.save_pretrained(out, safe_serialization=True)
+    finish(out, student)
+    steps = math.ceil(len(data) / recipe.distill.batch_size) * recipe.distill.epochs
+    return {"epochs": history, "train_examples": len(data), "steps": steps}

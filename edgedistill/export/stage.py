@@ -29,8 +29,10 @@ def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: 
     return {qtype: {"file": path.name, "bytes": path.stat().st_size} for qtype, path in files.items()}
 
 
-def export_student(recipe: Recipe, out: Path, *, distill: Path) -> dict:
-    return export_gguf_set(distill, out, "student", recipe.export.quants, f"{recipe.name}-student")
+def export_student(recipe: Recipe, out: Path, *, distill: Path | None = None, merge: Path | None = None) -> dict:
+    # The LoRA-merged student when the recipe trains an adapter, else the distilled one.
+    model = merge if merge is not None else distill
+    return export_gguf_set(model, out, "student", recipe.export.quants, f"{recipe.name}-student")
 
 
 def export_teacher(recipe: Recipe, out: Path, *, teacher: Path) -> dict:

@@ -56,12 +56,17 @@ def render_report(recipe: Recipe, stages: dict[str, Path]) -> str:
               f"(from `bench/bench.json`). Quality: greedy answers on {reference['examples']} held-out prompts "
               f"(from `eval/eval.json`).", ""]
 
-    history = manifests["distill"].get("result", {}).get("epochs", [])
-    if history:
-        lines += ["## Distillation", ""]
-        lines += _table(["epoch", "loss", "cross-entropy", "KL"],
-                        [[str(h["epoch"]), _fmt(h["loss"], 4), _fmt(h["ce"], 4), _fmt(h["kl"], 4)] for h in history])
-        lines += [""]
+    for stage, title in (("distill", "Distillation"), ("lora", "LoRA adapter")):
+        history = manifests.get(stage, {}).get("result", {}).get("epochs", [])
+        if history:
+            lines += [f"## {title}", ""]
+            lines += _table(["epoch", "loss", "cross-entropy", "divergence"],
+                            [[str(h["epoch"]), _fmt(h["loss"], 4), _fmt(h["ce"], 4), _fmt(h["kl"], 4)] for h in history])
+            lines += [""]
+    if "merge" in manifests:
+        merge = manifests["merge"].get("result", {})
+        lines += [f"The adapter was merged into the float32 student; merged vs base + adapter logits differ by at "
+                  f"most {merge.get('max_abs_logit_difference', 0):.1e} (tolerance {merge.get('tolerance')}).", ""]
 
     lines += ["## Stage times", ""]
     lines += _table(["stage", "seconds"], [[name, _fmt(m["seconds"])] for name, m in manifests.items()])

