@@ -261,7 +261,7 @@ def section_dump(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
     for name in sections:
         value: Any = recipe
         for part in name.split("."):
-            value = getattr(value, part)
+            value = None if value is None else getattr(value, part)
         dumped[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else (
             str(value) if isinstance(value, Path) else value)
     return dumped

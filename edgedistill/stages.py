@@ -57,8 +57,11 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     ] if recipe.lora is not None else []
     return [
         Stage("teacher", teacher_stage, sections=("seed", "teacher"), external=teacher_files),
-        Stage("generate", generate, inputs=("teacher",), sections=("seed", "task", "data", "generate"),
-              external=prompt_files),
+        # Not the endpoint's URL, key, concurrency or timeouts: a server that comes back elsewhere
+        # resumes the same answers.
+        Stage("generate", generate, inputs=("teacher",), external=prompt_files, sections=(
+            "seed", "task", "data", "generate.max_new_tokens", "generate.batch_size", "generate.samples",
+            "generate.temperature", "generate.reasoning", "generate.endpoint.model")),
         Stage("logits", cache_teacher_logits, inputs=("teacher", "generate"),
               sections=("distill.topk", "distill.max_seq_len", "generate.batch_size")),
         Stage("student", build_student, inputs=("teacher", "generate"), sections=("seed", "student")),

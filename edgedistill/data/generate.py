@@ -123,22 +123,9 @@ class SeededSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(1, picked, 0.0)
 
 
-@torch.inference_mode()
 def _sample(chat: TorchChatModel, conversations: list[list[dict]], max_new_tokens: int,
             sampler: SeededSampler) -> list[tuple[str, bool]]:
-    """TorchChatModel.generate with the seeded sampler: (answer, finished) per conversation."""
-    tokenizer = chat.tokenizer
-    batch = tokenizer.pad({"input_ids": [chat.prompt_ids(m) for m in conversations]}, return_tensors="pt")
-    output = chat.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 logits_processor=LogitsProcessorList([sampler]),
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    answers = []
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        finished = tokenizer.eos_token_id in row
-        if finished:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
-    return answers
+    return chat.generate(conversations, max_new_tokens, logits_processor=LogitsProcessorList([sampler]))
 
 
 def _generate_local(recipe: Recipe, chat: TorchChatModel, requests: list[Request], record) -> None:

@@ -4,32 +4,29 @@
         --reference runs/sentiment/teacher --json eval.json
 
 A held-out record carries its prompt messages, the gold label and the label choices. The answer's
-label is the choice named first in it (whole words, case-insensitive); an answer naming none
-counts as wrong and is counted as unparsed. Generation is greedy, so the same artifact gives the
+label is the choice named first in it (whole words, case-insensitive), or on its last "Answer:"
+line when it reasons step by step; an answer naming none counts as wrong and as unparsed. Generation is greedy, so the same artifact gives the
 same score every time, in any runtime that computes the same logits.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from tqdm import tqdm
 
-from edgedistill.data.prompts import read_jsonl
+from edgedistill.data.generate import split_reasoning
+from edgedistill.data.prompts import named_label, read_jsonl
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes import gguf_artifacts, open_chat_model
 
 
 def parse_label(answer: str, choices: list[str]) -> str | None:
-    found = []
-    for choice in choices:
-        match = re.search(rf"\b{re.escape(choice.lower())}\b", answer.lower())
-        if match:
-            found.append((match.start(), choice))
-    return min(found)[1] if found else None
+    """The label of an answer: the one named on its last "Answer:" line if it reasons, else named first."""
+    reasoned = split_reasoning(answer)
+    return named_label(reasoned[1] if reasoned else answer, choices)
 
 
 def load_heldout(path: Path) -> list[dict]:

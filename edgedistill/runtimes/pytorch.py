@@ -47,11 +47,16 @@ class TorchChatModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
     @torch.inference_mode()
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
-        """(answer, finished) per conversation; finished is False when max_new_tokens cut it off."""
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+                 logits_processor=None) -> list[tuple[str, bool]]:
+        """(answer, finished) per conversation; finished is False when max_new_tokens cut it off.
+
+        Greedy, unless a `logits_processor` (a transformers LogitsProcessorList) picks the tokens.
+        """
         prompts = [self.prompt_ids(messages) for messages in conversations]
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
         output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     logits_processor=logits_processor,
                                      eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id)
         answers = []
