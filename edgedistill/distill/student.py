@@ -247,8 +247,8 @@ def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
         raise EdgedistillError(
             f"student.source {spec}: its tokenizer is not the teacher's: {difference}; logit distillation "
             "compares the two distributions token by token, so it needs identical tokenizers",
-            "use a student that shares the teacher's tokenizer, or distill from the teacher's text only "
-            "(response distillation, distill.kl_weight: 0)")
+            "use a student that shares the teacher's tokenizer (or build one by pruning the teacher); "
+            "students with another tokenizer are not supported yet")
     # A resumed stage may hold a killed attempt's files; materialize wants an empty folder.
     for leftover in out.iterdir():
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -91,8 +91,9 @@ def _check_tokenizers(logits: Path, student: Path) -> None:
     meta = json.loads((logits / "meta.json").read_text())
     if meta["tokenizer_sha256"] != sha256_file(student / "tokenizer.json"):
         raise EdgedistillError(
-            "the student's tokenizer differs from the teacher's, so logit distillation cannot compare them",
-            "build the student from the teacher (student.method prune or config), or set distill.kl_weight: 0")
+            "the student's tokenizer differs from the teacher's: the cached training tokens and soft labels "
+            "are the teacher's", "build the student from the teacher (student.method prune or config) or give "
+            "one with the teacher's tokenizer; students with another tokenizer are not supported yet")
 
 
 def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history: list) -> None:
