@@ -29,7 +29,10 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
     cfg = recipe.teacher
     # Not resumable: whatever a killed attempt left is started over.
     for leftover in out.iterdir():
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
     if cfg.source == "random":
         build_random_model(cfg.random, tokenizer_source(cfg.tokenizer), out, seed=recipe.seed)
         return {"source": "random", "tokenizer": cfg.tokenizer}
