@@ -79,6 +79,15 @@ def fingerprint(path: Path) -> str:
     return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in files})
 
 
+def clear_folder(folder: Path) -> None:
+    """Empties a stage's partial folder, for stages that start over instead of resuming."""
+    for leftover in folder.iterdir():
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / MANIFEST).read_text())

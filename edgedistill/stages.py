@@ -7,7 +7,6 @@ Stages run in this order; each one's folder under the run folder is named after 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from edgedistill.bench.latency import bench_stage
@@ -18,7 +17,7 @@ from edgedistill.distill.train import distill
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export.stage import export_student, export_teacher
 from edgedistill.lora import merge_lora, train_lora
-from edgedistill.pipeline import Stage
+from edgedistill.pipeline import Stage, clear_folder
 from edgedistill.recipe import Recipe
 from edgedistill.report.markdown import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
@@ -28,11 +27,7 @@ from edgedistill.sources.random_model import build_random_model
 def teacher_stage(recipe: Recipe, out: Path) -> dict:
     cfg = recipe.teacher
     # Not resumable: whatever a killed attempt left is started over.
-    for leftover in out.iterdir():
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+    clear_folder(out)
     if cfg.source == "random":
         build_random_model(cfg.random, tokenizer_source(cfg.tokenizer), out, seed=recipe.seed)
         return {"source": "random", "tokenizer": cfg.tokenizer}

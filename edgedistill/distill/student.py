@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgedistill.distill.importance import Importance, calibration_sequences, compute_importance
 from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import clear_folder
 from edgedistill.recipe import Recipe, WidthConfig
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
@@ -250,13 +251,12 @@ def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
             "use a student that shares the teacher's tokenizer (or build one by pruning the teacher); "
             "students with another tokenizer are not supported yet")
     # A resumed stage may hold a killed attempt's files; materialize wants an empty folder.
-    for leftover in out.iterdir():
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    clear_folder(out)
     materialize(source, out)
     # Equal tokenizers, but the files may be written differently (a GGUF source's are rebuilt from
     # metadata); the distill stage checks the student's tokenizer.json hash against the logit cache's.
-    for name in TOKENIZER_FILES[:-1]:
-        if (teacher / name).exists():
+    for name in TOKENIZER_FILES:
+        if name != "generation_config.json" and (teacher / name).exists():
             shutil.copy2(teacher / name, out / name)
     return {"source": spec, "source_kind": source.kind, "tokenizer_matches_teacher": True}
 
