@@ -13,13 +13,14 @@ MERGE_TOLERANCE on a few training sequences before the folder is accepted.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from edgedistill.distill.train import finish, load_soft_labels, train_epochs
+from edgedistill.distill.train import CHECKPOINT, finish, load_soft_labels, run_data_parallel, train_epochs
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
@@ -28,23 +29,45 @@ from edgedistill.runtimes.pytorch import load_model
 MERGE_TOLERANCE = 1e-3
 
 
-def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path) -> dict:
+def _lora_model(recipe: Recipe, distill: Path):
     cfg = recipe.lora
-    data = load_soft_labels(logits, distill)
     base = load_model(distill)
     present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in cfg.target_modules if m not in present]
     if missing:
         raise EdgedistillError(f"lora.target_modules: the student has no modules named {missing}",
                                f"use some of: {', '.join(sorted(present - {''}))}")
+    # The same seed in every data-parallel worker: the same initial adapter.
     torch.manual_seed(recipe.seed)
-    model = get_peft_model(base, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    return get_peft_model(base, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                               target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+def _lora_worker(rank: int, processes: int, recipe: Recipe, out: Path, distill: Path, logits: Path) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    if not recipe.lora.threads:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    model = _lora_model(recipe, distill)
+    train_epochs(model, load_soft_labels(logits, distill), recipe.lora, out, seed=recipe.seed, name="lora")
+    if rank == 0:
+        model.save_pretrained(out, safe_serialization=True)
+
+
+def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path) -> dict:
+    cfg = recipe.lora
+    data = load_soft_labels(logits, distill)
+    model = _lora_model(recipe, distill)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    history = train_epochs(model, data, cfg, out, seed=recipe.seed, name="lora")
-    model.save_pretrained(out, safe_serialization=True)
+    if cfg.processes > 1:
+        del model
+        run_data_parallel(_lora_worker, cfg.processes, (recipe, out, distill, logits))
+        # The workers' per-epoch losses travel in the last checkpoint.
+        history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
+    else:
+        history = train_epochs(model, data, cfg, out, seed=recipe.seed, name="lora")
+        model.save_pretrained(out, safe_serialization=True)
     finish(out, distill)
-    return {"epochs": history, "trainable_parameters": trainable,
+    return {"epochs": history, "trainable_parameters": trainable, "processes": cfg.processes,
             "steps": math.ceil(len(data) / cfg.batch_size) * cfg.epochs}
 
 

@@ -168,6 +168,15 @@ class TrainingConfig(Section):
     jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     threads: Annotated[int, Field(gt=0)] | None = None
+    # Data-parallel worker processes on this machine (gloo on CPU, NCCL on GPUs): each takes a
+    # share of every batch and the gradients are averaged, so the result matches one process.
+    processes: Annotated[int, Field(gt=0, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _batch_fits_processes(self) -> TrainingConfig:
+        if self.batch_size < self.processes:
+            raise ValueError("batch_size must be at least processes (each process takes part of a batch)")
+        return self
 
 
 class DistillConfig(TrainingConfig):

@@ -27,6 +27,7 @@ def test_lora_adapter_is_kept_merged_and_exported(tmp_path):
     assert not (out / "lora" / "model.safetensors").exists()
     lora = json.loads((out / "lora" / "manifest.json").read_text())["result"]
     assert 0 < lora["trainable_parameters"] < 100_000
+    assert lora["processes"] == 2
 
     # Merged logits equal base + adapter, checked here independently of the stage's own check.
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198]])

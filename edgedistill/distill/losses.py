@@ -105,14 +105,18 @@ def topk_divergence(student_logits: torch.Tensor, teacher_topk_logprobs: torch.T
 def distill_loss(student_logits: torch.Tensor, is_answer: torch.Tensor, target_ids: torch.Tensor,
                  teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor, *,
                  kl_weight: float, temperature: float, divergence: str = "forward_kl",
-                 jsd_beta: float = 0.5) -> dict[str, torch.Tensor]:
+                 jsd_beta: float = 0.5, scales: tuple[float, float] = (1.0, 1.0)) -> dict[str, torch.Tensor]:
     """(1 - kl_weight) * CE on the answer rows + kl_weight * divergence on all rows.
 
     student_logits [N, V] and the teacher's top-k [N, k] are rows of the same positions;
     is_answer [N] marks the rows that predict an answer token, target_ids [answer rows] their tokens.
-    Returns loss, ce and kl (detached); kl holds the chosen divergence, whichever it is.
+    Returns loss, ce and kl (detached); kl holds the chosen divergence, whichever it is. `scales`
+    multiply the CE and divergence terms of `loss` only: a data-parallel worker holding part of a
+    batch weights its means by its share of the batch's rows.
     """
     _check(divergence, jsd_beta)
     ce = F.cross_entropy(student_logits[is_answer].float(), target_ids.long())
     kl = topk_divergence(student_logits, teacher_topk_logprobs, teacher_topk_ids, temperature, divergence, jsd_beta)
-    return {"loss": (1 - kl_weight) * ce + kl_weight * kl, "ce": ce.detach(), "kl": kl.detach()}
+    ce_scale, kl_scale = scales
+    loss = (1 - kl_weight) * ce * ce_scale + kl_weight * kl * kl_scale
+    return {"loss": loss, "ce": ce.detach(), "kl": kl.detach()}

@@ -5,9 +5,11 @@
 The loss is (1 - kl_weight) * cross-entropy on the teacher's answer tokens plus kl_weight * T^2 *
 a divergence (forward KL, reverse KL or JSD) from the teacher's top-k distribution
 (edgedistill.distill.losses), on the answer tokens or, with kl_positions: all, on every position
-of prompt and answer. The loop runs under HF Accelerate for device placement (CPU or one GPU);
-it does not yet shard batches across processes, so `accelerate launch` with several processes
-would repeat the same batches. The LoRA stage (edgedistill.lora) uses the same loop.
+of prompt and answer. The loop runs under HF Accelerate; with distill.processes > 1 the stage
+starts that many data-parallel workers on this machine (torch.distributed over loopback: gloo on
+CPU, NCCL on GPUs), each training on its share of every batch with its loss weighted so that the
+averaged gradient is the whole batch's: the result matches one process. The LoRA stage
+(edgedistill.lora) uses the same loop.
 
 After every epoch the model, optimizer, scheduler and RNG state go to `checkpoint/` in the
 stage's partial folder (written aside, then renamed); a killed run reloads it (weights_only) and
@@ -21,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -55,6 +58,12 @@ class SoftLabelSet:
 
     def __len__(self) -> int:
         return len(self.prompt_lengths)
+
+    def row_counts(self, i: int, kl_positions: str) -> tuple[int, int]:
+        """(answer tokens, divergence rows) of example i: the denominators of its loss terms."""
+        length = self.offsets[i + 1] - self.offsets[i]
+        answer = length - self.prompt_lengths[i]
+        return answer, (length - 1 if kl_positions == "all" else answer)
 
     def __getitem__(self, i: int):
         ids = self.ids[self.offsets[i]:self.offsets[i + 1]]
@@ -116,10 +125,29 @@ def load_soft_labels(logits: Path, student: Path) -> SoftLabelSet:
     return data
 
 
+def _shard(data: SoftLabelSet, rows: list[int], rank: int, world: int, kl_positions: str):
+    """This process's rows of a batch, and the scales that make its loss its share of the batch's.
+
+    Gradients are averaged over processes, so a process's CE mean is weighted by world * (its
+    answer tokens / the batch's), and likewise the divergence: the average is then the loss of the
+    whole batch on one process. A process left without rows (a short last batch) computes one row
+    at weight 0 so that every process takes part in the gradient average.
+    """
+    if world == 1:
+        return rows, (1.0, 1.0)
+    mine = rows[rank::world]
+    if not mine:
+        return rows[:1], (0.0, 0.0)
+    counts = [data.row_counts(i, kl_positions) for i in rows]
+    my_counts = [data.row_counts(i, kl_positions) for i in mine]
+    return mine, tuple(world * sum(c[t] for c in my_counts) / sum(c[t] for c in counts) for t in (0, 1))
+
+
 def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str) -> list[dict]:
     """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
 
-    Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses.
+    Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses. In a
+    data-parallel worker (see `run_data_parallel`) each process trains on its share of every batch.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -149,21 +177,25 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
         start_epoch, history = state["epoch"] + 1, state["history"]
         print(f"[{name}] resuming after epoch {start_epoch} from {checkpoint}")
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         order = list(range(len(data)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not accelerator.is_main_process)
         for step, start in enumerate(bar, 1):
-            batch = collate([data[i] for i in order[start:start + cfg.batch_size]], pad_id, cfg.kl_positions)
+            rows, scales = _shard(data, order[start:start + cfg.batch_size], rank, world, cfg.kl_positions)
+            batch = collate([data[i] for i in rows], pad_id, cfg.kl_positions)
             batch = {key: t.to(accelerator.device) for key, t in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
-                                  temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
+                                  temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
+                                  scales=scales)
             accelerator.backward(losses["loss"])
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -173,7 +205,9 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
                 sums[key] += losses[key].item()
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
-        _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history)
+        if accelerator.is_main_process:
+            _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history)
+        accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).config.use_cache = True
     return history
 
@@ -186,11 +220,44 @@ def finish(out: Path, tokenizer_from: Path) -> None:
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
-def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
-    data = load_soft_labels(logits, student)
+def run_data_parallel(worker, processes: int, args: tuple) -> None:
+    """Runs `worker(rank, *args)` in `processes` processes joined by torch.distributed on loopback.
+
+    The pipeline itself stays in one process; only training is spread. Each worker gets an equal
+    share of the cores.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes)})
+    try:
+        torch.multiprocessing.start_processes(worker, args=(processes, *args), nprocs=processes, start_method="spawn")
+    finally:
+        for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+            os.environ.pop(key, None)
+
+
+def _distill_worker(rank: int, processes: int, recipe: Recipe, out: Path, student: Path, logits: Path) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    if not recipe.distill.threads:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     model = load_model(student)
-    history = train_epochs(model, data, recipe.distill, out, seed=recipe.seed, name="distill")
-    model.save_pretrained(out, safe_serialization=True)
+    train_epochs(model, load_soft_labels(logits, student), recipe.distill, out, seed=recipe.seed, name="distill")
+    if rank == 0:
+        model.save_pretrained(out, safe_serialization=True)
+
+
+def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
+    cfg = recipe.distill
+    data = load_soft_labels(logits, student)
+    if cfg.processes > 1:
+        run_data_parallel(_distill_worker, cfg.processes, (recipe, out, student, logits))
+        # The workers' per-epoch losses travel in the last checkpoint.
+        history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
+    else:
+        model = load_model(student)
+        history = train_epochs(model, data, cfg, out, seed=recipe.seed, name="distill")
+        model.save_pretrained(out, safe_serialization=True)
     finish(out, student)
-    steps = math.ceil(len(data) / recipe.distill.batch_size) * recipe.distill.epochs
-    return {"epochs": history, "train_examples": len(data), "steps": steps}
+    return {"epochs": history, "train_examples": len(data), "processes": cfg.processes,
+            "steps": math.ceil(len(data) / cfg.batch_size) * cfg.epochs}

@@ -1,0 +1,86 @@
+"""Data-parallel distillation: two worker processes (gloo on CPU) give the one-process result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgedistill.distill.train import _shard, distill
+from edgedistill.pipeline import Pipeline
+from edgedistill.recipe import load_recipe
+from edgedistill.stages import stages_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    run = tmp_path_factory.mktemp("dp") / "run"
+    stages = [s for s in stages_for(recipe) if s.name in ("teacher", "generate", "logits", "student")]
+    Pipeline(stages, recipe, run, log=lambda _: None).run()
+    return recipe, run
+
+
+def test_two_processes_match_one(prepared, tmp_path):
+    recipe, run = prepared
+    weights = {}
+    for processes in (1, 2):
+        cfg = recipe.distill.model_copy(update={"processes": processes, "epochs": 2, "batch_size": 6})
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        result = distill(recipe.model_copy(update={"distill": cfg}), out, student=run / "student",
+                         logits=run / "logits")
+        assert result["processes"] == processes and len(result["epochs"]) == 2
+        assert not (out / "checkpoint").exists()
+        weights[processes] = load_file(str(out / "model.safetensors"))
+    start = load_file(str(run / "student" / "model.safetensors"))
+    moved = max((weights[1][k] - start[k]).abs().max().item() for k in start)
+    differ = max((weights[1][k] - weights[2][k]).abs().max().item() for k in start)
+    assert moved > 1e-3, "training changed nothing, the comparison would prove nothing"
+    # fp32 sums in another order: the two runs agree to about 0.1% of how far training moved.
+    assert differ < 1e-2 * moved, (differ, moved)
+
+
+def test_batch_smaller_than_processes_is_refused():
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    with pytest.raises(ValueError, match="batch_size must be at least processes"):
+        recipe.distill.model_validate({**recipe.distill.model_dump(), "processes": 4, "batch_size": 2})
+
+
+class FakeSet:
+    """Examples of given (length, prompt length), as SoftLabelSet.row_counts sees them."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def row_counts(self, i, kl_positions):
+        length, prompt = self.shapes[i]
+        return length - prompt, (length - 1 if kl_positions == "all" else length - prompt)
+
+
+@pytest.mark.parametrize("kl_positions", ["all", "answer"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_weights_make_the_average_the_whole_batch_mean(kl_positions, world):
+    # Per-token losses: each example's tokens all lose its index + 1, so means differ per example.
+    data = FakeSet([(10, 7), (30, 20), (12, 11), (50, 10), (9, 3)])
+    rows = list(range(5))
+    for term in (0, 1):
+        counts = [data.row_counts(i, kl_positions)[term] for i in rows]
+        whole = sum((i + 1) * n for i, n in zip(rows, counts)) / sum(counts)
+        averaged = 0.0
+        for rank in range(world):
+            mine, scales = _shard(data, rows, rank, world, kl_positions)
+            mine_counts = [data.row_counts(i, kl_positions)[term] for i in mine]
+            local_mean = sum((i + 1) * n for i, n in zip(mine, mine_counts)) / sum(mine_counts)
+            averaged += scales[term] * local_mean / world
+        assert averaged == pytest.approx(whole)
+
+
+def test_shard_gives_an_idle_process_a_zero_weight_row():
+    data = FakeSet([(10, 7)])
+    assert _shard(data, [0], 1, 2, "all") == ([0], (0.0, 0.0))
+    assert _shard(data, [0], 0, 1, "all") == ([0], (1.0, 1.0))
