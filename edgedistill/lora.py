@@ -13,14 +13,13 @@ MERGE_TOLERANCE on a few training sequences before the folder is accepted.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from edgedistill.distill.train import CHECKPOINT, finish, load_soft_labels, run_data_parallel, train_epochs
+from edgedistill.distill.train import finish, load_soft_labels, train_and_save
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
@@ -43,32 +42,13 @@ def _lora_model(recipe: Recipe, distill: Path):
                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
-def _lora_worker(rank: int, processes: int, recipe: Recipe, out: Path, distill: Path, logits: Path) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
-    if not recipe.lora.threads:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-    model = _lora_model(recipe, distill)
-    train_epochs(model, load_soft_labels(logits, distill), recipe.lora, out, seed=recipe.seed, name="lora")
-    if rank == 0:
-        model.save_pretrained(out, safe_serialization=True)
-
-
 def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path) -> dict:
     cfg = recipe.lora
-    data = load_soft_labels(logits, distill)
-    model = _lora_model(recipe, distill)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if cfg.processes > 1:
-        del model
-        run_data_parallel(_lora_worker, cfg.processes, (recipe, out, distill, logits))
-        # The workers' per-epoch losses travel in the last checkpoint.
-        history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
-    else:
-        history = train_epochs(model, data, cfg, out, seed=recipe.seed, name="lora")
-        model.save_pretrained(out, safe_serialization=True)
-    finish(out, distill)
+    trainable = sum(p.numel() for p in _lora_model(recipe, distill).parameters() if p.requires_grad)
+    history = train_and_save(_lora_model, (recipe, distill), cfg, logits, distill, out, seed=recipe.seed, name="lora")
+    examples = len(load_soft_labels(logits, distill))
     return {"epochs": history, "trainable_parameters": trainable, "processes": cfg.processes,
-            "steps": math.ceil(len(data) / cfg.batch_size) * cfg.epochs}
+            "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
 
 
 @torch.inference_mode()

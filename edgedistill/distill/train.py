@@ -147,7 +147,7 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
     """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
 
     Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses. In a
-    data-parallel worker (see `run_data_parallel`) each process trains on its share of every batch.
+    data-parallel worker (see `train_and_save`) each process trains on its share of every batch.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -220,44 +220,49 @@ def finish(out: Path, tokenizer_from: Path) -> None:
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
-def run_data_parallel(worker, processes: int, args: tuple) -> None:
-    """Runs `worker(rank, *args)` in `processes` processes joined by torch.distributed on loopback.
-
-    The pipeline itself stays in one process; only training is spread. Each worker gets an equal
-    share of the cores.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes)})
-    try:
-        torch.multiprocessing.start_processes(worker, args=(processes, *args), nprocs=processes, start_method="spawn")
-    finally:
-        for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
-            os.environ.pop(key, None)
-
-
-def _distill_worker(rank: int, processes: int, recipe: Recipe, out: Path, student: Path, logits: Path) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
-    if not recipe.distill.threads:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-    model = load_model(student)
-    train_epochs(model, load_soft_labels(logits, student), recipe.distill, out, seed=recipe.seed, name="distill")
+def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, logits: Path,
+                  tokenizer_dir: Path, out: Path, seed: int, name: str) -> None:
+    if processes > 1:
+        # Read by torch.distributed through Accelerate; a spawned worker's own environment.
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
+        if not cfg.threads:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    model = build(*build_args)
+    train_epochs(model, load_soft_labels(logits, tokenizer_dir), cfg, out, seed=seed, name=name)
     if rank == 0:
         model.save_pretrained(out, safe_serialization=True)
 
 
+def train_and_save(build, build_args: tuple, cfg: TrainingConfig, logits: Path, tokenizer_dir: Path, out: Path, *,
+                   seed: int, name: str) -> list[dict]:
+    """Trains `build(*build_args)` as `cfg` says and saves it into `out`; returns the epoch losses.
+
+    With cfg.processes > 1, that many workers (picklable `build`) are joined by torch.distributed
+    on loopback; the pipeline itself stays in one process, only training is spread.
+    """
+    args = (build, build_args, cfg, logits, tokenizer_dir, out, seed, name)
+    if cfg.processes == 1:
+        _train_worker(0, 1, *args)
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(cfg.processes)})
+        try:
+            torch.multiprocessing.start_processes(_train_worker, args=(cfg.processes, *args),
+                                                  nprocs=cfg.processes, start_method="spawn")
+        finally:
+            for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+                os.environ.pop(key, None)
+    # Every run ends with a checkpoint holding the per-epoch losses, whichever process wrote it.
+    history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
+    finish(out, tokenizer_dir)
+    return history
+
+
 def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
     cfg = recipe.distill
-    data = load_soft_labels(logits, student)
-    if cfg.processes > 1:
-        run_data_parallel(_distill_worker, cfg.processes, (recipe, out, student, logits))
-        # The workers' per-epoch losses travel in the last checkpoint.
-        history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
-    else:
-        model = load_model(student)
-        history = train_epochs(model, data, cfg, out, seed=recipe.seed, name="distill")
-        model.save_pretrained(out, safe_serialization=True)
-    finish(out, student)
-    return {"epochs": history, "train_examples": len(data), "processes": cfg.processes,
-            "steps": math.ceil(len(data) / cfg.batch_size) * cfg.epochs}
+    history = train_and_save(load_model, (student,), cfg, logits, student, out, seed=recipe.seed, name="distill")
+    examples = len(load_soft_labels(logits, student))
+    return {"epochs": history, "train_examples": examples, "processes": cfg.processes,
+            "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
