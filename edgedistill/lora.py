@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from edgedistill.distill.train import finish, load_soft_labels, train_and_save
+from edgedistill.distill.train import cached_examples, finish, load_soft_labels, train_and_save
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
@@ -46,7 +46,7 @@ def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path) -> dic
     cfg = recipe.lora
     trainable = sum(p.numel() for p in _lora_model(recipe, distill).parameters() if p.requires_grad)
     history = train_and_save(_lora_model, (recipe, distill), cfg, logits, distill, out, seed=recipe.seed, name="lora")
-    examples = len(load_soft_labels(logits, distill))
+    examples = cached_examples(logits)
     return {"epochs": history, "trainable_parameters": trainable, "processes": cfg.processes,
             "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
 

@@ -6,8 +6,9 @@ For every position of every training example (prompt and answer), the teacher's 
 likely next tokens and their log-probabilities (at temperature 1, normalized over the full
 vocabulary) are stored in `cache.safetensors`, together with the token ids of the examples. The
 prompt positions cost little to keep and give the KL term some 30 times more signal than the
-few answer tokens of a classification task (distill.kl_positions chooses which are used). The distill stage trains from
-this folder alone, so the teacher is never in memory while the student trains.
+few answer tokens of a classification task (distill.kl_positions chooses which are used). The
+distill stage trains from this folder alone, so the teacher is never in memory while the student
+trains.
 
 Layout of cache.safetensors (flat tensors, one row per token; offsets index them per example):
   input_ids        int32 [total_tokens]        prompt + answer + eos, example after example
@@ -87,7 +88,8 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
         "row_offsets": torch.tensor([0] + [n - 1 for n in lengths], dtype=torch.int64).cumsum(0),
     }, str(out / CACHE))
     meta = {"topk": k, "max_seq_len": max_len, "vocab_size": model.config.vocab_size,
-            "examples": len(examples), "tokens": sum(lengths), "answer_tokens": sum(len(seq) - p for seq, p in examples), "skipped_too_long": skipped,
+            "examples": len(examples), "tokens": sum(lengths),
+            "answer_tokens": sum(len(seq) - p for seq, p in examples), "skipped_too_long": skipped,
             "tokenizer_sha256": sha256_file(teacher / "tokenizer.json")}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -116,6 +116,10 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history
     os.rename(aside, out / CHECKPOINT)
 
 
+def cached_examples(logits: Path) -> int:
+    return json.loads((logits / "meta.json").read_text())["examples"]
+
+
 def load_soft_labels(logits: Path, student: Path) -> SoftLabelSet:
     _check_tokenizers(logits, student)
     data = SoftLabelSet(logits)
@@ -201,8 +205,11 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for key in sums:
-                sums[key] += losses[key].item()
+            # Logged unweighted: a data-parallel worker's weighted loss is not its batch's loss.
+            ce, kl = losses["ce"].item(), losses["kl"].item()
+            sums["ce"] += ce
+            sums["kl"] += kl
+            sums["loss"] += (1 - cfg.kl_weight) * ce + cfg.kl_weight * kl
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
         if accelerator.is_main_process:
@@ -263,6 +270,6 @@ def train_and_save(build, build_args: tuple, cfg: TrainingConfig, logits: Path, 
 def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
     cfg = recipe.distill
     history = train_and_save(load_model, (student,), cfg, logits, student, out, seed=recipe.seed, name="distill")
-    examples = len(load_soft_labels(logits, student))
+    examples = cached_examples(logits)
     return {"epochs": history, "train_examples": examples, "processes": cfg.processes,
             "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
