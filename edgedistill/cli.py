@@ -32,13 +32,16 @@ def _default_recipe() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from edgedistill.pipeline import Pipeline
+    from edgedistill.pipeline import Pipeline, launched
     from edgedistill.recipe import load_recipe
     from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or _default_recipe())
     out = args.out or Path("runs") / recipe.name
-    results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage)
+    results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
+                                                            to_stage=args.to_stage)
+    if launched()[0] > 0:
+        return  # another process of a launch: the first one reports
     report = out / "report" / "report.md"
     if report.exists():
         shutil.copy2(report, out / "report.md")
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    run.add_argument("--to", dest="to_stage", metavar="STAGE", help="stop after this stage")
     run.set_defaults(fn=cmd_run)
 
     export = add("export", "export a model to GGUF, quantized by llama.cpp",

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from edgedistill.distill.train import cached_examples, finish, load_soft_labels, train_and_save
+from edgedistill.distill.train import finish, train_and_save, training_processes, training_set
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
@@ -42,19 +42,19 @@ def _lora_model(recipe: Recipe, distill: Path):
                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
-def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path) -> dict:
+def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path, generate: Path) -> dict:
     cfg = recipe.lora
     trainable = sum(p.numel() for p in _lora_model(recipe, distill).parameters() if p.requires_grad)
-    history = train_and_save(_lora_model, (recipe, distill), cfg, logits, distill, out, seed=recipe.seed, name="lora")
-    examples = cached_examples(logits)
-    return {"epochs": history, "trainable_parameters": trainable, "processes": cfg.processes,
+    history, examples = train_and_save(_lora_model, (recipe, distill), cfg, out, logits=logits, student=distill,
+                                       generate=generate, topk=recipe.distill.topk, seed=recipe.seed, name="lora")
+    return {"epochs": history, "trainable_parameters": trainable, "processes": training_processes(cfg),
             "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
 
 
 @torch.inference_mode()
-def merge_lora(recipe: Recipe, out: Path, *, distill: Path, lora: Path, logits: Path) -> dict:
+def merge_lora(recipe: Recipe, out: Path, *, distill: Path, lora: Path, logits: Path, generate: Path) -> dict:
     adapted = PeftModel.from_pretrained(load_model(distill), lora).eval()
-    data = load_soft_labels(logits, distill)
+    data = training_set(recipe.lora, logits, distill, generate)
     probes = [data[i][0].long().unsqueeze(0) for i in range(min(4, len(data)))]
     expected = [adapted(input_ids=ids).logits for ids in probes]
     merged = adapted.merge_and_unload()

@@ -34,6 +34,7 @@ from edgedistill.recipe import Recipe, section_dump
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+FOLLOW_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class Stage:
     external: Callable[[Recipe], dict[str, Path]] | None = None
     # Bump when the stage's code changes what it writes, so old folders are not reused.
     version: int = 1
+    # Under a launcher (torchrun, accelerate launch) every process runs this stage's function and
+    # takes part (training); other stages run in the first process while the rest wait for them.
+    distributed: bool = False
 
 
 @dataclass
@@ -57,6 +61,17 @@ class StageResult:
     cached: bool
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def launched() -> tuple[int, int]:
+    """(rank, world size) when started by torchrun or accelerate launch, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def launch_id() -> str:
+    """Tells this launch's processes from an earlier one's (files left by a killed launch)."""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -155,11 +170,15 @@ class Pipeline:
                            "inputs": inputs, "external": external})
         return key, config
 
-    def run(self, *, force: bool = False, from_stage: str | None = None) -> list[StageResult]:
-        if from_stage is not None and from_stage not in self.stage_names():
-            raise EdgedistillError(f"--from {from_stage}: no such stage",
-                                   f"use one of: {', '.join(self.stage_names())}")
+    def run(self, *, force: bool = False, from_stage: str | None = None, to_stage: str | None = None
+            ) -> list[StageResult]:
+        """Runs the stages in order (from `from_stage` on, redone; up to `to_stage`, included)."""
+        for flag, name in (("--from", from_stage), ("--to", to_stage)):
+            if name is not None and name not in self.stage_names():
+                raise EdgedistillError(f"{flag} {name}: no such stage", f"use one of: {', '.join(self.stage_names())}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if launched()[0] > 0:
+            return self._follow()
         redo = force
         results: list[StageResult] = []
         digests: dict[str, str] = {}
@@ -169,20 +188,30 @@ class Pipeline:
             result = self._run_stage(stage, inputs, redo)
             digests[stage.name] = manifest_digest(result.manifest)
             results.append(result)
+            if stage.name == to_stage:
+                break
+        reached = {r.name for r in results}
+        for stage in self.stages:
+            if stage.distributed and stage.name not in reached:
+                self._announce(stage, None)
         return results
 
     def _run_stage(self, stage: Stage, inputs: dict[str, str], redo: bool) -> StageResult:
         key, config = self.key(stage, inputs)
         final = self.run_dir / stage.name
+        partial = self.run_dir / PARTIAL / f"{stage.name}.{key[:16]}"
         if not redo and is_complete(final, key):
             self.log(f"[{stage.name}] up to date, skipped")
+            if stage.distributed:
+                self._announce(stage, None)
             return StageResult(stage.name, final, True, 0.0, read_manifest(final) or {})
 
-        partial = self.run_dir / PARTIAL / f"{stage.name}.{key[:16]}"
         if redo and partial.exists():
             shutil.rmtree(partial)
         resumed = partial.exists()
         partial.mkdir(parents=True, exist_ok=True)
+        if stage.distributed:
+            self._announce(stage, partial)
         self.log(f"[{stage.name}] {'resuming' if resumed else 'running'}")
         started = time.perf_counter()
         input_paths = {name: self.run_dir / name for name in stage.inputs}
@@ -202,6 +231,37 @@ class Pipeline:
         self.log(f"[{stage.name}] done in {seconds:.1f} s")
         return StageResult(stage.name, final, False, seconds, manifest)
 
+    # Under a launcher (torchrun, accelerate launch) the first process runs the pipeline; the
+    # others only take part in the distributed stages. For each of those, in order, the first
+    # writes `.partial/<stage>.launch` naming the folder to work in, or none when the stage is
+    # skipped; the others wait for it (torchrun ends every process when one fails).
+
+    def _announce(self, stage: Stage, partial: Path | None) -> None:
+        if launched()[1] == 1:
+            return
+        note = self.run_dir / PARTIAL / f"{stage.name}.launch"
+        note.parent.mkdir(parents=True, exist_ok=True)
+        aside = note.with_suffix(".writing")
+        aside.write_text(json.dumps({"launch": launch_id(), "partial": str(partial) if partial else None}))
+        os.rename(aside, note)
+
+    def _follow(self) -> list[StageResult]:
+        for stage in self.stages:
+            if not stage.distributed:
+                continue
+            note = self.run_dir / PARTIAL / f"{stage.name}.launch"
+            while True:
+                try:
+                    told = json.loads(note.read_text())
+                except (OSError, ValueError):
+                    told = {}
+                if told.get("launch") == launch_id():
+                    break
+                time.sleep(FOLLOW_POLL_S)
+            if told["partial"] is not None:
+                stage.fn(self.recipe, Path(told["partial"]), **{name: self.run_dir / name for name in stage.inputs})
+        return []
+
     def _swap_into_place(self, partial: Path, final: Path) -> None:
         # A killed swap leaves no final folder (so the stage reruns), never a mix of old and new.
         if final.exists():
@@ -216,6 +276,9 @@ class Pipeline:
 
     def _drop_stale_partials(self, name: str) -> None:
         for old in (self.run_dir / PARTIAL).glob(f"{name}.*"):
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)  # a launch note
         for old in (self.run_dir / PARTIAL).glob(f"old-{name}.*"):
             shutil.rmtree(old, ignore_errors=True)

@@ -182,6 +182,33 @@ class TrainingConfig(Section):
 class DistillConfig(TrainingConfig):
     max_seq_len: Annotated[int, Field(gt=8)] = 256
     topk: Annotated[int, Field(gt=0, le=1024)] = 32
+    # Examples per shard of the logits cache: the stage holds one shard's soft labels in memory and
+    # a killed run resumes after the last finished shard.
+    shard_examples: Annotated[int, Field(gt=0)] = 1024
+    # The logits/ folder of a cache made elsewhere (by the same teacher, checked by hash) to train
+    # from instead of running the teacher here.
+    soft_labels: Path | None = None
+
+
+class ProgressiveStep(Section):
+    """One intermediate model: pruned from the model before it, then distilled."""
+
+    keep_layers: int | list[int]
+    layer_selection: Literal["even", "importance"] = "importance"
+    width: WidthConfig | None = None
+    # Epochs of this step's distillation; distill.epochs if not given.
+    epochs: Annotated[int, Field(gt=0)] | None = None
+
+
+class ProgressiveConfig(Section):
+    """teacher -> steps[0] -> steps[1] -> ... -> student, each model pruned from the one before it.
+
+    soft_labels "teacher": every model learns from the teacher's cached top-k; "previous": each
+    learns from the model before it (teacher assistants), whose top-k is cached by its own stage.
+    """
+
+    steps: Annotated[list[ProgressiveStep], Field(min_length=1, max_length=8)]
+    soft_labels: Literal["teacher", "previous"] = "teacher"
 
 
 class LoraConfig(TrainingConfig):
@@ -221,12 +248,20 @@ class Recipe(Section):
     generate: GenerateConfig = GenerateConfig()
     student: StudentConfig
     distill: DistillConfig = DistillConfig()
+    progressive: ProgressiveConfig | None = None
     lora: LoraConfig | None = None
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
     eval: EvalConfig = EvalConfig()
     # Where the recipe came from; relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _progressive_prunes(self) -> Recipe:
+        if self.progressive is not None and self.student.method != "prune":
+            raise ValueError("progressive distillation prunes each model from the one before it: "
+                             "it needs student.method 'prune' (keep_layers counts the last step's blocks)")
+        return self
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()

@@ -1,7 +1,13 @@
-"""Data-parallel distillation: two worker processes (gloo on CPU) give the one-process result."""
+"""Data-parallel distillation: two worker processes (gloo on CPU) give the one-process result,
+whether the distill stage starts them (distill.processes) or torchrun does.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def prepared(tmp_path_factory):
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
     run = tmp_path_factory.mktemp("dp") / "run"
-    stages = [s for s in stages_for(recipe) if s.name in ("teacher", "generate", "logits", "student")]
-    Pipeline(stages, recipe, run, log=lambda _: None).run()
+    Pipeline(stages_for(recipe), recipe, run, log=lambda _: None).run(to_stage="distill")
     return recipe, run
 
 
@@ -33,7 +38,7 @@ def test_two_processes_match_one(prepared, tmp_path):
         out = tmp_path / f"p{processes}"
         out.mkdir()
         result = distill(recipe.model_copy(update={"distill": cfg}), out, student=run / "student",
-                         logits=run / "logits")
+                         logits=run / "logits", generate=run / "generate")
         assert result["processes"] == processes and len(result["epochs"]) == 2
         assert not (out / "checkpoint").exists()
         weights[processes] = load_file(str(out / "model.safetensors"))
@@ -43,6 +48,26 @@ def test_two_processes_match_one(prepared, tmp_path):
     assert moved > 1e-3, "training changed nothing, the comparison would prove nothing"
     # fp32 sums in another order: the two runs agree to about 0.1% of how far training moved.
     assert differ < 1e-2 * moved, (differ, moved)
+
+
+def test_under_torchrun_every_process_trains_and_the_first_finishes(prepared, tmp_path):
+    recipe, run = prepared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("distill"))
+    # The launcher a multi-GPU machine uses (accelerate launch runs torchrun); here two CPU processes.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "edgedistill.cli", "run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(copy), "--to", "distill"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[teacher] up to date" in done.stdout and "[distill] done" in done.stdout
+    assert done.stdout.count("stage(s) ran") == 1, "only the first process reports"
+    manifest = json.loads((copy / "distill" / "manifest.json").read_text())
+    assert manifest["result"]["processes"] == 2 and len(manifest["result"]["epochs"]) == recipe.distill.epochs
+    assert not any((copy / ".partial").iterdir())
+    one, two = load_file(str(run / "distill" / "model.safetensors")), load_file(str(copy / "distill" / "model.safetensors"))
+    start = load_file(str(run / "student" / "model.safetensors"))
+    moved = max((one[k] - start[k]).abs().max().item() for k in start)
+    assert max((one[k] - two[k]).abs().max().item() for k in start) < 1e-2 * moved
 
 
 def test_batch_smaller_than_processes_is_refused():

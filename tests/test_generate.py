@@ -105,10 +105,17 @@ def test_filters_count_every_reason(tmp_path):
     }  # (2, 2) is missing: an endpoint failure, counted elsewhere
     done = {k: {"answer": a, "finished": f} for k, (a, f) in answers.items()}
     rows, counts = build_rows(recipe, train, done)
-    assert [(r["id"], r["sample"]) for r in rows] == [(0, 0), (2, 1)]
-    assert rows[1]["trace"] == "Nice." and rows[1]["answer"] == "positive"
-    assert rows[1]["messages"][-1] == {"role": "assistant", "content": "Nice.\nANSWER: Positive"}
-    assert "Answer: <label>" in rows[1]["messages"][-2]["content"]
+    # Distilling step-by-step: a rationale row (reasoning prompt, whole answer) and a label row
+    # (plain prompt, final answer alone) per kept answer.
+    assert [(r["id"], r["sample"], r["task"]) for r in rows] == [
+        (0, 0, "rationale"), (0, 0, "label"), (2, 1, "rationale"), (2, 1, "label")]
+    rationale, label = rows[2], rows[3]
+    assert rationale["trace"] == "Nice." and rationale["answer"] == "positive"
+    assert rationale["messages"][-1] == {"role": "assistant", "content": "Nice.\nANSWER: Positive"}
+    assert "Answer: <label>" in rationale["messages"][-2]["content"]
+    assert label["messages"][-1] == {"role": "assistant", "content": "positive"}
+    assert "Answer: <label>" not in label["messages"][-2]["content"]
+    assert label["messages"][-2]["content"] == make_recipe(tmp_path).task.prompt.replace("{text}", "c")
     assert dict(counts) == {"dropped_duplicate": 1, "dropped_empty": 1, "dropped_repeated": 1,
                             "dropped_failed_format": 2, "dropped_truncated": 1, "truncated_answers": 1}
 

@@ -242,9 +242,9 @@ def test_given_student_with_another_tokenizer_is_an_error(teacher, generate, tmp
     source.mkdir()
     tokenizer = _save_tokenizer(source, vocab_size=280)
     _save_model(source, len(tokenizer), layers=2)
-    with pytest.raises(EdgedistillError, match="not supported yet") as error:
+    with pytest.raises(EdgedistillError, match="needs identical tokenizers") as error:
         build_student(_recipe(generate, method="given", source=str(source)), tmp_path / "out", teacher=teacher)
-    assert "vocabularies differ" in str(error.value)
+    assert "vocabularies differ" in str(error.value) and "kl_weight: 0" in error.value.hint
 
 
 def test_width_pruned_student_gguf_matches_torch(teacher, generate, tmp_path):

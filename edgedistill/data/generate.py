@@ -3,9 +3,15 @@
     edgedistill run recipes/tiny.yaml --out runs/tiny --from generate
 
 Writes `train.jsonl` (chat format: the prompt messages plus the teacher's answer as the assistant
-turn, the gold label, the sample index; in reasoning mode also `trace` and `answer` apart) and
-`heldout.jsonl` (prompt messages, gold label and the label choices; no teacher answer, so nothing
-of it can leak into training). The teacher is the local model (`generate.samples` answers per
+turn, the gold label, the sample index) and `heldout.jsonl` (the plain prompt messages, gold label
+and the label choices; no teacher answer, so nothing of it can leak into training).
+
+Reasoning mode (`generate.reasoning`) is "distilling step-by-step": the teacher is asked to reason
+and end with an `Answer:` line; the trace and the final answer are stored apart (`trace`,
+`answer`), and each answer gives two training rows, `task: rationale` (the reasoning prompt and
+the whole reasoned answer) and `task: label` (the plain prompt and the final answer alone). The
+student learns to explain and to answer directly; it is evaluated, and deployed, answering the
+plain prompt, so the traces cost nothing at inference. The teacher is the local model (`generate.samples` answers per
 prompt, sampled at `generate.temperature` with per-example seeds) or an OpenAI-compatible endpoint
 (`generate.endpoint`, see data/remote.py). Every answer is appended to `answers.partial.jsonl` as
 it is finished, so a killed run or a dead endpoint resumes at the first unanswered (prompt, sample).
@@ -188,7 +194,7 @@ def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int],
     counts = Counter()
     rows = []
     for ex in train:
-        seen = set()
+        seen, seen_finals = set(), set()
         for sample in range(recipe.generate.samples):
             if (ex.id, sample) not in done:
                 continue  # skipped prompt or endpoint failure, counted where it happened
@@ -204,7 +210,17 @@ def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int],
             if not recipe.generate.reasoning and named_label(answer, recipe.task.labels) is None:
                 counts["answers_naming_no_label"] += 1
             messages = prompt_messages(recipe, ex.text) + [{"role": "assistant", "content": answer}]
-            rows.append({"id": ex.id, "sample": sample, "messages": messages, "label": ex.label, **extra})
+            if not recipe.generate.reasoning:
+                rows.append({"id": ex.id, "sample": sample, "messages": messages, "label": ex.label})
+                continue
+            rows.append({"id": ex.id, "sample": sample, "task": "rationale", "messages": messages, "label": ex.label,
+                         **extra})
+            if extra["answer"] not in seen_finals:
+                # One label row per distinct final answer: samples that agree would only repeat it.
+                seen_finals.add(extra["answer"])
+                plain = prompt_messages(recipe, ex.text, reasoning=False)
+                rows.append({"id": ex.id, "sample": sample, "task": "label", "label": ex.label,
+                             "messages": plain + [{"role": "assistant", "content": extra["answer"]}]})
     return rows, counts
 
 
@@ -248,7 +264,8 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
             "check the teacher with `edgedistill chat`, raise generate.max_new_tokens, or turn off generate.reasoning")
     write_jsonl(out / "train.jsonl", rows)
     write_jsonl(out / "heldout.jsonl", [
-        {"id": ex.id, "messages": prompt_messages(recipe, ex.text), "label": ex.label, "choices": recipe.task.labels}
+        {"id": ex.id, "messages": prompt_messages(recipe, ex.text, reasoning=False), "label": ex.label,
+         "choices": recipe.task.labels}
         for ex in heldout])
     partial.unlink()
     result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),

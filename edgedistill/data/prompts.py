@@ -114,11 +114,12 @@ def reasoning_instruction(labels: list[str]) -> str:
             f"last line as \"Answer: <label>\", where <label> is one of: {', '.join(labels)}.")
 
 
-def prompt_messages(recipe: Recipe, text: str) -> list[dict[str, str]]:
-    """The chat prompt for one example; in reasoning mode it asks for a trace and an `Answer:` line."""
+def prompt_messages(recipe: Recipe, text: str, *, reasoning: bool | None = None) -> list[dict[str, str]]:
+    """The chat prompt for one example; with reasoning (recipe.generate.reasoning unless given) it
+    asks for a trace and an `Answer:` line."""
     messages = [{"role": "system", "content": recipe.task.system}] if recipe.task.system else []
     content = recipe.task.prompt.replace("{text}", text)
-    if recipe.generate.reasoning:
+    if recipe.generate.reasoning if reasoning is None else reasoning:
         content += reasoning_instruction(recipe.task.labels)
     messages.append({"role": "user", "content": content})
     return messages

@@ -116,7 +116,12 @@ def distill_loss(student_logits: torch.Tensor, is_answer: torch.Tensor, target_i
     """
     _check(divergence, jsd_beta)
     ce = F.cross_entropy(student_logits[is_answer].float(), target_ids.long())
-    kl = topk_divergence(student_logits, teacher_topk_logprobs, teacher_topk_ids, temperature, divergence, jsd_beta)
+    if teacher_topk_ids.shape[-1] == 0:
+        # No soft labels (response distillation for a student with another tokenizer).
+        kl = student_logits.new_zeros(())
+    else:
+        kl = topk_divergence(student_logits, teacher_topk_logprobs, teacher_topk_ids, temperature, divergence,
+                             jsd_beta)
     ce_scale, kl_scale = scales
     loss = (1 - kl_weight) * ce * ce_scale + kl_weight * kl * kl_scale
     return {"loss": loss, "ce": ce.detach(), "kl": kl.detach()}

@@ -244,29 +244,34 @@ def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
     relative = recipe.resolve(Path(spec))
     source = resolve_source(str(relative) if relative.exists() else spec)
     difference = tokenizer_difference(load_tokenizer(teacher), tokenizer_source(str(source.path)))
-    if difference is not None:
+    if difference is not None and recipe.distill.kl_weight > 0:
         raise EdgedistillError(
             f"student.source {spec}: its tokenizer is not the teacher's: {difference}; logit distillation "
             "compares the two distributions token by token, so it needs identical tokenizers",
-            "use a student that shares the teacher's tokenizer (or build one by pruning the teacher); "
-            "students with another tokenizer are not supported yet")
+            "set distill.kl_weight: 0 to train it on the teacher's answers tokenized with its own tokenizer "
+            "(response distillation), or use a student that shares the teacher's tokenizer (or prune the teacher)")
     # A resumed stage may hold a killed attempt's files; materialize wants an empty folder.
     clear_folder(out)
     materialize(source, out)
-    # Equal tokenizers, but the files may be written differently (a GGUF source's are rebuilt from
-    # metadata); the distill stage checks the student's tokenizer.json hash against the logit cache's.
-    for name in TOKENIZER_FILES:
-        if name != "generation_config.json" and (teacher / name).exists():
-            shutil.copy2(teacher / name, out / name)
-    return {"source": spec, "source_kind": source.kind, "tokenizer_matches_teacher": True}
+    if difference is None:
+        # Equal tokenizers, but the files may be written differently (a GGUF source's are rebuilt
+        # from metadata): the teacher's own files make the logits cache's tokenizer check exact.
+        for name in TOKENIZER_FILES:
+            if name != "generation_config.json" and (teacher / name).exists():
+                shutil.copy2(teacher / name, out / name)
+    return {"source": spec, "source_kind": source.kind, "tokenizer_matches_teacher": difference is None,
+            **({"tokenizer_difference": difference} if difference else {})}
 
 
-def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | None = None) -> dict:
+def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | None = None,
+                  root_teacher: Path | None = None) -> dict:
     """Writes the initial student into `out` as an HF folder; returns what goes into the manifest.
 
     build_student(recipe, Path("runs/x/.partial/student"), teacher=Path("runs/x/teacher"),
                   generate=Path("runs/x/generate"))
-    `generate` (its train.jsonl) is needed only to score importance.
+    `generate` (its train.jsonl) is needed only to score importance. `teacher` is the model pruned
+    from; in a progressive chain that is the step before, and `root_teacher` the run's teacher,
+    against which the parameter ratio is given.
     """
     cfg = recipe.student
     teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
@@ -293,5 +298,8 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | 
             if (teacher / name).exists() and not (out / name).exists():
                 shutil.copy2(teacher / name, out / name)
     student_params = count_parameters(student)
+    if root_teacher is not None and root_teacher != teacher:
+        detail["pruned_from_parameters"] = teacher_params
+        teacher_params = count_parameters(load_model(root_teacher, trust_remote_code=recipe.teacher.trust_remote_code))
     return {"method": cfg.method, **detail, "teacher_parameters": teacher_params,
             "student_parameters": student_params, "parameter_ratio": round(student_params / teacher_params, 4)}

@@ -28,47 +28,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from edgedistill.data.logits import CACHE
+from edgedistill.data.logits import SoftLabelSet, read_meta, tokenize_train_set, tokenizer_identity
 from edgedistill.distill.losses import distill_loss
 from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
-from edgedistill.pipeline import sha256_file
+from edgedistill.pipeline import launched
 from edgedistill.recipe import Recipe, TrainingConfig
-from edgedistill.runtimes.pytorch import load_model
+from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 
 CHECKPOINT = "checkpoint"
-
-
-class SoftLabelSet:
-    """Examples of the logits cache as (input_ids, prompt_length, topk_ids, topk_logprobs).
-
-    The top-k rows of an example are its positions 0 .. len - 2, each predicting the next token.
-    """
-
-    def __init__(self, folder: Path):
-        tensors = load_file(str(folder / CACHE))
-        self.ids = tensors["input_ids"]
-        self.offsets = tensors["example_offsets"].tolist()
-        self.prompt_lengths = tensors["prompt_lengths"].tolist()
-        self.topk_ids, self.topk_logprobs = tensors["topk_ids"], tensors["topk_logprobs"]
-        self.row_offsets = tensors["row_offsets"].tolist()
-
-    def __len__(self) -> int:
-        return len(self.prompt_lengths)
-
-    def row_counts(self, i: int, kl_positions: str) -> tuple[int, int]:
-        """(answer tokens, divergence rows) of example i: the denominators of its loss terms."""
-        length = self.offsets[i + 1] - self.offsets[i]
-        answer = length - self.prompt_lengths[i]
-        return answer, (length - 1 if kl_positions == "all" else answer)
-
-    def __getitem__(self, i: int):
-        ids = self.ids[self.offsets[i]:self.offsets[i + 1]]
-        a, b = self.row_offsets[i], self.row_offsets[i + 1]
-        return ids, self.prompt_lengths[i], self.topk_ids[a:b], self.topk_logprobs[a:b]
 
 
 def collate(examples, pad_id: int, kl_positions: str) -> dict[str, torch.Tensor]:
@@ -96,37 +66,48 @@ def collate(examples, pad_id: int, kl_positions: str) -> dict[str, torch.Tensor]
             "topk_ids": torch.cat(topk_ids), "topk_logprobs": torch.cat(topk_logprobs)}
 
 
-def _check_tokenizers(logits: Path, student: Path) -> None:
-    meta = json.loads((logits / "meta.json").read_text())
-    if meta["tokenizer_sha256"] != sha256_file(student / "tokenizer.json"):
-        raise EdgedistillError(
-            "the student's tokenizer differs from the teacher's: the cached training tokens and soft labels "
-            "are the teacher's", "build the student from the teacher (student.method prune or config) or give "
-            "one with the teacher's tokenizer; students with another tokenizer are not supported yet")
-
-
-def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history: list) -> None:
+def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history: list, examples: int) -> None:
     aside = out / f"{CHECKPOINT}.writing"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "examples": examples,
                 "torch_rng": torch.get_rng_state()}, aside / "state.pt")
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     os.rename(aside, out / CHECKPOINT)
 
 
-def cached_examples(logits: Path) -> int:
-    return json.loads((logits / "meta.json").read_text())["examples"]
+def training_set(cfg: TrainingConfig, logits: Path, student: Path, generate: Path | None = None,
+                 topk: int | None = None) -> SoftLabelSet:
+    """The examples to train on: the logits cache's, with the teacher's top-k (the first `topk`).
 
-
-def load_soft_labels(logits: Path, student: Path) -> SoftLabelSet:
-    _check_tokenizers(logits, student)
-    data = SoftLabelSet(logits)
+    A student with another tokenizer cannot be compared with the teacher token by token; with
+    kl_weight 0 it trains on the teacher's answers (generate/train.jsonl) tokenized with its own
+    tokenizer: response distillation, no soft labels.
+    """
+    meta = read_meta(logits)
+    if meta["tokenizer_sha256"] == tokenizer_identity(student):
+        data = SoftLabelSet.from_cache(logits, topk)
+    elif cfg.kl_weight > 0:
+        raise EdgedistillError(
+            "the student's tokenizer is not the teacher's, so the teacher's soft labels (top-k token ids of the "
+            "teacher's vocabulary) cannot be compared with the student's predictions",
+            "set kl_weight: 0 in the recipe's distill (and lora) section to train the student on the teacher's "
+            "answers tokenized with its own tokenizer (response distillation), or use a student with the teacher's "
+            "tokenizer")
+    else:
+        assert generate is not None, "response distillation reads generate/train.jsonl"
+        examples, _ = tokenize_train_set(load_tokenizer(student), generate / "train.jsonl", meta["max_seq_len"])
+        data = SoftLabelSet.responses_only(examples)
     if len(data) == 0:
-        raise EdgedistillError("the logits cache holds no training examples",
+        raise EdgedistillError("there are no training examples (all too long, or none generated)",
                                "check generate/train.jsonl and distill.max_seq_len")
     return data
+
+
+def load_soft_labels(logits: Path, student: Path, topk: int | None = None) -> SoftLabelSet:
+    """The cache's examples with soft labels, for a model with the teacher's tokenizer."""
+    return training_set(TrainingConfig(kl_weight=1.0), logits, student, topk=topk)
 
 
 def _shard(data: SoftLabelSet, rows: list[int], rank: int, world: int, kl_positions: str):
@@ -213,7 +194,7 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
         if accelerator.is_main_process:
-            _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history)
+            _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history, len(data))
         accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).config.use_cache = True
     return history
@@ -227,28 +208,37 @@ def finish(out: Path, tokenizer_from: Path) -> None:
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
-def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, logits: Path,
-                  tokenizer_dir: Path, out: Path, seed: int, name: str) -> None:
+def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, data_args: tuple,
+                  out: Path, seed: int, name: str) -> None:
     if processes > 1:
         # Read by torch.distributed through Accelerate; a spawned worker's own environment.
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
         if not cfg.threads:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     model = build(*build_args)
-    train_epochs(model, load_soft_labels(logits, tokenizer_dir), cfg, out, seed=seed, name=name)
+    train_epochs(model, training_set(cfg, *data_args), cfg, out, seed=seed, name=name)
     if rank == 0:
         model.save_pretrained(out, safe_serialization=True)
 
 
-def train_and_save(build, build_args: tuple, cfg: TrainingConfig, logits: Path, tokenizer_dir: Path, out: Path, *,
-                   seed: int, name: str) -> list[dict]:
-    """Trains `build(*build_args)` as `cfg` says and saves it into `out`; returns the epoch losses.
+def train_and_save(build, build_args: tuple, cfg: TrainingConfig, out: Path, *, logits: Path, student: Path,
+                   generate: Path, topk: int | None = None, seed: int, name: str) -> tuple[list[dict], int]:
+    """Trains `build(*build_args)` as `cfg` says and saves it into `out` (in every process of a launch).
 
-    With cfg.processes > 1, that many workers (picklable `build`) are joined by torch.distributed
-    on loopback; the pipeline itself stays in one process, only training is spread.
+    The data is `training_set(cfg, logits, student, generate, topk)`; `student` is the folder
+    whose tokenizer the model uses. Returns the per-epoch losses and the number of examples. With
+    cfg.processes > 1, that many workers (picklable `build`) are joined by torch.distributed on
+    loopback; the pipeline itself stays in one process, only training is spread.
     """
-    args = (build, build_args, cfg, logits, tokenizer_dir, out, seed, name)
-    if cfg.processes == 1:
+    args = (build, build_args, cfg, (logits, student, generate, topk), out, seed, name)
+    rank, world = launched()
+    if world > 1:
+        # Started by torchrun or accelerate launch: this process is already one of the workers, and
+        # Accelerate reads the launcher's environment. The first one finishes the folder.
+        _train_worker(rank, 1, *args)
+        if rank > 0:
+            return [], 0
+    elif cfg.processes == 1:
         _train_worker(0, 1, *args)
     else:
         with socket.socket() as probe:
@@ -262,14 +252,20 @@ def train_and_save(build, build_args: tuple, cfg: TrainingConfig, logits: Path, 
             for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
                 os.environ.pop(key, None)
     # Every run ends with a checkpoint holding the per-epoch losses, whichever process wrote it.
-    history = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)["history"]
-    finish(out, tokenizer_dir)
-    return history
+    state = torch.load(out / CHECKPOINT / "state.pt", weights_only=True)
+    finish(out, student)
+    return state["history"], state["examples"]
 
 
-def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path) -> dict:
+def training_processes(cfg: TrainingConfig) -> int:
+    """How many processes trained: the launcher's world size, else cfg.processes."""
+    world = launched()[1]
+    return world if world > 1 else cfg.processes
+
+
+def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path, generate: Path) -> dict:
     cfg = recipe.distill
-    history = train_and_save(load_model, (student,), cfg, logits, student, out, seed=recipe.seed, name="distill")
-    examples = cached_examples(logits)
-    return {"epochs": history, "train_examples": examples, "processes": cfg.processes,
-            "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
+    history, examples = train_and_save(load_model, (student,), cfg, out, logits=logits, student=student,
+                                       generate=generate, topk=cfg.topk, seed=recipe.seed, name="distill")
+    return {"epochs": history, "train_examples": examples, "processes": training_processes(cfg),
+            "soft_labels": cfg.kl_weight > 0, "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
