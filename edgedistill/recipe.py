@@ -266,6 +266,12 @@ class Recipe(Section):
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
+    def source(self, spec: str) -> str:
+        """A model source as written in the recipe: a path relative to the recipe file if one is
+        there, else as given (a built-in name, or a path from the working folder)."""
+        relative = self.resolve(Path(spec))
+        return str(relative) if relative.exists() else spec
+
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"

@@ -29,9 +29,9 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
     # Not resumable: whatever a killed attempt left is started over.
     clear_folder(out)
     if cfg.source == "random":
-        build_random_model(cfg.random, tokenizer_source(cfg.tokenizer), out, seed=recipe.seed)
+        build_random_model(cfg.random, tokenizer_source(recipe.source(cfg.tokenizer)), out, seed=recipe.seed)
         return {"source": "random", "tokenizer": cfg.tokenizer}
-    source = resolve_source(cfg.source)
+    source = resolve_source(recipe.source(cfg.source))
     materialize(source, out, trust_remote_code=cfg.trust_remote_code)
     return {"source": source.kind, "name": source.name}
 
@@ -39,7 +39,7 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
 def teacher_files(recipe: Recipe) -> dict[str, Path]:
     """The files the teacher is made from, so a changed model file invalidates the cache."""
     cfg = recipe.teacher
-    return {"source": resolve_source(cfg.tokenizer if cfg.source == "random" else cfg.source).path}
+    return {"source": resolve_source(recipe.source(cfg.tokenizer if cfg.source == "random" else cfg.source)).path}
 
 
 def prompt_files(recipe: Recipe) -> dict[str, Path]:
@@ -87,8 +87,9 @@ def _progressive_stages(recipe: Recipe) -> tuple[list[Stage], str, str]:
         parent = trained
         if previous:
             def cache(recipe, out, *, _model=trained, **inputs):
-                return cache_teacher_logits(_step_recipe(recipe, 1), out, teacher=inputs[_model],
-                                            generate=inputs["generate"])
+                # This model's own top-k, never an imported cache (distill.soft_labels is the teacher's).
+                own = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"soft_labels": None})})
+                return cache_teacher_logits(own, out, teacher=inputs[_model], generate=inputs["generate"])
 
             labels = f"step{i}_logits"
             stages.append(Stage(labels, cache, inputs=(trained, "generate"), sections=(

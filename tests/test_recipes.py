@@ -80,6 +80,21 @@ def test_broken_recipes_name_file_field_and_reason(tmp_path, mutation, expected)
         assert fragment in message
 
 
+def test_model_sources_are_relative_to_the_recipe_when_they_are_there(tmp_path, monkeypatch):
+    recipe = load_recipe(_write(tmp_path, GOOD))
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path.parent)
+    assert recipe.source("models/student") == str(tmp_path / "models" / "student")
+    # Not a path beside the recipe: a built-in name, or a path from the working folder, as given.
+    assert recipe.source("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_progressive_needs_a_pruned_student(tmp_path):
+    text = GOOD.replace("  method: prune\n  keep_layers: 1\n", "  method: config\n  config: {num_hidden_layers: 1}\n")
+    with pytest.raises(EdgedistillError, match="progressive distillation prunes"):
+        load_recipe(_write(tmp_path, text + "progressive:\n  steps:\n    - keep_layers: 2\n"))
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(EdgedistillError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

@@ -240,9 +240,7 @@ def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
 
 def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
     spec = recipe.student.source
-    # Paths in a recipe are relative to the recipe file; built-in names are not paths.
-    relative = recipe.resolve(Path(spec))
-    source = resolve_source(str(relative) if relative.exists() else spec)
+    source = resolve_source(recipe.source(spec))
     difference = tokenizer_difference(load_tokenizer(teacher), tokenizer_source(str(source.path)))
     if difference is not None and recipe.distill.kl_weight > 0:
         raise EdgedistillError(
