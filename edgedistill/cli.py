@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         shutil.copy2(report, out / "report.md")
     done = [r for r in results if not r.cached]
     print(f"\n{len(done)} stage(s) ran, {len(results) - len(done)} up to date; "
-          f"total {sum(r.seconds for r in done):.1f} s. Report: {out / 'report.md'}")
+          f"total {sum(r.seconds for r in done):.1f} s. " + (f"Report: {out / 'report.md'}" if report.exists()
+                                                              else f"Stage folders: {out}"))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
