@@ -1,10 +1,12 @@
 """Per-architecture knowledge for the HF → GGUF writer, kept as data.
 
 One `ArchSpec` per HF architecture (the first entry of config.json's `architectures`) says which
-GGUF architecture it becomes, how config.json values become GGUF hyperparameters, and which HF
-tensor becomes which GGUF tensor, with its expected shape and whether it needs the llama q/k row
-permutation. The writer has no per-architecture branches: Qwen2 or Gemma3 is a new `ArchSpec`
-(and a new dims function where the config differs) appended to `ARCHITECTURES`.
+GGUF architecture it becomes, how config.json values become GGUF hyperparameters, which HF tensor
+becomes which GGUF tensor (with its expected shape and any value transform), and how llama.cpp
+lays out that architecture's rotary dims. The writer has no per-architecture branches: a new
+architecture is an `ArchSpec` (and a dims function where its config differs) in `ARCHITECTURES`.
+What llama.cpp cannot reproduce (rope scaling, sliding windows it does not implement, Gemma's
+attention scale when it differs from llama.cpp's fixed one) is refused here, naming the field.
 
     spec = spec_for(config, config_file)          # EdgedistillError if unsupported
     dims = spec.dims(config, config_file)         # {"hidden": 64, "n_head": 4, ...}
@@ -12,7 +14,8 @@ permutation. The writer has no per-architecture branches: Qwen2 or Gemma3 is a n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,15 +27,28 @@ from edgedistill.errors import EdgedistillError
 Dims = dict[str, Any]
 
 
+class Rotary(Enum):
+    """How llama.cpp's rope for a GGUF architecture pairs the dims of a head.
+
+    HF's rotate_half rotates dim i with dim i + head_dim/2. llama.cpp's NEOX rope does the same,
+    so q/k rows are written as they are; its NORM rope (the llama architecture) rotates dims 2j
+    and 2j+1, so q/k rows are permuted (`permute_rotary_rows`).
+    """
+
+    HALVES = "neox"
+    ADJACENT = "norm"
+
+
 @dataclass(frozen=True)
 class TensorRule:
     """One HF module (without `.weight`/`.bias`) and the GGUF tensor it becomes.
 
     `hf_name` and the GGUF name may hold `{bid}`, the block index. `shape` names dims from the
-    arch's dims function, in HF (PyTorch) order. `rope_heads` names the head-count dim when the
-    rows need the llama rotary permutation. `bias`: a `.bias` may accompany the weight.
-    `dropped_when_tied`: with tied embeddings the tensor is not written (llama.cpp then reuses
-    token_embd) and a copy in the checkpoint is ignored.
+    arch's dims function, in HF (PyTorch) order. `rope_heads` names the head-count dim of q/k
+    projections, whose rows follow the arch's rotary layout. `bias`: a `.bias` may accompany the
+    weight. `dropped_when_tied`: with tied embeddings the tensor is not written (llama.cpp then
+    reuses token_embd) and a copy in the checkpoint is ignored. `weight_offset` is added to every
+    weight value (Gemma's RMSNorm scales by 1 + weight, llama.cpp's by weight).
     """
 
     hf_name: str
@@ -41,6 +57,7 @@ class TensorRule:
     rope_heads: str | None = None
     bias: bool = False
     dropped_when_tied: bool = False
+    weight_offset: float = 0.0
 
     @property
     def per_block(self) -> bool:
@@ -66,6 +83,7 @@ class ArchSpec:
     dims: Callable[[dict, Path], Dims]
     hparams: tuple[HParam, ...]
     tensors: tuple[TensorRule, ...]
+    rotary: Rotary
     # regexes (full match) of checkpoint tensors that carry nothing llama.cpp needs
     ignored: tuple[str, ...] = ()
     # HF configs leave tie_word_embeddings out when it has the model class's default
@@ -75,6 +93,10 @@ class ArchSpec:
     def gguf_arch_name(self) -> str:
         return MODEL_ARCH_NAMES[self.gguf_arch]
 
+    def permuted_heads(self, rule: TensorRule, dims: Dims) -> int | None:
+        """The head count to permute `rule`'s rows by, or None when they are written as they are."""
+        return dims[rule.rope_heads] if rule.rope_heads and self.rotary is Rotary.ADJACENT else None
+
 
 def _require(config: dict, key: str, config_file: Path) -> Any:
     if key not in config:
@@ -82,8 +104,25 @@ def _require(config: dict, key: str, config_file: Path) -> Any:
     return config[key]
 
 
-def llama_dims(config: dict, config_file: Path) -> Dims:
-    """Sizes of a llama-style decoder, with the defaults transformers' LlamaConfig uses."""
+def _refuse(config_file: Path, key: str, value: Any, why: str) -> EdgedistillError:
+    return EdgedistillError(
+        f"{config_file}: `{key}` = {value!r} is not supported by the GGUF exporter: {why}",
+        "export a model without it, or teach edgedistill/export/gguf/arch.py how llama.cpp expresses it",
+    )
+
+
+def _expect(config: dict, key: str, allowed: tuple, config_file: Path, why: str) -> None:
+    """Refuse a config whose `key` (absent: the first allowed value, the HF default) is not allowed."""
+    value = config.get(key, allowed[0])
+    if value not in allowed:
+        raise _refuse(config_file, key, value, why)
+
+
+def _decoder_dims(config: dict, config_file: Path) -> Dims:
+    """Sizes of a llama-style decoder, with LlamaConfig's defaults for keys left out.
+
+    Callers put their own config class's defaults into `config` first.
+    """
     hidden = _require(config, "hidden_size", config_file)
     n_head = _require(config, "num_attention_heads", config_file)
     n_kv_head = config.get("num_key_value_heads") or n_head
@@ -112,7 +151,87 @@ def llama_dims(config: dict, config_file: Path) -> Dims:
     }
 
 
-U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+def llama_dims(config: dict, config_file: Path) -> Dims:
+    """Sizes of a llama decoder, with the defaults transformers' LlamaConfig uses."""
+    _expect(config, "hidden_act", ("silu",), config_file, "llama.cpp's llama MLP is SiLU")
+    return _decoder_dims(config, config_file)
+
+
+def mistral_dims(config: dict, config_file: Path) -> Dims:
+    """A llama decoder whose attention may be limited to the last `sliding_window` positions.
+
+    llama.cpp's llama graph attends to every position, which equals HF's sliding-window
+    attention only up to the window, so the context length written is capped at the window.
+    """
+    config = {"sliding_window": 4096, "max_position_embeddings": 131072, **config}
+    dims = llama_dims(config, config_file)
+    if config["sliding_window"]:
+        dims["ctx"] = min(dims["ctx"], config["sliding_window"])
+    return dims
+
+
+def qwen_dims(config: dict, config_file: Path) -> Dims:
+    """Qwen2/Qwen3 decoders; llama.cpp implements neither's optional sliding-window layers."""
+    config = {"max_position_embeddings": 32768, **config}
+    _expect(config, "hidden_act", ("silu",), config_file, "llama.cpp's Qwen MLP is SiLU")
+    # without layer_types, HF makes the layers from max_window_layers on slide
+    sliding = config.get("use_sliding_window") and config.get("sliding_window")
+    if sliding and set(config.get("layer_types") or ["sliding_attention"]) != {"full_attention"}:
+        raise _refuse(config_file, "use_sliding_window", True, "llama.cpp's Qwen graphs attend to every position")
+    return _decoder_dims(config, config_file)
+
+
+def qwen2_dims(config: dict, config_file: Path) -> Dims:
+    dims = qwen_dims(config, config_file)
+    if dims["q_dim"] != dims["hidden"]:
+        raise _refuse(config_file, "head_dim", dims["head_dim"],
+                      "llama.cpp's qwen2 needs num_attention_heads * head_dim == hidden_size")
+    return dims
+
+
+def qwen3_dims(config: dict, config_file: Path) -> Dims:
+    return qwen_dims({"head_dim": 128, **config}, config_file)
+
+
+GEMMA3_DEFAULTS = {  # transformers' Gemma3TextConfig, for keys a config.json leaves out
+    "head_dim": 256, "max_position_embeddings": 131072, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+    "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+}
+
+
+def gemma3_dims(config: dict, config_file: Path) -> Dims:
+    """Text-only Gemma 3: sliding-window layers with their own rope base, logit soft-capping."""
+    config = {**GEMMA3_DEFAULTS, **config}
+    dims = _decoder_dims(config, config_file)
+    _expect(config, "hidden_activation", ("gelu_pytorch_tanh", "gelu_new"), config_file,
+            "llama.cpp's gemma3 MLP is GELU with the tanh approximation")
+    _expect(config, "attn_logit_softcapping", (None,), config_file, "llama.cpp's gemma3 does not soft-cap attention")
+    _expect(config, "use_bidirectional_attention", (False, None), config_file, "llama.cpp's gemma3 is causal")
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B
+    scale_dim = dims["hidden"] // dims["n_head"] if dims["n_layer"] == 62 else dims["head_dim"]
+    if float(config["query_pre_attn_scalar"]) != scale_dim:
+        raise _refuse(config_file, "query_pre_attn_scalar", config["query_pre_attn_scalar"],
+                      f"llama.cpp's gemma3 scales queries by 1/sqrt({scale_dim}) for this shape")
+    pattern = config["sliding_window_pattern"]
+    layer_types = config.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["n_layer"])
+    ]
+    if len(layer_types) != dims["n_layer"] or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise _refuse(config_file, "layer_types", layer_types, "expected one sliding/full entry per layer")
+    swa_layers = [kind == "sliding_attention" for kind in layer_types]
+    return {
+        **dims,
+        # 0 tells llama.cpp no layer slides (HF: a window of None)
+        "sliding_window": int(config["sliding_window"] or 0) if any(swa_layers) else 0,
+        "swa_layers": swa_layers,
+        "rope_theta_swa": float(config["rope_local_base_freq"]),
+        # 0 turns llama.cpp's soft-capping off, as None does in HF
+        "final_softcap": float(config.get("final_logit_softcapping") or 0.0),
+    }
+
+
+U32, F32, ARRAY = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.ARRAY
 
 LLAMA_HPARAMS = (
     HParam(Keys.LLM.VOCAB_SIZE, "vocab", U32),
@@ -130,27 +249,89 @@ LLAMA_HPARAMS = (
     HParam(Keys.Attention.LAYERNORM_RMS_EPS, "rms_eps", F32),
 )
 
+GEMMA3_HPARAMS = LLAMA_HPARAMS + (
+    HParam(Keys.Attention.SLIDING_WINDOW, "sliding_window", U32),
+    # one bool per layer (llama.cpp also reads this key as an array), exact for any layer_types
+    HParam(Keys.Attention.SLIDING_WINDOW_PATTERN, "swa_layers", ARRAY),
+    HParam(Keys.Rope.FREQ_BASE_SWA, "rope_theta_swa", F32),
+    HParam(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "final_softcap", F32),
+)
+
 _L = "model.layers.{bid}."
+
+
+def _qkv(bias: bool) -> tuple[TensorRule, ...]:
+    return (
+        TensorRule(_L + "self_attn.q_proj", MODEL_TENSOR.ATTN_Q, ("q_dim", "hidden"), rope_heads="n_head", bias=bias),
+        TensorRule(_L + "self_attn.k_proj", MODEL_TENSOR.ATTN_K, ("kv_dim", "hidden"), rope_heads="n_kv_head",
+                   bias=bias),
+        TensorRule(_L + "self_attn.v_proj", MODEL_TENSOR.ATTN_V, ("kv_dim", "hidden"), bias=bias),
+    )
+
+
+def _mlp(bias: bool) -> tuple[TensorRule, ...]:
+    return (
+        TensorRule(_L + "mlp.gate_proj", MODEL_TENSOR.FFN_GATE, ("ff", "hidden"), bias=bias),
+        TensorRule(_L + "mlp.up_proj", MODEL_TENSOR.FFN_UP, ("ff", "hidden"), bias=bias),
+        TensorRule(_L + "mlp.down_proj", MODEL_TENSOR.FFN_DOWN, ("hidden", "ff"), bias=bias),
+    )
+
+
+EMBEDDING = TensorRule("model.embed_tokens", MODEL_TENSOR.TOKEN_EMBD, ("vocab", "hidden"))
+ATTN_NORM = TensorRule(_L + "input_layernorm", MODEL_TENSOR.ATTN_NORM, ("hidden",))
+FFN_NORM = TensorRule(_L + "post_attention_layernorm", MODEL_TENSOR.FFN_NORM, ("hidden",))
+OUTPUT_NORM = TensorRule("model.norm", MODEL_TENSOR.OUTPUT_NORM, ("hidden",))
+O_PROJ = TensorRule(_L + "self_attn.o_proj", MODEL_TENSOR.ATTN_OUT, ("hidden", "q_dim"))
+LM_HEAD = TensorRule("lm_head", MODEL_TENSOR.OUTPUT, ("vocab", "hidden"), dropped_when_tied=True)
+QK_NORMS = (
+    TensorRule(_L + "self_attn.q_norm", MODEL_TENSOR.ATTN_Q_NORM, ("head_dim",)),
+    TensorRule(_L + "self_attn.k_norm", MODEL_TENSOR.ATTN_K_NORM, ("head_dim",)),
+)
+
 LLAMA_TENSORS = (
-    TensorRule("model.embed_tokens", MODEL_TENSOR.TOKEN_EMBD, ("vocab", "hidden")),
-    TensorRule(_L + "input_layernorm", MODEL_TENSOR.ATTN_NORM, ("hidden",)),
-    TensorRule(_L + "self_attn.q_proj", MODEL_TENSOR.ATTN_Q, ("q_dim", "hidden"), rope_heads="n_head", bias=True),
-    TensorRule(_L + "self_attn.k_proj", MODEL_TENSOR.ATTN_K, ("kv_dim", "hidden"), rope_heads="n_kv_head", bias=True),
-    TensorRule(_L + "self_attn.v_proj", MODEL_TENSOR.ATTN_V, ("kv_dim", "hidden"), bias=True),
+    EMBEDDING, ATTN_NORM, *_qkv(bias=True),
     TensorRule(_L + "self_attn.o_proj", MODEL_TENSOR.ATTN_OUT, ("hidden", "q_dim"), bias=True),
-    TensorRule(_L + "post_attention_layernorm", MODEL_TENSOR.FFN_NORM, ("hidden",)),
-    TensorRule(_L + "mlp.gate_proj", MODEL_TENSOR.FFN_GATE, ("ff", "hidden"), bias=True),
-    TensorRule(_L + "mlp.up_proj", MODEL_TENSOR.FFN_UP, ("ff", "hidden"), bias=True),
-    TensorRule(_L + "mlp.down_proj", MODEL_TENSOR.FFN_DOWN, ("hidden", "ff"), bias=True),
-    TensorRule("model.norm", MODEL_TENSOR.OUTPUT_NORM, ("hidden",)),
-    TensorRule("lm_head", MODEL_TENSOR.OUTPUT, ("vocab", "hidden"), dropped_when_tied=True),
+    FFN_NORM, *_mlp(bias=True), OUTPUT_NORM, LM_HEAD,
+)
+# Qwen2 has biases on q/k/v only, and llama.cpp's qwen2 loads no others
+QWEN2_TENSORS = (EMBEDDING, ATTN_NORM, *_qkv(bias=True), O_PROJ, FFN_NORM, *_mlp(bias=False), OUTPUT_NORM, LM_HEAD)
+# Qwen3's attention_bias would put one on o_proj too, which llama.cpp's qwen3 cannot load
+QWEN3_TENSORS = (
+    EMBEDDING, ATTN_NORM, *_qkv(bias=False), *QK_NORMS, O_PROJ, FFN_NORM, *_mlp(bias=False), OUTPUT_NORM, LM_HEAD,
+)
+
+
+def _gemma_norm(rule: TensorRule) -> TensorRule:
+    # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by weight
+    return replace(rule, weight_offset=1.0)
+
+
+GEMMA3_TENSORS = (
+    EMBEDDING, _gemma_norm(ATTN_NORM), *_qkv(bias=False), *map(_gemma_norm, QK_NORMS), O_PROJ,
+    _gemma_norm(TensorRule(_L + "post_attention_layernorm", MODEL_TENSOR.ATTN_POST_NORM, ("hidden",))),
+    _gemma_norm(TensorRule(_L + "pre_feedforward_layernorm", MODEL_TENSOR.FFN_PRE_NORM, ("hidden",))),
+    *_mlp(bias=False),
+    _gemma_norm(TensorRule(_L + "post_feedforward_layernorm", MODEL_TENSOR.FFN_POST_NORM, ("hidden",))),
+    _gemma_norm(OUTPUT_NORM), LM_HEAD,
 )
 
 # rotary inverse frequencies are recomputed by llama.cpp from rope.freq_base; older checkpoints stored them
-ROTARY_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
+ROTARY_BUFFERS = (
+    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    r"model\.rotary_emb(_local)?\.inv_freq",
+)
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
-    ArchSpec("LlamaForCausalLM", MODEL_ARCH.LLAMA, llama_dims, LLAMA_HPARAMS, LLAMA_TENSORS, ROTARY_BUFFERS),
+    ArchSpec("LlamaForCausalLM", MODEL_ARCH.LLAMA, llama_dims, LLAMA_HPARAMS, LLAMA_TENSORS, Rotary.ADJACENT,
+             ROTARY_BUFFERS),
+    ArchSpec("MistralForCausalLM", MODEL_ARCH.LLAMA, mistral_dims, LLAMA_HPARAMS, LLAMA_TENSORS, Rotary.ADJACENT,
+             ROTARY_BUFFERS),
+    ArchSpec("Qwen2ForCausalLM", MODEL_ARCH.QWEN2, qwen2_dims, LLAMA_HPARAMS, QWEN2_TENSORS, Rotary.HALVES,
+             ROTARY_BUFFERS),
+    ArchSpec("Qwen3ForCausalLM", MODEL_ARCH.QWEN3, qwen3_dims, LLAMA_HPARAMS, QWEN3_TENSORS, Rotary.HALVES,
+             ROTARY_BUFFERS),
+    ArchSpec("Gemma3ForCausalLM", MODEL_ARCH.GEMMA3, gemma3_dims, GEMMA3_HPARAMS, GEMMA3_TENSORS, Rotary.HALVES,
+             ROTARY_BUFFERS, tied_default=True),
 )
 
 
@@ -168,7 +349,7 @@ def spec_for(config: dict, config_file: Path) -> ArchSpec:
 
 
 def permute_rotary_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder q/k projection rows from HF's rotary layout to llama.cpp's.
+    """Reorder q/k projection rows from HF's rotary layout to llama.cpp's NORM rope layout.
 
     HF's rotate_half rotates dim i of each head together with dim i + head_dim/2; llama.cpp's
     llama rope (GGML_ROPE_TYPE_NORM) rotates adjacent dims 2j and 2j+1. Moving row (h, i, j)

@@ -37,7 +37,8 @@ class PlannedTensor:
     gguf_name: str
     shape: tuple[int, ...]
     dtype: type[np.floating]
-    rope_heads: int | None
+    rope_heads: int | None  # permute rows for llama.cpp's NORM rope by this many heads
+    offset: float = 0.0  # added to every value (TensorRule.weight_offset)
 
     @property
     def nbytes(self) -> int:
@@ -97,9 +98,10 @@ def plan_tensors(spec: arch.ArchSpec, dims: arch.Dims, tied: bool, shapes: dict[
                 missing.append(weight)
                 continue
             take(weight, shape)
-            heads = dims[rule.rope_heads] if rule.rope_heads else None
+            heads = spec.permuted_heads(rule, dims)
             dtype = np.float16 if len(shape) == 2 else np.float32
-            plan.append(PlannedTensor(weight, rule.gguf_name(bid) + ".weight", shape, dtype, heads))
+            plan.append(PlannedTensor(weight, rule.gguf_name(bid) + ".weight", shape, dtype, heads,
+                                      rule.weight_offset))
             if rule.bias and module + ".bias" in shapes:
                 take(module + ".bias", shape[:1])
                 plan.append(PlannedTensor(module + ".bias", rule.gguf_name(bid) + ".bias", shape[:1],
@@ -129,6 +131,8 @@ def _convert(tensor: torch.Tensor, planned: PlannedTensor) -> np.ndarray:
     data = tensor.to(torch.float32).numpy()
     if planned.rope_heads is not None:
         data = arch.permute_rotary_rows(data, planned.rope_heads)
+    if planned.offset:
+        data = data + np.float32(planned.offset)
     with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
         out = np.ascontiguousarray(data.astype(planned.dtype))
     if planned.dtype == np.float16 and not np.isfinite(out).all() and np.isfinite(data).all():
