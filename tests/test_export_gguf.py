@@ -138,10 +138,9 @@ def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def test_f16_logits_and_greedy_match_torch(exported):
-    _, model, gguf_file = exported
-    llm = _load(gguf_file)
-    for prompt in PROMPTS:
+def assert_f16_matches_torch(llm, model, prompts: list[list[int]]) -> None:
+    """llama.cpp's logits at every position and its greedy continuation equal PyTorch's."""
+    for prompt in prompts:
         expected, got = _torch_logits(model, prompt), _llama_logits(llm, prompt)
         assert got.shape == expected.shape
         # llama.cpp rounds activations to float16 for F16 matmuls: ~0.2% of the logit range
@@ -149,7 +148,14 @@ def test_f16_logits_and_greedy_match_torch(exported):
         assert (got.argmax(-1) == expected.argmax(-1)).all()
         llm.reset()
         continuation = list(itertools.islice(llm.generate(prompt, temp=0.0), 8))
-        assert continuation == _torch_greedy(model, prompt, 8)
+        expected_ids = _torch_greedy(model, prompt, 8)
+        top2 = np.sort(_torch_logits(model, prompt + expected_ids), axis=-1)[len(prompt) - 1 : -1, -2:]
+        assert continuation == expected_ids, f"torch's top-2 margins per step: {np.diff(top2).ravel()}"
+
+
+def test_f16_logits_and_greedy_match_torch(exported):
+    _, model, gguf_file = exported
+    assert_f16_matches_torch(_load(gguf_file), model, PROMPTS)
 
 
 def test_llama_cpp_tokenizes_like_hf(exported):
