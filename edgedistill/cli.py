@@ -5,6 +5,7 @@
     edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf
     edgedistill bench model.gguf --json bench.json
     edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher
+    edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill
     edgedistill chat model.gguf "What is the capital of France?"
 
 Problems with the user's input are printed as one message with the fix, exit status 2.
@@ -113,6 +114,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _write_json(args.json, report)
 
 
+def cmd_verify_export(args: argparse.Namespace) -> None:
+    from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_gguf
+    from edgedistill.runtimes import resolve_artifact
+
+    texts = None
+    if args.texts is not None:
+        if not args.texts.is_file():
+            raise EdgedistillError(f"{args.texts} does not exist", "pass a text file with one text per line")
+        texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    result = verify_gguf(resolve_artifact(args.gguf), args.reference, texts=texts, threads=args.threads,
+                         raise_on_failure=False)
+    print(format_verification([result]))
+    _write_json(args.json, result)
+    raise_if_failed([result])
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from edgedistill.runtimes import open_chat_model
 
@@ -165,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
     evaluate.add_argument("--json", type=Path, help="write the results here")
     evaluate.set_defaults(fn=cmd_eval)
+
+    verify = add("verify-export", "compare a GGUF in llama.cpp with its HF model in PyTorch, within per-type bounds",
+                 "edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill")
+    verify.add_argument("gguf", help="GGUF file or built-in name")
+    verify.add_argument("--reference", type=Path, required=True, help="the HF folder the GGUF was exported from")
+    verify.add_argument("--texts", type=Path, help="score these texts (one per line) instead of the built-in ones")
+    verify.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    verify.add_argument("--json", type=Path, help="write the results here")
+    verify.set_defaults(fn=cmd_verify_export)
 
     chat = add("chat", "one greedy chat answer from a GGUF or an HF folder",
                'edgedistill chat model.gguf "What is the capital of France?"')

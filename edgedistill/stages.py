@@ -133,8 +133,10 @@ def stages_for(recipe: Recipe) -> list[Stage]:
               sections=("seed", "student")),
         Stage("distill", train, inputs=("student", labels, "generate"), sections=("seed", "distill"), distributed=True),
         *lora_stages,
-        Stage("export", export_student, inputs=tuned, sections=("name", "export.quants")),
-        Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants")),
+        # version 2: every file is verified in llama.cpp against its PyTorch model
+        Stage("export", export_student, inputs=tuned, sections=("name", "export.quants"), version=2),
+        Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
+              version=2),
         Stage("bench", bench_stage, inputs=("teacher_gguf", "export"), sections=("bench",)),
         Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export"), sections=("eval",)),
         Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", "teacher_gguf",

@@ -3,7 +3,9 @@
     edgedistill run recipes/default.yaml --from export
 
 Files are named `<role>-<type>.gguf` (student-q4_k_m.gguf, teacher-f16.gguf), F16 always first:
-it is what the quantized types are made from.
+it is what the quantized types are made from. Every file is then checked in llama.cpp against the
+folder it was exported from (edgedistill.export.gguf.verify); the checks go into the manifest, and
+a file beyond its type's bound fails the stage.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edgedistill.export.gguf import quantize_gguf, write_gguf
+from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_ggufs
 from edgedistill.recipe import Recipe
 
 
@@ -26,7 +29,15 @@ def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: 
         if not target.exists():
             quantize_gguf(f16, target, qtype)
         files[qtype] = target
-    return {qtype: {"file": path.name, "bytes": path.stat().st_size} for qtype, path in files.items()}
+    checks = verify_ggufs(list(files.values()), model, raise_on_failure=False)
+    print(format_verification(checks))
+    raise_if_failed(checks)
+    return {
+        qtype: {"file": path.name, "bytes": path.stat().st_size,
+                # without paths: the stage folder is renamed into place after this
+                "verification": {k: v for k, v in check.items() if k not in ("file", "reference")}}
+        for (qtype, path), check in zip(files.items(), checks)
+    }
 
 
 def export_student(recipe: Recipe, out: Path, *, distill: Path | None = None, merge: Path | None = None) -> dict:
