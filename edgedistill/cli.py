@@ -56,21 +56,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     import tempfile
 
     from edgedistill.export.gguf import quantize_gguf, write_gguf
+    from edgedistill.export.gguf.quantize import format_size, parse_size, quantize_to_budget
     from edgedistill.sources import materialize, resolve_source
 
     if args.out.exists() and not args.overwrite:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
+    max_bytes = parse_size(args.max_size) if args.max_size is not None else None
     source = resolve_source(str(args.model))
-    qtype = args.quant.upper()
+    qtype = (args.quant or "q4_k_m").upper()
     # Beside the output, so the intermediate files land on the disk that has room for the result.
     with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as scratch:
-        model = source.path
+        model, name = source.path, None
         if source.kind != "hf":
-            model = materialize(source, Path(scratch) / "hf")
-        if qtype == "F16":
-            write_gguf(model, args.out, overwrite=args.overwrite, progress=True)
+            # general.name from the source, not from the scratch folder it is unpacked into
+            model, name = materialize(source, Path(scratch) / "hf"), source.name
+        if max_bytes is not None:
+            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
+            choice = quantize_to_budget(f16, args.out, max_bytes, overwrite=args.overwrite, progress=True)
+            for tried, size_bytes in choice.tried_bytes.items():
+                if tried != choice.qtype:
+                    print(f"{tried}: {format_size(size_bytes)}, over {args.max_size}")
+            print(f"chose {choice.qtype}: {format_size(choice.size_bytes)} ({choice.size_bytes} bytes), "
+                  f"within {args.max_size}")
+        elif qtype == "F16":
+            write_gguf(model, args.out, name=name, overwrite=args.overwrite, progress=True)
         else:
-            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", progress=True)
+            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
             quantize_gguf(f16, args.out, qtype, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
@@ -156,10 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     export = add("export", "export a model to GGUF, quantized by llama.cpp",
-                 "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf")
+                 "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf\n"
+                 "  edgedistill export runs/tiny/distill --format gguf --max-size 60MB --out model.gguf")
     export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
     export.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (ONNX is planned)")
-    export.add_argument("--quant", default="q4_k_m", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0")
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--quant", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0 (default: q4_k_m)")
+    choice.add_argument("--max-size", metavar="SIZE",
+                        help="instead of --quant: the most precise of f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 whose "
+                             "file is at most SIZE (60MB, 1.5GB, 512MiB; KB/MB/GB are powers of 1000, "
+                             "KiB/MiB/GiB of 1024)")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(fn=cmd_export)

@@ -6,15 +6,24 @@ llama.cpp's `llama-quantize` tool would write. The output is written under a tem
 `dst` and renamed into place only when llama.cpp reports success.
 
     quantize_gguf(Path("tiny-f16.gguf"), Path("tiny-q4_k_m.gguf"), "Q4_K_M")
+    fit = quantize_to_budget(Path("tiny-f16.gguf"), Path("tiny.gguf"), parse_size("60MB"))  # best that fits
+
+Because of those per-tensor choices a quantized file's size is hard to predict exactly, so
+`quantize_to_budget` does not estimate: it quantizes from the most to the least precise type in
+BUDGET_LADDER and keeps the first file that fits (llama.cpp's quantizer takes seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from edgedistill.errors import EdgedistillError
@@ -87,3 +96,103 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     finally:
         tmp_file.unlink(missing_ok=True)
     return dst
+
+
+# what --max-size chooses among, most precise first
+BUDGET_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+
+# unit (lower case) → bytes; the unit's spelling says decimal (KB) or binary (KiB)
+SIZE_UNITS: dict[str, int] = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)\s*")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "60MB" (10**6 each), "1.5 GiB" (2**30 each) or "512KiB", rounded down."""
+    match = _SIZE.fullmatch(text)
+    unit = match and SIZE_UNITS.get(match[2].lower())
+    if not unit:
+        raise EdgedistillError(f"size {text!r} is not a number with a unit",
+                               "write it like 60MB, 1.5GB or 512MiB (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)")
+    size_bytes = int(Decimal(match[1]) * unit)
+    if size_bytes <= 0:
+        raise EdgedistillError(f"size {text!r} is not positive", "give the largest file size you can ship, e.g. 60MB")
+    return size_bytes
+
+
+def format_size(size_bytes: int) -> str:
+    """"48.2 MB": decimal units, the largest that keeps the number >= 1."""
+    value, unit = float(size_bytes), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            break
+        value /= 1000
+    return f"{size_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """The type `quantize_to_budget` kept, and the size of every file it made on the way."""
+
+    qtype: str
+    path: Path
+    size_bytes: int
+    tried_bytes: dict[str, int]  # type → file size, in the order tried (the chosen one last)
+
+
+def quantize_to_budget(f16: Path, dst: Path, max_bytes: int, *, threads: int | None = None,
+                       overwrite: bool = False, progress: bool = False) -> BudgetChoice:
+    """Write at `dst` the most precise BUDGET_LADDER type of the F16 GGUF `f16` whose file is at most
+    `max_bytes`, keeping no other file; EdgedistillError naming the smallest size made if none fits.
+
+    F16 is `f16` copied. Candidates are written beside `dst` under temporary names and removed;
+    the one that fits is renamed into place. `progress` shows a bar over the types tried.
+    """
+    f16, dst = Path(f16), Path(dst)
+    if not f16.is_file():
+        raise EdgedistillError(f"{f16} not found", "write the F16 GGUF first (edgedistill export --format gguf)")
+    if dst.exists() and not overwrite:
+        raise EdgedistillError(f"{dst} already exists", "choose another path or pass overwrite=True")
+    if dst.resolve() == f16.resolve():
+        raise EdgedistillError(f"{dst} is the input file", "write the chosen model to a new path")
+    if not dst.parent.is_dir():
+        raise EdgedistillError(f"{dst.parent} is not a folder", "create the output folder first")
+
+    tried: dict[str, int] = {}
+    bar = _progress_bar(f"fit {format_size(max_bytes)}") if progress else None
+    try:
+        for qtype in BUDGET_LADDER:
+            if bar is not None:
+                bar.set_postfix_str(qtype)
+            candidate = dst.with_name(f".{dst.name}.{qtype.lower()}.{os.getpid()}.candidate")
+            try:
+                if qtype == "F16":
+                    shutil.copyfile(f16, candidate)
+                else:
+                    quantize_gguf(f16, candidate, qtype, threads=threads, overwrite=True)
+                tried[qtype] = candidate.stat().st_size
+                if tried[qtype] <= max_bytes:
+                    os.replace(candidate, dst)
+                    return BudgetChoice(qtype, dst, tried[qtype], tried)
+            finally:
+                candidate.unlink(missing_ok=True)
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    smallest = min(tried, key=tried.get)
+    raise EdgedistillError(
+        f"no GGUF type fits in {format_size(max_bytes)} ({max_bytes} bytes): the smallest, {smallest}, "
+        f"is {format_size(tried[smallest])} ({tried[smallest]} bytes)",
+        f"allow at least {tried[smallest]} bytes, or distill a smaller student (fewer layers, a narrower "
+        "width or a smaller vocabulary)",
+    )
+
+
+def _progress_bar(label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=len(BUDGET_LADDER), unit="type", desc=label)

@@ -6,6 +6,12 @@ converted and written one at a time, so memory holds one tensor, not the model. 
 stored as float16, norms and biases (1-D) as float32. The file is written beside `out_file` under
 a temporary name and renamed into place only when complete.
 
+Besides the hyperparameters llama.cpp needs, general.* records what a user of the file asks: its
+name, parameter count (size_label), who wrote it (quantized_by), and, only when the folder says
+so, where it comes from (config.json's `_name_or_path` naming a Hugging Face repo) and its terms
+(the license, languages and tags of a README.md model card's YAML front matter). Nothing is
+guessed: a folder without a card gets no license key.
+
     write_gguf(Path("runs/tiny/merged"), Path("tiny-f16.gguf"))
     python -c "from edgedistill.export.gguf import write_gguf; write_gguf('runs/tiny/merged', 'm.gguf')"
 """
@@ -22,11 +28,38 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+import yaml
+from gguf import Keys
 from safetensors import safe_open
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.tokenizer import add_tokenizer_metadata, read_tokenizer
+
+
+QUANTIZED_BY = "edgedistill"
+HUB_URL = "https://huggingface.co/"
+# The GGUF spec's key (ggml docs/gguf.md) for the Hugging Face repo a model comes from; gguf-py,
+# which has constants for the rest of general.*, lacks this one, and model viewers read it.
+SOURCE_HF_REPO = "general.source.huggingface.repository"
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+# model card field → (GGUF key, written as one comma-joined string rather than an array)
+CARD_KEYS: dict[str, tuple[str, bool]] = {
+    "license": (Keys.General.LICENSE, True),
+    "license_name": (Keys.General.LICENSE_NAME, True),
+    "license_link": (Keys.General.LICENSE_LINK, True),
+    "language": (Keys.General.LANGUAGES, False),
+    "tags": (Keys.General.TAGS, False),
+}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model comes from and under which terms, as its folder states them."""
+
+    hub_repo: str | None  # "org/name"
+    card: dict[str, list[str]]  # CARD_KEYS fields present in README.md's front matter
 
 
 @dataclass(frozen=True)
@@ -53,6 +86,56 @@ def _read_config(hf_dir: Path) -> tuple[dict, Path]:
         return json.loads(config_file.read_text(encoding="utf-8")), config_file
     except json.JSONDecodeError as err:
         raise EdgedistillError(f"{config_file} is not valid JSON: {err}") from None
+
+
+def read_model_card(hf_dir: Path) -> dict[str, list[str]]:
+    """The CARD_KEYS fields of `hf_dir`/README.md's YAML front matter, each as a list of strings.
+
+    {} when there is no README.md or it has no front matter. YAML's BaseLoader keeps every value
+    a string, so `language: no` (Norwegian) stays "no" rather than becoming False.
+    """
+    readme = Path(hf_dir) / "README.md"
+    if not readme.is_file():
+        return {}
+    lines = readme.read_text(encoding="utf-8-sig").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), None)
+    if end is None:
+        raise EdgedistillError(f"{readme}: the YAML front matter opened by its first line `---` is never closed",
+                               "end the front matter with a line `---`, or remove README.md")
+    try:
+        front = yaml.load("\n".join(lines[1:end]), Loader=yaml.BaseLoader) or {}
+    except yaml.YAMLError as err:
+        raise EdgedistillError(f"{readme}: the YAML front matter is not valid: {err}",
+                               "fix the model card's front matter, or remove README.md") from None
+    if not isinstance(front, dict):
+        raise EdgedistillError(f"{readme}: the YAML front matter is a {type(front).__name__}, not a mapping")
+    card = {}
+    for field in CARD_KEYS:
+        value = front.get(field)
+        values = [value] if isinstance(value, str) else value if value is not None else []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise EdgedistillError(f"{readme}: front matter `{field}` = {value!r} is not a string or a list of strings",
+                                   "fix the model card's front matter, or remove README.md")
+        if any(v.strip() for v in values):
+            card[field] = [v.strip() for v in values if v.strip()]
+    return card
+
+
+def hub_repo_id(config: dict, hf_dir: Path) -> str | None:
+    """The Hugging Face repo ("org/name") config.json's `_name_or_path` names, else None.
+
+    Older transformers saved the argument of from_pretrained there: a repo id or a local path.
+    A relative path can look like a repo id, so a value that exists on disk, or that the folder's
+    own path ends with, is taken as a path.
+    """
+    value = config.get("_name_or_path")
+    if not isinstance(value, str) or not _HUB_REPO_ID.fullmatch(value):
+        return None
+    if Path(value).exists() or Path(hf_dir).resolve().as_posix().endswith("/" + value):
+        return None
+    return value
 
 
 def _safetensors_files(hf_dir: Path) -> list[Path]:
@@ -143,20 +226,40 @@ def _convert(tensor: torch.Tensor, planned: PlannedTensor) -> np.ndarray:
     return out
 
 
-def _add_metadata(writer: gguf.GGUFWriter, spec: arch.ArchSpec, dims: arch.Dims, name: str) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, spec: arch.ArchSpec, dims: arch.Dims, name: str, n_params: int,
+                  provenance: Provenance) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    writer.add_size_label(gguf.size_label(n_params, n_params, 0, 0))
+    # llama.cpp's quantizer copies every key, so quantized files made from this one keep it too
+    writer.add_quantized_by(QUANTIZED_BY)
+    if provenance.hub_repo:
+        writer.add_source_url(HUB_URL + provenance.hub_repo)
+        writer.add_string(SOURCE_HF_REPO, provenance.hub_repo)
+    for field, values in provenance.card.items():
+        key, joined = CARD_KEYS[field]
+        if joined:
+            writer.add_string(key, ",".join(values))
+        else:
+            writer.add_array(key, values)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for hparam in spec.hparams:
         writer.add_key_value(hparam.key.format(arch=spec.gguf_arch_name), dims[hparam.dim], hparam.vtype)
+    scaling_key = Keys.Rope.SCALING_TYPE.format(arch=spec.gguf_arch_name)
+    if all(hparam.key.format(arch=spec.gguf_arch_name) != scaling_key for hparam in spec.hparams):
+        # arch.dims refuses rope scaling, so a spec that writes no scaling keys has none; said
+        # explicitly, as llama.cpp otherwise reports its default, "linear" (with factor 1)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
 
 
 def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwrite: bool = False,
                progress: bool = False) -> Path:
     """Write the HF model folder `hf_dir` as an F16 GGUF at `out_file` and return `out_file`.
 
-    `name` becomes general.name (default: the folder's name). An existing `out_file` is an error
-    unless `overwrite`. `progress` shows a tqdm bar over the tensor bytes written.
+    `name` becomes general.name (default: the repo's model name when config.json names a Hugging
+    Face repo, else the folder's name). An existing `out_file` is an error unless `overwrite`.
+    `progress` shows a tqdm bar over the tensor bytes written.
     """
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if out_file.exists() and not overwrite:
@@ -168,6 +271,9 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
     dims = spec.dims(config, config_file)
     vocab = read_tokenizer(hf_dir, vocab_size=dims["vocab"])
     tied = bool(config.get("tie_word_embeddings", spec.tied_default))
+    provenance = Provenance(hub_repo_id(config, hf_dir), read_model_card(hf_dir))
+    if name is None:
+        name = provenance.hub_repo.split("/")[1] if provenance.hub_repo else hf_dir.resolve().name
 
     with ExitStack() as stack:
         files = [stack.enter_context(safe_open(path, framework="pt")) for path in _safetensors_files(hf_dir)]
@@ -179,7 +285,7 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
         tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.partial")
         writer = gguf.GGUFWriter(tmp_file, spec.gguf_arch_name)
         try:
-            _add_metadata(writer, spec, dims, name or hf_dir.resolve().name)
+            _add_metadata(writer, spec, dims, name, sum(int(np.prod(p.shape)) for p in plan), provenance)
             add_tokenizer_metadata(writer, vocab)
             for planned in plan:
                 writer.add_tensor_info(planned.gguf_name, planned.shape, np.dtype(planned.dtype), planned.nbytes)
