@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable

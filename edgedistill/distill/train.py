@@ -8,8 +8,10 @@ a divergence (forward KL, reverse KL or JSD) from the teacher's top-k distributi
 of prompt and answer. The loop runs under HF Accelerate; with distill.processes > 1 the stage
 starts that many data-parallel workers on this machine (torch.distributed over loopback: gloo on
 CPU, NCCL on GPUs), each training on its share of every batch with its loss weighted so that the
-averaged gradient is the whole batch's: the result matches one process. The LoRA stage
-(edgedistill.lora) uses the same loop.
+averaged gradient is the whole batch's: the result matches one process. Under torchrun or
+accelerate launch every launched process is such a worker (edgedistill.pipeline runs the other
+stages in the first). The LoRA stage (edgedistill.lora) uses the same loop. A student with
+another tokenizer than the teacher's learns the teacher's answers alone (training_set).
 
 After every epoch the model, optimizer, scheduler and RNG state go to `checkpoint/` in the
 stage's partial folder (written aside, then renamed); a killed run reloads it (weights_only) and
@@ -18,7 +20,6 @@ goes on with the next epoch. The finished folder holds the student as an HF fold
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
