@@ -108,6 +108,9 @@ class GenerateConfig(Section):
     reasoning: bool = False
     # Answer through this endpoint instead of the local teacher model (which still gives the logits).
     endpoint: EndpointConfig | None = None
+    # The share of the teacher's answers that must pass the filters, else the stage stops (the
+    # answers are kept: lowering it reruns without asking the teacher again).
+    min_kept: Annotated[float, Field(ge=0, le=1)] = 0.5
 
     @model_validator(mode="after")
     def _samples_need_sampling(self) -> GenerateConfig:

@@ -1,4 +1,4 @@
-"""The default recipe on the real embedded teacher (slow: about 9 minutes on 2 cores).
+"""The default recipe on the real embedded teacher (slow: about 12 minutes on 2 cores).
 
     .venv/bin/python -m pytest -q -m slow tests/test_default_run.py
 """

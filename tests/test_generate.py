@@ -25,7 +25,7 @@ import torch
 from edgedistill.data import remote
 from edgedistill.data.generate import (PARTIAL_ANSWERS, SeededSampler, _fits, build_rows, generate, is_repeated,
                                        split_reasoning)
-from edgedistill.data.prompts import Example, load_examples, named_label, read_prompt_file
+from edgedistill.data.prompts import Example, load_examples, named_label, read_prompt_file, split_examples
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import EndpointConfig, load_recipe
 from edgedistill.stages import teacher_stage
@@ -129,6 +129,27 @@ def test_plain_mode_keeps_off_label_and_truncated_answers_but_counts_them(tmp_pa
 
 
 # --- prompt files --------------------------------------------------------------------------------
+
+def test_too_few_usable_answers_stop_the_stage_and_keep_the_answers(tmp_path, teacher):
+    settings = "{max_new_tokens: 8, reasoning: true}"
+    recipe = make_recipe(tmp_path / "r1", limit=5, generate=settings)
+    train, _ = split_examples(recipe, load_examples(recipe))
+    # Answers a killed run left: one in the reasoning format, three without an "Answer:" line.
+    answers = ["Nice.\nAnswer: positive"] + ["It is about a product."] * 3
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PARTIAL_ANSWERS).write_text("".join(
+        json.dumps({"id": ex.id, "sample": 0, "answer": a, "finished": True}) + "\n" for ex, a in zip(train, answers)))
+    with pytest.raises(EdgedistillError, match=r"only 1 of the teacher's 4 answers passed") as error:
+        generate(recipe, out, teacher=teacher)
+    assert "dropped_failed_format': 3" in str(error.value) and "min_kept" in error.value.hint
+    assert len(read_rows(out / PARTIAL_ANSWERS)) == 4, "the answers survive the error"
+    # A lower threshold takes them, without asking the teacher again.
+    lower = make_recipe(tmp_path / "r2", limit=5, generate="{max_new_tokens: 8, reasoning: true, min_kept: 0.25}")
+    result = generate(lower, out, teacher=teacher)
+    assert result["answers"] == 4 and result["kept_answers"] == 1
+    assert result["train_examples"] == 2  # a rationale row and a label row
+
 
 def test_prompts_from_csv_jsonl_and_txt(tmp_path):
     csv_file = tmp_path / "p.csv"

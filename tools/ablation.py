@@ -61,7 +61,8 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
                         _with(recipe, student={"method": "config", "keep_layers": None, "layer_selection": "even",
                                                "config": {"num_hidden_layers": blocks}})),
         "reasoning": ("+ logit distillation + reasoning traces (step-by-step)",
-                      _with(recipe, generate={"reasoning": True, "max_new_tokens": 96})),
+                      # min_kept 0: measure what the surviving traces give, however few.
+                      _with(recipe, generate={"reasoning": True, "max_new_tokens": 96, "min_kept": 0.0})),
         "lora": ("+ logit distillation + LoRA, merged", _with(recipe, lora={})),
         "progressive": ("+ logit distillation through an intermediate (2/3 of the blocks)",
                         _with(recipe, progressive={"steps": [{"keep_layers": intermediate, "epochs": 2}]})),

@@ -257,11 +257,23 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
                 _generate_local(recipe, chat, requests, record)
 
     rows, counts = build_rows(recipe, train, done)
+    answered = sum(1 for ex in train for s in range(cfg.samples) if (ex.id, s) in done)
+    kept = sum(1 for row in rows if row.get("task") != "label")
     if not rows:
         raise EdgedistillError(
             f"no usable teacher answer for the {len(train)} training prompts (filtered: {dict(counts)}, "
             f"too long: {skipped_too_long}, endpoint failures: {len(skipped_endpoint)})",
             "check the teacher with `edgedistill chat`, raise generate.max_new_tokens, or turn off generate.reasoning")
+    if kept < cfg.min_kept * answered:
+        # A student trained on the few survivors learns little (a 135M teacher asked to reason
+        # kept 4 answers of 512 and its student scored below chance).
+        dropped = {key: n for key, n in counts.items() if key.startswith("dropped_") and n}
+        raise EdgedistillError(
+            f"only {kept} of the teacher's {answered} answers passed the filters ({dropped}), fewer than "
+            f"generate.min_kept = {cfg.min_kept:g} of them",
+            "look at the answers with `edgedistill chat`; in reasoning mode the teacher must end with "
+            "'Answer: <label>' (a larger or remote teacher, or generate.reasoning: false); or lower "
+            "generate.min_kept to train on them anyway (the answers are kept: the rerun does not ask again)")
     write_jsonl(out / "train.jsonl", rows)
     write_jsonl(out / "heldout.jsonl", [
         {"id": ex.id, "messages": prompt_messages(recipe, ex.text, reasoning=False), "label": ex.label,
@@ -269,8 +281,7 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
         for ex in heldout])
     partial.unlink()
     result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),
-              "samples_per_prompt": cfg.samples, "answers": sum(1 for ex in train for s in range(cfg.samples)
-                                                                if (ex.id, s) in done),
+              "samples_per_prompt": cfg.samples, "answers": answered, "kept_answers": kept,
               "train_examples": len(rows), "heldout_examples": len(heldout),
               "skipped_too_long": skipped_too_long, "skipped_endpoint_failures": len(skipped_endpoint)}
     for key in ("dropped_empty", "dropped_repeated", "dropped_truncated", "dropped_failed_format", "dropped_duplicate",
