@@ -19,7 +19,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_export_gguf import PROMPTS, _llama_logits, _load, _save_tokenizer, _torch_logits, assert_f16_matches_torch
+# tokenizer_dir is that file's fixture, used here too.
+from test_export_gguf import PROMPTS, _llama_logits, _load, _torch_logits, assert_f16_matches_torch, tokenizer_dir  # noqa: F401
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -80,13 +81,6 @@ def _save_model(out: Path, name: str, vocab_size: int):
             param.copy_(param.half().float())
     model.save_pretrained(out, safe_serialization=True)
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    _save_tokenizer(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

@@ -23,7 +23,7 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import write_gguf
 from edgedistill.export.gguf.lora import write_lora_gguf
 from edgedistill.runtimes.pytorch import load_model
-from tests.test_export_gguf import PROMPTS, _llama_logits, _save_model, _save_tokenizer, _torch_logits
+from test_export_gguf import PROMPTS, _llama_logits, _save_model, _save_tokenizer, _torch_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
