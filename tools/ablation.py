@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -76,11 +77,7 @@ def block_parameters(folder: Path) -> int:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 if ".layers." in name:
-                    shape = handle.get_slice(name).get_shape()
-                    count = 1
-                    for dim in shape:
-                        count *= dim
-                    total += count
+                    total += math.prod(handle.get_slice(name).get_shape())
     return total
 
 

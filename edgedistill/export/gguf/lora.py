@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors import safe_open
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
-from edgedistill.export.gguf.writer import QUANTIZED_BY, _read_config
+from edgedistill.export.gguf.writer import QUANTIZED_BY, _read_config, gguf_writer_into
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,9 +127,7 @@ def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_file: Path, *, ove
         planned.append((base + ".lora_a", np.ascontiguousarray(pair["A"].astype(np.float32))))
         planned.append((base + ".lora_b", np.ascontiguousarray(lora_b)))
 
-    tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(tmp_file, spec.gguf_arch_name)
-    try:
+    with gguf_writer_into(out_file, spec.gguf_arch_name) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(adapter_dir.resolve().name)
         writer.add_quantized_by(QUANTIZED_BY)
@@ -142,9 +139,4 @@ def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_file: Path, *, ove
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp_file, out_file)
-    finally:
-        writer.close()
-        tmp_file.unlink(missing_ok=True)
     return out_file

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,10 +281,7 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key, f in source_file.items()}
         plan = plan_tensors(spec, dims, tied, shapes, hf_dir)
 
-        # a plain name (not mkstemp's 0600 file) so the result gets the usual permissions
-        tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.partial")
-        writer = gguf.GGUFWriter(tmp_file, spec.gguf_arch_name)
-        try:
+        with gguf_writer_into(out_file, spec.gguf_arch_name) as writer:
             _add_metadata(writer, spec, dims, name, sum(int(np.prod(p.shape)) for p in plan), provenance)
             add_tokenizer_metadata(writer, vocab)
             for planned in plan:
@@ -300,12 +297,23 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
                     bar.update(planned.nbytes)
             if bar is not None:
                 bar.close()
-            writer.close()
-            os.replace(tmp_file, out_file)
-        finally:
-            writer.close()
-            tmp_file.unlink(missing_ok=True)
     return out_file
+
+
+@contextmanager
+def gguf_writer_into(out_file: Path, arch_name: str):
+    """A GGUFWriter on a temporary name beside `out_file`, renamed to it only when the block
+    finishes; on an error the partial file is removed, so nothing half-written has the final name."""
+    # a plain name (not mkstemp's 0600 file) so the result gets the usual permissions
+    tmp_file = out_file.with_name(f".{out_file.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(tmp_file, arch_name)
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp_file, out_file)
+    finally:
+        writer.close()
+        tmp_file.unlink(missing_ok=True)
 
 
 def _progress_bar(total_bytes: int, label: str):
