@@ -55,12 +55,19 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import tempfile
 
+    from transformers import AutoTokenizer
+
     from edgedistill.export.gguf import quantize_gguf, write_gguf
+    from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix
+    from edgedistill.export.gguf.lora import write_lora_gguf
     from edgedistill.export.gguf.quantize import format_size, parse_size, quantize_to_budget
     from edgedistill.sources import materialize, resolve_source
 
     if args.out.exists() and not args.overwrite:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
+    if args.lora is not None and (args.quant or args.max_size or args.calibration or args.imatrix):
+        raise EdgedistillError("--lora writes an adapter (float32), which takes no --quant, --max-size, "
+                               "--calibration or --imatrix", "export and quantize the base model in a second command")
     max_bytes = parse_size(args.max_size) if args.max_size is not None else None
     source = resolve_source(str(args.model))
     qtype = (args.quant or "q4_k_m").upper()
@@ -70,9 +77,18 @@ def cmd_export(args: argparse.Namespace) -> None:
         if source.kind != "hf":
             # general.name from the source, not from the scratch folder it is unpacked into
             model, name = materialize(source, Path(scratch) / "hf"), source.name
+        if args.lora is not None:
+            write_lora_gguf(args.lora, model, args.out, overwrite=args.overwrite)
+            print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB), a LoRA for the GGUF of {args.model}")
+            return
+        imatrix = args.imatrix
+        if args.calibration is not None:
+            texts = calibration_texts(args.calibration, AutoTokenizer.from_pretrained(model))
+            imatrix = compute_imatrix(model, texts, Path(scratch) / "imatrix.gguf", dataset=args.calibration.name)
         if max_bytes is not None:
             f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
-            choice = quantize_to_budget(f16, args.out, max_bytes, overwrite=args.overwrite, progress=True)
+            choice = quantize_to_budget(f16, args.out, max_bytes, overwrite=args.overwrite, progress=True,
+                                        imatrix=imatrix)
             for tried, size_bytes in choice.tried_bytes.items():
                 if tried != choice.qtype:
                     print(f"{tried}: {format_size(size_bytes)}, over {args.max_size}")
@@ -82,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             write_gguf(model, args.out, name=name, overwrite=args.overwrite, progress=True)
         else:
             f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
-            quantize_gguf(f16, args.out, qtype, overwrite=args.overwrite)
+            quantize_gguf(f16, args.out, qtype, overwrite=args.overwrite, imatrix=imatrix)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -135,7 +151,7 @@ def cmd_verify_export(args: argparse.Namespace) -> None:
             raise EdgedistillError(f"{args.texts} does not exist", "pass a text file with one text per line")
         texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
     result = verify_gguf(resolve_artifact(args.gguf), args.reference, texts=texts, threads=args.threads,
-                         raise_on_failure=False)
+                         raise_on_failure=False, lora=args.lora)
     print(format_verification([result]))
     _write_json(args.json, result)
     raise_if_failed([result])
@@ -168,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = add("export", "export a model to GGUF, quantized by llama.cpp",
                  "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf\n"
-                 "  edgedistill export runs/tiny/distill --format gguf --max-size 60MB --out model.gguf")
+                 "  edgedistill export runs/tiny/distill --format gguf --max-size 60MB --out model.gguf\n"
+                 "  edgedistill export runs/tiny/distill --quant q4_k_m --calibration runs/tiny/generate/train.jsonl "
+                 "--out model.gguf\n"
+                 "  edgedistill export runs/tiny-lora/distill --lora runs/tiny-lora/lora --out task-lora.gguf")
     export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
     export.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (ONNX is planned)")
     choice = export.add_mutually_exclusive_group()
@@ -177,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of --quant: the most precise of f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 whose "
                              "file is at most SIZE (60MB, 1.5GB, 512MiB; KB/MB/GB are powers of 1000, "
                              "KiB/MiB/GiB of 1024)")
+    calibration = export.add_mutually_exclusive_group()
+    calibration.add_argument("--calibration", type=Path, metavar="FILE",
+                             help="quantize with an importance matrix computed on this task text: a run's "
+                                  "generate/train.jsonl (chat rows), a .jsonl of {\"text\": ...} rows or a .txt file")
+    calibration.add_argument("--imatrix", type=Path, metavar="FILE",
+                             help="quantize with this importance matrix (GGUF, from edgedistill or llama-imatrix)")
+    export.add_argument("--lora", type=Path, metavar="ADAPTER",
+                        help="write this PEFT adapter (a run's lora stage) as a GGUF LoRA for MODEL, its base, "
+                             "instead of the model")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(fn=cmd_export)
@@ -205,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("gguf", help="GGUF file or built-in name")
     verify.add_argument("--reference", type=Path, required=True, help="the HF folder the GGUF was exported from")
     verify.add_argument("--texts", type=Path, help="score these texts (one per line) instead of the built-in ones")
+    verify.add_argument("--lora", type=Path, metavar="ADAPTER.gguf",
+                        help="apply this GGUF LoRA to the file in llama.cpp; --reference is then the merged model")
     verify.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     verify.add_argument("--json", type=Path, help="write the results here")
     verify.set_defaults(fn=cmd_verify_export)

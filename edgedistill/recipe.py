@@ -229,6 +229,8 @@ class LoraConfig(TrainingConfig):
 class ExportConfig(Section):
     quants: list[Literal[GGUF_QUANTS]] = ["Q8_0", "Q4_K_M"]  # type: ignore[valid-type]
     teacher_quants: list[Literal[GGUF_QUANTS]] = ["Q4_K_M"]  # type: ignore[valid-type]
+    # quantize the student with an importance matrix computed on the generate stage's answers
+    imatrix: bool = False
 
 
 class BenchConfig(Section):

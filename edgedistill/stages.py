@@ -109,7 +109,8 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     def train(recipe, out, *, student, generate, **inputs):
         return distill(recipe, out, student=student, logits=inputs[labels], generate=generate)
 
-    tuned = ("merge",) if recipe.lora is not None else ("distill",)
+    # what the export stage reads: the distilled student, and the adapter and merged model of a lora: section
+    tuned = ("distill", "lora", "merge") if recipe.lora is not None else ("distill",)
     lora_stages = [
         Stage("lora", train_lora, inputs=("distill", "logits", "generate"), sections=("seed", "lora", "distill.topk"),
               distributed=True),
@@ -133,8 +134,9 @@ def stages_for(recipe: Recipe) -> list[Stage]:
               sections=("seed", "student")),
         Stage("distill", train, inputs=("student", labels, "generate"), sections=("seed", "distill"), distributed=True),
         *lora_stages,
-        # version 2: every file is verified in llama.cpp against its PyTorch model
-        Stage("export", export_student, inputs=tuned, sections=("name", "export.quants"), version=2),
+        # version 2: every file is verified in llama.cpp against its PyTorch model; 3: imatrix, GGUF LoRA
+        Stage("export", export_student, inputs=(*tuned, "generate"),
+              sections=("name", "export.quants", "export.imatrix"), version=3),
         Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
               version=2),
         Stage("bench", bench_stage, inputs=("teacher_gguf", "export"), sections=("bench",)),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import torch
 from peft import PeftModel
 
 from edgedistill.cli import main
 from edgedistill.lora import MERGE_TOLERANCE
 from edgedistill.pipeline import is_complete
+from edgedistill.runtimes import gguf_artifacts
 from edgedistill.runtimes.pytorch import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,5 +42,19 @@ def test_lora_adapter_is_kept_merged_and_exported(tmp_path):
     assert (base - want).abs().max().item() > 10 * MERGE_TOLERANCE, "the adapter changed nothing"
 
     export = json.loads((out / "export" / "manifest.json").read_text())
-    assert set(export["inputs"]) == {"merge"}
+    assert set(export["inputs"]) == {"distill", "lora", "merge", "generate"}
+    # One base, many adapters: the distilled student and the adapter as GGUF, which llama.cpp
+    # applied together matches the merged model (the stage checked it within the F16 bounds).
+    lora_export = export["result"]["lora"]
+    assert lora_export["verification"]["passed"] and lora_export["verification"]["file_type"] == "F16"
+    assert (out / "export" / lora_export["base"]).is_file() and (out / "export" / lora_export["adapter"]).is_file()
+    assert lora_export["adapter_bytes"] < (out / "export" / lora_export["base"]).stat().st_size / 4
+    # export.imatrix: every quantized student file was weighted by the answers' importance matrix
+    assert export["result"]["imatrix"]["chunks"] >= 1
+    for qtype in ("Q8_0", "Q4_K_M"):
+        reader = gguf.GGUFReader(out / "export" / export["result"][qtype]["file"])
+        assert reader.get_field("quantize.imatrix.file").contents() == "student-imatrix.gguf"
+    # bench and eval take the top-level models only, not the adapter, its base or the imatrix
+    models = ["student-f16.gguf", "student-q8_0.gguf", "student-q4_k_m.gguf"]
+    assert [p.name for p in gguf_artifacts(out / "export")] == models
     assert "## LoRA adapter" in (out / "report.md").read_text()

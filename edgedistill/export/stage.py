@@ -6,6 +6,12 @@ Files are named `<role>-<type>.gguf` (student-q4_k_m.gguf, teacher-f16.gguf), F1
 it is what the quantized types are made from. Every file is then checked in llama.cpp against the
 folder it was exported from (edgedistill.export.gguf.verify); the checks go into the manifest, and
 a file beyond its type's bound fails the stage.
+
+With `export.imatrix: true` the student's types are quantized with an importance matrix computed
+on the generate stage's training answers (imatrix/student-imatrix.gguf). With a `lora:` section,
+lora/ also holds the distilled student (student-base-f16.gguf) and the adapter as a GGUF LoRA
+(student-lora.gguf), checked in llama.cpp against the merged model: one base, many task adapters.
+Both live in subfolders so that bench and eval, which take every top-level .gguf, see only models.
 """
 
 from __future__ import annotations
@@ -14,12 +20,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from transformers import AutoTokenizer
+
 from edgedistill.export.gguf import quantize_gguf, write_gguf
-from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_ggufs
+from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix, read_imatrix
+from edgedistill.export.gguf.lora import write_lora_gguf
+from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_gguf, verify_ggufs
 from edgedistill.recipe import Recipe
 
 
-def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: str) -> dict:
+def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: str, *,
+                    imatrix: Path | None = None) -> dict:
     f16 = out / f"{role}-f16.gguf"
     if not f16.exists():
         write_gguf(model, f16, name=name, overwrite=True, progress=True)
@@ -27,7 +38,7 @@ def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: 
     for qtype in tqdm([q for q in quants if q != "F16"], desc=f"quantize {role}", unit="type"):
         target = out / f"{role}-{qtype.lower()}.gguf"
         if not target.exists():
-            quantize_gguf(f16, target, qtype)
+            quantize_gguf(f16, target, qtype, imatrix=imatrix)
         files[qtype] = target
     checks = verify_ggufs(list(files.values()), model, raise_on_failure=False)
     print(format_verification(checks))
@@ -40,10 +51,39 @@ def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: 
     }
 
 
-def export_student(recipe: Recipe, out: Path, *, distill: Path | None = None, merge: Path | None = None) -> dict:
+def export_student(recipe: Recipe, out: Path, *, distill: Path, generate: Path, lora: Path | None = None,
+                   merge: Path | None = None) -> dict:
     # The LoRA-merged student when the recipe trains an adapter, else the distilled one.
     model = merge if merge is not None else distill
-    return export_gguf_set(model, out, "student", recipe.export.quants, f"{recipe.name}-student")
+    extra: dict = {}
+    imatrix = None
+    if recipe.export.imatrix:
+        (out / "imatrix").mkdir(exist_ok=True)
+        imatrix = out / "imatrix" / "student-imatrix.gguf"
+        if not imatrix.exists():
+            texts = calibration_texts(generate / "train.jsonl", AutoTokenizer.from_pretrained(model))
+            compute_imatrix(model, texts, imatrix, dataset=f"{recipe.name} generate/train.jsonl")
+        extra["imatrix"] = {"file": "imatrix/student-imatrix.gguf", "chunks": read_imatrix(imatrix).chunk_count}
+    files = export_gguf_set(model, out, "student", recipe.export.quants, f"{recipe.name}-student", imatrix=imatrix)
+    if lora is not None:
+        extra["lora"] = export_lora_pair(distill, lora, merge, out / "lora", f"{recipe.name}-student")
+    return {**files, **extra}
+
+
+def export_lora_pair(base: Path, adapter: Path, merged: Path, out: Path, name: str) -> dict:
+    """The base as F16 GGUF and the adapter as GGUF LoRA in `out`, checked together against `merged`."""
+    out.mkdir(exist_ok=True)
+    base_file, adapter_file = out / "student-base-f16.gguf", out / "student-lora.gguf"
+    if not base_file.exists():
+        write_gguf(base, base_file, name=f"{name}-base", overwrite=True)
+    if not adapter_file.exists():
+        write_lora_gguf(adapter, base, adapter_file, overwrite=True)
+    check = verify_gguf(base_file, merged, lora=adapter_file, raise_on_failure=False)
+    print(format_verification([check]))
+    raise_if_failed([check])
+    return {"base": f"lora/{base_file.name}", "adapter": f"lora/{adapter_file.name}",
+            "adapter_bytes": adapter_file.stat().st_size,
+            "verification": {k: v for k, v in check.items() if k not in ("file", "reference", "lora")}}
 
 
 def export_teacher(recipe: Recipe, out: Path, *, teacher: Path) -> dict:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
+
 from edgedistill.errors import EdgedistillError
 
 # quantization name (as users write it, any case) → llama_cpp's LLAMA_FTYPE_* constant
@@ -57,10 +59,12 @@ def _stderr_to(log: list[str]) -> Iterator[None]:
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, imatrix: Path | None = None) -> Path:
     """Quantize the GGUF `src` to `qtype` (a key of QTYPES) at `dst` and return `dst`.
 
-    `threads` defaults to all cores. An existing `dst` is an error unless `overwrite`.
+    `threads` defaults to all cores. An existing `dst` is an error unless `overwrite`. `imatrix`:
+    an importance-matrix GGUF (edgedistill.export.gguf.imatrix) that weighs the rounding error;
+    the file records it under quantize.imatrix.*, as llama-quantize does.
     """
     # imported here: loading llama.cpp's shared library is not free, and only this needs it
     import llama_cpp
@@ -81,6 +85,8 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)
     params.nthread = threads or 0  # llama.cpp reads <= 0 as "all hardware threads"
+    # the ctypes arrays must live until llama_model_quantize returns
+    _imatrix_arrays = _set_imatrix(params, Path(imatrix), llama_cpp) if imatrix is not None else None
     tmp_file = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     log: list[str] = []
     try:
@@ -96,6 +102,40 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     finally:
         tmp_file.unlink(missing_ok=True)
     return dst
+
+
+def _set_imatrix(params, path: Path, llama_cpp) -> tuple:
+    """Point `params` at the imatrix in `path`: a NULL-terminated array of (name, values, size),
+    and the quantize.imatrix.* keys llama-quantize writes. Returns what must outlive the call."""
+    import ctypes
+
+    from edgedistill.export.gguf.imatrix import read_imatrix
+
+    found = read_imatrix(path)
+    values = [np.ascontiguousarray(v, dtype=np.float32) for v in found.values.values()]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    for entry, name, array in zip(entries, found.values, values):
+        entry.name = name.encode()
+        entry.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = array.size
+    params.imatrix = entries
+
+    overrides = (llama_cpp.llama_model_kv_override * 5)()  # 4 keys and the empty-key terminator
+    for override, (key, value) in zip(overrides, (
+        ("quantize.imatrix.file", path.name),
+        ("quantize.imatrix.dataset", ", ".join(found.datasets) or "unknown"),
+        ("quantize.imatrix.entries_count", len(values)),
+        ("quantize.imatrix.chunks_count", found.chunk_count),
+    )):
+        override.key = key.encode()
+        if isinstance(value, str):
+            override.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            override.value.val_str = value.encode()[:127]
+        else:
+            override.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            override.value.val_i64 = value
+    params.kv_overrides = overrides
+    return entries, values, overrides
 
 
 # what --max-size chooses among, most precise first
@@ -143,12 +183,13 @@ class BudgetChoice:
 
 
 def quantize_to_budget(f16: Path, dst: Path, max_bytes: int, *, threads: int | None = None,
-                       overwrite: bool = False, progress: bool = False) -> BudgetChoice:
+                       overwrite: bool = False, progress: bool = False, imatrix: Path | None = None) -> BudgetChoice:
     """Write at `dst` the most precise BUDGET_LADDER type of the F16 GGUF `f16` whose file is at most
     `max_bytes`, keeping no other file; EdgedistillError naming the smallest size made if none fits.
 
     F16 is `f16` copied. Candidates are written beside `dst` under temporary names and removed;
-    the one that fits is renamed into place. `progress` shows a bar over the types tried.
+    the one that fits is renamed into place. `progress` shows a bar over the types tried; `imatrix`
+    goes to quantize_gguf.
     """
     f16, dst = Path(f16), Path(dst)
     if not f16.is_file():
@@ -171,7 +212,7 @@ def quantize_to_budget(f16: Path, dst: Path, max_bytes: int, *, threads: int | N
                 if qtype == "F16":
                     shutil.copyfile(f16, candidate)
                 else:
-                    quantize_gguf(f16, candidate, qtype, threads=threads, overwrite=True)
+                    quantize_gguf(f16, candidate, qtype, threads=threads, overwrite=True, imatrix=imatrix)
                 tried[qtype] = candidate.stat().st_size
                 if tried[qtype] <= max_bytes:
                     os.replace(candidate, dst)

@@ -7,7 +7,18 @@ llama.cpp applies. The pre-tokenizer name is looked up from the tokenizer.json p
 structure in `PRE_TOKENIZERS`; a structure not in the table is refused rather than guessed,
 because a wrong guess tokenizes differently without any error.
 
-Byte-level BPE (GGUF `tokenizer.ggml.model` "gpt2") is supported; SentencePiece is not yet.
+Two vocabulary kinds are written:
+- byte-level BPE (GGUF `tokenizer.ggml.model` "gpt2"; SmolLM, Qwen, GPT-2): tokens, merges, the
+  pre-tokenizer name;
+- SentencePiece BPE (GGUF "llama"; Llama 2, Mistral, Gemma), as transformers saves it in
+  tokenizer.json: a BPE model with byte fallback over text whose spaces a normalizer (or a
+  Metaspace pre-tokenizer) turns into "▁". llama.cpp's SentencePiece tokenizer merges the adjacent
+  pair whose result has the highest score, so each token's score is minus the rank of the first
+  tokenizer.json merge that makes it: llama.cpp then merges in the order the HF tokenizer does.
+  Byte pieces (<0x41>) are typed BYTE, which is what llama.cpp's byte fallback looks up; whether a
+  "▁" is put before the text is `tokenizer.ggml.add_space_prefix`. One difference llama.cpp cannot
+  express: a Metaspace pre-tokenizer (prepend_scheme "first", Mistral's layout) adds no "▁" to text
+  that already starts with a space, or after a special token; llama.cpp does.
 
     meta = read_tokenizer(Path("runs/x/merged"), vocab_size=49152)
     add_tokenizer_metadata(gguf_writer, meta)
@@ -16,6 +27,7 @@ Byte-level BPE (GGUF `tokenizer.ggml.model` "gpt2") is supported; SentencePiece 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +36,8 @@ import gguf
 from gguf import TokenType
 
 from edgedistill.errors import EdgedistillError
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 # Each entry: the llama.cpp pre-tokenizer name and the steps it implements. A step matches a
 # tokenizer.json step of the same type whose listed fields have these values (fields not listed,
@@ -45,8 +59,8 @@ PRE_TOKENIZERS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
 class TokenizerMetadata:
     """What llama.cpp needs to tokenize exactly as the HF tokenizer does."""
 
-    model: str
-    pre: str
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None  # the byte-level pre-tokenizer's name; SentencePiece has none
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -57,6 +71,8 @@ class TokenizerMetadata:
     add_bos: bool
     add_eos: bool
     chat_template: str | list[dict[str, str]] | None
+    scores: list[float] | None = None  # SentencePiece merge priorities
+    add_space_prefix: bool | None = None  # SentencePiece: "▁" before the text
 
 
 def _read_json(path: Path) -> dict:
@@ -126,8 +142,55 @@ def _chat_template(hf_dir: Path, tokenizer_config: dict) -> str | list[dict[str,
     return None
 
 
+def _sentencepiece_layout(tokenizer_json: dict, source: Path) -> bool | None:
+    """For a tokenizer.json that is SentencePiece BPE: whether it puts "▁" before the text.
+    None when it is not SentencePiece; EdgedistillError for a text pipeline llama.cpp lacks."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    normalizers = tokenizer_json.get("normalizer") or {}
+    normalizers = normalizers.get("normalizers", [normalizers]) if normalizers.get("type") == "Sequence" else (
+        [normalizers] if normalizers else [])
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    prefix, escaped = False, False
+    for step in normalizers:
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            prefix = True
+        elif step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == "▁":
+            escaped = True
+        else:
+            raise EdgedistillError(f"{source}: normalizer step {json.dumps(step)} has no llama.cpp equivalent",
+                                   "llama.cpp's SentencePiece tokenizer only turns spaces into ▁ (and may prepend one)")
+    for step in steps:
+        if step.get("type") == "Metaspace" and step.get("replacement") == "▁" and not step.get("split"):
+            escaped = True
+            prefix = prefix or step.get("prepend_scheme", "always") in ("always", "first")
+        elif step.get("type") == "Split" and step.get("pattern") == {"String": " "} and escaped:
+            pass  # Gemma's split on " " comes after every space became ▁: it splits nothing
+        else:
+            raise EdgedistillError(f"{source}: pre_tokenizer step {json.dumps(step)} has no llama.cpp equivalent",
+                                   "llama.cpp's SentencePiece tokenizer does not split text before merging")
+    if not escaped:
+        raise EdgedistillError(f"{source}: a byte-fallback BPE that does not turn spaces into ▁",
+                               "only SentencePiece-style (▁) or byte-level BPE tokenizers export to GGUF")
+    return prefix
+
+
+def _merge_scores(n_tokens: int, token_to_id: dict[str, int], merges: list[str]) -> list[float]:
+    """Minus the rank of the first merge that makes each token (0 for tokens no merge makes)."""
+    scores = [0.0] * n_tokens
+    made: set[int] = set()
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        token_id = token_to_id.get(left + right)
+        if token_id is not None and token_id not in made:
+            made.add(token_id)
+            scores[token_id] = -float(rank + 1)
+    return scores
+
+
 def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerMetadata:
-    """Read a byte-level BPE tokenizer from an HF folder.
+    """Read a byte-level BPE or SentencePiece BPE tokenizer from an HF folder.
 
     `vocab_size` is the model's embedding row count: when it is larger than the tokenizer (padded
     embeddings), the gap is filled with UNUSED placeholder tokens, since llama.cpp sizes the
@@ -141,19 +204,29 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
 
     model = tokenizer_json.get("model") or {}
     steps = _steps(tokenizer_json.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps):
+    add_space_prefix = _sentencepiece_layout(tokenizer_json, tokenizer_file)
+    sentencepiece = add_space_prefix is not None
+    if not sentencepiece and (model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps)):
         raise EdgedistillError(
-            f"{tokenizer_file}: tokenizer model {model.get('type')!r} is not byte-level BPE",
-            "only byte-level BPE tokenizers (GPT-2 style, e.g. SmolLM2) export to GGUF so far",
+            f"{tokenizer_file}: tokenizer model {model.get('type')!r} is neither byte-level BPE nor SentencePiece BPE",
+            "GGUF export takes byte-level BPE (SmolLM2, Qwen) and SentencePiece BPE with byte fallback "
+            "(Llama 2, Mistral, Gemma) tokenizers",
         )
-    pre = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_file)
+    pre = None if sentencepiece else pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_file)
 
     id_to_token: dict[int, str] = {i: tok for tok, i in model["vocab"].items()}
     id_to_type: dict[int, int] = {i: TokenType.NORMAL for i in id_to_token}
+    if sentencepiece:
+        for token, i in model["vocab"].items():
+            if _BYTE_PIECE.fullmatch(token):
+                id_to_type[i] = TokenType.BYTE
+        if model.get("unk_token") in model["vocab"]:
+            id_to_type[model["vocab"][model["unk_token"]]] = TokenType.UNKNOWN
     for added in tokenizer_json.get("added_tokens", []):
         # llama.cpp matches USER_DEFINED and CONTROL tokens on raw text, so their content stays raw
         id_to_token[added["id"]] = added["content"]
-        id_to_type[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+        if id_to_type.get(added["id"]) != TokenType.UNKNOWN:
+            id_to_type[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
 
     n_tokens = max(id_to_token) + 1
     if vocab_size is not None and vocab_size < n_tokens:
@@ -189,11 +262,12 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
         add_eos = _post_processor_adds(post_processor, eos_token, -1)
 
     return TokenizerMetadata(
-        model="gpt2",
+        model="llama" if sentencepiece else "gpt2",
         pre=pre,
         tokens=tokens,
         token_types=token_types,
-        merges=merges,
+        # llama.cpp's SentencePiece tokenizer ranks by scores and ignores merges
+        merges=[] if sentencepiece else merges,
         bos_id=special_id("bos_token"),
         eos_id=special_id("eos_token"),
         pad_id=special_id("pad_token"),
@@ -201,16 +275,24 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
         add_bos=bool(add_bos),
         add_eos=bool(add_eos),
         chat_template=_chat_template(hf_dir, tokenizer_config),
+        scores=_merge_scores(n_tokens, token_to_id, merges) if sentencepiece else None,
+        add_space_prefix=add_space_prefix,
     )
 
 
 def add_tokenizer_metadata(writer: gguf.GGUFWriter, meta: TokenizerMetadata) -> None:
     """Put the tokenizer keys into a GGUFWriter (before its header is written)."""
     writer.add_tokenizer_model(meta.model)
-    writer.add_tokenizer_pre(meta.pre)
+    if meta.pre is not None:
+        writer.add_tokenizer_pre(meta.pre)
     writer.add_token_list(meta.tokens)
     writer.add_token_types(meta.token_types)
-    writer.add_token_merges(meta.merges)
+    if meta.scores is not None:
+        writer.add_token_scores(meta.scores)
+    if meta.merges:
+        writer.add_token_merges(meta.merges)
+    if meta.add_space_prefix is not None:
+        writer.add_add_space_prefix(meta.add_space_prefix)
     for set_id, token_id in (
         (writer.add_bos_token_id, meta.bos_id),
         (writer.add_eos_token_id, meta.eos_id),

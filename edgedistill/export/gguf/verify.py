@@ -164,7 +164,7 @@ def file_type_name(value: int | str | None) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def _load_llama(path: Path, n_ctx: int, threads: int | None):
+def _load_llama(path: Path, n_ctx: int, threads: int | None, lora: Path | None = None):
     from llama_cpp import Llama
 
     if not path.is_file():
@@ -175,7 +175,8 @@ def _load_llama(path: Path, n_ctx: int, threads: int | None):
     threads = threads or os.cpu_count()
     try:
         return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads,
-                     n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+                     n_threads_batch=threads, n_gpu_layers=0, verbose=False,
+                     lora_path=None if lora is None else str(lora))
     except ValueError as err:
         raise EdgedistillError(f"llama.cpp could not load {path}: {err}",
                                "export the file again; it may be truncated or from another llama.cpp") from None
@@ -192,11 +193,13 @@ def _tie(torch_logits: torch.Tensor, gguf_choice: int, margin: float) -> tuple[f
     return gap, gap <= margin
 
 
-def _score(path: Path, ref: _Reference, threads: int | None, table: dict[str, Bound | None]) -> dict:
+def _score(path: Path, ref: _Reference, threads: int | None, table: dict[str, Bound | None],
+           lora: Path | None = None) -> dict:
     n_ctx = max(len(ids) for ids in [*ref.text_ids, *ref.prompts]) + GREEDY_TOKENS
-    llm = _load_llama(path, max(n_ctx, 64), threads)
+    llm = _load_llama(path, max(n_ctx, 64), threads, lora)
     try:
-        return _score_loaded(llm, path, ref, table)
+        result = _score_loaded(llm, path, ref, table)
+        return result if lora is None else {**result, "lora": str(lora)}
     finally:
         llm.close()
 
@@ -304,14 +307,14 @@ def _fix(file_type: str) -> str:
 
 def verify_ggufs(gguf_paths: list[Path], reference_hf_dir: Path, *, texts: list[str] | None = None,
                  bounds: dict[str, Bound | None] | None = None, threads: int | None = None,
-                 raise_on_failure: bool = True) -> list[dict]:
+                 raise_on_failure: bool = True, lora: Path | None = None) -> list[dict]:
     """verify_gguf for several files against one reference, which PyTorch then scores only once."""
     reference_hf_dir = Path(reference_hf_dir)
     table = {**BOUNDS, **(bounds or {})}
     ref = _reference(reference_hf_dir, list(texts) if texts else list(EVAL_TEXTS))
     results = []
     for path in gguf_paths:
-        result = _score(Path(path), ref, threads, table)
+        result = _score(Path(path), ref, threads, table, lora)
         failures = _check(result)
         result.update(failures=failures, passed=not failures)
         results.append(result)
@@ -322,15 +325,17 @@ def verify_ggufs(gguf_paths: list[Path], reference_hf_dir: Path, *, texts: list[
 
 def verify_gguf(gguf_path: Path, reference_hf_dir: Path, *, texts: list[str] | None = None,
                 bounds: dict[str, Bound | None] | None = None, threads: int | None = None,
-                raise_on_failure: bool = True) -> dict:
+                raise_on_failure: bool = True, lora: Path | None = None) -> dict:
     """Compare the GGUF at `gguf_path` in llama.cpp with the HF folder `reference_hf_dir` in PyTorch.
 
     `texts` replace EVAL_TEXTS (e.g. a task's held-out prompts); `bounds` override entries of
     BOUNDS by file type (None: report without a bound). A missed bound raises EdgedistillError
     unless `raise_on_failure` is False; the result's `passed` and `failures` say it either way.
+    `lora`: a GGUF LoRA adapter llama.cpp applies to the file at load; the reference is then the
+    merged model.
     """
     return verify_ggufs([gguf_path], reference_hf_dir, texts=texts, bounds=bounds, threads=threads,
-                        raise_on_failure=raise_on_failure)[0]
+                        raise_on_failure=raise_on_failure, lora=lora)[0]
 
 
 def raise_if_failed(results: list[dict]) -> None:

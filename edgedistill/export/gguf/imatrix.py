@@ -1,0 +1,185 @@
+"""Importance matrices for llama.cpp's quantizer, computed in PyTorch from the task's own text.
+
+llama.cpp's quantizers weigh each weight column's rounding error by how large that column's input
+activations are (the mean of x² over calibration tokens, per linear layer): an "imatrix". llama.cpp
+computes it with its `llama-imatrix` tool on generic text; here it is computed on the distillation
+data (prompts and teacher answers, in the chat template the student was trained on), so the bits go
+where this task's activations are, in fp32 on the exact weights being exported.
+
+The file is written in llama.cpp's GGUF imatrix format (`<tensor>.in_sum2` / `<tensor>.counts`
+tensors, `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size` keys), so it also works
+with `llama-quantize --imatrix`; `quantize_gguf(..., imatrix=path)` reads it back.
+
+    edgedistill export runs/sentiment/distill --quant q4_k_m \\
+        --calibration runs/sentiment/generate/train.jsonl --out student-q4_k_m.gguf
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.gguf import arch
+from edgedistill.export.gguf.writer import _read_config, gguf_writer_into
+
+# llama-imatrix's default context: activations are collected over chunks this many tokens long
+CHUNK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Imatrix:
+    """Mean squared input activation per column, by GGUF weight name, and where it came from."""
+
+    values: dict[str, np.ndarray]
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+
+
+def calibration_texts(path: Path, tokenizer) -> list[str]:
+    """Texts to calibrate on: a .jsonl of chat rows ({"messages": [...]}, rendered with the model's
+    chat template, as in distillation) or text rows ({"text": ...}), or a plain .txt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgedistillError(f"calibration file {path} not found",
+                               "pass a run's generate/train.jsonl or a .txt file of task text")
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8")]
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EdgedistillError(f"{path}:{number} is not JSON: {err}") from None
+        if isinstance(row, dict) and "messages" in row:
+            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            texts.append(row["text"])
+        else:
+            raise EdgedistillError(f"{path}:{number} has neither 'messages' nor 'text'",
+                                   "write one {\"messages\": [...]} or {\"text\": \"...\"} object per line")
+    return texts
+
+
+def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
+    """HF module name → GGUF weight name, for every matrix llama.cpp multiplies activations by."""
+    config, config_file = _read_config(Path(hf_dir))
+    spec = arch.spec_for(config, config_file)
+    dims = spec.dims(config, config_file)
+    tied = bool(config.get("tie_word_embeddings", spec.tied_default))
+    names = {}
+    for rule in spec.tensors:
+        # the embedding is a lookup, not a product; a tied lm_head is the embedding in GGUF
+        if len(rule.shape) != 2 or rule.tensor == gguf.MODEL_TENSOR.TOKEN_EMBD or (rule.dropped_when_tied and tied):
+            continue
+        for bid in range(dims["n_layer"]) if rule.per_block else [None]:
+            names[rule.hf_name.format(bid=bid)] = rule.gguf_name(bid) + ".weight"
+    if tied:
+        # llama.cpp multiplies by token_embd for the logits, and llama-imatrix records it so
+        lm_head = next(r for r in spec.tensors if r.dropped_when_tied)
+        names[lm_head.hf_name] = "token_embd.weight"
+    return names
+
+
+@torch.inference_mode()
+def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: str,
+                    max_tokens: int = 65536, overwrite: bool = False) -> Path:
+    """Run the HF model over `texts` (packed into CHUNK_TOKENS-token chunks, at most `max_tokens`
+    tokens) and write the imatrix of every linear layer's input to `out_file`."""
+    from edgedistill.runtimes.pytorch import load_model
+    from transformers import AutoTokenizer
+
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if out_file.exists() and not overwrite:
+        raise EdgedistillError(f"{out_file} already exists", "choose another path or pass overwrite=True")
+    names = linear_tensor_names(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    stream = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    stream = stream[:max_tokens]
+    n_chunks = len(stream) // CHUNK_TOKENS
+    # a short calibration set still counts: one chunk of whatever there is
+    chunks = [stream[i * CHUNK_TOKENS:(i + 1) * CHUNK_TOKENS] for i in range(n_chunks)] or [stream]
+    if not chunks[0]:
+        raise EdgedistillError("the calibration texts are empty", "pass task text (e.g. generate/train.jsonl)")
+
+    model = load_model(hf_dir)
+    modules = dict(model.named_modules())
+    missing = sorted(set(names) - set(modules))
+    if missing:
+        raise EdgedistillError(f"{hf_dir}: modules {', '.join(missing[:3])} not in the loaded model",
+                               "the folder's weights do not match its config.json")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def collect(gguf_name: str):
+        def hook(_module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0)
+            counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
+        return hook
+
+    handles = [modules[hf].register_forward_pre_hook(collect(g)) for hf, g in names.items()]
+    try:
+        for chunk in chunks:
+            model(torch.tensor([chunk]))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    with gguf_writer_into(out_file, "imatrix") as writer:
+        writer.add_type("imatrix")
+        writer.add_array("imatrix.datasets", [dataset])
+        writer.add_uint32("imatrix.chunk_count", len(chunks))
+        writer.add_uint32("imatrix.chunk_size", len(chunks[0]))
+        for gguf_name in names.values():
+            # llama.cpp's layout: sums (n_expert, n_in) and counts (n_expert, 1), one expert here
+            writer.add_tensor(gguf_name + ".in_sum2", sums[gguf_name].float().numpy()[None, :])
+            writer.add_tensor(gguf_name + ".counts", np.array([[counts[gguf_name]]], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    return out_file
+
+
+def read_imatrix(path: Path) -> Imatrix:
+    """An imatrix GGUF file (ours or llama-imatrix's) as mean squared activations per weight."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgedistillError(f"imatrix file {path} not found",
+                               "compute one with `edgedistill export ... --calibration FILE`")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise EdgedistillError(f"{path} is not a GGUF imatrix file: {err}",
+                               "pass a file written by edgedistill or by llama-imatrix (GGUF format)") from None
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    values = {}
+    for name, in_sum2 in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        weight = name[: -len(".in_sum2")]
+        count = tensors.get(weight + ".counts")
+        if count is None:
+            raise EdgedistillError(f"{path}: {name} has no matching {weight}.counts tensor",
+                                   "the file is damaged; compute the imatrix again")
+        per_expert = in_sum2.reshape(count.size, -1)
+        # a weight that saw no calibration token gets neutral weights, as llama.cpp's loader does
+        mean = np.where(count.reshape(-1, 1) > 0, per_expert / np.maximum(count.reshape(-1, 1), 1), 1.0)
+        values[weight] = mean.reshape(-1).astype(np.float32)
+    if not values:
+        raise EdgedistillError(f"{path} holds no <tensor>.in_sum2 entries", "it is not an imatrix file")
+
+    def field(key: str):
+        item = reader.get_field(key)
+        return None if item is None else item.contents()
+
+    return Imatrix(values, list(field("imatrix.datasets") or []), int(field("imatrix.chunk_count") or 0),
+                   int(field("imatrix.chunk_size") or 0))
