@@ -1,0 +1,77 @@
+"""The export and quantization-type benchmarks in tools/: their parts, on tiny inputs, without timing.
+
+    .venv/bin/python -m pytest -q tests/test_bench_tools.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import LlamaForCausalLM
+
+from edgedistill.export.gguf import write_gguf
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str):
+    # tools/ is a folder of scripts, not a package
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_export = _tool("bench_export")
+bench_quant_types = _tool("bench_quant_types")
+
+
+def test_built_model_is_a_valid_checkpoint_that_exports(tmp_path):
+    info = bench_export.build_model(tmp_path / "m", target_bytes=20_000_000, hidden=64)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.num_hidden_layers == info["layers"] > 1
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as f:
+        sizes = {key: f.get_tensor(key).nbytes for key in f.keys()}
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), model.get_input_embeddings().weight)
+    assert sum(sizes.values()) == info["model_bytes"]
+    assert max(sizes.values()) == info["largest_tensor_bytes"]
+    assert abs(info["model_bytes"] - 20_000_000) < (info["model_bytes"] - info["largest_tensor_bytes"]) / info["layers"]
+    assert write_gguf(tmp_path / "m", tmp_path / "m.gguf").stat().st_size > info["model_bytes"] // 2
+
+
+def test_baseline_reads_every_byte_and_writes_the_asked_count(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "m" / "b.safetensors").write_bytes(b"y" * 333)
+    result = bench_export.run_baseline(tmp_path / "m", tmp_path / "copy", 777)
+    assert (result["bytes_read"], result["bytes_written"]) == (1333, 777)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_quantize_all_passes_the_imatrix_only_when_given(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_quant_types, "quantize_gguf",
+                        lambda src, dst, qtype, **kwargs: calls.append(kwargs) or dst)
+    f16 = tmp_path / "teacher-f16.gguf"
+    paths = bench_quant_types.quantize_all(f16, tmp_path, ["F16", "Q8_0"])
+    assert paths == {"F16": f16, "Q8_0": tmp_path / "teacher-q8_0.gguf"}
+    assert calls == [{"overwrite": True}]
+    bench_quant_types.quantize_all(f16, tmp_path, ["Q4_K_M"], imatrix=tmp_path / "m.imatrix")
+    assert calls[-1] == {"overwrite": True, "imatrix": tmp_path / "m.imatrix"}
+
+
+def test_targets_pass_miss_and_not_measured():
+    rows = [{"type": "Q8_0", "perplexity_ratio": 1.004}, {"type": "Q4_K_M", "perplexity_ratio": 1.09,
+                                                          "decode_vs_f16": None}]
+    assert [c["met"] for c in bench_quant_types.check_targets(rows)] == [True, False, None]
+
+
+def test_heldout_texts_fill_the_scored_window():
+    from edgedistill.sources import tokenizer_source
+
+    tokenizer = tokenizer_source("smollm2-135m-instruct")  # the teacher's, from the embedded GGUF
+    lengths = [len(tokenizer(text).input_ids) for text in bench_quant_types.HELDOUT_TEXTS]
+    assert min(lengths) >= bench_quant_types.MAX_TOKENS_PER_TEXT
