@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -320,3 +322,49 @@ def test_architecture_tables_name_real_gguf_tensors():
     for spec in ARCHITECTURES:
         allowed = set(gguf.MODEL_TENSORS[spec.gguf_arch])
         assert {rule.tensor for rule in spec.tensors} <= allowed, spec.hf_architecture
+
+
+@pytest.mark.parametrize("keep_bytes", [4, 60, -1000])
+def test_truncated_safetensors_are_named(exported, tmp_path, keep_bytes):
+    hf_dir = _broken_copy(exported[0], tmp_path)
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep_bytes])
+    with pytest.raises(EdgedistillError, match="model.safetensors is damaged or truncated") as err:
+        write_gguf(hf_dir, tmp_path / "out.gguf")
+    assert "save the model again" in err.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(exported, tmp_path):
+    hf_dir = _broken_copy(exported[0], tmp_path)
+    config = json.loads((hf_dir / "config.json").read_text())
+    n_tokens = len(PreTrainedTokenizerFast.from_pretrained(hf_dir))
+    tensors = load_file(hf_dir / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][: n_tokens - 10].clone()
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps({**config, "vocab_size": n_tokens - 10}))
+    with pytest.raises(EdgedistillError, match=f"ids up to {n_tokens - 1} but the model's vocab_size is {n_tokens - 10}"):
+        write_gguf(hf_dir, tmp_path / "out.gguf")
+
+
+def test_no_room_to_write_is_a_clear_error(exported, tmp_path):
+    # A real failing write, not a mock: a subprocess whose file size limit (RLIMIT_FSIZE) is below
+    # the model's size gets EFBIG from the kernel part-way through, as a full disk gives ENOSPC.
+    hf_dir = exported[0]
+    script = f"""
+import resource, signal
+from pathlib import Path
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.gguf import write_gguf
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+try:
+    write_gguf(Path({str(hf_dir)!r}), Path({str(tmp_path / "out.gguf")!r}))
+except EdgedistillError as err:
+    print(err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "no room to write" in done.stdout and "partial file was removed" in done.stdout, done.stderr
+    assert list(tmp_path.iterdir()) == []

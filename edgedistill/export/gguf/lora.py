@@ -22,11 +22,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import Keys
-from safetensors import safe_open
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
-from edgedistill.export.gguf.writer import QUANTIZED_BY, _read_config, gguf_writer_into
+from edgedistill.export.gguf.writer import QUANTIZED_BY, _read_config, gguf_writer_into, open_safetensors
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,7 +80,7 @@ def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_file: Path, *, ove
     dims = spec.dims(config, config_file)
     rules = _rules_by_module(spec, dims, bool(config.get("tie_word_embeddings", spec.tied_default)))
 
-    with safe_open(adapter_dir / ADAPTER_FILE, framework="numpy") as f:
+    with open_safetensors(adapter_dir / ADAPTER_FILE, framework="numpy") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     pairs: dict[str, dict[str, np.ndarray]] = {}
     problems = []

@@ -96,7 +96,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
             tail = "\n    ".join(log[0].strip().splitlines()[-5:])
             raise EdgedistillError(
                 f"llama.cpp could not quantize {src} to {qtype} (status {status}); its log ends:\n    {tail}",
-                "check that the input is a valid F16/F32 GGUF",
+                "check that the input is a valid F16/F32 GGUF and that the output folder has room for the file",
             )
         os.replace(tmp_file, dst)
     finally:

@@ -18,9 +18,11 @@ guessed: a folder without a card gets no license key.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 from gguf import Keys
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
@@ -149,6 +151,28 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
             f"{hf_dir}: no *.safetensors files", "save the model with save_pretrained(safe_serialization=True)"
         )
     return files
+
+
+def open_safetensors(path: Path, framework: str = "pt"):
+    """safe_open, with a damaged or truncated file reported as such instead of a parser error."""
+    try:
+        return safe_open(path, framework=framework)
+    except (SafetensorError, OSError) as err:
+        raise EdgedistillError(f"{path} is damaged or truncated ({err})",
+                               "copy or save the model again (save_pretrained(..., safe_serialization=True))") from None
+
+
+# write errors that mean "no room" rather than a bug: full disk, quota, file size limit
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def check_room(out_file: Path, needed_bytes: int) -> None:
+    """Fail before writing anything when the disk of `out_file` has less than `needed_bytes` free."""
+    free = shutil.disk_usage(out_file.parent).free
+    if free < needed_bytes:
+        raise EdgedistillError(
+            f"{out_file.parent} has {free / 1e6:.1f} MB free, {out_file.name} needs about {needed_bytes / 1e6:.1f} MB",
+            "free some space on that disk or write the file elsewhere")
 
 
 def plan_tensors(spec: arch.ArchSpec, dims: arch.Dims, tied: bool, shapes: dict[str, tuple[int, ...]],
@@ -276,10 +300,11 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
         name = provenance.hub_repo.split("/")[1] if provenance.hub_repo else hf_dir.resolve().name
 
     with ExitStack() as stack:
-        files = [stack.enter_context(safe_open(path, framework="pt")) for path in _safetensors_files(hf_dir)]
+        files = [stack.enter_context(open_safetensors(path)) for path in _safetensors_files(hf_dir)]
         source_file = {key: f for f in files for key in f.keys()}
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key, f in source_file.items()}
         plan = plan_tensors(spec, dims, tied, shapes, hf_dir)
+        check_room(out_file, sum(p.nbytes for p in plan))
 
         with gguf_writer_into(out_file, spec.gguf_arch_name) as writer:
             _add_metadata(writer, spec, dims, name, sum(int(np.prod(p.shape)) for p in plan), provenance)
@@ -311,6 +336,14 @@ def gguf_writer_into(out_file: Path, arch_name: str):
         yield writer
         writer.close()
         os.replace(tmp_file, out_file)
+    except OSError as err:
+        # numpy's tofile reports a short write ("N requested and M written") without an errno
+        short_write = err.errno is None and "written" in str(err)
+        if err.errno not in NO_ROOM and not short_write:
+            raise
+        raise EdgedistillError(f"no room to write {out_file}: {err.strerror}",
+                               "free some space on that disk or write the file elsewhere; "
+                               "the partial file was removed") from None
     finally:
         writer.close()
         tmp_file.unlink(missing_ok=True)
