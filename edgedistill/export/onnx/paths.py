@@ -1,0 +1,101 @@
+"""The two ways a float ONNX decoder is made: onnxruntime-genai's model builder, or optimum's exporter.
+
+    python -c "from edgedistill.export.onnx.paths import run_builder; run_builder('runs/sentiment/distill', 'out', 'fp32')"
+
+The builder writes a graph made for decoding (fused GroupQueryAttention with a shared KV buffer,
+rotary embedding, SkipSimplifiedLayerNormalization) plus a genai_config.json for
+onnxruntime-genai, in seconds, for the architectures in BUILDER_ARCHITECTURES. optimum traces the
+PyTorch model (text-generation-with-past: input_ids, attention_mask, position_ids and the past KV
+in, logits and the present KV out) and covers many more architectures, but its graph is a plain one.
+
+Both run in a child process: the builder prints a line per tensor and keeps the whole model in
+memory, and a crash or a hang in either must not take the caller with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.onnx.options import BUILDER_ARCHITECTURES
+
+OPTIMUM_TASK = "text-generation-with-past"
+
+
+def optimum_model_types() -> list[str]:
+    """The model_type values optimum can export as text-generation-with-past."""
+    from optimum.exporters.tasks import TasksManager
+    import optimum.exporters.onnx.model_configs  # noqa: F401 (registers the ONNX configs)
+
+    return sorted(TasksManager.get_supported_model_type_for_task(OPTIMUM_TASK, exporter="onnx"))
+
+
+def choose_path(config: dict, requested: str, where: Path) -> str:
+    """"builder" or "optimum" for this config.json; `requested` "auto" prefers the builder."""
+    architecture = (config.get("architectures") or ["?"])[0]
+    model_type = config.get("model_type", "?")
+    in_builder = architecture in BUILDER_ARCHITECTURES
+    in_optimum = model_type in optimum_model_types()
+    supported = (f"the builder path takes {', '.join(BUILDER_ARCHITECTURES)}; the optimum path takes model types "
+                 f"{', '.join(optimum_model_types())}")
+    if requested == "builder" and not in_builder:
+        raise EdgedistillError(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {supported}",
+                               "use path='optimum' (--onnx-path optimum)" if in_optimum else
+                               "export to GGUF instead, or convert the model to a supported architecture")
+    if requested == "optimum" and not in_optimum:
+        raise EdgedistillError(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
+                               f"{supported}", "use path='builder'" if in_builder else "export to GGUF instead")
+    if requested != "auto":
+        return requested
+    if in_builder:
+        return "builder"
+    if in_optimum:
+        return "optimum"
+    raise EdgedistillError(f"{where}: no ONNX export path supports {architecture} (model type {model_type!r}); "
+                           f"{supported}", "export to GGUF instead, or use a supported architecture")
+
+
+def _run(command: list[str], what: str, log_file: Path, timeout_s: float | None) -> None:
+    # HF_HUB_OFFLINE: the builder and optimum look models up on the Hub when a path is not a folder;
+    # nothing is downloaded at run time in this project.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with log_file.open("w") as log:
+        try:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise EdgedistillError(f"{what} did not finish in {timeout_s:.0f} s (log: {log_file})",
+                                   "export a smaller model, or give it more time") from None
+    if done.returncode != 0:
+        tail = "\n    ".join(log_file.read_text(errors="replace").strip().splitlines()[-8:])
+        raise EdgedistillError(f"{what} failed (exit {done.returncode}); its log ends:\n    {tail}",
+                               "check that the folder loads in transformers (edgedistill chat FOLDER)")
+
+
+def run_builder(hf_dir: Path, out_dir: Path, precision: str, *, log_file: Path,
+                timeout_s: float | None = None) -> None:
+    """A float model (precision fp32 or fp16) with genai_config.json from the builder, into `out_dir`."""
+    out_dir = Path(out_dir)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(hf_dir).resolve()),
+               "-o", str(out_dir.resolve()), "-p", precision, "-e", "cpu", "-c", str((out_dir / ".cache").resolve()),
+               # never run a model's own Python code (config.json's auto_map)
+               "--extra_options", "hf_remote=false", "hf_token=false"]
+    _run(command, "the onnxruntime-genai model builder", log_file, timeout_s)
+
+
+_OPTIMUM_SCRIPT = """
+import json, sys
+from optimum.exporters.onnx import main_export
+args = json.loads(sys.argv[1])
+main_export(args["hf_dir"], args["out_dir"], task=args["task"], device="cpu", local_files_only=True,
+            trust_remote_code=False, do_validation=False)
+"""
+
+
+def run_optimum(hf_dir: Path, out_dir: Path, *, log_file: Path, timeout_s: float | None = None) -> None:
+    """A float32 model from optimum's exporter (one graph with past: model.onnx) into `out_dir`."""
+    args = {"hf_dir": str(Path(hf_dir).resolve()), "out_dir": str(Path(out_dir).resolve()), "task": OPTIMUM_TASK}
+    _run([sys.executable, "-c", _OPTIMUM_SCRIPT, json.dumps(args)], "optimum's ONNX exporter", log_file, timeout_s)

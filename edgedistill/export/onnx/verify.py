@@ -1,0 +1,256 @@
+"""Check an ONNX export in ONNX Runtime against the PyTorch model it was exported from.
+
+    python -c "from edgedistill.export.onnx.verify import verify_onnx; \
+print(verify_onnx('runs/sentiment/export_onnx/student-int4', 'runs/sentiment/distill'))"
+
+The same fixed texts and prompts as the GGUF check (edgedistill.export.gguf.verify, whose
+PyTorch reference is reused, so one reference serves every export of a folder):
+- the tokenizer: the export's tokenizer (onnxruntime-genai's for builder exports) must give the HF
+  tokenizer's ids on TOKENIZER_TEXTS (code, emoji, accents, CJK, whitespace runs, special tokens)
+  and decode them back to the HF tokenizer's text; any difference fails the export, whatever its
+  precision, because a model fed other ids is another model;
+- full-vocabulary log-probs at every position of the texts, in a plain onnxruntime session:
+  top-1 agreement, mean KL(PyTorch || ONNX), both perplexities and their ratio, and for float
+  exports the largest log-prob difference;
+- greedy continuations of fixed prompts in the runtime a user runs (onnxruntime-genai for builder
+  exports, with its KV cache), token by token, near ties told apart as in the GGUF check.
+The precision picks its bound in BOUNDS; a missed bound raises EdgedistillError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.gguf.verify import (
+    EVAL_TEXTS,
+    GREEDY_TOKENS,
+    Bound,
+    _reference,
+    _Reference,
+    _tie,
+)
+from edgedistill.export.onnx.options import MANIFEST, PRECISIONS
+from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
+
+# Texts a tokenizer gets wrong first: byte-level pieces of multi-byte characters, runs of spaces and
+# newlines, digits, code indentation, and special tokens written in the text.
+TOKENIZER_TEXTS: tuple[str, ...] = (
+    "Hello world",
+    "spaces   runs  \n\n\tand\ttabs    end ",
+    "   leading spaces and trailing ones   ",
+    "\n\n\n",
+    "digits 12345 and 3.14159, 2024-11-05",
+    "café naïve Zürich Ærø façade déjà vu",
+    "emoji 🚀🎉 done 👍🏽 and a family 👨‍👩‍👧",
+    "中文测试，日本語のテキスト、한국어 문장",
+    "Привет, мир! Γειά σου κόσμε. שלום עולם. مرحبا بالعالم",
+    "def mean(values):\n    if not values:\n        raise ValueError(\"empty\")\n    return sum(values) / len(values)\n",
+    "for (int i = 0; i < n; ++i) { total += a[i] * b[i]; }  // dot",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+)
+
+# float: measured on SmolLM2-135M and its 10-layer student (builder fp32: 7e-5 largest log-prob
+# difference, every argmax equal) and on the tiny random test models; a wrong graph is off by
+# whole units. Quantized: weight-only RTN (MatMulNBits, block 32, symmetric, int8 lm_head),
+# mean KL / perplexity ratio on EVAL_TEXTS:
+#   precision  teacher          student          random, 2 layers (tests)
+#   int8       0.0048 / 0.992   0.0039 / 1.003   see tests/test_export_onnx.py
+#   int4       0.45   / 1.26    0.28   / 1.10
+# int4 on SmolLM2 is worse than llama.cpp's Q4_K_M (0.053 / 1.065, which falls back to 5 and 8 bits
+# on this width) and close to Q4_0 (0.357 / 1.134): the teacher's weights come from a Q4_1 GGUF and
+# sit on an asymmetric grid with float minimums that int4 with integer zero points cannot
+# reproduce. The bounds are about 2x the real models' cost, like the GGUF bounds.
+BOUNDS: dict[str, Bound] = {
+    "fp32": Bound(min_top1_agreement=0.99, greedy_identical=True),
+    "fp16": Bound(min_top1_agreement=0.98, greedy_identical=True, tie_margin=0.2),
+    "int8": Bound(max_ppl_ratio=1.03, max_mean_kl=0.015),
+    "int4": Bound(max_ppl_ratio=1.5, max_mean_kl=1.0),
+}
+# fp32 exports compute what PyTorch computes, in another order: the largest absolute difference
+# of any log-prob at any position stays below this (measured 7e-5 on the student).
+FP32_MAX_ABS_LOGPROB_DIFF = 2e-3
+
+
+def _export_precision(export_dir: Path) -> str:
+    manifest = export_dir / MANIFEST
+    if not manifest.is_file():
+        raise EdgedistillError(f"{export_dir} has no {MANIFEST}", "pass the precision, or export it with edgedistill")
+    return json.loads(manifest.read_text())["precision"]
+
+
+def check_tokenizer(chat: OnnxChatModel, ref: _Reference, texts=TOKENIZER_TEXTS) -> list[dict]:
+    """The texts the export's tokenizer encodes or decodes differently from the HF tokenizer."""
+    problems = []
+    for text in texts:
+        expected = ref.tokenizer(text).input_ids
+        got = chat.encode(text)
+        decoded = chat.decode(expected)
+        expected_text = ref.tokenizer.decode(expected, skip_special_tokens=True)
+        if got != expected or decoded != expected_text:
+            problems.append({"text": text, "hf_ids": expected, "onnx_ids": got,
+                             "hf_decoded": expected_text, "onnx_decoded": decoded})
+    return problems
+
+
+def _score(export_dir: Path, precision: str, ref: _Reference, bound: Bound | None, threads: int | None) -> dict:
+    chat = OnnxChatModel(export_dir, threads=threads)
+    # builder exports generate in onnxruntime-genai, which gives no full-sequence logits: a plain
+    # session of the same graph scores the texts
+    decoder = OnnxDecoder(export_dir, threads=threads) if chat.genai else chat.decoder
+    tokenizer_problems = check_tokenizer(chat, ref)
+    tie_margin = (bound or Bound()).tie_margin
+
+    positions = agree = near_ties = targets = 0
+    kl_sum = nll_torch = nll_onnx = max_diff = 0.0
+    for ids, torch_lp in zip(ref.text_ids, ref.logprobs):
+        torch_lp = torch_lp.double()
+        onnx_logits = torch.from_numpy(decoder.logits(ids).astype(np.float64))
+        if onnx_logits.shape != torch_lp.shape:
+            raise EdgedistillError(f"{export_dir} gives logits of shape {tuple(onnx_logits.shape)} where "
+                                   f"{ref.folder} gives {tuple(torch_lp.shape)}",
+                                   "pass the HF folder this export was made from as the reference")
+        onnx_lp = torch.log_softmax(onnx_logits, -1)
+        torch_top, onnx_top = torch_lp.argmax(-1), onnx_lp.argmax(-1)
+        same = torch_top == onnx_top
+        gap = torch_lp.gather(-1, torch_top[:, None]) - torch_lp.gather(-1, onnx_top[:, None])
+        positions += len(ids)
+        agree += int(same.sum())
+        near_ties += int((~same & (gap[:, 0] <= tie_margin)).sum())
+        kl_sum += float((torch_lp.exp() * (torch_lp - onnx_lp)).sum())
+        max_diff = max(max_diff, float((torch_lp - onnx_lp).abs().max()))
+        nxt = torch.tensor(ids[1:])[:, None]
+        nll_torch -= float(torch_lp[:-1].gather(-1, nxt).sum())
+        nll_onnx -= float(onnx_lp[:-1].gather(-1, nxt).sum())
+        targets += len(ids) - 1
+
+    continuations = []
+    for prompt, expected, steps in zip(ref.prompts, ref.greedy, ref.greedy_logits):
+        # may stop early at an end token, which PyTorch then chose too (or the first difference is there)
+        got = list(chat.greedy_ids(prompt, GREEDY_TOKENS))
+        first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+        entry = {"prompt": ref.tokenizer.decode(prompt), "torch": ref.tokenizer.decode(expected),
+                 "onnx": ref.tokenizer.decode(got), "first_difference": first, "verdict": "identical"}
+        if first is not None:
+            gap, tie = _tie(steps[first], got[first], tie_margin)
+            entry.update(torch_logit_gap=round(gap, 4), verdict="tie" if tie else "differs")
+        continuations.append(entry)
+
+    ppl_torch, ppl_onnx = math.exp(nll_torch / targets), math.exp(nll_onnx / targets)
+    return {
+        "file": str(export_dir),
+        "file_type": precision,
+        "reference": str(ref.folder),
+        "runtime": "onnxruntime-genai" if chat.genai else "onnxruntime",
+        "texts": len(ref.text_ids),
+        "positions": positions,
+        "tokenization_identical": not tokenizer_problems,
+        "tokenizer_problems": tokenizer_problems,
+        "top1_agreement": agree / positions,
+        "top1_near_ties": near_ties,
+        "top1_agreement_with_ties": (agree + near_ties) / positions,
+        "mean_kl": kl_sum / positions,
+        "max_abs_logprob_diff": max_diff,
+        "perplexity_torch": ppl_torch,
+        "perplexity_onnx": ppl_onnx,
+        "perplexity_ratio": ppl_onnx / ppl_torch,
+        "greedy_tokens": GREEDY_TOKENS,
+        "greedy": continuations,
+        "greedy_verdict": ("differs" if any(c["verdict"] == "differs" for c in continuations) else
+                           "tie" if any(c["verdict"] == "tie" for c in continuations) else "identical"),
+        "tie_margin": tie_margin,
+        "bound": asdict(bound) if bound is not None else None,
+    }
+
+
+def _check(result: dict) -> list[str]:
+    """One line per missed bound, naming the measured value and the bound."""
+    failures = []
+    for problem in result["tokenizer_problems"][:3]:
+        failures.append(f"the export's tokenizer gives {problem['onnx_ids'][:12]} / {problem['onnx_decoded']!r} for "
+                        f"{problem['text']!r} where the HF tokenizer gives {problem['hf_ids'][:12]} / "
+                        f"{problem['hf_decoded']!r}")
+    if result["file_type"] == "fp32" and result["max_abs_logprob_diff"] > FP32_MAX_ABS_LOGPROB_DIFF:
+        failures.append(f"largest log-prob difference {result['max_abs_logprob_diff']:.3g} > {FP32_MAX_ABS_LOGPROB_DIFF}")
+    if result["bound"] is None:
+        return failures
+    bound = Bound(**result["bound"])
+    if bound.min_top1_agreement is not None and result["top1_agreement_with_ties"] < bound.min_top1_agreement:
+        failures.append(f"top-1 agreement {result['top1_agreement_with_ties']:.4f} < {bound.min_top1_agreement} "
+                        "(near ties counted as agreeing)")
+    if bound.greedy_identical and result["greedy_verdict"] == "differs":
+        bad = next(c for c in result["greedy"] if c["verdict"] == "differs")
+        failures.append(f"greedy continuation of {bad['prompt']!r} differs at token {bad['first_difference']} "
+                        f"(PyTorch's logit gap {bad['torch_logit_gap']} > tie margin {result['tie_margin']})")
+    if bound.max_ppl_ratio is not None and result["perplexity_ratio"] > bound.max_ppl_ratio:
+        failures.append(f"perplexity ratio {result['perplexity_ratio']:.4f} > {bound.max_ppl_ratio}")
+    if bound.max_mean_kl is not None and result["mean_kl"] > bound.max_mean_kl:
+        failures.append(f"mean KL {result['mean_kl']:.4f} > {bound.max_mean_kl}")
+    return failures
+
+
+def _fix(result: dict) -> str:
+    if not result["tokenization_identical"]:
+        return ("the reference folder's tokenizer files are read differently by ONNX Runtime GenAI; for a model "
+                "that came from a GGUF file, make the HF folder with edgedistill (the teacher stage rebuilds the "
+                "tokenizer from the GGUF's own metadata) and export that")
+    if result["file_type"] in ("fp32", "fp16"):
+        return ("a float export should match PyTorch: the export is wrong (graph, weights, tokenizer) or the reference "
+                "is not the folder it was exported from")
+    return ("export a higher precision (int8 instead of int4), keep the lm_head at 8 bits, use a smaller "
+            "block_size (16) or accuracy_level=1 (fp32 activations)")
+
+
+def reference_for(hf_dir: Path, texts: list[str] | None = None) -> _Reference:
+    """PyTorch's view of the texts, to pass to several verify_onnx calls on exports of one folder."""
+    return _reference(Path(hf_dir), list(texts) if texts else list(EVAL_TEXTS))
+
+
+def verify_onnx(export_dir: Path, reference_hf_dir: Path, *, precision: str | None = None,
+                texts: list[str] | None = None, bounds: dict[str, Bound | None] | None = None,
+                threads: int | None = None, reference: _Reference | None = None,
+                raise_on_failure: bool = True) -> dict:
+    """Compare the ONNX export in `export_dir` with the HF folder `reference_hf_dir` in PyTorch.
+
+    `precision` defaults to the one the export's manifest records; `texts` replace EVAL_TEXTS;
+    `bounds` override entries of BOUNDS (None: report without a bound); `reference` reuses a
+    reference_for() result. A missed bound raises EdgedistillError unless `raise_on_failure` is
+    False; the result's `passed` and `failures` say it either way.
+    """
+    export_dir = Path(export_dir)
+    precision = precision or _export_precision(export_dir)
+    if precision not in PRECISIONS:
+        raise EdgedistillError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    ref = reference or reference_for(reference_hf_dir, texts)
+    bound = {**BOUNDS, **(bounds or {})}.get(precision)
+    result = _score(export_dir, precision, ref, bound, threads)
+    failures = _check(result)
+    result.update(failures=failures, passed=not failures)
+    if raise_on_failure:
+        raise_if_failed(result)
+    return result
+
+
+def raise_if_failed(result: dict) -> None:
+    if not result["passed"]:
+        raise EdgedistillError(f"{result['file']} ({result['file_type']}) misses its bound against "
+                               f"{result['reference']}: " + "; ".join(result["failures"]), _fix(result))
+
+
+def format_verification(results: list[dict]) -> str:
+    """A table, one row per export, with the verdict against its bound."""
+    lines = [f"{'export':<28} {'type':<5} {'top-1':>7} {'mean KL':>9} {'max dlogp':>9} {'PPL torch':>10} "
+             f"{'PPL onnx':>9} {'ratio':>7} {'greedy':>9} {'tokens':>6}  verdict"]
+    for r in results:
+        verdict = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
+        lines.append(f"{Path(r['file']).name:<28} {r['file_type']:<5} {r['top1_agreement']:>7.4f} {r['mean_kl']:>9.5f} "
+                     f"{r['max_abs_logprob_diff']:>9.2g} {r['perplexity_torch']:>10.5g} {r['perplexity_onnx']:>9.5g} "
+                     f"{r['perplexity_ratio']:>7.4f} {r['greedy_verdict']:>9} "
+                     f"{'same' if r['tokenization_identical'] else 'DIFF':>6}  {verdict}")
+    return "\n".join(lines)

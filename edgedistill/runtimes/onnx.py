@@ -1,0 +1,245 @@
+"""ONNX Runtime: an export folder from edgedistill.export.onnx, greedy chat with a KV cache, streamed.
+
+    python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 "What is the capital of France?"
+
+Builder exports (with genai_config.json) run in onnxruntime-genai: its fused attention keeps the KV
+cache in one preallocated buffer, and its tokenizer is what a user of the export gets, so what is
+measured here is what they run. Other exports (optimum's graph) run in a plain onnxruntime session
+that feeds each step's present KV back as the next step's past (`OnnxDecoder`), tokenized by the
+export's tokenizer.json. Chat prompts are rendered from the export's own chat template.
+
+This module imports neither torch nor transformers, so a benchmark's peak RSS is the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgedistill.errors import EdgedistillError
+
+GENAI_CONFIG = "genai_config.json"
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def check_onnx_folder(folder: Path) -> Path:
+    folder = Path(folder)
+    if not (folder / "model.onnx").is_file():
+        raise EdgedistillError(f"{folder} is not an ONNX export (no model.onnx)",
+                               "export one with `edgedistill export MODEL --format onnx --out FOLDER`")
+    return folder
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    return options
+
+
+class OnnxDecoder:
+    """A decoder graph with past/present KV in a plain onnxruntime session: full-sequence logits and
+    KV-cached steps, for any export (the builder's GroupQueryAttention graph or optimum's)."""
+
+    def __init__(self, folder: Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = check_onnx_folder(folder)
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [name for name in self.inputs if name.startswith("past_key_values.")]
+        outputs = [o.name for o in self.session.get_outputs()]
+        # past_key_values.N.key ↔ present.N.key, the naming both exporters use
+        self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
+        missing = [name for name in ["logits", *self.present_names] if name not in outputs]
+        if "input_ids" not in self.inputs or missing:
+            raise EdgedistillError(f"{folder}/model.onnx is not a decoder with a KV cache (missing "
+                                   f"{'input_ids' if 'input_ids' not in self.inputs else ', '.join(missing)})",
+                                   "export it again with edgedistill export --format onnx")
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past_names:
+            info = self.inputs[name]
+            # [batch, kv heads, past length, head size]: batch 1, nothing cached yet
+            shape = [d if isinstance(d, int) else 0 for d in info.shape]
+            shape[0] = 1
+            past[name] = np.zeros(shape, _DTYPES[info.type])
+        return past
+
+    def _feed(self, ids: list[int], past: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
+        total = past_length + len(ids)
+        feed = {"input_ids": np.array([ids], np.int64), **past}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, total), np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(past_length, total, dtype=np.int64)[None]
+        return feed
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab] float32 logits of one sequence, from an empty cache."""
+        out = self.session.run(["logits"], self._feed(list(ids), self._empty_past(), 0))[0]
+        return out[0].astype(np.float32)
+
+    def steps(self, prompt: list[int]) -> Iterator[np.ndarray]:
+        """Greedy decoding one token at a time: yields the logits of each next token (the caller
+        sends nothing; the argmax is fed back), the prompt's KV computed once and then extended."""
+        past, length, ids = self._empty_past(), 0, list(prompt)
+        names = ["logits", *self.present_names]
+        while True:
+            out = self.session.run(names, self._feed(ids, past, length))
+            logits = out[0][0, -1].astype(np.float32)
+            yield logits
+            length += len(ids)
+            past = dict(zip(self.past_names, out[1:]))
+            ids = [int(logits.argmax())]
+
+
+def read_chat_template(folder: Path) -> str | None:
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template
+
+
+def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str]) -> str:
+    """The prompt text, rendered as transformers' apply_chat_template renders it."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+
+
+class OnnxChatModel:
+    """Greedy chat generation with an ONNX export; same interface as TorchChatModel, plus `stream`."""
+
+    def __init__(self, folder: Path, *, threads: int | None = None):
+        self.folder = check_onnx_folder(folder)
+        self.threads = threads or os.cpu_count() or 1
+        self.template = read_chat_template(self.folder)
+        special_map = self.folder / "special_tokens_map.json"
+        special = json.loads(special_map.read_text()) if special_map.is_file() else {}
+        self.special = {key: (value["content"] if isinstance(value, dict) else value)
+                        for key, value in special.items() if key in ("bos_token", "eos_token")}
+        self.genai = (self.folder / GENAI_CONFIG).is_file()
+        if self.genai:
+            self._open_genai()
+        else:
+            self._open_plain()
+
+    def _open_genai(self) -> None:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.folder))
+        config.clear_providers()  # CPU
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+        self.og = og
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        genai_config = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]
+        eos = genai_config.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.context_length = genai_config.get("context_length") or 2048
+
+    def _open_plain(self) -> None:
+        from tokenizers import Tokenizer
+
+        self.decoder = OnnxDecoder(self.folder, threads=self.threads)
+        self.hf_tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        eos = self.special.get("eos_token")
+        config = self.folder / "config.json"
+        eos_id = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+        ids = eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else []
+        if eos is not None and self.hf_tokenizer.token_to_id(eos) is not None:
+            ids.append(self.hf_tokenizer.token_to_id(eos))
+        self.eos_ids = set(ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids as the export's tokenizer gives them, special tokens (a bos) added as its config says."""
+        if self.genai:
+            return [int(t) for t in self.tokenizer.encode(text)]
+        return self.hf_tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.genai:
+            return self.tokenizer.decode(np.array(ids, np.int32))
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.template is None:
+            raise EdgedistillError(f"{self.folder} has no chat template",
+                                   "export from a folder whose tokenizer_config.json has chat_template")
+        return self.encode(render_chat(self.template, messages, self.special))
+
+    def greedy_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
+        """The greedy continuation of `prompt`, one token id at a time, stopping after an end token."""
+        if self.genai:
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(do_sample=False, max_length=min(len(prompt) + max_new_tokens,
+                                                                      self.context_length))
+            generator = self.og.Generator(self.model, params)
+            generator.append_tokens(np.array([prompt], np.int32))
+            for _ in range(max_new_tokens):
+                if generator.is_done():
+                    return
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                yield token
+                if token in self.eos_ids:
+                    return
+            return
+        steps = self.decoder.steps(prompt)
+        for _ in range(max_new_tokens):
+            token = int(next(steps).argmax())
+            yield token
+            if token in self.eos_ids:
+                return
+
+    def stream(self, messages: list[dict[str, str]], max_new_tokens: int) -> Iterator[str]:
+        """The greedy answer's text, piece by piece as tokens come (pieces of a character wait for it)."""
+        emitted, ids = "", []
+        for token in self.greedy_ids(self.prompt_ids(messages), max_new_tokens):
+            if token in self.eos_ids:
+                return
+            ids.append(token)
+            # decoding the whole answer each time keeps multi-byte characters whole; the answers
+            # here are short, so the quadratic cost does not matter
+            text = self.decode(ids)
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
+        """(answer, finished) per conversation; finished is False when max_new_tokens cut it off."""
+        answers = []
+        for messages in conversations:
+            ids = list(self.greedy_ids(self.prompt_ids(messages), max_new_tokens))
+            finished = bool(ids) and ids[-1] in self.eos_ids
+            # an answer cut off inside a multi-byte character ends in U+FFFD; stream() holds that piece back too
+            text = self.decode(ids[:-1] if finished else ids)
+            answers.append(((text if finished else text.rstrip("\ufffd")).strip(), finished))
+        return answers
+
+
+if __name__ == "__main__":
+    chat = OnnxChatModel(Path(sys.argv[1]))
+    for piece in chat.stream([{"role": "user", "content": sys.argv[2]}], max_new_tokens=128):
+        print(piece, end="", flush=True)
+    print()

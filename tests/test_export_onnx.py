@@ -1,0 +1,231 @@
+"""HF → ONNX export (builder and optimum paths), checked in ONNX Runtime against PyTorch.
+
+Tiny random models (2 layers, width 64) with the byte-level BPE tokenizer test_export_gguf trains;
+every export is verified on the way (edgedistill.export.onnx.verify) and reloaded here in the
+runtime a user runs: onnxruntime-genai for builder exports, a plain onnxruntime session otherwise.
+
+    .venv/bin/python -m pytest -q tests/test_export_onnx.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_export_gguf import _save_tokenizer
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from edgedistill.errors import EdgedistillError
+from edgedistill.export.onnx import BOUNDS, MANIFEST, export_onnx, reference_for
+from edgedistill.export.onnx.verify import TOKENIZER_TEXTS, check_tokenizer
+from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
+
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+             # weights this large make attention position-sensitive, so a wrong rotary layout shows
+             initializer_range=0.2)
+MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig(**SHAPE, tie_word_embeddings=True)),
+    # what width pruning leaves: fewer query heads (head_dim no longer hidden/heads), one KV group,
+    # a narrower MLP; untied, so the lm_head and the embeddings are quantized apart
+    "pruned": (LlamaForCausalLM, LlamaConfig(**{**SHAPE, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                 "intermediate_size": 96}, head_dim=16, tie_word_embeddings=False)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True)),
+    # not a builder architecture: exported by optimum
+    "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                                         eos_token_id=2, initializer_range=0.2)),
+}
+CHAT = [{"role": "user", "content": "ka lo mi ne tu"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    _save_tokenizer(out)
+    return out
+
+
+def _model_dir(root: Path, tokenizer_dir: Path, name: str) -> Path:
+    out = root / name
+    shutil.copytree(tokenizer_dir, out)
+    model_class, config = MODELS[name]
+    config = config.__class__.from_dict({**config.to_dict(),
+                                         "vocab_size": len(PreTrainedTokenizerFast.from_pretrained(out))})
+    torch.manual_seed(0)
+    model_class(config).float().eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: _model_dir(root, tokenizer_dir, name) for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def exports(models, tmp_path_factory) -> dict[str, Path]:
+    """Verified exports: the llama in every CPU precision (builder), and one export of each other model."""
+    root = tmp_path_factory.mktemp("onnx")
+    reference = reference_for(models["llama"])
+    out = {}
+    for precision in ("fp32", "int8", "int4"):
+        out[f"llama-{precision}"] = root / f"llama-{precision}"
+        export_onnx(models["llama"], out[f"llama-{precision}"], precision, reference=reference)
+    out["pruned-int4"] = root / "pruned-int4"
+    export_onnx(models["pruned"], out["pruned-int4"], "int4", quantize_embeddings=True)
+    out["qwen3-fp32"] = root / "qwen3-fp32"
+    out["qwen3-fp32"].mkdir()
+    (out["qwen3-fp32"] / "stale.txt").write_text("from an earlier export")
+    export_onnx(models["qwen3"], out["qwen3-fp32"], "fp32", overwrite=True)
+    out["gpt2-int8"] = root / "gpt2-int8"
+    export_onnx(models["gpt2"], out["gpt2-int8"], "int8")
+    return out
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def test_builder_export_files_and_manifest(exports):
+    folder = exports["llama-int4"]
+    assert {p.name for p in folder.iterdir()} == {
+        "model.onnx", "model.onnx.data", "genai_config.json", MANIFEST,
+        # the source folder's own tokenizer files, as they are
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+    manifest = _manifest(folder)
+    assert (manifest["path"], manifest["precision"], manifest["runtime"]) == ("builder", "int4", "onnxruntime-genai")
+    assert manifest["quantization"] == {
+        "block_size": 32, "symmetric": True, "accuracy_level": 4, "lm_head_bits": 8, "quantize_embeddings": None,
+        "bits": 4, "algorithm": "rtn", "op": "MatMulNBits", "embeddings": "int8, shared with the lm_head"}
+    assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {MANIFEST}
+    assert manifest["verification"]["passed"] and manifest["verification"]["tokenization_identical"]
+    # every weight in the external data file: the graph file stays small whatever the model's size
+    assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
+    sizes = {p: (exports[f"llama-{p}"] / "model.onnx.data").stat().st_size for p in ("fp32", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_fp32_matches_torch_logits_and_greedy(exports, models):
+    checks = _manifest(exports["llama-fp32"])["verification"]
+    assert checks["max_abs_logprob_diff"] < 2e-3 and checks["top1_agreement"] == 1.0
+    assert checks["greedy_verdict"] == "identical"
+    model = LlamaForCausalLM.from_pretrained(models["llama"]).eval()
+    prompt = [1, 40, 41, 42, 5, 17]
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0].numpy()
+    got = OnnxDecoder(exports["llama-fp32"]).logits(prompt)
+    assert np.abs(got - expected).max() < 1e-3
+    # onnxruntime-genai with its KV cache, and the plain session's KV loop, against transformers
+    torch_greedy = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=None)[0, len(prompt):].tolist()
+    assert list(OnnxChatModel(exports["llama-fp32"]).greedy_ids(prompt, 10)) == torch_greedy
+
+
+def test_quantized_exports_within_bounds(exports):
+    for name, precision in (("llama-int8", "int8"), ("llama-int4", "int4"), ("pruned-int4", "int4"),
+                            ("gpt2-int8", "int8")):
+        checks = _manifest(exports[name])["verification"]
+        bound = BOUNDS[precision]
+        assert checks["perplexity_ratio"] <= bound.max_ppl_ratio and checks["mean_kl"] <= bound.max_mean_kl, name
+    int8, int4 = (_manifest(exports[f"llama-{p}"])["verification"] for p in ("int8", "int4"))
+    assert int8["mean_kl"] < int4["mean_kl"]
+
+
+def test_pruned_student_and_other_architectures(exports):
+    pruned = _manifest(exports["pruned-int4"])
+    assert pruned["path"] == "builder" and pruned["quantization"]["embeddings"] == "int4"
+    assert _manifest(exports["qwen3-fp32"])["verification"]["greedy_verdict"] == "identical"
+    assert not (exports["qwen3-fp32"] / "stale.txt").exists()  # overwrite=True replaced the folder
+    gpt2 = _manifest(exports["gpt2-int8"])
+    assert (gpt2["path"], gpt2["runtime"]) == ("optimum", "onnxruntime")
+    assert "config.json" in gpt2["files"] and "genai_config.json" not in gpt2["files"]
+
+
+def test_tokenizer_round_trip_in_onnxruntime_genai(exports, models):
+    hf = PreTrainedTokenizerFast.from_pretrained(models["llama"])
+    chat = OnnxChatModel(exports["llama-fp32"])
+    assert chat.genai
+    for text in TOKENIZER_TEXTS:
+        ids = hf(text).input_ids
+        assert chat.encode(text) == ids, text
+        assert chat.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+
+
+def _misconfigure_tokenizer(folder: Path) -> None:
+    """What transformers writes for a GGUF's byte-level BPE (FACTS.md): a SentencePiece class, and a
+    decoder that mixes SentencePiece steps with ByteLevel; onnxruntime-genai then splits text wrongly."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer",
+                                                              "legacy": True}))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def test_misconfigured_tokenizer_is_caught(exports, models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["llama-fp32"], broken)
+    _misconfigure_tokenizer(broken)
+    problems = check_tokenizer(OnnxChatModel(broken), reference_for(models["llama"]))
+    assert problems and problems[0]["onnx_ids"] != problems[0]["hf_ids"]
+
+
+def test_chat_streams_what_generate_returns(exports):
+    for name in ("llama-int4", "gpt2-int8"):
+        chat = OnnxChatModel(exports[name])
+        [(answer, finished)] = chat.generate([CHAT], max_new_tokens=12)
+        assert "".join(chat.stream(CHAT, max_new_tokens=12)).strip() == answer
+        assert isinstance(finished, bool)
+
+
+def test_bad_input_is_refused_before_work(models, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(models["llama"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    with pytest.raises(EdgedistillError, match="LlamaForCausalLM.*llama") as err:
+        export_onnx(odd, tmp_path / "out", "int4")
+    assert "FooForCausalLM" in str(err.value)
+    with pytest.raises(EdgedistillError, match="builder cannot export GPT2LMHeadModel"):
+        export_onnx(models["gpt2"], tmp_path / "out", "int4", path="builder")
+    with pytest.raises(EdgedistillError, match="does not make fp16"):
+        export_onnx(models["gpt2"], tmp_path / "out", "fp16")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(models["llama"], no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(EdgedistillError, match="no tokenizer.json"):
+        export_onnx(no_tokenizer, tmp_path / "out", "int4")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(EdgedistillError, match="already exists"):
+        export_onnx(models["llama"], tmp_path / "exists", "int4")
+    with pytest.raises(EdgedistillError, match="block_size"):
+        export_onnx(models["llama"], tmp_path / "out", "int4", block_size=48)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "no_tokenizer", "odd"]
+
+
+def test_failing_export_leaves_nothing_and_overwrite_replaces(models, tmp_path):
+    """A tokenizer onnxruntime-genai reads differently fails the verification: nothing is kept."""
+    broken = tmp_path / "broken"
+    shutil.copytree(models["llama"], broken)
+    _misconfigure_tokenizer(broken)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier export")
+    with pytest.raises(EdgedistillError, match="the export's tokenizer gives"):
+        export_onnx(broken, out, "fp32", overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
