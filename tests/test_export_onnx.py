@@ -229,3 +229,15 @@ def test_failing_export_leaves_nothing_and_overwrite_replaces(models, tmp_path):
         export_onnx(broken, out, "fp32", overwrite=True)
     assert [p.name for p in out.iterdir()] == ["stale.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_bench_measure_and_artifact_listing(exports):
+    from edgedistill.runtimes.onnx import measure, onnx_artifacts
+
+    root = exports["llama-fp32"].parent
+    found = onnx_artifacts(root)
+    sizes = [sum(p.stat().st_size for p in f.glob("model.onnx*")) for f in found]
+    assert set(found) == set(exports.values()) and sizes == sorted(sizes, reverse=True)  # largest first
+    for name in ("llama-int4", "gpt2-int8"):
+        result = measure(exports[name], prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
+        assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0

@@ -1,6 +1,7 @@
 """ONNX Runtime: an export folder from edgedistill.export.onnx, greedy chat with a KV cache, streamed.
 
     python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 "What is the capital of France?"
+    python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 --bench   # one JSON line
 
 Builder exports (with genai_config.json) run in onnxruntime-genai: its fused attention keeps the KV
 cache in one preallocated buffer, and its tokenizer is what a user of the export gets, so what is
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +24,17 @@ import numpy as np
 from edgedistill.errors import EdgedistillError
 
 GENAI_CONFIG = "genai_config.json"
+MANIFEST = "onnx_export.json"  # edgedistill.export.onnx.options.MANIFEST (not imported: no torch here)
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def onnx_artifacts(*folders: Path) -> list[Path]:
+    """The ONNX export folders inside stage folders, folder by folder, largest (least quantized) first."""
+    def size(export: Path) -> int:
+        return sum(p.stat().st_size for p in export.glob("model.onnx*"))
+
+    return [export for folder in folders
+            for export in sorted((p.parent for p in folder.glob(f"*/{MANIFEST}")), key=lambda e: (-size(e), e.name))]
 
 
 def check_onnx_folder(folder: Path) -> Path:
@@ -238,8 +248,84 @@ class OnnxChatModel:
         return answers
 
 
-if __name__ == "__main__":
-    chat = OnnxChatModel(Path(sys.argv[1]))
-    for piece in chat.stream([{"role": "user", "content": sys.argv[2]}], max_new_tokens=128):
+BENCH_TEXT = "The quick brown fox jumps over the lazy dog while the sun sets. "
+
+
+def measure(folder: Path, prompt_tokens: int = 128, gen_tokens: int = 64, repetitions: int = 3,
+            threads: int | None = None) -> dict:
+    """Prefill and greedy decode speed and peak RSS of an export, like edgedistill.bench.worker
+    measures a GGUF in llama.cpp: a prompt of `prompt_tokens` (a text's tokens repeated), then
+    `gen_tokens` tokens one at a time; one warm-up, then the median of `repetitions`. Run it in a
+    process of its own (`--bench`) so the peak RSS is the model's."""
+    import statistics
+    import time
+
+    from edgedistill.bench.worker import peak_rss_kb
+
+    chat = OnnxChatModel(folder, threads=threads)
+    text = chat.encode(BENCH_TEXT)
+    prompt = (text * (prompt_tokens // len(text) + 1))[:prompt_tokens]
+    runs = []
+    for _ in range(repetitions + 1):
+        if chat.genai:
+            params = chat.og.GeneratorParams(chat.model)
+            params.set_search_options(do_sample=False, max_length=prompt_tokens + gen_tokens + 1)
+            generator = chat.og.Generator(chat.model, params)
+            started = time.perf_counter()
+            generator.append_tokens(np.array([prompt], np.int32))
+            prefilled = time.perf_counter()
+            for _ in range(gen_tokens):
+                generator.generate_next_token()
+        else:
+            steps = chat.decoder.steps(prompt)
+            started = time.perf_counter()
+            next(steps)
+            prefilled = time.perf_counter()
+            for _ in range(gen_tokens):
+                next(steps)
+        finished = time.perf_counter()
+        runs.append({"prefill_s": prefilled - started, "decode_s": finished - prefilled})
+    runs = runs[1:]
+    prefill_s = statistics.median(r["prefill_s"] for r in runs)
+    decode_s = statistics.median(r["decode_s"] for r in runs)
+    decode_rates = [gen_tokens / r["decode_s"] for r in runs]
+    return {
+        "runtime": "onnxruntime-genai" if chat.genai else "onnxruntime",
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repetitions": repetitions,
+        "threads": chat.threads,
+        "ttft_ms": round(1000 * (prefill_s + decode_s / gen_tokens), 2),
+        "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
+        "decode_tokens_per_s": round(gen_tokens / decode_s, 2),
+        "decode_tokens_per_s_spread": round(max(decode_rates) - min(decode_rates), 2),
+        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+    }
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("prompt", nargs="?")
+    parser.add_argument("--bench", action="store_true", help="print one JSON line of speed and memory")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    if args.bench:
+        print(json.dumps(measure(args.folder, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads)))
+        return
+    if args.prompt is None:
+        parser.error("give a prompt, or --bench")
+    chat = OnnxChatModel(args.folder, threads=args.threads)
+    for piece in chat.stream([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)
     print()
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,9 @@
     verify_onnx(Path("student-int4"), Path("runs/sentiment/distill"))          # again, on its own
 """
 
-from edgedistill.export.onnx.export import export_onnx
+from edgedistill.export.onnx.export import export_onnx, export_onnx_set
 from edgedistill.export.onnx.options import BUILDER_ARCHITECTURES, MANIFEST, PRECISIONS, QuantOptions
 from edgedistill.export.onnx.verify import BOUNDS, format_verification, reference_for, verify_onnx
 
-__all__ = ["BOUNDS", "BUILDER_ARCHITECTURES", "MANIFEST", "PRECISIONS", "QuantOptions", "export_onnx",
+__all__ = ["BOUNDS", "BUILDER_ARCHITECTURES", "MANIFEST", "PRECISIONS", "QuantOptions", "export_onnx", "export_onnx_set",
            "format_verification", "reference_for", "verify_onnx"]

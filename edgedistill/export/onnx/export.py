@@ -225,3 +225,14 @@ def _step(bar, next_step: str | None) -> None:
         bar.update()
         if next_step:
             bar.set_postfix_str(next_step)
+
+
+def export_onnx_set(model: Path, out: Path, role: str, precisions: list[str], **options) -> dict:
+    """The export stage's ONNX part: `<role>-<precision>/` folders in the stage folder `out`, one
+    PyTorch reference for all of them; returns each one's manifest by precision."""
+    from edgedistill.export.onnx.verify import reference_for
+
+    reference = reference_for(model)
+    return {precision: export_onnx(model, Path(out) / f"{role}-{precision}", precision, overwrite=True,
+                                   reference=reference, progress=True, **options)
+            for precision in precisions}
