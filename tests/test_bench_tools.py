@@ -66,7 +66,15 @@ def test_quantize_all_passes_the_imatrix_only_when_given(tmp_path, monkeypatch):
 def test_targets_pass_miss_and_not_measured():
     rows = [{"type": "Q8_0", "perplexity_ratio": 1.004}, {"type": "Q4_K_M", "perplexity_ratio": 1.09,
                                                           "decode_vs_f16": None}]
-    assert [c["met"] for c in bench_quant_types.check_targets(rows)] == [True, False, None]
+    checks = bench_quant_types.check_targets(rows, disturbed=["F16"])
+    assert [c["met"] for c in checks] == [True, False, None]
+    assert [c["reliable"] for c in checks] == [True, True, False]
+
+
+def test_rounds_that_differ_flag_the_speed_as_disturbed():
+    rows = [{"type": t, "speed_rounds": [{"decode_tokens_per_s": v} for v in speeds]}
+            for t, speeds in (("F16", [50, 52, 49]), ("Q4_0", [100, 20, 98]))]
+    assert bench_quant_types.disturbed_types(rows) == ["Q4_0"]
 
 
 def test_heldout_texts_fill_the_scored_window():
