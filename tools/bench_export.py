@@ -106,7 +106,10 @@ def run_export(model: Path, gguf_file: Path) -> dict:
     started, cpu_started = time.perf_counter(), _cpu_s()
     write_gguf(model, gguf_file, overwrite=True)
     seconds, cpu_s = time.perf_counter() - started, _cpu_s() - cpu_started
-    return {"seconds": seconds, "cpu_s": cpu_s, "peak_rss_mb": _peak_rss_mb(), "gguf_bytes": gguf_file.stat().st_size}
+    gguf_bytes = gguf_file.stat().st_size
+    # removed here, untimed: replacing an existing file would time the deletion of the old one too
+    gguf_file.unlink()
+    return {"seconds": seconds, "cpu_s": cpu_s, "peak_rss_mb": _peak_rss_mb(), "gguf_bytes": gguf_bytes}
 
 
 def run_baseline(model: Path, out_file: Path, out_bytes: int) -> dict:
@@ -154,7 +157,6 @@ def measure_size(label: str, model: Path, info: dict, work: Path, repeats: int) 
         print(f"[bench] {label}: repeat {i + 1}/{repeats}", file=sys.stderr)
         baselines.append(_worker("baseline", str(model), str(work / f"{label}.copy"), str(gguf_bytes)))
         exports.append(_worker("export", str(model), str(gguf_file)))
-    gguf_file.unlink()
     export_s = statistics.median(r["seconds"] for r in exports)
     baseline_s = statistics.median(r["seconds"] for r in baselines)
     return {"label": label, **info, "gguf_bytes": gguf_bytes,
