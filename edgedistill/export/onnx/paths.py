@@ -14,6 +14,7 @@ memory, and a crash or a hang in either must not take the caller with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -26,12 +27,18 @@ from edgedistill.export.onnx.options import BUILDER_ARCHITECTURES
 OPTIMUM_TASK = "text-generation-with-past"
 
 
-def optimum_model_types() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def optimum_model_types() -> tuple[str, ...]:
     """The model_type values optimum can export as text-generation-with-past."""
-    from optimum.exporters.tasks import TasksManager
     import optimum.exporters.onnx.model_configs  # noqa: F401 (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
 
-    return sorted(TasksManager.get_supported_model_type_for_task(OPTIMUM_TASK, exporter="onnx"))
+    return tuple(sorted(TasksManager.get_supported_model_type_for_task(OPTIMUM_TASK, exporter="onnx")))
+
+
+def _supported() -> str:
+    return (f"the builder path takes {', '.join(BUILDER_ARCHITECTURES)}; the optimum path takes model types "
+            f"{', '.join(optimum_model_types())}")
 
 
 def choose_path(config: dict, requested: str, where: Path) -> str:
@@ -39,24 +46,20 @@ def choose_path(config: dict, requested: str, where: Path) -> str:
     architecture = (config.get("architectures") or ["?"])[0]
     model_type = config.get("model_type", "?")
     in_builder = architecture in BUILDER_ARCHITECTURES
+    if requested in ("auto", "builder") and in_builder:
+        return "builder"  # without importing optimum (seconds)
     in_optimum = model_type in optimum_model_types()
-    supported = (f"the builder path takes {', '.join(BUILDER_ARCHITECTURES)}; the optimum path takes model types "
-                 f"{', '.join(optimum_model_types())}")
-    if requested == "builder" and not in_builder:
-        raise EdgedistillError(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {supported}",
+    if requested == "builder":
+        raise EdgedistillError(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {_supported()}",
                                "use path='optimum' (--onnx-path optimum)" if in_optimum else
                                "export to GGUF instead, or convert the model to a supported architecture")
-    if requested == "optimum" and not in_optimum:
-        raise EdgedistillError(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
-                               f"{supported}", "use path='builder'" if in_builder else "export to GGUF instead")
-    if requested != "auto":
-        return requested
-    if in_builder:
-        return "builder"
     if in_optimum:
         return "optimum"
+    if requested == "optimum":
+        raise EdgedistillError(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
+                               f"{_supported()}", "use path='builder'" if in_builder else "export to GGUF instead")
     raise EdgedistillError(f"{where}: no ONNX export path supports {architecture} (model type {model_type!r}); "
-                           f"{supported}", "export to GGUF instead, or use a supported architecture")
+                           f"{_supported()}", "export to GGUF instead, or use a supported architecture")
 
 
 def _run(command: list[str], what: str, log_file: Path, timeout_s: float | None) -> None:
@@ -79,8 +82,11 @@ def run_builder(hf_dir: Path, out_dir: Path, precision: str, *, log_file: Path,
                 timeout_s: float | None = None) -> None:
     """A float model (precision fp32 or fp16) with genai_config.json from the builder, into `out_dir`."""
     out_dir = Path(out_dir)
+    # fp16 is for GPUs: the builder's CPU fp16 graph fails in onnxruntime-genai's decoding loop
+    # (a buffer shape mismatch in repeat_kv), while its CUDA graph also runs, and is verified, on CPU
+    provider = "cuda" if precision == "fp16" else "cpu"
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(hf_dir).resolve()),
-               "-o", str(out_dir.resolve()), "-p", precision, "-e", "cpu", "-c", str((out_dir / ".cache").resolve()),
+               "-o", str(out_dir.resolve()), "-p", precision, "-e", provider, "-c", str((out_dir / ".cache").resolve()),
                # never run a model's own Python code (config.json's auto_map)
                "--extra_options", "hf_remote=false", "hf_token=false"]
     _run(command, "the onnxruntime-genai model builder", log_file, timeout_s)
