@@ -65,6 +65,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.out.exists() and not args.overwrite:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
+    if args.format == "onnx":
+        gguf_only = [flag for flag, value in (("--quant", args.quant), ("--max-size", args.max_size),
+                     ("--calibration", args.calibration), ("--imatrix", args.imatrix), ("--lora", args.lora)) if value]
+        if gguf_only:
+            raise EdgedistillError(f"{', '.join(gguf_only)} only apply to --format gguf",
+                                   "for ONNX, choose the weights with --precision (fp32, fp16, int8, int4)")
+    elif args.precision or args.onnx_path:
+        raise EdgedistillError("--precision and --onnx-path only apply to --format onnx", "use --quant for GGUF")
     if args.lora is not None and (args.quant or args.max_size or args.calibration or args.imatrix):
         raise EdgedistillError("--lora writes an adapter (float32), which takes no --quant, --max-size, "
                                "--calibration or --imatrix", "export and quantize the base model in a second command")
@@ -77,6 +85,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         if source.kind != "hf":
             # general.name from the source, not from the scratch folder it is unpacked into
             model, name = materialize(source, Path(scratch) / "hf"), source.name
+        if args.format == "onnx":
+            from edgedistill.export.onnx import export_onnx
+
+            export_onnx(model, args.out, args.precision or "int4", path=args.onnx_path or "auto",
+                        overwrite=args.overwrite, block_size=args.block_size, symmetric=not args.asymmetric,
+                        accuracy_level=args.accuracy_level,
+                        lm_head_bits=None if args.lm_head_bits == "float" else int(args.lm_head_bits),
+                        quantize_embeddings=args.quantize_embeddings, progress=True)
+            size = sum(p.stat().st_size for p in args.out.glob("model.onnx*"))
+            print(f"wrote {args.out}/ ({size / 1e6:.1f} MB of weights), verified against {args.model}")
+            return
         if args.lora is not None:
             write_lora_gguf(args.lora, model, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB), a LoRA for the GGUF of {args.model}")
@@ -143,14 +162,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_verify_export(args: argparse.Namespace) -> None:
     from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_gguf
-    from edgedistill.runtimes import resolve_artifact
+    from edgedistill.runtimes import artifact_kind, resolve_artifact
 
     texts = None
     if args.texts is not None:
         if not args.texts.is_file():
             raise EdgedistillError(f"{args.texts} does not exist", "pass a text file with one text per line")
         texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
-    result = verify_gguf(resolve_artifact(args.gguf), args.reference, texts=texts, threads=args.threads,
+    artifact = resolve_artifact(args.gguf)
+    if artifact_kind(artifact) == "onnx":
+        from edgedistill.export.onnx import verify_onnx
+        from edgedistill.export.onnx.verify import format_verification as format_onnx
+        from edgedistill.export.onnx.verify import raise_if_failed as raise_onnx
+
+        result = verify_onnx(artifact, args.reference, texts=texts, threads=args.threads, raise_on_failure=False)
+        print(format_onnx([result]))
+        _write_json(args.json, result)
+        raise_onnx(result)
+        return
+    result = verify_gguf(artifact, args.reference, texts=texts, threads=args.threads,
                          raise_on_failure=False, lora=args.lora)
     print(format_verification([result]))
     _write_json(args.json, result)
@@ -182,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--to", dest="to_stage", metavar="STAGE", help="stop after this stage")
     run.set_defaults(fn=cmd_run)
 
-    export = add("export", "export a model to GGUF, quantized by llama.cpp",
+    export = add("export", "export a model to GGUF (quantized by llama.cpp) or ONNX (for ONNX Runtime)",
                  "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf\n"
                  "  edgedistill export runs/tiny/distill --format gguf --max-size 60MB --out model.gguf\n"
                  "  edgedistill export runs/tiny/distill --quant q4_k_m --calibration runs/tiny/generate/train.jsonl "
                  "--out model.gguf\n"
-                 "  edgedistill export runs/tiny-lora/distill --lora runs/tiny-lora/lora --out task-lora.gguf")
+                 "  edgedistill export runs/tiny-lora/distill --lora runs/tiny-lora/lora --out task-lora.gguf\n"
+                 "  edgedistill export runs/tiny/distill --format onnx --precision int4 --out student-int4")
     export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
-    export.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (ONNX is planned)")
+    export.add_argument("--format", default="gguf", choices=["gguf", "onnx"],
+                        help="gguf: one file for llama.cpp; onnx: a folder for ONNX Runtime (GenAI)")
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--quant", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0 (default: q4_k_m)")
     choice.add_argument("--max-size", metavar="SIZE",
@@ -205,13 +237,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lora", type=Path, metavar="ADAPTER",
                         help="write this PEFT adapter (a run's lora stage) as a GGUF LoRA for MODEL, its base, "
                              "instead of the model")
+    onnx = export.add_argument_group("ONNX (--format onnx)")
+    onnx.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], help="weights (default: int4)")
+    onnx.add_argument("--onnx-path", choices=["auto", "builder", "optimum"],
+                      help="onnxruntime-genai's model builder, optimum's exporter, or auto (the builder when it "
+                           "supports the architecture; the default)")
+    onnx.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                      help="int4/int8: weights per quantization block (default: 32)")
+    onnx.add_argument("--asymmetric", action="store_true", help="int4/int8: blocks with a zero point")
+    onnx.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                      help="MatMulNBits accuracy level (default: 4 on CPU, int8 activations); verification "
+                           "catches a level that flips the model's argmax")
+    onnx.add_argument("--lm-head-bits", choices=["8", "4", "float"], default="8",
+                      help="bits of the output projection (default: 8)")
+    onnx.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                      help="quantize the embedding table (default: shared with a tied quantized lm_head)")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(fn=cmd_export)
 
     bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp",
                 "edgedistill bench model.gguf --json bench.json")
-    bench.add_argument("models", nargs="+", help="GGUF files or built-in names")
+    bench.add_argument("models", nargs="+", help="GGUF files, ONNX export folders or built-in names")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--gen-tokens", type=int, default=64)
     bench.add_argument("--repetitions", type=int, default=3)
@@ -230,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = add("verify-export", "compare a GGUF in llama.cpp with its HF model in PyTorch, within per-type bounds",
                  "edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill")
-    verify.add_argument("gguf", help="GGUF file or built-in name")
+    verify.add_argument("gguf", metavar="MODEL", help="GGUF file, ONNX export folder or built-in name")
     verify.add_argument("--reference", type=Path, required=True, help="the HF folder the GGUF was exported from")
     verify.add_argument("--texts", type=Path, help="score these texts (one per line) instead of the built-in ones")
     verify.add_argument("--lora", type=Path, metavar="ADAPTER.gguf",

@@ -226,11 +226,24 @@ class LoraConfig(TrainingConfig):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class OnnxOptions(Section):
+    """int8/int4 ONNX weights (edgedistill.export.onnx.options.QuantOptions)."""
+
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # None: 4 on CPU (int8 activations)
+    lm_head_bits: Literal[4, 8] | None = 8  # None: the output projection stays float
+    quantize_embeddings: bool | None = None  # None: shared with a tied, quantized lm_head
+
+
 class ExportConfig(Section):
     quants: list[Literal[GGUF_QUANTS]] = ["Q8_0", "Q4_K_M"]  # type: ignore[valid-type]
     teacher_quants: list[Literal[GGUF_QUANTS]] = ["Q4_K_M"]  # type: ignore[valid-type]
     # quantize the student with an importance matrix computed on the generate stage's answers
     imatrix: bool = False
+    # ONNX exports of the student (an export_onnx stage when not empty)
+    onnx: list[Literal["fp32", "fp16", "int8", "int4"]] = []
+    onnx_options: OnnxOptions = OnnxOptions()
 
 
 class BenchConfig(Section):

@@ -15,7 +15,7 @@ from edgedistill.data.logits import cache_teacher_logits
 from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
 from edgedistill.evaluate.task import eval_stage
-from edgedistill.export.stage import export_student, export_teacher
+from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Stage, clear_folder
 from edgedistill.recipe import Recipe
@@ -117,6 +117,7 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         Stage("merge", merge_lora, inputs=("distill", "lora", "logits", "generate")),
     ] if recipe.lora is not None else []
     trained = [*(s.name for s in progressive), "student", "distill", *(s.name for s in lora_stages)]
+    onnx = ("export_onnx",) if recipe.export.onnx else ()
     return [
         Stage("teacher", teacher_stage, sections=("seed", "teacher"), external=teacher_files),
         # Not the endpoint's URL, key, concurrency or timeouts: a server that comes back elsewhere
@@ -137,11 +138,13 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         # version 2: every file is verified in llama.cpp against its PyTorch model; 3: imatrix, GGUF LoRA
         Stage("export", export_student, inputs=(*tuned, "generate"),
               sections=("name", "export.quants", "export.imatrix"), version=3),
+        *([Stage("export_onnx", export_student_onnx, inputs=tuned, sections=("export.onnx", "export.onnx_options"))]
+          if recipe.export.onnx else []),
         Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
               version=2),
-        Stage("bench", bench_stage, inputs=("teacher_gguf", "export"), sections=("bench",)),
-        Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export"), sections=("eval",)),
-        Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", "teacher_gguf",
-                                              "bench", "eval"),
+        Stage("bench", bench_stage, inputs=("teacher_gguf", "export", *onnx), sections=("bench",)),
+        Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export", *onnx), sections=("eval",)),
+        Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", *onnx,
+                                              "teacher_gguf", "bench", "eval"),
               sections=("name", "teacher")),
     ]

@@ -241,3 +241,23 @@ def test_bench_measure_and_artifact_listing(exports):
     for name in ("llama-int4", "gpt2-int8"):
         result = measure(exports[name], prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
         assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_cli_export_verify_bench_and_chat(models, exports, tmp_path, capsys):
+    from edgedistill.cli import main
+    from edgedistill.runtimes import artifact_kind, open_chat_model
+
+    out = tmp_path / "student-int8"
+    assert main(["export", str(models["llama"]), "--format", "onnx", "--precision", "int8", "--out", str(out)]) == 0
+    assert _manifest(out)["precision"] == "int8" and artifact_kind(out) == "onnx"
+    assert main(["export", str(models["llama"]), "--format", "onnx", "--quant", "q4_k_m", "--out", str(tmp_path / "x")]) == 2
+    assert "--quant only apply to --format gguf" in capsys.readouterr().err
+    assert main(["verify-export", str(exports["llama-int4"]), "--reference", str(models["llama"])]) == 0
+    assert main(["bench", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1",
+                 "--json", str(tmp_path / "bench.json")]) == 0
+    [row] = json.loads((tmp_path / "bench.json").read_text())
+    assert row["artifact"] == "student-int8/" and row["decode_tokens_per_s"] > 0 and row["file_mb"] > 0
+    # an optimum export holds a config.json too, and is still an ONNX artifact
+    assert artifact_kind(exports["gpt2-int8"]) == "onnx"
+    [(answer, _)] = open_chat_model(out).generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+    assert isinstance(answer, str)

@@ -20,7 +20,8 @@ from edgedistill.cli import main
 from edgedistill.pipeline import PARTIAL, is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["teacher", "generate", "logits", "student", "distill", "export", "teacher_gguf", "bench", "eval", "report"]
+STAGES = ["teacher", "generate", "logits", "student", "distill", "export", "export_onnx", "teacher_gguf", "bench",
+          "eval", "report"]
 
 
 def copy_recipe(folder: Path, **replace: str) -> Path:
@@ -50,6 +51,7 @@ def test_every_stage_is_written_and_complete(tiny_run):
     assert {p.name for p in (tiny_run / "export").glob("*.gguf")} == {
         "student-f16.gguf", "student-q8_0.gguf", "student-q4_k_m.gguf"}
     assert {p.name for p in (tiny_run / "teacher_gguf").glob("*.gguf")} == {"teacher-f16.gguf", "teacher-q4_k_m.gguf"}
+    assert (tiny_run / "export_onnx" / "student-int4" / "model.onnx").is_file()
     # Checkpoints are progress, not results: the finished distill folder holds the model only.
     assert not (tiny_run / "distill" / "checkpoint").exists()
     assert (tiny_run / "distill" / "model.safetensors").exists()
@@ -68,7 +70,7 @@ def test_report_has_a_row_per_artifact_with_the_measured_numbers(tiny_run):
     report = (tiny_run / "report.md").read_text()
     bench = json.loads((tiny_run / "bench" / "bench.json").read_text())
     evaluation = json.loads((tiny_run / "eval" / "eval.json").read_text())
-    assert len(bench) == len(evaluation["artifacts"]) == 5
+    assert len(bench) == len(evaluation["artifacts"]) == 6  # 5 GGUF files and the int4 ONNX folder
     for row in bench:
         line = next(line for line in report.splitlines() if line.startswith(f"| `{row['artifact']}`"))
         assert f"{row['decode_tokens_per_s']:.1f}" in line and f"{row['file_mb']:.1f}" in line

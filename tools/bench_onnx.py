@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,17 +28,6 @@ GGUF_TYPES = ("Q8_0", "Q4_K_M")
 TARGET_INT4_DECODE_VS_Q4_K_M = 0.9
 TARGET_INT4_PPL_RATIO = 1.08
 TARGET_TEACHER_EXPORT_S = 60.0
-
-
-def _measure_onnx(folder: Path, args) -> dict:
-    # a process of its own, as edgedistill.bench measures a GGUF, so the peak RSS is the model's
-    command = [sys.executable, "-m", "edgedistill.runtimes.onnx", str(folder), "--bench", "--prompt-tokens", str(args.prompt_tokens),
-               "--gen-tokens", str(args.gen_tokens), "--repetitions", str(args.repetitions),
-               "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"onnxruntime-genai failed on {folder}: {done.stderr.strip()[-800:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _size_mb(path: Path) -> float:
@@ -65,7 +52,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep exports already in --work")
     args = parser.parse_args()
 
-    from edgedistill.bench.latency import bench_gguf
+    from edgedistill.bench.latency import bench_artifact
     from edgedistill.export.gguf import quantize_gguf, write_gguf
     from edgedistill.export.gguf.verify import verify_ggufs
     from edgedistill.export.onnx import MANIFEST, export_onnx, format_verification, reference_for
@@ -108,7 +95,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name, artifact in artifacts.items():
             path = Path(artifact["path"])
-            run = _measure_onnx(path, args) if artifact["format"] == "onnx" else bench_gguf(path, config)
+            run = bench_artifact(path, config)  # each in a process of its own, GGUF or ONNX
             runs[name].append(run)
             print(f"round {round_index + 1}: {name:<14} decode {run['decode_tokens_per_s']:7.1f} tok/s, prefill "
                   f"{run['prefill_tokens_per_s']:7.1f} tok/s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)

@@ -69,8 +69,12 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     return {"data": str(data), "reference": ref, "artifacts": results}
 
 
-def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path) -> dict:
-    report = evaluate(gguf_artifacts(teacher_gguf, export), generate / "heldout.jsonl", teacher,
+def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path,
+               export_onnx: Path | None = None) -> dict:
+    from edgedistill.runtimes.onnx import onnx_artifacts
+
+    artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
+    report = evaluate(artifacts, generate / "heldout.jsonl", teacher,
                       max_new_tokens=recipe.eval.max_new_tokens)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return {"reference_task_score": report["reference"]["task_score"]}

@@ -70,6 +70,15 @@ def export_student(recipe: Recipe, out: Path, *, distill: Path, generate: Path, 
     return {**files, **extra}
 
 
+def export_student_onnx(recipe: Recipe, out: Path, *, distill: Path, lora: Path | None = None,
+                        merge: Path | None = None) -> dict:
+    """The export_onnx stage: `student-<precision>/` ONNX folders of the student, each verified."""
+    from edgedistill.export.onnx import export_onnx_set
+
+    model = merge if merge is not None else distill
+    return export_onnx_set(model, out, "student", recipe.export.onnx, **recipe.export.onnx_options.model_dump())
+
+
 def export_lora_pair(base: Path, adapter: Path, merged: Path, out: Path, name: str) -> dict:
     """The base as F16 GGUF and the adapter as GGUF LoRA in `out`, checked together against `merged`."""
     out.mkdir(exist_ok=True)

@@ -51,7 +51,9 @@ def render_report(recipe: Recipe, stages: dict[str, Path]) -> str:
     lines += _table(["artifact", "file MB", "decode tok/s", "prefill tok/s", "TTFT ms", "peak RSS MB",
                      "task score", "% of teacher"], rows)
     any_bench = next(iter(bench.values()), {})
-    lines += ["", f"Speed: llama.cpp, {any_bench.get('threads')} threads, prompt {any_bench.get('prompt_tokens')} "
+    runtimes = "llama.cpp" + (" (GGUF) and ONNX Runtime GenAI (ONNX folders)"
+                              if any(r.get("runtime") for r in bench.values()) else "")
+    lines += ["", f"Speed: {runtimes}, {any_bench.get('threads')} threads, prompt {any_bench.get('prompt_tokens')} "
               f"tokens, {any_bench.get('gen_tokens')} generated, median of {any_bench.get('repetitions')} "
               f"(from `bench/bench.json`). Quality: greedy answers on {reference['examples']} held-out prompts "
               f"(from `eval/eval.json`).", ""]

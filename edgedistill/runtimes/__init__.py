@@ -1,4 +1,5 @@
-"""One way to open any artifact for chat generation: a GGUF file (llama.cpp) or an HF folder (PyTorch).
+"""One way to open any artifact for chat generation: a GGUF file (llama.cpp), an ONNX export folder
+(ONNX Runtime GenAI) or an HF folder (PyTorch).
 
     python -c "from edgedistill.runtimes import open_chat_model; print(open_chat_model('model.gguf'))"
 """
@@ -24,10 +25,13 @@ def gguf_artifacts(*folders: Path) -> list[Path]:
 def artifact_kind(path: Path) -> str:
     if path.suffix == ".gguf":
         return "gguf"
+    # before the HF check: an optimum export holds a config.json too
+    if path.is_dir() and ((path / "onnx_export.json").exists() or (path / "model.onnx").exists()):
+        return "onnx"
     if path.is_dir() and (path / "config.json").exists():
         return "hf"
-    raise EdgedistillError(f"{path} is neither a .gguf file nor an HF model folder",
-                           "pass a GGUF file or a folder with config.json and *.safetensors")
+    raise EdgedistillError(f"{path} is neither a .gguf file, an ONNX export folder nor an HF model folder",
+                           "pass a GGUF file, a folder with model.onnx, or a folder with config.json and *.safetensors")
 
 
 def resolve_artifact(spec: Path | str) -> Path:
@@ -45,8 +49,12 @@ def resolve_artifact(spec: Path | str) -> Path:
 
 def open_chat_model(spec: Path | str, *, threads: int | None = None) -> ChatModel:
     path = resolve_artifact(spec)
-    if artifact_kind(path) == "gguf":
+    kind = artifact_kind(path)
+    if kind == "gguf":
         from edgedistill.runtimes.llamacpp import LlamaCppChatModel
         return LlamaCppChatModel(path, threads=threads)
+    if kind == "onnx":
+        from edgedistill.runtimes.onnx import OnnxChatModel
+        return OnnxChatModel(path, threads=threads)
     from edgedistill.runtimes.pytorch import TorchChatModel
     return TorchChatModel(path)
