@@ -1,6 +1,6 @@
 """Size, quality and llama.cpp speed of every GGUF quantization type on the embedded teacher, in one run.
 
-    .venv/bin/python tools/bench_quant_types.py                 # all types (8 minutes on 2 shared cores)
+    .venv/bin/python tools/bench_quant_types.py                 # all types (8-16 minutes on 2 busy cores)
     .venv/bin/python tools/bench_quant_types.py --types F16 Q8_0 Q4_K_M --rounds 1 --gen-tokens 16   # a quick check
     .venv/bin/python tools/bench_quant_types.py --imatrix teacher.imatrix.gguf   # quantize with an importance matrix
 
@@ -13,7 +13,8 @@ quantizer, as the export stage does. Per type:
   speed    bench_many (each file in its own process, one warm-up, median of --repetitions), repeated
            --rounds times in alternating order, the median of the rounds: prefill and decode tokens/s.
            Rounds of one file that differ by more than MAX_ROUND_SPREAD flag the speeds as disturbed
-           by other work: llama.cpp on all cores slows down 10x or more when another process runs
+           by other work: llama.cpp on all cores slows down 10x or more when another process runs.
+           Such noise only ever slows a round down, so the fastest round is reported too
 Ratios are against figures from the same run: perplexity against PyTorch fp32, speed and size against
 F16. The issue's targets (issue 4) are printed as pass/MISSED; the project's own export bounds
 (verify.BOUNDS, looser) are reported as `passes_export_bounds`.
@@ -138,13 +139,14 @@ def measure_speed(paths: dict[str, Path], cfg: BenchConfig, rounds: int) -> dict
             runs[qtype].append(result)
     figures = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_rss_mb")
     return {qtype: {**{f: round(statistics.median(r[f] for r in results), 2) for f in figures},
+                    "decode_tokens_per_s_best": max(r["decode_tokens_per_s"] for r in results),
                     "rounds": [{f: r[f] for f in figures} for r in results]}
             for qtype, results in runs.items()}
 
 
 def combine(paths: dict[str, Path], quality: list[dict], speed: dict[str, dict]) -> list[dict]:
     f16_size = paths["F16"].stat().st_size if "F16" in paths else None
-    f16_decode = speed["F16"]["decode_tokens_per_s"] if "F16" in speed else None
+    f16 = speed.get("F16")
     rows = []
     for (qtype, path), verified in zip(paths.items(), quality):
         bench = speed[qtype]
@@ -156,7 +158,10 @@ def combine(paths: dict[str, Path], quality: list[dict], speed: dict[str, dict])
             "top1_agreement": round(verified["top1_agreement"], 4), "perplexity_gguf": verified["perplexity_gguf"],
             "passes_export_bounds": verified["passed"],
             "prefill_tokens_per_s": bench["prefill_tokens_per_s"], "decode_tokens_per_s": bench["decode_tokens_per_s"],
-            "decode_vs_f16": round(bench["decode_tokens_per_s"] / f16_decode, 2) if f16_decode else None,
+            "decode_vs_f16": round(bench["decode_tokens_per_s"] / f16["decode_tokens_per_s"], 2) if f16 else None,
+            "decode_tokens_per_s_best": bench["decode_tokens_per_s_best"],
+            "decode_vs_f16_best": (round(bench["decode_tokens_per_s_best"] / f16["decode_tokens_per_s_best"], 2)
+                                   if f16 else None),
             "peak_rss_mb": bench["peak_rss_mb"], "ttft_ms": bench["ttft_ms"], "speed_rounds": bench["rounds"],
         })
     return rows
@@ -187,13 +192,14 @@ def check_targets(rows: list[dict], disturbed: list[str]) -> list[dict]:
 def print_table(report: dict) -> None:
     ref = report["reference"]
     print("| type | file MB | size vs F16 | PPL ratio vs fp32 | mean KL | top-1 | prefill tok/s | decode tok/s "
-          "| decode vs F16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| PyTorch fp32 | {ref['file_bytes'] / 1e6:.1f} | | 1 (PPL {ref['perplexity']:.3f}) | 0 | 1 | | | |")
+          "| decode vs F16 | fastest round: decode tok/s, vs F16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| PyTorch fp32 | {ref['file_bytes'] / 1e6:.1f} | | 1 (PPL {ref['perplexity']:.3f}) | 0 | 1 | | | | |")
     for r in report["types"]:
         print(f"| {r['type']} | {r['file_bytes'] / 1e6:.1f} | {r['size_vs_f16']} | {r['perplexity_ratio']:.4f} "
               f"| {r['mean_kl']:.4f} | {r['top1_agreement']:.3f} | {r['prefill_tokens_per_s']:.0f} "
-              f"| {r['decode_tokens_per_s']:.1f} | {r['decode_vs_f16']} |")
+              f"| {r['decode_tokens_per_s']:.1f} | {r['decode_vs_f16']} "
+              f"| {r['decode_tokens_per_s_best']:.1f}, {r['decode_vs_f16_best']} |")
     print(f"\nload average (1 min) {report['load_average_1m'][0]:.1f} at start, "
           f"{report['load_average_1m'][1]:.1f} at end on {report['cpu_count']} cores")
     if report["speed_disturbed"]:
