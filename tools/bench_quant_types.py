@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_quant_types.py                 # all types (8-16 minutes on 2 busy cores)
     .venv/bin/python tools/bench_quant_types.py --types F16 Q8_0 Q4_K_M --rounds 1 --gen-tokens 16   # a quick check
     .venv/bin/python tools/bench_quant_types.py --imatrix teacher.imatrix.gguf   # quantize with an importance matrix
+    .venv/bin/python tools/bench_quant_types.py --calibration runs/sentiment/generate/train.jsonl   # both, side by side
 
 Reads the teacher as an HF float32 folder (runs/sentiment/teacher, made by `edgedistill run --to
 teacher`), writes it as F16 GGUF with edgedistill's writer (which writes F16 only, so the float32
@@ -127,6 +128,23 @@ def quantize_all(f16: Path, out_dir: Path, types: list[str], imatrix: Path | Non
     return paths
 
 
+CALIBRATED = "+imatrix"  # suffix of the rows quantized with --calibration's importance matrix
+
+
+def quantize_calibrated(teacher: Path, f16: Path, out_dir: Path, types: list[str], calibration: Path) -> dict[str, Path]:
+    """`types` again, with an importance matrix of the teacher on `calibration` (imatrix rows)."""
+    from transformers import AutoTokenizer
+
+    from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix
+
+    texts = calibration_texts(calibration, AutoTokenizer.from_pretrained(teacher))
+    imatrix = compute_imatrix(teacher, texts, out_dir / "teacher-imatrix.gguf", dataset=calibration.name)
+    # F16/BF16 are not quantized, so an importance matrix cannot change them
+    weighted = [t for t in types if t not in ("F16", "BF16")]
+    return {t + CALIBRATED: quantize_gguf(f16, out_dir / f"teacher-{t.lower()}-imatrix.gguf", t, imatrix=imatrix)
+            for t in weighted}
+
+
 def measure_speed(paths: dict[str, Path], cfg: BenchConfig, rounds: int) -> dict[str, dict]:
     """bench_many over all files `rounds` times, reversing the order each round so that neither end
     of the list always runs on a busier machine; per type and figure the median over the rounds,
@@ -149,7 +167,8 @@ def combine(paths: dict[str, Path], quality: list[dict], speed: dict[str, dict])
     f16 = speed.get("F16")
     rows = []
     for (qtype, path), verified in zip(paths.items(), quality):
-        bench = speed[qtype]
+        # an importance matrix changes which values are stored, not the types: same speed as the plain file
+        bench = speed[qtype.removesuffix(CALIBRATED)]
         size = path.stat().st_size
         rows.append({
             "type": qtype, "file_type_in_file": verified["file_type"], "file_bytes": size,
@@ -217,7 +236,11 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=Path("runs/sentiment/teacher"),
                         help="the teacher as an HF float32 folder")
     parser.add_argument("--types", nargs="+", type=str.upper, choices=TYPES, default=list(TYPES))
-    parser.add_argument("--imatrix", type=Path, help="an importance matrix for the quantizer")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--imatrix", type=Path, help="an importance matrix for the quantizer")
+    calibration.add_argument("--calibration", type=Path,
+                             help="also quantize every type with an importance matrix of the teacher on this task "
+                                  "text (e.g. runs/sentiment/generate/train.jsonl): '+imatrix' rows beside the plain ones")
     parser.add_argument("--rounds", type=int, default=3, help="speed passes over all files")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
@@ -242,20 +265,23 @@ def main() -> None:
         seconds, started = {}, time.perf_counter()
         f16 = write_gguf(args.teacher, work / "teacher-f16.gguf")
         paths = quantize_all(f16, work, args.types, imatrix=args.imatrix)
+        calibrated = (quantize_calibrated(args.teacher, f16, work, args.types, args.calibration)
+                      if args.calibration else {})
         seconds["write_and_quantize"], started = time.perf_counter() - started, time.perf_counter()
         print("[bench] scoring against PyTorch fp32", file=sys.stderr)
-        quality = verify_ggufs(list(paths.values()), args.teacher, texts=list(HELDOUT_TEXTS), threads=args.threads,
-                               raise_on_failure=False)
+        quality = verify_ggufs([*paths.values(), *calibrated.values()], args.teacher, texts=list(HELDOUT_TEXTS),
+                               threads=args.threads, raise_on_failure=False)
         seconds["verify"], started = time.perf_counter() - started, time.perf_counter()
         cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                           repetitions=args.repetitions, threads=args.threads)
-        rows = combine(paths, quality, measure_speed(paths, cfg, args.rounds))
+        rows = combine({**paths, **calibrated}, quality, measure_speed(paths, cfg, args.rounds))
         seconds["speed"] = time.perf_counter() - started
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report = {
         "teacher": str(args.teacher), "imatrix": str(args.imatrix) if args.imatrix else None,
+        "calibration": str(args.calibration) if args.calibration else None,
         # a load above the core count means other work shared the cores: speeds are then low and noisy
         "cpu_count": os.cpu_count(), "load_average_1m": [load_before, os.getloadavg()[0]],
         "reference": {"runtime": "PyTorch fp32", "perplexity": quality[0]["perplexity_torch"],
