@@ -51,15 +51,20 @@ def measure(path: str, prompt_tokens: int, gen_tokens: int, repetitions: int, th
             llm.eval([int(logits.argmax())])
         finished = time.perf_counter()
         runs.append({"prefill_s": prefilled - started, "decode_s": finished - prefilled})
-    runs = runs[1:]
+    return summarize(runs[1:], "llama.cpp", prompt_tokens, gen_tokens, threads)
+
+
+def summarize(runs: list[dict], runtime: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+    """The JSON line of a measurement from its timed runs ({"prefill_s", "decode_s"} each, warm-up
+    excluded): medians, time to first token and this process's peak RSS; any runtime's worker uses it."""
     prefill_s = statistics.median(r["prefill_s"] for r in runs)
     decode_s = statistics.median(r["decode_s"] for r in runs)
     decode_rates = [gen_tokens / r["decode_s"] for r in runs]
     return {
-        "runtime": "llama.cpp",
+        "runtime": runtime,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
-        "repetitions": repetitions,
+        "repetitions": len(runs),
         "threads": threads,
         # Time to first token: the prompt's prefill plus the first decode step.
         "ttft_ms": round(1000 * (prefill_s + decode_s / gen_tokens), 2),

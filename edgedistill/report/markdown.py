@@ -52,7 +52,7 @@ def render_report(recipe: Recipe, stages: dict[str, Path]) -> str:
                      "task score", "% of teacher"], rows)
     any_bench = next(iter(bench.values()), {})
     runtimes = "llama.cpp" + (" (GGUF) and ONNX Runtime GenAI (ONNX folders)"
-                              if any(r.get("runtime") for r in bench.values()) else "")
+                              if any(r.get("runtime", "llama.cpp") != "llama.cpp" for r in bench.values()) else "")
     lines += ["", f"Speed: {runtimes}, {any_bench.get('threads')} threads, prompt {any_bench.get('prompt_tokens')} "
               f"tokens, {any_bench.get('gen_tokens')} generated, median of {any_bench.get('repetitions')} "
               f"(from `bench/bench.json`). Quality: greedy answers on {reference['examples']} held-out prompts "

@@ -257,10 +257,9 @@ def measure(folder: Path, prompt_tokens: int = 128, gen_tokens: int = 64, repeti
     measures a GGUF in llama.cpp: a prompt of `prompt_tokens` (a text's tokens repeated), then
     `gen_tokens` tokens one at a time; one warm-up, then the median of `repetitions`. Run it in a
     process of its own (`--bench`) so the peak RSS is the model's."""
-    import statistics
     import time
 
-    from edgedistill.bench.worker import peak_rss_kb
+    from edgedistill.bench.worker import summarize
 
     chat = OnnxChatModel(folder, threads=threads)
     text = chat.encode(BENCH_TEXT)
@@ -285,22 +284,8 @@ def measure(folder: Path, prompt_tokens: int = 128, gen_tokens: int = 64, repeti
                 next(steps)
         finished = time.perf_counter()
         runs.append({"prefill_s": prefilled - started, "decode_s": finished - prefilled})
-    runs = runs[1:]
-    prefill_s = statistics.median(r["prefill_s"] for r in runs)
-    decode_s = statistics.median(r["decode_s"] for r in runs)
-    decode_rates = [gen_tokens / r["decode_s"] for r in runs]
-    return {
-        "runtime": "onnxruntime-genai" if chat.genai else "onnxruntime",
-        "prompt_tokens": prompt_tokens,
-        "gen_tokens": gen_tokens,
-        "repetitions": repetitions,
-        "threads": chat.threads,
-        "ttft_ms": round(1000 * (prefill_s + decode_s / gen_tokens), 2),
-        "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
-        "decode_tokens_per_s": round(gen_tokens / decode_s, 2),
-        "decode_tokens_per_s_spread": round(max(decode_rates) - min(decode_rates), 2),
-        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
-    }
+    return summarize(runs[1:], "onnxruntime-genai" if chat.genai else "onnxruntime", prompt_tokens, gen_tokens,
+                     chat.threads)
 
 
 def main() -> None:

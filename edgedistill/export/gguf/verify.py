@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ PRECISION_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4
 
 
 @dataclass
-class _Reference:
+class Reference:
     """What PyTorch says about the fixed texts and prompts, computed once for any number of files."""
 
     folder: Path
@@ -119,7 +120,7 @@ class _Reference:
     greedy_logits: list[torch.Tensor]  # per prompt, [GREEDY_TOKENS, vocab]: the logits each token was picked from
 
 
-def _reference(folder: Path, texts: list[str]) -> _Reference:
+def reference(folder: Path, texts: list[str]) -> Reference:
     from transformers import AutoTokenizer
 
     from edgedistill.runtimes.pytorch import load_model
@@ -148,7 +149,7 @@ def _reference(folder: Path, texts: list[str]) -> _Reference:
                     out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
             greedy.append(tokens)
             greedy_logits.append(torch.stack(steps))
-    return _Reference(folder, tokenizer, texts, text_ids, logprobs, prompts, greedy, greedy_logits)
+    return Reference(folder, tokenizer, texts, text_ids, logprobs, prompts, greedy, greedy_logits)
 
 
 def file_type_name(value: int | str | None) -> str:
@@ -188,12 +189,72 @@ def _llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
-def _tie(torch_logits: torch.Tensor, gguf_choice: int, margin: float) -> tuple[float, bool]:
-    gap = float(torch_logits.max() - torch_logits[gguf_choice])
+def _tie(torch_logits: torch.Tensor, choice: int, margin: float) -> tuple[float, bool]:
+    gap = float(torch_logits.max() - torch_logits[choice])
     return gap, gap <= margin
 
 
-def _score(path: Path, ref: _Reference, threads: int | None, table: dict[str, Bound | None],
+def score_texts(ref: Reference, logits_for: Callable[[list[int]], np.ndarray], tie_margin: float, name: str,
+                where: Path) -> dict:
+    """How a runtime's logits over the reference texts (`logits_for(ids)`, [positions, vocab]) agree
+    with PyTorch's: top-1 agreement (and near ties), mean KL(PyTorch || runtime) per position, the
+    largest log-prob difference, and both perplexities (`perplexity_<name>` for the runtime's)."""
+    positions = agree = near_ties = targets = 0
+    kl_sum = nll_torch = nll_other = max_diff = 0.0
+    for ids, torch_lp in zip(ref.text_ids, ref.logprobs):
+        torch_lp = torch_lp.double()
+        logits = torch.from_numpy(np.asarray(logits_for(ids), dtype=np.float64))
+        if logits.shape != torch_lp.shape:
+            raise EdgedistillError(f"{where} gives logits of shape {tuple(logits.shape)} where {ref.folder} gives "
+                                   f"{tuple(torch_lp.shape)}", "pass the HF folder it was exported from as the reference")
+        other_lp = torch.log_softmax(logits, -1)
+        torch_top, other_top = torch_lp.argmax(-1), other_lp.argmax(-1)
+        same = torch_top == other_top
+        gap = torch_lp.gather(-1, torch_top[:, None]) - torch_lp.gather(-1, other_top[:, None])
+        positions += len(ids)
+        agree += int(same.sum())
+        near_ties += int((~same & (gap[:, 0] <= tie_margin)).sum())
+        kl_sum += float((torch_lp.exp() * (torch_lp - other_lp)).sum())
+        max_diff = max(max_diff, float((torch_lp - other_lp).abs().max()))
+        nxt = torch.tensor(ids[1:])[:, None]
+        nll_torch -= float(torch_lp[:-1].gather(-1, nxt).sum())
+        nll_other -= float(other_lp[:-1].gather(-1, nxt).sum())
+        targets += len(ids) - 1
+    ppl_torch, ppl_other = math.exp(nll_torch / targets), math.exp(nll_other / targets)
+    return {
+        "texts": len(ref.text_ids),
+        "positions": positions,
+        "top1_agreement": agree / positions,
+        "top1_near_ties": near_ties,
+        "top1_agreement_with_ties": (agree + near_ties) / positions,
+        "mean_kl": kl_sum / positions,
+        "max_abs_logprob_diff": max_diff,
+        "perplexity_torch": ppl_torch,
+        f"perplexity_{name}": ppl_other,
+        "perplexity_ratio": ppl_other / ppl_torch,
+    }
+
+
+def compare_greedy(ref: Reference, greedy_for: Callable[[list[int]], list[int]], tie_margin: float, name: str) -> dict:
+    """A runtime's greedy continuations of the reference prompts (`greedy_for(prompt)`, up to
+    GREEDY_TOKENS ids) against PyTorch's, each "identical", "tie" or "differs" at its first difference."""
+    continuations = []
+    for prompt, expected, steps in zip(ref.prompts, ref.greedy, ref.greedy_logits):
+        # may stop early at an end token, which PyTorch then chose too (or the first difference is there)
+        got = list(greedy_for(prompt))
+        first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+        entry = {"prompt": ref.tokenizer.decode(prompt), "torch": ref.tokenizer.decode(expected),
+                 name: ref.tokenizer.decode(got), "first_difference": first, "verdict": "identical"}
+        if first is not None:
+            gap, tie = _tie(steps[first], got[first], tie_margin)
+            entry.update(torch_logit_gap=round(gap, 4), verdict="tie" if tie else "differs")
+        continuations.append(entry)
+    verdicts = {c["verdict"] for c in continuations}
+    return {"greedy_tokens": GREEDY_TOKENS, "greedy": continuations,
+            "greedy_verdict": "differs" if "differs" in verdicts else "tie" if "tie" in verdicts else "identical"}
+
+
+def _score(path: Path, ref: Reference, threads: int | None, table: dict[str, Bound | None],
            lora: Path | None = None) -> dict:
     n_ctx = max(len(ids) for ids in [*ref.text_ids, *ref.prompts]) + GREEDY_TOKENS
     llm = _load_llama(path, max(n_ctx, 64), threads, lora)
@@ -204,7 +265,7 @@ def _score(path: Path, ref: _Reference, threads: int | None, table: dict[str, Bo
         llm.close()
 
 
-def _score_loaded(llm, path: Path, ref: _Reference, table: dict[str, Bound | None]) -> dict:
+def _score_loaded(llm, path: Path, ref: Reference, table: dict[str, Bound | None]) -> dict:
     if llm.n_vocab() != ref.logprobs[0].shape[-1]:
         raise EdgedistillError(
             f"{path} has {llm.n_vocab()} tokens but {ref.folder} has {ref.logprobs[0].shape[-1]}",
@@ -217,58 +278,21 @@ def _score_loaded(llm, path: Path, ref: _Reference, table: dict[str, Bound | Non
                  if llm.tokenize(text.encode(), add_bos=False, special=True)
                  != ref.tokenizer(text, add_special_tokens=False).input_ids]
 
-    positions = agree = near_ties = 0
-    kl_sum = nll_torch = nll_gguf = 0.0
-    targets = 0
-    for ids, torch_lp in zip(ref.text_ids, ref.logprobs):
-        torch_lp = torch_lp.double()
-        gguf_lp = torch.log_softmax(torch.from_numpy(_llama_logits(llm, ids)), -1)
-        torch_top, gguf_top = torch_lp.argmax(-1), gguf_lp.argmax(-1)
-        same = torch_top == gguf_top
-        gap = torch_lp.gather(-1, torch_top[:, None]) - torch_lp.gather(-1, gguf_top[:, None])
-        positions += len(ids)
-        agree += int(same.sum())
-        near_ties += int((~same & (gap[:, 0] <= tie_margin)).sum())
-        kl_sum += float((torch_lp.exp() * (torch_lp - gguf_lp)).sum())
-        nxt = torch.tensor(ids[1:])[:, None]
-        nll_torch -= float(torch_lp[:-1].gather(-1, nxt).sum())
-        nll_gguf -= float(gguf_lp[:-1].gather(-1, nxt).sum())
-        targets += len(ids) - 1
-
-    continuations = []
-    for prompt, expected, steps in zip(ref.prompts, ref.greedy, ref.greedy_logits):
+    def greedy(prompt: list[int]) -> list[int]:
         got = [int(_llama_logits(llm, prompt)[-1].argmax())]
         for _ in range(GREEDY_TOKENS - 1):
             llm.eval([got[-1]])
             got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
-        entry = {"prompt": ref.tokenizer.decode(prompt), "torch": ref.tokenizer.decode(expected),
-                 "gguf": ref.tokenizer.decode(got), "first_difference": first, "verdict": "identical"}
-        if first is not None:
-            gap, tie = _tie(steps[first], got[first], tie_margin)
-            entry.update(torch_logit_gap=round(gap, 4), verdict="tie" if tie else "differs")
-        continuations.append(entry)
+        return got
 
-    ppl_torch, ppl_gguf = math.exp(nll_torch / targets), math.exp(nll_gguf / targets)
     return {
         "file": str(path),
         "file_type": file_type,
         "reference": str(ref.folder),
-        "texts": len(ref.text_ids),
-        "positions": positions,
         "tokenization_identical": not differing,
         "texts_tokenized_differently": differing,
-        "top1_agreement": agree / positions,
-        "top1_near_ties": near_ties,
-        "top1_agreement_with_ties": (agree + near_ties) / positions,
-        "mean_kl": kl_sum / positions,
-        "perplexity_torch": ppl_torch,
-        "perplexity_gguf": ppl_gguf,
-        "perplexity_ratio": ppl_gguf / ppl_torch,
-        "greedy_tokens": GREEDY_TOKENS,
-        "greedy": continuations,
-        "greedy_verdict": ("differs" if any(c["verdict"] == "differs" for c in continuations) else
-                           "tie" if any(c["verdict"] == "tie" for c in continuations) else "identical"),
+        **score_texts(ref, lambda ids: _llama_logits(llm, ids), tie_margin, "gguf", path),
+        **compare_greedy(ref, greedy, tie_margin, "gguf"),
         "tie_margin": tie_margin,
         "bound": asdict(bound) if bound is not None else None,
     }
@@ -311,7 +335,7 @@ def verify_ggufs(gguf_paths: list[Path], reference_hf_dir: Path, *, texts: list[
     """verify_gguf for several files against one reference, which PyTorch then scores only once."""
     reference_hf_dir = Path(reference_hf_dir)
     table = {**BOUNDS, **(bounds or {})}
-    ref = _reference(reference_hf_dir, list(texts) if texts else list(EVAL_TEXTS))
+    ref = reference(reference_hf_dir, list(texts) if texts else list(EVAL_TEXTS))
     results = []
     for path in gguf_paths:
         result = _score(Path(path), ref, threads, table, lora)

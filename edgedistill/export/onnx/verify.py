@@ -20,22 +20,12 @@ The precision picks its bound in BOUNDS; a missed bound raises EdgedistillError.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.export.gguf.verify import (
-    EVAL_TEXTS,
-    GREEDY_TOKENS,
-    Bound,
-    _reference,
-    _Reference,
-    _tie,
-)
+from edgedistill.export.gguf.verify import EVAL_TEXTS, GREEDY_TOKENS, Bound, Reference, compare_greedy, reference, score_texts
 from edgedistill.export.onnx.options import MANIFEST, PRECISIONS
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
@@ -85,7 +75,7 @@ def _export_precision(export_dir: Path) -> str:
     return json.loads(manifest.read_text())["precision"]
 
 
-def check_tokenizer(chat: OnnxChatModel, ref: _Reference, texts=TOKENIZER_TEXTS) -> list[dict]:
+def check_tokenizer(chat: OnnxChatModel, ref: Reference, texts=TOKENIZER_TEXTS) -> list[dict]:
     """The texts the export's tokenizer encodes or decodes differently from the HF tokenizer."""
     problems = []
     for text in texts:
@@ -99,7 +89,7 @@ def check_tokenizer(chat: OnnxChatModel, ref: _Reference, texts=TOKENIZER_TEXTS)
     return problems
 
 
-def _score(export_dir: Path, precision: str, ref: _Reference, bound: Bound | None, threads: int | None) -> dict:
+def _score(export_dir: Path, precision: str, ref: Reference, bound: Bound | None, threads: int | None) -> dict:
     chat = OnnxChatModel(export_dir, threads=threads)
     # builder exports generate in onnxruntime-genai, which gives no full-sequence logits: a plain
     # session of the same graph scores the texts
@@ -107,63 +97,15 @@ def _score(export_dir: Path, precision: str, ref: _Reference, bound: Bound | Non
     tokenizer_problems = check_tokenizer(chat, ref)
     tie_margin = (bound or Bound()).tie_margin
 
-    positions = agree = near_ties = targets = 0
-    kl_sum = nll_torch = nll_onnx = max_diff = 0.0
-    for ids, torch_lp in zip(ref.text_ids, ref.logprobs):
-        torch_lp = torch_lp.double()
-        onnx_logits = torch.from_numpy(decoder.logits(ids).astype(np.float64))
-        if onnx_logits.shape != torch_lp.shape:
-            raise EdgedistillError(f"{export_dir} gives logits of shape {tuple(onnx_logits.shape)} where "
-                                   f"{ref.folder} gives {tuple(torch_lp.shape)}",
-                                   "pass the HF folder this export was made from as the reference")
-        onnx_lp = torch.log_softmax(onnx_logits, -1)
-        torch_top, onnx_top = torch_lp.argmax(-1), onnx_lp.argmax(-1)
-        same = torch_top == onnx_top
-        gap = torch_lp.gather(-1, torch_top[:, None]) - torch_lp.gather(-1, onnx_top[:, None])
-        positions += len(ids)
-        agree += int(same.sum())
-        near_ties += int((~same & (gap[:, 0] <= tie_margin)).sum())
-        kl_sum += float((torch_lp.exp() * (torch_lp - onnx_lp)).sum())
-        max_diff = max(max_diff, float((torch_lp - onnx_lp).abs().max()))
-        nxt = torch.tensor(ids[1:])[:, None]
-        nll_torch -= float(torch_lp[:-1].gather(-1, nxt).sum())
-        nll_onnx -= float(onnx_lp[:-1].gather(-1, nxt).sum())
-        targets += len(ids) - 1
-
-    continuations = []
-    for prompt, expected, steps in zip(ref.prompts, ref.greedy, ref.greedy_logits):
-        # may stop early at an end token, which PyTorch then chose too (or the first difference is there)
-        got = list(chat.greedy_ids(prompt, GREEDY_TOKENS))
-        first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
-        entry = {"prompt": ref.tokenizer.decode(prompt), "torch": ref.tokenizer.decode(expected),
-                 "onnx": ref.tokenizer.decode(got), "first_difference": first, "verdict": "identical"}
-        if first is not None:
-            gap, tie = _tie(steps[first], got[first], tie_margin)
-            entry.update(torch_logit_gap=round(gap, 4), verdict="tie" if tie else "differs")
-        continuations.append(entry)
-
-    ppl_torch, ppl_onnx = math.exp(nll_torch / targets), math.exp(nll_onnx / targets)
     return {
         "file": str(export_dir),
         "file_type": precision,
         "reference": str(ref.folder),
         "runtime": "onnxruntime-genai" if chat.genai else "onnxruntime",
-        "texts": len(ref.text_ids),
-        "positions": positions,
         "tokenization_identical": not tokenizer_problems,
         "tokenizer_problems": tokenizer_problems,
-        "top1_agreement": agree / positions,
-        "top1_near_ties": near_ties,
-        "top1_agreement_with_ties": (agree + near_ties) / positions,
-        "mean_kl": kl_sum / positions,
-        "max_abs_logprob_diff": max_diff,
-        "perplexity_torch": ppl_torch,
-        "perplexity_onnx": ppl_onnx,
-        "perplexity_ratio": ppl_onnx / ppl_torch,
-        "greedy_tokens": GREEDY_TOKENS,
-        "greedy": continuations,
-        "greedy_verdict": ("differs" if any(c["verdict"] == "differs" for c in continuations) else
-                           "tie" if any(c["verdict"] == "tie" for c in continuations) else "identical"),
+        **score_texts(ref, decoder.logits, tie_margin, "onnx", export_dir),
+        **compare_greedy(ref, lambda prompt: chat.greedy_ids(prompt, GREEDY_TOKENS), tie_margin, "onnx"),
         "tie_margin": tie_margin,
         "bound": asdict(bound) if bound is not None else None,
     }
@@ -207,14 +149,14 @@ def _fix(result: dict) -> str:
             "block_size (16) or accuracy_level=1 (fp32 activations)")
 
 
-def reference_for(hf_dir: Path, texts: list[str] | None = None) -> _Reference:
+def reference_for(hf_dir: Path, texts: list[str] | None = None) -> Reference:
     """PyTorch's view of the texts, to pass to several verify_onnx calls on exports of one folder."""
-    return _reference(Path(hf_dir), list(texts) if texts else list(EVAL_TEXTS))
+    return reference(Path(hf_dir), list(texts) if texts else list(EVAL_TEXTS))
 
 
 def verify_onnx(export_dir: Path, reference_hf_dir: Path, *, precision: str | None = None,
                 texts: list[str] | None = None, bounds: dict[str, Bound | None] | None = None,
-                threads: int | None = None, reference: _Reference | None = None,
+                threads: int | None = None, reference: Reference | None = None,
                 raise_on_failure: bool = True) -> dict:
     """Compare the ONNX export in `export_dir` with the HF folder `reference_hf_dir` in PyTorch.
 
