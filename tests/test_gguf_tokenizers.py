@@ -2,7 +2,8 @@
 
 One fixed multilingual text set (code, emoji, accents, CJK, other scripts, whitespace runs) runs
 through every kind of vocabulary the GGUF writer handles:
-- byte-level BPE: the embedded teacher's own 49,152-token SmolLM2 tokenizer;
+- byte-level BPE: the embedded teacher's own 49,152-token SmolLM2 tokenizer, and vocabularies
+  trained here behind Qwen2's and Llama 3's split regexes;
 - SentencePiece BPE with byte fallback, trained here with the `sentencepiece` library and converted
   by transformers, as Llama 2 / Mistral (a "▁" before the text; both of transformers' layouts)
   and Gemma (no "▁" before the text) tokenizers are.
@@ -14,16 +15,18 @@ loads the vocabulary only.
 
 from __future__ import annotations
 
+import ctypes
 import io
 
 import gguf
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import write_gguf
-from edgedistill.export.gguf.tokenizer import read_tokenizer
+from edgedistill.export.gguf.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, read_tokenizer
 from edgedistill.sources.builtin import builtin_gguf_path
 from edgedistill.sources.gguf import tokenizer_from_gguf
 
@@ -58,15 +61,26 @@ SPM_CORPUS = [
 ]
 
 
-def _round_trip(hf_dir, gguf_file, texts=ROUND_TRIP_TEXTS):
+def _round_trip(hf_dir, gguf_file, texts=ROUND_TRIP_TEXTS, *, decoded=True):
     hf = AutoTokenizer.from_pretrained(hf_dir)
     llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     for text in texts:
         want = hf.encode(text, add_special_tokens=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, text
-        assert hf.decode(want) == text, "the HF tokenizer itself must round-trip"
-        assert llm.detokenize(want).decode() in (text, " " + text), text
+        if decoded:  # a tokenizer that cleans up spaces does not give the text back
+            assert hf.decode(want) == text, "the HF tokenizer itself must round-trip"
+            assert _detokenize(llm, want) in (text, " " + text), text
     return hf, llm
+
+
+def _detokenize(llm, ids: list[int]) -> str:
+    # llama.cpp's own detokenizer; llama-cpp-python's Llama.detokenize drops any token longer than
+    # its fixed 32-byte buffer (0.3.36), which merged CJK tokens exceed
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    buffer = ctypes.create_string_buffer(16 * len(ids) + 64)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), buffer, len(buffer), False, False)
+    assert n >= 0
+    return buffer.raw[:n].decode()
 
 
 def _tiny_model(hf_dir, vocab_size: int) -> None:
@@ -85,6 +99,34 @@ def test_byte_level_bpe_of_the_embedded_teacher(tmp_path):
     # special tokens are matched on raw text when asked to
     chat = "<|im_start|>user\nBonjour 👋<|im_end|>\n"
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == hf.encode(chat, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("layout", ["qwen2", "llama-bpe"])
+def test_byte_level_bpe_with_a_split_regex(tmp_path, layout):
+    # Qwen2/2.5/3 and Llama 3 split text with a regex before byte-level BPE; llama.cpp has each
+    # regex built in under a pre-tokenizer name. A vocabulary trained here on the multilingual
+    # corpus, with digits, contractions and runs of spaces that the two regexes split differently.
+    llama3 = layout == "llama-bpe"
+    # as the real ones are: Llama 3 takes whole-word tokens before merging and cleans up spaces
+    # when decoding (llama.cpp does both for "llama-bpe"); Qwen does neither
+    tokenizer = Tokenizer(models.BPE(ignore_merges=llama3))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX if llama3 else QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = SPM_CORPUS + ["I'm sure they'll say it's 12345 or 2024, we've 987654 left", "x  =  1\n\n\n  y"]
+    tokenizer.train_from_iterator(corpus * 5, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                            unk_token="<|endoftext|>", clean_up_tokenization_spaces=llama3).save_pretrained(tmp_path)
+    _tiny_model(tmp_path, tokenizer.get_vocab_size())
+    assert read_tokenizer(tmp_path).pre == layout
+    texts = (*ROUND_TRIP_TEXTS, "I'M SURE THEY'LL: it's 1234567 and 3.14159", "we've  got   20000\n\n\n  items")
+    hf, llm = _round_trip(tmp_path, write_gguf(tmp_path, tmp_path / "vocab.gguf"), texts, decoded=not llama3)
+    for text in texts:  # decoded as the HF tokenizer decodes, spaces cleaned up or not
+        assert _detokenize(llm, hf.encode(text, add_special_tokens=False)) == hf.decode(hf.encode(text)), text
 
 
 def _sentencepiece_model(tmp_path, *, dummy_prefix: bool) -> str:

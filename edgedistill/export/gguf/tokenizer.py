@@ -39,6 +39,11 @@ from edgedistill.errors import EdgedistillError
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
+# The split regexes of tokenizer.json files that llama.cpp implements under a pre-tokenizer name.
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+
 # Each entry: the llama.cpp pre-tokenizer name and the steps it implements. A step matches a
 # tokenizer.json step of the same type whose listed fields have these values (fields not listed,
 # such as ByteLevel's trim_offsets, do not change how text splits).
@@ -52,6 +57,20 @@ PRE_TOKENIZERS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
         ),
     ),
     ("gpt-2", ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},)),
+    (
+        "qwen2",  # Qwen2, Qwen2.5, Qwen3: single digits
+        (
+            {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ),
+    ),
+    (
+        "llama-bpe",  # Llama 3: digits in groups of up to three
+        (
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ),
+    ),
 )
 
 
@@ -94,10 +113,19 @@ def _steps(pre_tokenizer: dict | None) -> list[dict]:
     return [pre_tokenizer]
 
 
-def pre_tokenizer_name(pre_tokenizer: dict | None, source: Path) -> str:
-    """The llama.cpp `tokenizer.ggml.pre` name for a tokenizer.json pre_tokenizer structure."""
+# What the BPE model itself must say for llama.cpp's pre-tokenizer to behave the same: for Llama 3
+# llama.cpp takes a whole word that is a token as is, before any merge (HF's ignore_merges).
+PRE_TOKENIZER_MODEL: dict[str, dict[str, Any]] = {"llama-bpe": {"ignore_merges": True}}
+
+
+def pre_tokenizer_name(pre_tokenizer: dict | None, source: Path, model: dict | None = None) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` name for a tokenizer.json pre_tokenizer structure (and its
+    BPE `model` section, which some names constrain)."""
     steps = _steps(pre_tokenizer)
     for name, pattern in PRE_TOKENIZERS:
+        wanted = PRE_TOKENIZER_MODEL.get(name, {})
+        if any(bool((model or {}).get(field)) != value for field, value in wanted.items()):
+            continue
         if len(steps) == len(pattern) and all(
             all(step.get(field) == value for field, value in want.items())
             for step, want in zip(steps, pattern)
@@ -212,7 +240,7 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
             "GGUF export takes byte-level BPE (SmolLM2, Qwen) and SentencePiece BPE with byte fallback "
             "(Llama 2, Mistral, Gemma) tokenizers",
         )
-    pre = None if sentencepiece else pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_file)
+    pre = None if sentencepiece else pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_file, model)
 
     id_to_token: dict[int, str] = {i: tok for tok, i in model["vocab"].items()}
     id_to_type: dict[int, int] = {i: TokenType.NORMAL for i in id_to_token}
