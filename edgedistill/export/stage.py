@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tqdm import tqdm
-
 from transformers import AutoTokenizer
 
 from edgedistill.export.gguf import quantize_gguf, write_gguf
