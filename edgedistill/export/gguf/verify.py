@@ -298,8 +298,8 @@ def _score_loaded(llm, path: Path, ref: Reference, table: dict[str, Bound | None
     }
 
 
-def _check(result: dict) -> list[str]:
-    """One line per missed bound, naming the measured value and the bound."""
+def bound_failures(result: dict) -> list[str]:
+    """One line per missed bound of a result (GGUF or ONNX), naming the measured value and the bound."""
     if result["bound"] is None:
         return []
     bound = Bound(**result["bound"])
@@ -308,9 +308,9 @@ def _check(result: dict) -> list[str]:
         failures.append(f"top-1 agreement {result['top1_agreement_with_ties']:.4f} < {bound.min_top1_agreement} "
                         f"(near ties counted as agreeing)")
     if bound.greedy_identical and result["greedy_verdict"] == "differs":
-        bad = [c for c in result["greedy"] if c["verdict"] == "differs"]
-        failures.append(f"greedy continuation of {bad[0]['prompt']!r} differs at token {bad[0]['first_difference']} "
-                        f"(PyTorch's logit gap {bad[0]['torch_logit_gap']} > tie margin {result['tie_margin']})")
+        bad = next(c for c in result["greedy"] if c["verdict"] == "differs")
+        failures.append(f"greedy continuation of {bad['prompt']!r} differs at token {bad['first_difference']} "
+                        f"(PyTorch's logit gap {bad['torch_logit_gap']} > tie margin {result['tie_margin']})")
     if bound.max_ppl_ratio is not None and result["perplexity_ratio"] > bound.max_ppl_ratio:
         failures.append(f"perplexity ratio {result['perplexity_ratio']:.4f} > {bound.max_ppl_ratio}")
     if bound.max_mean_kl is not None and result["mean_kl"] > bound.max_mean_kl:
@@ -339,7 +339,7 @@ def verify_ggufs(gguf_paths: list[Path], reference_hf_dir: Path, *, texts: list[
     results = []
     for path in gguf_paths:
         result = _score(Path(path), ref, threads, table, lora)
-        failures = _check(result)
+        failures = bound_failures(result)
         result.update(failures=failures, passed=not failures)
         results.append(result)
     if raise_on_failure:

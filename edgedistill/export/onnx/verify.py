@@ -25,7 +25,8 @@ from pathlib import Path
 
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.export.gguf.verify import EVAL_TEXTS, GREEDY_TOKENS, Bound, Reference, compare_greedy, reference, score_texts
+from edgedistill.export.gguf.verify import (EVAL_TEXTS, GREEDY_TOKENS, Bound, Reference, bound_failures,
+                                           compare_greedy, reference, score_texts)
 from edgedistill.export.onnx.options import MANIFEST, PRECISIONS
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
@@ -120,21 +121,7 @@ def _check(result: dict) -> list[str]:
                         f"{problem['hf_decoded']!r}")
     if result["file_type"] == "fp32" and result["max_abs_logprob_diff"] > FP32_MAX_ABS_LOGPROB_DIFF:
         failures.append(f"largest log-prob difference {result['max_abs_logprob_diff']:.3g} > {FP32_MAX_ABS_LOGPROB_DIFF}")
-    if result["bound"] is None:
-        return failures
-    bound = Bound(**result["bound"])
-    if bound.min_top1_agreement is not None and result["top1_agreement_with_ties"] < bound.min_top1_agreement:
-        failures.append(f"top-1 agreement {result['top1_agreement_with_ties']:.4f} < {bound.min_top1_agreement} "
-                        "(near ties counted as agreeing)")
-    if bound.greedy_identical and result["greedy_verdict"] == "differs":
-        bad = next(c for c in result["greedy"] if c["verdict"] == "differs")
-        failures.append(f"greedy continuation of {bad['prompt']!r} differs at token {bad['first_difference']} "
-                        f"(PyTorch's logit gap {bad['torch_logit_gap']} > tie margin {result['tie_margin']})")
-    if bound.max_ppl_ratio is not None and result["perplexity_ratio"] > bound.max_ppl_ratio:
-        failures.append(f"perplexity ratio {result['perplexity_ratio']:.4f} > {bound.max_ppl_ratio}")
-    if bound.max_mean_kl is not None and result["mean_kl"] > bound.max_mean_kl:
-        failures.append(f"mean KL {result['mean_kl']:.4f} > {bound.max_mean_kl}")
-    return failures
+    return failures + bound_failures(result)
 
 
 def _fix(result: dict) -> str:
