@@ -15,7 +15,6 @@ loads the vocabulary only.
 
 from __future__ import annotations
 
-import ctypes
 import io
 
 import gguf
@@ -27,6 +26,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaToke
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import write_gguf
 from edgedistill.export.gguf.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, read_tokenizer
+from edgedistill.runtimes.llamacpp import detokenize
 from edgedistill.sources.builtin import builtin_gguf_path
 from edgedistill.sources.gguf import tokenizer_from_gguf
 
@@ -69,18 +69,8 @@ def _round_trip(hf_dir, gguf_file, texts=ROUND_TRIP_TEXTS, *, decoded=True):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, text
         if decoded:  # a tokenizer that cleans up spaces does not give the text back
             assert hf.decode(want) == text, "the HF tokenizer itself must round-trip"
-            assert _detokenize(llm, want) in (text, " " + text), text
+            assert detokenize(llm, want) in (text, " " + text), text
     return hf, llm
-
-
-def _detokenize(llm, ids: list[int]) -> str:
-    # llama.cpp's own detokenizer; llama-cpp-python's Llama.detokenize drops any token longer than
-    # its fixed 32-byte buffer (0.3.36), which merged CJK tokens exceed
-    tokens = (llama_cpp.llama_token * len(ids))(*ids)
-    buffer = ctypes.create_string_buffer(16 * len(ids) + 64)
-    n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), buffer, len(buffer), False, False)
-    assert n >= 0
-    return buffer.raw[:n].decode()
 
 
 def _tiny_model(hf_dir, vocab_size: int) -> None:
@@ -126,7 +116,7 @@ def test_byte_level_bpe_with_a_split_regex(tmp_path, layout):
     texts = (*ROUND_TRIP_TEXTS, "I'M SURE THEY'LL: it's 1234567 and 3.14159", "we've  got   20000\n\n\n  items")
     hf, llm = _round_trip(tmp_path, write_gguf(tmp_path, tmp_path / "vocab.gguf"), texts, decoded=not llama3)
     for text in texts:  # decoded as the HF tokenizer decodes, spaces cleaned up or not
-        assert _detokenize(llm, hf.encode(text, add_special_tokens=False)) == hf.decode(hf.encode(text)), text
+        assert detokenize(llm, hf.encode(text, add_special_tokens=False)) == hf.decode(hf.encode(text)), text
 
 
 def _sentencepiece_model(tmp_path, *, dummy_prefix: bool) -> str:

@@ -3,14 +3,20 @@
     python -m edgedistill.runtimes.llamacpp runs/sentiment/export/student-q4_k_m.gguf "Hello!"
 
 The prompt is rendered with the chat template stored in the GGUF and tokenized by llama.cpp, so
-what is measured here is what a llama.cpp user of the file gets.
+what is measured here is what a llama.cpp user of the file gets. Decoding is greedy (argmax of the
+last logits until an end-of-generation token) and the answer is decoded by llama.cpp's own
+llama_detokenize: llama-cpp-python's Llama.detokenize, which its create_completion uses, drops
+every token longer than its fixed 32-byte buffer (0.3.36), as merged CJK tokens are.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.sources.gguf import open_gguf
@@ -21,6 +27,22 @@ def check_gguf(path: Path) -> None:
     if not path.is_file():
         raise EdgedistillError(f"{path} does not exist", "pass the path of a .gguf file")
     open_gguf(path)
+
+
+def detokenize(llm, ids: list[int]) -> str:
+    """Text of token ids (special tokens left out) by llama.cpp's llama_detokenize, any token length."""
+    import llama_cpp
+
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    size = 16 * len(ids) + 64
+    for _ in range(2):  # a negative result is the size needed
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buffer, size, False, False)
+        if n >= 0:
+            return buffer.raw[:n].decode("utf-8", errors="replace")
+        size = -n
+    raise EdgedistillError(f"llama.cpp could not decode {len(ids)} tokens", "report this as a bug")
 
 
 class LlamaCppChatModel:
@@ -48,13 +70,24 @@ class LlamaCppChatModel:
                                  special=True)
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        n_vocab = self.llm.n_vocab()
         answers = []
         for messages in conversations:
             self.llm.reset()
-            result = self.llm.create_completion(prompt=self.prompt_ids(messages), max_tokens=max_new_tokens,
-                                                temperature=0.0, top_k=1, stop=[self.eos_token])
-            choice = result["choices"][0]
-            answers.append((choice["text"].strip(), choice["finish_reason"] == "stop"))
+            self.llm.eval(self.prompt_ids(messages))
+            new, finished = [], False
+            for _ in range(max_new_tokens):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+                token = int(logits.argmax())
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finished = True
+                    break
+                new.append(token)
+                self.llm.eval([token])
+            answers.append((detokenize(self.llm, new).strip(), finished))
         return answers
 
 
