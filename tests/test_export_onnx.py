@@ -143,6 +143,21 @@ def test_quantized_exports_within_bounds(exports):
     assert int8["mean_kl"] < int4["mean_kl"]
 
 
+def test_accuracy_level_that_flips_the_argmax_fails_the_export(exports):
+    from edgedistill.export.onnx.verify import ACCURACY_LEVEL_MIN_AGREEMENT, _check
+
+    # the CPU default, level 4 (int8 activations), checked against the same weights at level 0
+    check = _manifest(exports["llama-int4"])["verification"]
+    level = check["accuracy_level_check"]
+    assert level["accuracy_levels"] == [4] and level["top1_agreement_vs_level_0"] >= ACCURACY_LEVEL_MIN_AGREEMENT
+    assert _manifest(exports["llama-fp32"])["verification"]["accuracy_level_check"] is None
+    assert not list(exports["llama-int4"].glob(".verify-*"))
+    # a level whose arithmetic moves the argmax at 5% of the positions is refused, with the fix named
+    flipped = {**check, "accuracy_level_check": {**level, "top1_agreement_vs_level_0": 0.95}}
+    [failure] = _check(flipped)
+    assert "accuracy level [4]" in failure and "--accuracy-level 0" in failure
+
+
 def test_pruned_student_and_other_architectures(exports):
     pruned = _manifest(exports["pruned-int4"])
     assert pruned["path"] == "builder" and pruned["quantization"]["embeddings"] == "int4"

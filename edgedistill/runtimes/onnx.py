@@ -59,11 +59,11 @@ class OnnxDecoder:
     """A decoder graph with past/present KV in a plain onnxruntime session: full-sequence logits and
     KV-cached steps, for any export (the builder's GroupQueryAttention graph or optimum's)."""
 
-    def __init__(self, folder: Path, *, threads: int | None = None):
+    def __init__(self, folder: Path, *, threads: int | None = None, model_file: str = "model.onnx"):
         import onnxruntime as ort
 
         folder = check_onnx_folder(folder)
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads),
+        self.session = ort.InferenceSession(str(folder / model_file), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in self.inputs if name.startswith("past_key_values.")]

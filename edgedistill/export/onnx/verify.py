@@ -23,11 +23,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf.verify import (EVAL_TEXTS, GREEDY_TOKENS, Bound, Reference, bound_failures,
                                            compare_greedy, reference, score_texts)
-from edgedistill.export.onnx.options import MANIFEST, PRECISIONS
+from edgedistill.export.onnx.options import MANIFEST, MODEL_FILE, PRECISIONS
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
 # Texts a tokenizer gets wrong first: byte-level pieces of multi-byte characters, runs of spaces and
@@ -64,6 +65,10 @@ BOUNDS: dict[str, Bound] = {
     "int8": Bound(max_ppl_ratio=1.03, max_mean_kl=0.015),
     "int4": Bound(max_ppl_ratio=1.5, max_mean_kl=1.0),
 }
+# int8/int4 at MatMulNBits accuracy level 4 (int8 activations) against the same weights at level 0,
+# top-1 with near ties (log-prob gap <= 0.2) counted as agreeing: teacher int4 0.996, int8 1.000.
+ACCURACY_LEVEL_MIN_AGREEMENT = 0.98
+ACCURACY_LEVEL_TIE_MARGIN = 0.2
 # fp32 exports compute what PyTorch computes, in another order: the largest absolute difference
 # of any log-prob at any position stays below this (measured 7e-5 on the student).
 FP32_MAX_ABS_LOGPROB_DIFF = 2e-3
@@ -90,6 +95,40 @@ def check_tokenizer(chat: OnnxChatModel, ref: Reference, texts=TOKENIZER_TEXTS) 
     return problems
 
 
+def accuracy_level_agreement(export_dir: Path, decoder: OnnxDecoder, ref: Reference, threads: int | None) -> dict | None:
+    """Top-1 agreement (near ties counted) of the export's MatMulNBits at its accuracy level with the
+    same weights at level 0 (float activations), over the reference texts; None without such nodes.
+
+    Weights and scales are the same in both, so a disagreement beyond near ties is the accuracy
+    level's own arithmetic flipping the model's choices: the trap some levels fall into."""
+    import onnx
+
+    model = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
+    levels = set()
+    for node in model.graph.node:
+        for attribute in node.attribute if node.op_type == "MatMulNBits" else ():
+            if attribute.name == "accuracy_level":
+                levels.add(attribute.i)
+                attribute.i = 0
+    if not levels - {0}:
+        return None
+    # beside model.onnx: ONNX Runtime resolves the external data only inside the model's folder
+    level0 = export_dir / ".verify-accuracy-level-0.onnx"
+    onnx.save(model, str(level0))
+    try:
+        plain = OnnxDecoder(export_dir, threads=threads, model_file=level0.name)
+    finally:
+        level0.unlink()
+    agree = positions = 0
+    for ids in ref.text_ids:
+        got, want = decoder.logits(ids), plain.logits(ids)
+        picked, best = got.argmax(-1), want.argmax(-1)
+        rows = np.arange(len(ids))
+        agree += int(((picked == best) | (want[rows, best] - want[rows, picked] <= ACCURACY_LEVEL_TIE_MARGIN)).sum())
+        positions += len(ids)
+    return {"accuracy_levels": sorted(levels), "top1_agreement_vs_level_0": agree / positions}
+
+
 def _score(export_dir: Path, precision: str, ref: Reference, bound: Bound | None, threads: int | None) -> dict:
     chat = OnnxChatModel(export_dir, threads=threads)
     # builder exports generate in onnxruntime-genai, which gives no full-sequence logits: a plain
@@ -107,6 +146,7 @@ def _score(export_dir: Path, precision: str, ref: Reference, bound: Bound | None
         "tokenizer_problems": tokenizer_problems,
         **score_texts(ref, decoder.logits, tie_margin, "onnx", export_dir),
         **compare_greedy(ref, lambda prompt: chat.greedy_ids(prompt, GREEDY_TOKENS), tie_margin, "onnx"),
+        "accuracy_level_check": accuracy_level_agreement(export_dir, decoder, ref, threads),
         "tie_margin": tie_margin,
         "bound": asdict(bound) if bound is not None else None,
     }
@@ -121,6 +161,11 @@ def _check(result: dict) -> list[str]:
                         f"{problem['hf_decoded']!r}")
     if result["file_type"] == "fp32" and result["max_abs_logprob_diff"] > FP32_MAX_ABS_LOGPROB_DIFF:
         failures.append(f"largest log-prob difference {result['max_abs_logprob_diff']:.3g} > {FP32_MAX_ABS_LOGPROB_DIFF}")
+    level = result.get("accuracy_level_check")
+    if level and level["top1_agreement_vs_level_0"] < ACCURACY_LEVEL_MIN_AGREEMENT:
+        failures.append(f"MatMulNBits accuracy level {level['accuracy_levels']} picks another next token than level 0 "
+                        f"at {1 - level['top1_agreement_vs_level_0']:.1%} of positions (near ties aside; at most "
+                        f"{1 - ACCURACY_LEVEL_MIN_AGREEMENT:.0%} allowed): export with --accuracy-level 0")
     return failures + bound_failures(result)
 
 
