@@ -171,6 +171,8 @@ def cmd_verify_export(args: argparse.Namespace) -> None:
         texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
     artifact = resolve_artifact(args.gguf)
     if artifact_kind(artifact) == "onnx":
+        if args.lora is not None:
+            raise EdgedistillError("--lora applies a GGUF LoRA in llama.cpp", "verify an ONNX export without --lora")
         from edgedistill.export.onnx import verify_onnx
         from edgedistill.export.onnx.verify import format_verification as format_onnx
         from edgedistill.export.onnx.verify import raise_if_failed as raise_onnx
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(fn=cmd_export)
 
-    bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp",
+    bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp or ONNX Runtime",
                 "edgedistill bench model.gguf --json bench.json")
     bench.add_argument("models", nargs="+", help="GGUF files, ONNX export folders or built-in names")
     bench.add_argument("--prompt-tokens", type=int, default=128)
@@ -275,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="write the results here")
     evaluate.set_defaults(fn=cmd_eval)
 
-    verify = add("verify-export", "compare a GGUF in llama.cpp with its HF model in PyTorch, within per-type bounds",
+    verify = add("verify-export", "compare a GGUF (llama.cpp) or ONNX export (ONNX Runtime) with its HF model in "
+                 "PyTorch, within per-type bounds",
                  "edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill")
     verify.add_argument("gguf", metavar="MODEL", help="GGUF file, ONNX export folder or built-in name")
     verify.add_argument("--reference", type=Path, required=True, help="the HF folder the GGUF was exported from")

@@ -94,8 +94,10 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
                     max_tokens: int = 65536, overwrite: bool = False) -> Path:
     """Run the HF model over `texts` (packed into CHUNK_TOKENS-token chunks, at most `max_tokens`
     tokens) and write the imatrix of every linear layer's input to `out_file`."""
-    from edgedistill.runtimes.pytorch import load_model
+    from tqdm import tqdm
     from transformers import AutoTokenizer
+
+    from edgedistill.runtimes.pytorch import load_model
 
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if out_file.exists() and not overwrite:
@@ -128,7 +130,7 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
 
     handles = [modules[hf].register_forward_pre_hook(collect(g)) for hf, g in names.items()]
     try:
-        for chunk in chunks:
+        for chunk in tqdm(chunks, desc=f"imatrix {hf_dir.name}", unit="chunk"):
             model(torch.tensor([chunk]))
     finally:
         for handle in handles:
