@@ -1,0 +1,387 @@
+"""A deployable archive of a finished run, and the check that it arrived intact.
+
+    edgedistill bundle runs/sentiment --out sentiment-student.tar.gz
+    edgedistill verify sentiment-student.tar.gz
+    python -c "from pathlib import Path; from edgedistill.bundle import make_bundle, verify_bundle; \
+make_bundle(Path('runs/sentiment'), Path('sentiment-student.tar.gz')); \
+print(verify_bundle(Path('sentiment-student.tar.gz'), extract_to=Path('deploy')))"
+
+The archive holds one folder named after the file (`sentiment-student/`): the chosen artifacts
+(by default the smallest GGUF that passed verification and every ONNX folder), the tokenizer
+files, `chat_template.jinja`, a model card `README.md` (teacher, data, measured results, how to
+run it), an Ollama `Modelfile` per GGUF, and `manifest.json` with every file's size and sha256.
+`verify_bundle` checks every member's path before it extracts anything and every hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+
+from edgedistill import __version__
+from edgedistill.errors import EdgedistillError
+
+FORMAT = "edgedistill-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The same name as edgedistill.export.onnx.options.MANIFEST; importing that package loads
+# ONNX Runtime, which bundling does not need.
+ONNX_EXPORT_MANIFEST = "onnx_export.json"
+CHUNK_BYTES = 1 << 20
+
+
+class _HashingReader:
+    """A file object that hashes what tarfile reads from it, so each file is read once."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.bytes = file, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _available_artifacts(run_dir: Path) -> dict[str, Path]:
+    """Every GGUF in export/ by file name and every ONNX folder in export_onnx/ as `name/`."""
+    found = {path.name: path for path in sorted((run_dir / "export").glob("*.gguf")) if path.is_file()}
+    onnx = run_dir / "export_onnx"
+    if onnx.is_dir():
+        found |= {f"{path.name}/": path for path in sorted(onnx.iterdir())
+                  if path.is_dir() and (path / ONNX_EXPORT_MANIFEST).is_file()}
+    return found
+
+
+def _default_artifacts(run_dir: Path, available: dict[str, Path], export_manifest: dict) -> list[str]:
+    passed = [entry["file"] for entry in (export_manifest.get("result") or {}).values()
+              if isinstance(entry, dict) and entry.get("file") in available
+              and (entry.get("verification") or {}).get("passed") is True]
+    if not passed:
+        raise EdgedistillError(f"no GGUF in {run_dir / 'export'} passed verification (export/manifest.json)",
+                               f"name the artifacts to bundle with --artifact; available: {', '.join(available)}")
+    smallest = min(passed, key=lambda name: available[name].stat().st_size)
+    return [smallest, *(name for name in available if name.endswith("/"))]
+
+
+def _choose_artifacts(run_dir: Path, names: list[str] | None, export_manifest: dict) -> dict[str, Path]:
+    available = _available_artifacts(run_dir)
+    if names is None:
+        names = _default_artifacts(run_dir, available, export_manifest)
+    by_plain_name = {name.rstrip("/"): name for name in available}
+    chosen = {}
+    for name in names:
+        key = by_plain_name.get(name.rstrip("/"))
+        if key is None:
+            raise EdgedistillError(f"no artifact {name!r} in {run_dir}",
+                                   f"choose from: {', '.join(available) or '(none: the export stage wrote nothing)'}")
+        chosen[key] = available[key]
+    return chosen
+
+
+def _tokenizer_folder(run_dir: Path) -> Path:
+    # a LoRA run's deployable model is the merged one
+    folder = run_dir / "merge" if (run_dir / "merge").is_dir() else run_dir / "distill"
+    if not (folder / "tokenizer_config.json").is_file():
+        raise EdgedistillError(f"{run_dir} has no tokenizer: {folder / 'tokenizer_config.json'} is missing",
+                               f"finish the run first: edgedistill run --out {run_dir}")
+    return folder
+
+
+def _chat_template(tokenizer_dir: Path, tokenizer_config: dict) -> str | None:
+    # newer transformers save the template beside tokenizer_config.json instead of inside it
+    if (tokenizer_dir / "chat_template.jinja").is_file():
+        return (tokenizer_dir / "chat_template.jinja").read_text()
+    template = tokenizer_config.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def _token_text(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _modelfile(gguf_name: str, modelfile: str, model_name: str, eos_token: str | None) -> str:
+    lines = [f"# Ollama: ollama create {model_name} -f {modelfile} && ollama run {model_name}",
+             "# No TEMPLATE line: `ollama create` reads the chat template stored in the GGUF",
+             "# (tokenizer.chat_template) and uses the Ollama template it recognises; check the result",
+             f"# with `ollama show --template {model_name}` and add a TEMPLATE here if it is empty.",
+             f"FROM ./{gguf_name}"]
+    if eos_token and '"' not in eos_token and "\n" not in eos_token:
+        lines.append(f'PARAMETER stop "{eos_token}"')
+    return "\n".join(lines) + "\n"
+
+
+def _ollama_names(name: str, ggufs: list[str]) -> dict[str, tuple[str, str]]:
+    """Each GGUF's Modelfile name and Ollama model name: plain for one GGUF, suffixed for several."""
+    if len(ggufs) == 1:
+        return {ggufs[0]: ("Modelfile", name)}
+    return {gguf: (f"Modelfile.{Path(gguf).stem}", f"{name}-{Path(gguf).stem}") for gguf in ggufs}
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _training_examples(run_dir: Path, generate: dict) -> int | None:
+    examples = (generate.get("result") or {}).get("train_examples")
+    if examples is None and (run_dir / "generate" / "train.jsonl").is_file():
+        with open(run_dir / "generate" / "train.jsonl", "rb") as file:
+            examples = sum(1 for line in file if line.strip())
+    return examples
+
+
+def _model_card(run_dir: Path, name: str, run_name: str, artifacts: list[str],
+                modelfiles: dict[str, tuple[str, str]],
+                has_template: bool) -> str:
+    manifests = {stage: _read_json(run_dir / stage / MANIFEST) or {}
+                 for stage in ("teacher", "student", "generate", "distill")}
+    teacher = (manifests["teacher"].get("config") or {}).get("teacher") or {}
+    student = (manifests["student"].get("config") or {}).get("student") or {}
+    distill = (manifests["distill"].get("config") or {}).get("distill") or {}
+    generate_config = manifests["generate"].get("config") or {}
+    task, data = generate_config.get("task") or {}, generate_config.get("data") or {}
+    examples = _training_examples(run_dir, manifests["generate"])
+
+    lines = [f"# {name}", "",
+             f"A student language model distilled with edgedistill {__version__} (run `{run_name}`).", "",
+             "## Where it comes from", "",
+             f"- Teacher: `{teacher.get('source', 'unknown')}` (teacher/manifest.json)"]
+    if student:
+        lines.append(f"- Student: made by `{student.get('method')}` from the teacher (student/manifest.json)")
+    if distill:
+        lines.append(f"- Distillation: {distill.get('epochs')} epochs, {distill.get('divergence')}, "
+                     f"KL weight {distill.get('kl_weight')}, temperature {distill.get('temperature')} "
+                     "(distill/manifest.json)")
+    source = f" from prompts in `{data['prompts']}`" if data.get("prompts") else ""
+    lines.append(f"- Data: {_fmt(examples)} training examples answered by the teacher{source}"
+                 + (f"; task: {task['kind']}" if task.get("kind") else "") + " (generate/manifest.json)")
+
+    lines += ["", "## Measured results", ""]
+    evaluation = _read_json(run_dir / "eval" / "eval.json") or {}
+    bench = {row["artifact"].rstrip("/"): row for row in _read_json(run_dir / "bench" / "bench.json") or []}
+    scores = {row["artifact"].rstrip("/"): row for row in evaluation.get("artifacts", [])}
+    reference = evaluation.get("reference") or {}
+    if not bench and not scores:
+        lines.append("Not measured: the run has no bench or eval stage.")
+    else:
+        lines += ["| artifact | file MB | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | task score "
+                  "| share of teacher |", "|---|---|---|---|---|---|---|---|"]
+        for artifact in artifacts:
+            speed, score = bench.get(artifact.rstrip("/"), {}), scores.get(artifact.rstrip("/"), {})
+            cells = [artifact, _fmt(speed.get("file_mb"), 2), _fmt(speed.get("decode_tokens_per_s")),
+                     _fmt(speed.get("prefill_tokens_per_s")), _fmt(speed.get("ttft_ms")),
+                     _fmt(speed.get("peak_rss_mb")), _fmt(score.get("task_score"), 3),
+                     _fmt(score.get("share_of_reference"), 3)]
+            lines.append("| " + " | ".join(cells) + " |")
+        if reference:
+            lines += ["", f"Teacher (PyTorch, reference) task score: {_fmt(reference.get('task_score'), 3)} "
+                      f"on {_fmt(reference.get('examples'))} held-out examples."]
+        threads = next((row.get("threads") for row in bench.values()), None)
+        lines += ["", f"From bench/bench.json ({_fmt(threads)} threads, on the machine that made the run) "
+                  "and eval/eval.json; re-measure with `edgedistill bench` and `edgedistill eval`."]
+
+    lines += ["", "## Run it", ""]
+    template_note = "chat_template.jinja" if has_template else "no chat template (the tokenizer has none)"
+    for artifact in artifacts:
+        if artifact.endswith(".gguf"):
+            modelfile, model = modelfiles[artifact]
+            lines += [f"llama.cpp ({artifact}; the GGUF carries its chat template):", "",
+                      f"    llama-cli -m {artifact} -cnv", "",
+                      f"Ollama: `ollama create {model} -f {modelfile} && ollama run {model}`", ""]
+        else:
+            lines += [f"onnxruntime-genai ({artifact}; format the prompt with {template_note}):", "",
+                      "    import onnxruntime_genai as og",
+                      f"    model = og.Model(\"{artifact.rstrip('/')}\")",
+                      "    tokenizer = og.Tokenizer(model)",
+                      "    params = og.GeneratorParams(model)",
+                      "    params.set_search_options(max_length=256)",
+                      "    generator = og.Generator(model, params)",
+                      "    generator.append_tokens(tokenizer.encode(prompt))",
+                      "    while not generator.is_done():",
+                      "        generator.generate_next_token()",
+                      "    print(tokenizer.decode(generator.get_sequence(0)))", ""]
+    lines += ["Check the archive before deploying it: `edgedistill verify <file>.tar.gz` "
+              "(sizes and sha256 of every file are in manifest.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def _bundle_name(out_file: Path) -> str:
+    name = out_file.name
+    for suffix in (".tar.gz", ".tgz"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return out_file.stem
+
+
+def _add_file(tar: tarfile.TarFile, arcname: str, path: Path, mtime: int) -> dict:
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mode, info.mtime = path.stat().st_size, 0o644, mtime
+    with open(path, "rb") as file:
+        reader = _HashingReader(file)
+        tar.addfile(info, reader)
+    return {"bytes": reader.bytes, "sha256": reader.sha256.hexdigest()}
+
+
+def _add_bytes(tar: tarfile.TarFile, arcname: str, data: bytes, mtime: int) -> dict:
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mode, info.mtime = len(data), 0o644, mtime
+    reader = _HashingReader(io.BytesIO(data))
+    tar.addfile(info, reader)
+    return {"bytes": reader.bytes, "sha256": reader.sha256.hexdigest()}
+
+
+def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = None,
+                overwrite: bool = False) -> dict:
+    """Write `out_file` (.tar.gz) from the finished run in `run_dir`; returns its manifest plus
+    `file` and `bytes`. `artifacts` names GGUF files in export/ or folders in export_onnx/."""
+    run_dir, out_file = Path(run_dir), Path(out_file)
+    if not run_dir.is_dir():
+        raise EdgedistillError(f"run folder {run_dir} does not exist",
+                               "give the folder `edgedistill run` wrote, e.g. runs/sentiment")
+    export_manifest = _read_json(run_dir / "export" / MANIFEST)
+    if export_manifest is None:
+        raise EdgedistillError(f"{run_dir} has no finished export stage ({run_dir / 'export' / MANIFEST} is missing)",
+                               f"finish the run first: edgedistill run --out {run_dir}")
+    if out_file.exists() and not overwrite:
+        raise EdgedistillError(f"{out_file} already exists", "pass --overwrite or choose another --out")
+
+    chosen = _choose_artifacts(run_dir, artifacts, export_manifest)
+    tokenizer_dir = _tokenizer_folder(run_dir)
+    tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    name = _bundle_name(out_file)
+    run_name = (export_manifest.get("config") or {}).get("name") or run_dir.name
+    template = _chat_template(tokenizer_dir, tokenizer_config)
+    modelfiles = _ollama_names(name, [artifact for artifact in chosen if artifact.endswith(".gguf")])
+
+    sources: dict[str, Path] = {}
+    for artifact, path in chosen.items():
+        if path.is_file():
+            sources[artifact] = path
+        else:
+            for folder, _, files in sorted(os.walk(path)):
+                for file in sorted(files):
+                    sources[(Path(folder) / file).relative_to(path.parent).as_posix()] = Path(folder) / file
+    sources |= {file: tokenizer_dir / file for file in TOKENIZER_FILES if (tokenizer_dir / file).is_file()}
+    eos_token = _token_text(tokenizer_config.get("eos_token"))
+    generated = {modelfile: _modelfile(gguf, modelfile, model, eos_token)
+                 for gguf, (modelfile, model) in modelfiles.items()}
+    if template is not None:
+        generated["chat_template.jinja"] = template
+    generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, template is not None)
+
+    created = int(time.time())
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    try:
+        files = {}
+        with tarfile.open(tmp, "w:gz") as tar:
+            for relpath, path in sources.items():
+                files[relpath] = _add_file(tar, f"{name}/{relpath}", path, created)
+            for relpath, text in generated.items():
+                files[relpath] = _add_bytes(tar, f"{name}/{relpath}", text.encode(), created)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "run": run_name,
+                        "edgedistill_version": __version__,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created)),
+                        "artifacts": list(chosen), "files": files}
+            _add_bytes(tar, f"{name}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), created)
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**manifest, "file": str(out_file), "bytes": out_file.stat().st_size}
+
+
+def _check_member(file: Path, member: tarfile.TarInfo) -> None:
+    """Refuse a member that could land outside the extraction folder or is not plain data."""
+    parts = PurePosixPath(member.name).parts
+    # a backslash or drive letter is a separator or a root on Windows
+    if not parts or member.name.startswith("/") or "\\" in member.name or ":" in parts[0] or ".." in parts:
+        raise EdgedistillError(f"{file}: member {member.name!r} has a path that escapes the target folder",
+                               "do not extract this archive; rebuild it with `edgedistill bundle`")
+    if not (member.isfile() or member.isdir()):
+        raise EdgedistillError(f"{file}: member {member.name!r} is a link or special file, not plain data",
+                               "do not extract this archive; rebuild it with `edgedistill bundle`")
+
+
+def verify_bundle(file: Path, *, extract_to: Path | None = None) -> dict:
+    """Check every path, size and sha256 in the archive `file` against its manifest.json; then,
+    when `extract_to` is given, extract it there (as `extract_to/<name>/`). Returns a summary."""
+    file = Path(file)
+    if not file.is_file():
+        raise EdgedistillError(f"{file} does not exist", "give the .tar.gz that `edgedistill bundle` wrote")
+    try:
+        tar = tarfile.open(file, "r:*")
+    except tarfile.TarError as exc:
+        raise EdgedistillError(f"{file} is not a readable tar archive ({exc})",
+                               "give the .tar.gz that `edgedistill bundle` wrote") from exc
+    with tar:
+        members = tar.getmembers()
+        for member in members:
+            _check_member(file, member)
+        tops = {PurePosixPath(member.name).parts[0] for member in members}
+        if len(tops) != 1:
+            raise EdgedistillError(f"{file} holds {len(tops)} top folders ({', '.join(sorted(tops)) or 'none'}), "
+                                   "not one", "rebuild it with `edgedistill bundle`")
+        name = tops.pop()
+        regular = {}
+        for member in members:
+            if member.isfile():
+                relpath = PurePosixPath(member.name).relative_to(name).as_posix()
+                if relpath in regular:
+                    raise EdgedistillError(f"{file}: {relpath} appears twice in the archive",
+                                           "rebuild it with `edgedistill bundle`")
+                regular[relpath] = member
+        if MANIFEST not in regular:
+            raise EdgedistillError(f"{file} has no {name}/{MANIFEST}", "rebuild it with `edgedistill bundle`")
+        manifest = json.loads(tar.extractfile(regular[MANIFEST]).read())
+        expected = manifest.get("files") or {}
+
+        unlisted = sorted(set(regular) - set(expected) - {MANIFEST})
+        if unlisted:
+            raise EdgedistillError(f"{file}: {name}/{unlisted[0]} is not in the manifest "
+                                   f"({len(unlisted)} unlisted file(s))", "rebuild it with `edgedistill bundle`")
+        for relpath, entry in expected.items():
+            member = regular.get(relpath)
+            if member is None:
+                raise EdgedistillError(f"{file}: {name}/{relpath} is in the manifest but missing",
+                                       "copy the archive again or rebuild it with `edgedistill bundle`")
+            if member.size != entry["bytes"]:
+                raise EdgedistillError(f"{file}: {name}/{relpath} has {member.size} bytes, the manifest says "
+                                       f"{entry['bytes']}", "copy the archive again or rebuild it")
+            sha256 = hashlib.sha256()
+            with tar.extractfile(member) as data:
+                while chunk := data.read(CHUNK_BYTES):
+                    sha256.update(chunk)
+            if sha256.hexdigest() != entry["sha256"]:
+                raise EdgedistillError(f"{file}: {name}/{relpath} does not match its sha256 in the manifest",
+                                       "copy the archive again or rebuild it")
+
+        extracted = None
+        if extract_to is not None:
+            extract_to = Path(extract_to)
+            if (extract_to / name).exists():
+                raise EdgedistillError(f"{extract_to / name} already exists", "remove it or extract elsewhere")
+            extract_to.mkdir(parents=True, exist_ok=True)
+            tmp = extract_to / f".{name}.{os.getpid()}.tmp"
+            try:
+                tar.extractall(tmp, filter="data")
+                os.rename(tmp / name, extract_to / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            extracted = str(extract_to / name)
+    return {"file": str(file), "name": name, "run": manifest.get("run"),
+            "edgedistill_version": manifest.get("edgedistill_version"), "artifacts": manifest.get("artifacts", []),
+            "files": len(expected), "bytes": sum(entry["bytes"] for entry in expected.values()),
+            "extracted_to": extracted}
