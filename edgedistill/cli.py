@@ -189,6 +189,22 @@ def cmd_verify_export(args: argparse.Namespace) -> None:
     raise_if_failed([result])
 
 
+def cmd_bundle(args: argparse.Namespace) -> None:
+    from edgedistill.bundle import make_bundle
+
+    result = make_bundle(args.run, args.out, artifacts=args.artifacts, overwrite=args.overwrite)
+    print(f"wrote {result['file']}: {len(result['files'])} files, {result['bytes'] / 1e6:.1f} MB "
+          f"({', '.join(result['artifacts'])})")
+
+
+def cmd_verify_bundle(args: argparse.Namespace) -> None:
+    from edgedistill.bundle import verify_bundle
+
+    summary = verify_bundle(args.file, extract_to=args.extract)
+    print(f"{summary['file']}: OK, {summary['files']} files match manifest.json (run {summary['run']})"
+          + (f"; extracted to {summary['extracted_to']}" if summary["extracted_to"] else ""))
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from edgedistill.runtimes import open_chat_model
 
@@ -289,7 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", type=Path, help="write the results here")
     verify.set_defaults(fn=cmd_verify_export)
 
-    chat = add("chat", "one greedy chat answer from a GGUF or an HF folder",
+    bundle = add("bundle", "pack a finished run into a deployable .tar.gz: artifacts, tokenizer, chat template, "
+                 "model card, Ollama Modelfile and a sha256 manifest",
+                 "edgedistill bundle runs/sentiment --out sentiment-student.tar.gz")
+    bundle.add_argument("run", type=Path, help="run folder written by `edgedistill run`")
+    bundle.add_argument("--out", type=Path, required=True, help="the .tar.gz to write")
+    bundle.add_argument("--artifact", dest="artifacts", action="append", metavar="NAME",
+                        help="a GGUF in export/ or an ONNX folder in export_onnx/ (repeatable; default: the "
+                             "smallest verified GGUF and every ONNX folder)")
+    bundle.add_argument("--overwrite", action="store_true")
+    bundle.set_defaults(fn=cmd_bundle)
+
+    verify_bundle = add("verify", "check a bundle (not a model: see verify-export): every path, size and sha256, "
+                        "then optionally extract it safely",
+                        "edgedistill verify sentiment-student.tar.gz --extract deploy/")
+    verify_bundle.add_argument("file", type=Path, help="a .tar.gz written by `edgedistill bundle`")
+    verify_bundle.add_argument("--extract", type=Path, metavar="DIR", help="extract to DIR/<name>/ after the checks")
+    verify_bundle.set_defaults(fn=cmd_verify_bundle)
+
+    chat = add("chat", "one greedy chat answer from a GGUF, an ONNX export or an HF folder",
                'edgedistill chat model.gguf "What is the capital of France?"')
     chat.add_argument("model", help="GGUF file, HF folder or built-in name")
     chat.add_argument("prompt")

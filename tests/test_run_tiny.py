@@ -193,3 +193,14 @@ def test_export_command_writes_a_quantized_gguf_and_refuses_to_overwrite(tiny_ru
     assert "exists" in capsys.readouterr().err
     # Nothing but the result is left beside it.
     assert [p.name for p in tmp_path.iterdir()] == ["student.gguf"]
+
+
+def test_bundle_and_verify_commands_on_the_run(tiny_run, tmp_path, capsys):
+    out = tmp_path / "tiny-student.tar.gz"
+    assert main(["bundle", str(tiny_run), "--out", str(out)]) == 0
+    assert main(["verify", str(out), "--extract", str(tmp_path / "deploy")]) == 0
+    files = {p.name for p in (tmp_path / "deploy" / "tiny-student").iterdir()}
+    # the smallest verified GGUF and the int4 ONNX folder, with what a device needs beside them
+    assert {"student-q4_k_m.gguf", "student-int4", "Modelfile", "README.md", "manifest.json",
+            "chat_template.jinja", "tokenizer.json"} <= files
+    assert "OK" in capsys.readouterr().out
