@@ -127,20 +127,37 @@ def _write_json(path: Path | None, value) -> None:
         print(f"wrote {path}")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     from edgedistill.bench.latency import bench_many
     from edgedistill.recipe import BenchConfig
+    from edgedistill.runtimes import resolve_artifact
+    from edgedistill.targets import any_failed, check_target, format_target_checks, load_target
 
     cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                       repetitions=args.repetitions, threads=args.threads)
-    from edgedistill.runtimes import resolve_artifact
-
+    # before the measurement, so that a misspelt profile or a missing eval file fails at once
+    target = load_target(args.target) if args.target else None
+    evals = {}
+    if args.eval is not None:
+        if target is None:
+            raise EdgedistillError("--eval only feeds the quality budget of a --target", "add --target NAME")
+        if not args.eval.is_file():
+            raise EdgedistillError(f"{args.eval} does not exist", "pass the eval.json of `edgedistill eval --json`")
+        evals = {r["artifact"]: r for r in json.loads(args.eval.read_text())["artifacts"]}
     results = bench_many([resolve_artifact(m) for m in args.models], cfg)
     print(f"{'artifact':<32} {'MB':>8} {'prefill t/s':>12} {'decode t/s':>11} {'TTFT ms':>9} {'peak RSS MB':>12}")
     for r in results:
         print(f"{r['artifact']:<32} {r['file_mb']:>8.1f} {r['prefill_tokens_per_s']:>12.1f} "
               f"{r['decode_tokens_per_s']:>11.1f} {r['ttft_ms']:>9.1f} {r['peak_rss_mb']:>12.1f}")
+    failed = False
+    if target is not None:
+        checks = [(r["artifact"], check_target(target, r, evals.get(r["artifact"]))) for r in results]
+        print("\n" + format_target_checks(target, checks))
+        for r, (_, artifact_checks) in zip(results, checks):
+            r["target"] = {"name": target.name, "checks": artifact_checks}
+        failed = any(any_failed(artifact_checks) for _, artifact_checks in checks)
     _write_json(args.json, results)
+    return 3 if failed and args.strict else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -275,13 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(fn=cmd_export)
 
     bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp or ONNX Runtime",
-                "edgedistill bench model.gguf --json bench.json")
+                "edgedistill bench model.gguf --json bench.json\n  edgedistill bench model.gguf --target phone-8gb --eval eval.json --strict")
     bench.add_argument("models", nargs="+", help="GGUF files, ONNX export folders or built-in names")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--gen-tokens", type=int, default=64)
     bench.add_argument("--repetitions", type=int, default=3)
     bench.add_argument("--threads", type=int)
     bench.add_argument("--json", type=Path, help="write the results here")
+    bench.add_argument("--target", metavar="PROFILE",
+                       help="check the results against a device profile: laptop-cpu, raspberry-pi-5, phone-8gb, "
+                            "consumer-gpu (recipes/targets/) or a YAML file")
+    bench.add_argument("--eval", type=Path, metavar="EVAL_JSON",
+                       help="eval.json of `edgedistill eval --json`, for the profile's quality budget")
+    bench.add_argument("--strict", action="store_true", help="exit with status 3 when a budget fails")
     bench.set_defaults(fn=cmd_bench)
 
     evaluate = add("eval", "task score on held-out prompts, and its share of a reference's",
@@ -335,14 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)  # None, or a status of its own (bench --strict: 3 when a budget fails)
     except EdgedistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -204,3 +204,24 @@ def test_bundle_and_verify_commands_on_the_run(tiny_run, tmp_path, capsys):
     assert {"student-q4_k_m.gguf", "student-int4", "Modelfile", "README.md", "manifest.json",
             "chat_template.jinja", "tokenizer.json"} <= files
     assert "OK" in capsys.readouterr().out
+
+
+def test_bench_against_a_device_target(tiny_run, tmp_path, capsys):
+    gguf = str(tiny_run / "export" / "student-q4_k_m.gguf")
+    fast = ["--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1"]
+    eval_json = tiny_run / "eval" / "eval.json"
+    assert main(["bench", gguf, *fast, "--target", "phone-8gb", "--eval", str(eval_json),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    [row] = json.loads((tmp_path / "b.json").read_text())
+    checks = {c["budget"]: c for c in row["target"]["checks"]}
+    assert row["target"]["name"] == "phone-8gb" and checks["max_file_mb"]["passed"]
+    # from the run's eval.json (the random teacher may score 0, and then there is no share: not measured)
+    share = next(r for r in json.loads(eval_json.read_text())["artifacts"] if r["artifact"] == row["artifact"])
+    assert checks["min_quality_share"]["value"] == share.get("share_of_reference")
+    # a budget no model meets: reported, and with --strict the exit status says so
+    impossible = tmp_path / "impossible.yaml"
+    impossible.write_text("name: impossible\ncontext_length: 512\nbudgets:\n  min_decode_tokens_per_s: 1.0e9\n")
+    assert main(["bench", gguf, *fast, "--target", str(impossible)]) == 0
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["bench", gguf, *fast, "--target", str(impossible), "--strict"]) == 3
+    assert main(["bench", gguf, "--target", "toaster"]) == 2
