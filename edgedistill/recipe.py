@@ -295,28 +295,40 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgedistillError(f"recipe {path} does not exist", "pass the path of a YAML recipe, e.g. recipes/default.yaml")
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (`what` names its keys in the error)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML syntax at the line shown") from None
     if not isinstance(raw, dict):
-        raise EdgedistillError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise EdgedistillError(f"{path} must hold a mapping of {what}, got {type(raw).__name__}")
+    return raw
+
+
+def validation_problems(path: Path, exc: ValidationError) -> list[str]:
+    """One line per pydantic error, naming the file, the key and what was wrong with it."""
+    problems = []
+    for err in exc.errors():
+        reason = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
+        problems.append(f"{path}: {_field_path(err['loc'])}: {reason}{value}")
+    return problems
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgedistillError(f"recipe {path} does not exist", "pass the path of a YAML recipe, e.g. recipes/default.yaml")
+    raw = read_yaml_mapping(path, "sections")
     if "base_dir" in raw:
         raise EdgedistillError(f"{path}: 'base_dir' is set from the recipe's location and cannot be given")
     try:
         recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            reason = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-            value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
-            problems.append(f"{path}: {_field_path(err['loc'])}: {reason}{value}")
-        raise EdgedistillError("invalid recipe\n  " + "\n  ".join(problems), "see the recipe format in README.md") from None
+        raise EdgedistillError("invalid recipe\n  " + "\n  ".join(validation_problems(path, exc)),
+                               "see the recipe format in README.md") from None
     prompts = recipe.resolve(recipe.data.prompts)
     if not prompts.is_file():
         raise EdgedistillError(f"{path}: data.prompts: {prompts} does not exist", "point data.prompts at a JSONL file, relative to the recipe")

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.recipe import read_yaml_mapping, validation_problems
 
 BUILTIN_TARGETS = Path(__file__).resolve().parent.parent / "recipes" / "targets"
 
@@ -84,21 +84,11 @@ def _target_path(spec: str | Path) -> Path:
 def load_target(spec: str | Path) -> Target:
     """A built-in target by name (recipes/targets/NAME.yaml) or a target YAML file, validated."""
     path = _target_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML syntax at the line shown") from None
-    if not isinstance(raw, dict):
-        raise EdgedistillError(f"{path} must hold a mapping (name, context_length, budgets), got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "name, context_length and budgets")
     try:
         return Target.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            reason = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-            value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
-            problems.append(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {reason}{value}")
-        raise EdgedistillError("invalid target\n  " + "\n  ".join(problems),
+        raise EdgedistillError("invalid target\n  " + "\n  ".join(validation_problems(path, exc)),
                                f"budgets are: {', '.join(BUDGET_SOURCES)}") from None
 
 
