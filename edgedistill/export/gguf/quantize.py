@@ -58,6 +58,18 @@ def _stderr_to(log: list[str]) -> Iterator[None]:
             log.append(sink.read().decode(errors="replace"))
 
 
+def _check_paths(src: Path, dst: Path, overwrite: bool, what: str) -> None:
+    """Fail before any work on a missing input, an existing or same output, or no output folder."""
+    if not src.is_file():
+        raise EdgedistillError(f"{src} not found", "write the F16 GGUF first (edgedistill export --format gguf)")
+    if dst.exists() and not overwrite:
+        raise EdgedistillError(f"{dst} already exists", "choose another path or pass overwrite=True")
+    if dst.resolve() == src.resolve():
+        raise EdgedistillError(f"{dst} is the input file", f"write the {what} model to a new path")
+    if not dst.parent.is_dir():
+        raise EdgedistillError(f"{dst.parent} is not a folder", "create the output folder first")
+
+
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = None,
                   overwrite: bool = False, imatrix: Path | None = None) -> Path:
     """Quantize the GGUF `src` to `qtype` (a key of QTYPES) at `dst` and return `dst`.
@@ -73,14 +85,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     ftype_name = QTYPES.get(qtype.upper())
     if ftype_name is None:
         raise EdgedistillError(f"unknown GGUF quantization {qtype!r}", f"use one of {', '.join(QTYPES)}")
-    if not src.is_file():
-        raise EdgedistillError(f"{src} not found", "write the F16 GGUF first (edgedistill export --format gguf)")
-    if dst.exists() and not overwrite:
-        raise EdgedistillError(f"{dst} already exists", "choose another path or pass overwrite=True")
-    if dst.resolve() == src.resolve():
-        raise EdgedistillError(f"{dst} is the input file", "write the quantized model to a new path")
-    if not dst.parent.is_dir():
-        raise EdgedistillError(f"{dst.parent} is not a folder", "create the output folder first")
+    _check_paths(src, dst, overwrite, "quantized")
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)
@@ -192,14 +197,7 @@ def quantize_to_budget(f16: Path, dst: Path, max_bytes: int, *, threads: int | N
     goes to quantize_gguf.
     """
     f16, dst = Path(f16), Path(dst)
-    if not f16.is_file():
-        raise EdgedistillError(f"{f16} not found", "write the F16 GGUF first (edgedistill export --format gguf)")
-    if dst.exists() and not overwrite:
-        raise EdgedistillError(f"{dst} already exists", "choose another path or pass overwrite=True")
-    if dst.resolve() == f16.resolve():
-        raise EdgedistillError(f"{dst} is the input file", "write the chosen model to a new path")
-    if not dst.parent.is_dir():
-        raise EdgedistillError(f"{dst.parent} is not a folder", "create the output folder first")
+    _check_paths(f16, dst, overwrite, "chosen")
 
     tried: dict[str, int] = {}
     bar = _progress_bar(f"fit {format_size(max_bytes)}") if progress else None
