@@ -32,3 +32,18 @@ if [ ! -f "$marker" ]; then
 fi
 
 "${PIP[@]}" install -e ".[test]"
+
+# tests/test_report.py opens report.html in a real headless browser: Debian's chromium (about
+# 15 seconds to install, once; the test skips with how to install it where this cannot).
+if [ ! -x /usr/bin/chromium ]; then
+  apt_log=$(mktemp)
+  if command -v apt-get >/dev/null 2>&1 && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+       apt-get install -y -qq --no-install-recommends chromium; } >"$apt_log" 2>&1; then
+    echo "installed $(/usr/bin/chromium --version 2>/dev/null || echo chromium) for the report's browser test"
+  else
+    tail -n 3 "$apt_log" >&2
+    echo "warning: could not install chromium, so the report's browser test will skip;" \
+         "install it with: apt-get install -y --no-install-recommends chromium" >&2
+  fi
+  rm -f "$apt_log"
+fi

@@ -46,6 +46,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     report = out / "report" / "report.md"
     if report.exists():
         shutil.copy2(report, out / "report.md")
+        if report.with_suffix(".html").exists():
+            shutil.copy2(report.with_suffix(".html"), out / "report.html")
     done = [r for r in results if not r.cached]
     print(f"\n{len(done)} stage(s) ran, {len(results) - len(done)} up to date; "
           f"total {sum(r.seconds for r in done):.1f} s. " + (f"Report: {out / 'report.md'}" if report.exists()
@@ -144,11 +146,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.eval.is_file():
             raise EdgedistillError(f"{args.eval} does not exist", "pass the eval.json of `edgedistill eval --json`")
         evals = {r["artifact"]: r for r in json.loads(args.eval.read_text())["artifacts"]}
-    results = bench_many([resolve_artifact(m) for m in args.models], cfg)
-    print(f"{'artifact':<32} {'MB':>8} {'prefill t/s':>12} {'decode t/s':>11} {'TTFT ms':>9} {'peak RSS MB':>12}")
+    results = bench_many([resolve_artifact(m) for m in args.models], cfg, device=args.device, dtype=args.dtype)
+    # decode ± its spread over the repetitions; "bound": what the memory bandwidth allows, "eff": the share reached
+    print(f"{'artifact':<28} {'device':<6} {'MB':>7} {'prefill t/s':>11} {'decode t/s':>13} {'bound':>7} "
+          f"{'eff':>4} {'TTFT ms':>8} {'RSS MB':>7} {'GPU MB':>7}")
     for r in results:
-        print(f"{r['artifact']:<32} {r['file_mb']:>8.1f} {r['prefill_tokens_per_s']:>12.1f} "
-              f"{r['decode_tokens_per_s']:>11.1f} {r['ttft_ms']:>9.1f} {r['peak_rss_mb']:>12.1f}")
+        decode = f"{r['decode_tokens_per_s']:.1f}±{r['decode_tokens_per_s_spread']:.1f}"
+        gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+        print(f"{r['artifact']:<28} {r['device'].split(':')[0]:<6} {r['file_mb']:>7.1f} "
+              f"{r['prefill_tokens_per_s']:>11.1f} {decode:>13} {r['bandwidth_bound_tokens_per_s']:>7.0f} "
+              f"{100 * r['bandwidth_efficiency']:>3.0f}% {r['ttft_ms']:>8.1f} {r['peak_rss_mb']:>7.0f} {gpu:>7}")
+    if results:
+        print(f"bound: {results[0]['bandwidth_gb_s']} GB/s ({results[0]['bandwidth_method']}) / bytes read per token")
     failed = False
     if target is not None:
         checks = [(r["artifact"], check_target(target, r, evals.get(r["artifact"]))) for r in results]
@@ -167,13 +176,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     reference = resolve_artifact(args.reference) if args.reference else None
     report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, score_records=args.score_records)
     if report["reference"]:
         ref = report["reference"]
-        print(f"reference {ref['artifact']}: task score {ref['task_score']:.3f} ({ref['correct']}/{ref['examples']})")
+        scored = (f"; perplexity {ref['perplexity']:.4g} on its answers ({ref['scored_tokens']} tokens of "
+                  f"{report['scored_records']} records)") if "perplexity" in ref else ""
+        print(f"reference {ref['artifact']}: task score {ref['task_score']:.3f} ({ref['correct']}/{ref['examples']})"
+              + scored)
     for r in report["artifacts"]:
         share = f", {100 * r['share_of_reference']:.1f}% of reference" if r.get("share_of_reference") is not None else ""
-        print(f"{r['artifact']}: task score {r['task_score']:.3f} ({r['correct']}/{r['examples']}){share}")
+        scored = (f"; perplexity {r['perplexity']:.4g} (x{r['perplexity_ratio']:.3f}), KL {r['kl_to_reference']:.4g}, "
+                  f"top-1 {r['top1_agreement']:.3f}") if "perplexity" in r else ""
+        print(f"{r['artifact']}: task score {r['task_score']:.3f} ({r['correct']}/{r['examples']}){share}{scored}")
     _write_json(args.json, report)
 
 
@@ -220,6 +234,15 @@ def cmd_verify_bundle(args: argparse.Namespace) -> None:
     summary = verify_bundle(args.file, extract_to=args.extract)
     print(f"{summary['file']}: OK, {summary['files']} files match manifest.json (run {summary['run']})"
           + (f"; extracted to {summary['extracted_to']}" if summary["extracted_to"] else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from edgedistill.report.data import load_run
+    from edgedistill.report.stage import write_report
+
+    data = load_run(args.run)
+    for path in write_report(data, args.out or args.run):
+        print(f"wrote {path}")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -291,9 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(fn=cmd_export)
 
-    bench = add("bench", "time to first token, prefill and decode tokens/s, peak RSS in llama.cpp or ONNX Runtime",
-                "edgedistill bench model.gguf --json bench.json\n  edgedistill bench model.gguf --target phone-8gb --eval eval.json --strict")
-    bench.add_argument("models", nargs="+", help="GGUF files, ONNX export folders or built-in names")
+    bench = add("bench", "time to first token, prefill and decode tokens/s against the memory-bandwidth bound, "
+                "peak memory, in llama.cpp, ONNX Runtime or PyTorch",
+                "edgedistill bench model.gguf --json bench.json\n  edgedistill bench model.gguf --target phone-8gb --eval eval.json --strict"
+                "\n  edgedistill bench runs/tiny/distill --device cuda --dtype bf16")
+    bench.add_argument("models", nargs="+", help="GGUF files, ONNX export folders, HF folders or built-in names")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="where HF folders run (GGUF and ONNX always run on the CPU)")
+    bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="HF folders' weights")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--gen-tokens", type=int, default=64)
     bench.add_argument("--repetitions", type=int, default=3)
@@ -307,12 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--strict", action="store_true", help="exit with status 3 when a budget fails")
     bench.set_defaults(fn=cmd_bench)
 
-    evaluate = add("eval", "task score on held-out prompts, and its share of a reference's",
+    evaluate = add("eval", "task score on held-out prompts and its share of a reference's; perplexity, KL to the "
+                   "reference and top-1 agreement on the reference's answers",
                    "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher")
-    evaluate.add_argument("models", nargs="+", help="GGUF files, HF folders or built-in names")
+    evaluate.add_argument("models", nargs="+", help="GGUF files, ONNX export folders, HF folders or built-in names")
     evaluate.add_argument("--data", type=Path, required=True, help="heldout.jsonl of a run's generate stage")
     evaluate.add_argument("--reference", help="the teacher (HF folder, GGUF or built-in name) to compare with")
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--score-records", type=int, default=64, metavar="N",
+                          help="score the reference's answers to the first N held-out records in every model "
+                               "(perplexity, KL, top-1; needs --reference; 0: task score only)")
     evaluate.add_argument("--json", type=Path, help="write the results here")
     evaluate.set_defaults(fn=cmd_eval)
 
@@ -345,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify_bundle.add_argument("file", type=Path, help="a .tar.gz written by `edgedistill bundle`")
     verify_bundle.add_argument("--extract", type=Path, metavar="DIR", help="extract to DIR/<name>/ after the checks")
     verify_bundle.set_defaults(fn=cmd_verify_bundle)
+
+    report = add("report", "render report.md and report.html (tables, plots, sources with sha256) again from a "
+                 "finished run's JSON files, without re-running anything",
+                 "edgedistill report runs/sentiment && chromium runs/sentiment/report.html")
+    report.add_argument("run", type=Path, help="run folder written by `edgedistill run`")
+    report.add_argument("--out", type=Path, metavar="DIR", help="write the two files here (default: RUN)")
+    report.set_defaults(fn=cmd_report)
 
     chat = add("chat", "one greedy chat answer from a GGUF, an ONNX export or an HF folder",
                'edgedistill chat model.gguf "What is the capital of France?"')

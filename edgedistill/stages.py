@@ -19,7 +19,7 @@ from edgedistill.export.stage import export_student, export_student_onnx, export
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Stage, clear_folder
 from edgedistill.recipe import Recipe
-from edgedistill.report.markdown import report_stage
+from edgedistill.report.stage import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.random_model import build_random_model
 
@@ -144,7 +144,8 @@ def stages_for(recipe: Recipe) -> list[Stage]:
               version=2),
         Stage("bench", bench_stage, inputs=("teacher_gguf", "export", *onnx), sections=("bench",)),
         Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export", *onnx), sections=("eval",)),
+        # version 2: report.html with plots beside report.md
         Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", *onnx,
                                               "teacher_gguf", "bench", "eval"),
-              sections=("name", "teacher")),
+              sections=("name", "teacher"), version=2),
     ]

@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_every_stage_is_written_and_complete(tiny_run):
-    assert {p.name for p in tiny_run.iterdir()} == set(STAGES) | {PARTIAL, "report.md"}
+    assert {p.name for p in tiny_run.iterdir()} == set(STAGES) | {PARTIAL, "report.md", "report.html"}
     assert list((tiny_run / PARTIAL).iterdir()) == []
     for stage in STAGES:
         assert is_complete(tiny_run / stage), stage
@@ -76,6 +76,15 @@ def test_report_has_a_row_per_artifact_with_the_measured_numbers(tiny_run):
         assert f"{row['decode_tokens_per_s']:.1f}" in line and f"{row['file_mb']:.1f}" in line
     for stage in STAGES[:-1]:
         assert f"| {stage} |" in report
+    page = (tiny_run / "report.html").read_text()
+    assert page.count("<svg") == 3 and all(f"<code>{row['artifact']}</code>" in page for row in bench)
+
+
+def test_report_command_renders_the_stage_report_again(tiny_run, tmp_path):
+    assert main(["report", str(tiny_run), "--out", str(tmp_path)]) == 0
+    for name in ("report.md", "report.html"):
+        again = (tmp_path / name).read_bytes()
+        assert again == (tiny_run / "report" / name).read_bytes() == (tiny_run / name).read_bytes(), name
 
 
 def test_rerun_does_no_work(tiny_run, capsys):
