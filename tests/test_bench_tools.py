@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
@@ -26,6 +27,7 @@ def _tool(name: str):
 
 
 bench_export = _tool("bench_export")
+bench_overhead = _tool("bench_overhead")
 bench_quant_types = _tool("bench_quant_types")
 
 
@@ -83,3 +85,22 @@ def test_heldout_texts_fill_the_scored_window():
     tokenizer = tokenizer_source("smollm2-135m-instruct")  # the teacher's, from the embedded GGUF
     lengths = [len(tokenizer(text).input_ids) for text in bench_quant_types.HELDOUT_TEXTS]
     assert min(lengths) >= bench_quant_types.MAX_TOKENS_PER_TEXT
+
+
+def test_overhead_ratio_and_spread_over_rounds():
+    rounds = [{"bench_decode_tokens_per_s": b, "bare_decode_tokens_per_s": r} for b, r in ((98, 100), (96, 101), (99, 99))]
+    summary = bench_overhead.summarize_rounds(rounds)
+    assert (summary["bench_decode_tokens_per_s"], summary["bare_decode_tokens_per_s"]) == (98, 100)
+    assert summary["bench_vs_bare"] == 0.98 and summary["bench_repeat_spread"] == round(3 / 98, 3)
+    assert summary["targets"] == {"bench_within_5_percent_of_bare": True, "bench_repeats_within_10_percent": True}
+    rounds[0]["bench_decode_tokens_per_s"], rounds[1]["bench_decode_tokens_per_s"] = 80, 85
+    assert not any(bench_overhead.summarize_rounds(rounds)["targets"].values())
+
+
+def test_overhead_bare_loop_decodes_a_tiny_gguf(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from test_bench import _save_folder
+
+    gguf_file = write_gguf(_save_folder(tmp_path / "hf", tied=True), tmp_path / "tiny.gguf")
+    result = bench_overhead.bare(str(gguf_file), prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
+    assert result["decode_tokens_per_s"] > 0

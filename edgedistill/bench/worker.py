@@ -54,14 +54,18 @@ def measure(path: str, prompt_tokens: int, gen_tokens: int, repetitions: int, th
     return summarize(runs[1:], "llama.cpp", prompt_tokens, gen_tokens, threads)
 
 
-def summarize(runs: list[dict], runtime: str, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+def summarize(runs: list[dict], runtime: str, prompt_tokens: int, gen_tokens: int, threads: int,
+              device: str = "cpu") -> dict:
     """The JSON line of a measurement from its timed runs ({"prefill_s", "decode_s"} each, warm-up
-    excluded): medians, time to first token and this process's peak RSS; any runtime's worker uses it."""
+    excluded): medians, their spreads (max - min of the runs' rates), time to first token and this
+    process's peak RSS; any runtime's worker uses it. `device`: "cpu" or "cuda:<GPU name>"."""
     prefill_s = statistics.median(r["prefill_s"] for r in runs)
     decode_s = statistics.median(r["decode_s"] for r in runs)
+    prefill_rates = [prompt_tokens / r["prefill_s"] for r in runs]
     decode_rates = [gen_tokens / r["decode_s"] for r in runs]
     return {
         "runtime": runtime,
+        "device": device,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repetitions": len(runs),
@@ -69,6 +73,7 @@ def summarize(runs: list[dict], runtime: str, prompt_tokens: int, gen_tokens: in
         # Time to first token: the prompt's prefill plus the first decode step.
         "ttft_ms": round(1000 * (prefill_s + decode_s / gen_tokens), 2),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
+        "prefill_tokens_per_s_spread": round(max(prefill_rates) - min(prefill_rates), 2),
         "decode_tokens_per_s": round(gen_tokens / decode_s, 2),
         "decode_tokens_per_s_spread": round(max(decode_rates) - min(decode_rates), 2),
         "peak_rss_mb": round(peak_rss_kb() / 1024, 1),

