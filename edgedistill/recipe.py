@@ -234,6 +234,9 @@ class OnnxOptions(Section):
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # None: 4 on CPU (int8 activations)
     lm_head_bits: Literal[4, 8] | None = 8  # None: the output projection stays float
     quantize_embeddings: bool | None = None  # None: shared with a tied, quantized lm_head
+    # int4: round each weight block to the least error weighted by the generate stage's training
+    # text (edgedistill.export.onnx.calibrate); false: round to nearest
+    calibrate: bool = True
 
 
 class ExportConfig(Section):
@@ -255,6 +258,10 @@ class BenchConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: Annotated[int, Field(gt=0)] = 16
+    # Held-out records (the first ones) whose teacher answers every artifact scores: perplexity, KL,
+    # top-1 (edgedistill.evaluate.scoring). A bound on eval's cost (one forward pass per record and
+    # artifact) that still scores several hundred tokens; 0: none.
+    score_records: Annotated[int, Field(ge=0)] = 64
 
 
 class Recipe(Section):

@@ -1,4 +1,6 @@
 """Task quality: each artifact answers the held-out prompts; the score is the share it gets right.
+With a reference, each artifact also scores the reference's answers token by token: perplexity,
+KL to the reference and top-1 agreement (edgedistill.evaluate.scoring says exactly what is scored).
 
     edgedistill eval runs/sentiment/export/student-q4_k_m.gguf --data runs/sentiment/generate/heldout.jsonl \\
         --reference runs/sentiment/teacher --json eval.json
@@ -7,6 +9,11 @@ A held-out record carries its prompt messages, the gold label and the label choi
 label is the choice named first in it (whole words, case-insensitive), or on its last "Answer:"
 line when it reasons step by step; an answer naming none counts as wrong and as unparsed. Generation is greedy, so the same artifact gives the
 same score every time, in any runtime that computes the same logits.
+
+eval.json: "reference" (task score, and "perplexity" and "scored_tokens" on its own answers),
+"artifacts" (per artifact: task score, "share_of_reference", "perplexity", "perplexity_ratio",
+"kl_to_reference", "top1_agreement", "scored_tokens"), "scored_records" (how many held-out records
+were scored, the first ones) and "scored_text" (what was scored, in words).
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from tqdm import tqdm
 from edgedistill.data.generate import split_reasoning
 from edgedistill.data.prompts import named_label, read_jsonl
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import Recipe
-from edgedistill.runtimes import gguf_artifacts, open_chat_model
+from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
+from edgedistill.recipe import EvalConfig, Recipe
+from edgedistill.runtimes import Runtime, gguf_artifacts, open_runtime
+
+SCORE_RECORDS = EvalConfig().score_records
 
 
 def parse_label(answer: str, choices: list[str]) -> str | None:
@@ -40,8 +50,14 @@ def load_heldout(path: Path) -> list[dict]:
     return rows
 
 
-def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16) -> dict:
-    model = open_chat_model(artifact)
+def artifact_name(artifact: Path) -> str:
+    return artifact.name if artifact.is_file() else artifact.name + "/"
+
+
+def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16,
+               model: Runtime | None = None) -> dict:
+    """The artifact's greedy answers to `rows` and their score; `model`: the artifact already open."""
+    model = model or open_runtime(artifact)
     correct = unparsed = 0
     answers_out = []
     for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {artifact.name}", unit="batch"):
@@ -52,21 +68,44 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
             unparsed += label is None
             correct += label == row["label"]
             answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
-    return {"artifact": artifact.name if artifact.is_file() else artifact.name + "/", "path": str(artifact),
+    return {"artifact": artifact_name(artifact), "path": str(artifact),
             "examples": len(rows), "correct": correct, "unparsed": unparsed,
             "task_score": round(correct / len(rows), 4), "answers": answers_out}
 
 
-def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int) -> dict:
+def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
+             score_records: int = SCORE_RECORDS) -> dict:
+    """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
+    reference, the first `score_records` records' reference answers are scored too (0: not)."""
+    if score_records < 0:
+        raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
     rows = load_heldout(data)
-    ref = task_score(reference, rows, max_new_tokens=max_new_tokens) if reference is not None else None
+    ref = records = None
+    if reference is not None:
+        model = open_runtime(reference)
+        ref = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model)
+        if score_records:
+            scored = rows[:score_records]
+            records = score_reference(model, ref["artifact"], [row["messages"] for row in scored],
+                                      [answer["answer"] for answer in ref["answers"][:len(scored)]])
+            ref.update(reference_row(records))
+        del model  # one model in memory at a time
     results = []
     for artifact in artifacts:
-        result = task_score(artifact, rows, max_new_tokens=max_new_tokens)
+        model = open_runtime(artifact)
+        if records is not None:
+            check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
+        result = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model)
         if ref is not None:
             result["share_of_reference"] = round(result["task_score"] / ref["task_score"], 4) if ref["task_score"] else None
+        if records is not None:
+            result.update(score_against(model, result["artifact"], records))
+        del model
         results.append(result)
-    return {"data": str(data), "reference": ref, "artifacts": results}
+    report = {"data": str(data), "reference": ref, "artifacts": results}
+    if records is not None:
+        report.update(scored_records=len(records.ids), scored_text=SCORED_TEXT)
+    return report
 
 
 def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path,
@@ -75,6 +114,6 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
 
     artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
     report = evaluate(artifacts, generate / "heldout.jsonl", teacher,
-                      max_new_tokens=recipe.eval.max_new_tokens)
+                      max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return {"reference_task_score": report["reference"]["task_score"]}

@@ -1,4 +1,5 @@
-"""llama.cpp runtime (llama-cpp-python): load a GGUF, chat with its own template, greedy decode.
+"""llama.cpp runtime (llama-cpp-python): load a GGUF, chat with its own template, greedy decode,
+stream, and score token ids.
 
     python -m edgedistill.runtimes.llamacpp runs/sentiment/export/student-q4_k_m.gguf "Hello!"
 
@@ -7,6 +8,10 @@ what is measured here is what a llama.cpp user of the file gets. Decoding is gre
 last logits until an end-of-generation token) and the answer is decoded by llama.cpp's own
 llama_detokenize: llama-cpp-python's Llama.detokenize, which its create_completion uses, drops
 every token longer than its fixed 32-byte buffer (0.3.36), as merged CJK tokens are.
+
+Scoring decodes its own llama_batch that asks for logits at the scored positions only: Llama's
+`logits_all` would compute the output layer at every position of every prompt and keep an
+[n_ctx, vocab] array (400 MB for a 49k vocabulary at 2048 tokens).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.runtimes import log_softmax, scored_positions, stream_pieces
 from edgedistill.sources.gguf import open_gguf
 
 
@@ -46,7 +53,8 @@ def detokenize(llm, ids: list[int]) -> str:
 
 
 class LlamaCppChatModel:
-    """Greedy chat generation with a GGUF in llama.cpp; same interface as TorchChatModel."""
+    """Greedy chat generation, streaming and scoring with a GGUF in llama.cpp; the Runtime interface
+    of edgedistill.runtimes."""
 
     def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int | None = None):
         from llama_cpp import Llama
@@ -61,34 +69,78 @@ class LlamaCppChatModel:
         eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
         self.eos_token = self.llm.detokenize([eos_id], special=True).decode()
         bos_token = self.llm.detokenize([bos_id], special=True).decode() if bos_id >= 0 else ""
-        self.formatter = Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=bos_token,
-                                             add_generation_prompt=True)
+        self.formatters = {add: Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=bos_token,
+                                                    add_generation_prompt=add) for add in (True, False)}
+        self.vocab_size = self.llm.n_vocab()
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        prompt = self.formatter(messages=messages).prompt
+    def prompt_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        prompt = self.formatters[add_generation_prompt](messages=messages).prompt
         return self.llm.tokenize(prompt.encode(), add_bos=self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
                                  special=True)
 
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
+    def is_end(self, token: int) -> bool:
         import llama_cpp
 
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        n_vocab = self.llm.n_vocab()
+        return llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(self.llm.model), token)
+
+    def greedy_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
+        """The greedy continuation of `prompt`, one token id at a time, stopping after an end token."""
+        import llama_cpp
+
+        self.llm.reset()
+        self.llm.eval(prompt)
+        for step in range(max_new_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,))
+            token = int(logits.argmax())
+            yield token
+            if self.is_end(token) or step == max_new_tokens - 1:
+                return
+            self.llm.eval([token])
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
         answers = []
         for messages in conversations:
-            self.llm.reset()
-            self.llm.eval(self.prompt_ids(messages))
-            new, finished = [], False
-            for _ in range(max_new_tokens):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
-                token = int(logits.argmax())
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finished = True
-                    break
-                new.append(token)
-                self.llm.eval([token])
-            answers.append((detokenize(self.llm, new).strip(), finished))
+            new = list(self.greedy_ids(self.prompt_ids(messages), max_new_tokens))
+            finished = bool(new) and self.is_end(new[-1])
+            answers.append((detokenize(self.llm, new[:-1] if finished else new).strip(), finished))
         return answers
+
+    def stream(self, messages: list[dict[str, str]], max_new_tokens: int) -> Iterator[str]:
+        """The greedy answer's text, piece by piece as tokens come (pieces of a character wait for it)."""
+        tokens = (t for t in self.greedy_ids(self.prompt_ids(messages), max_new_tokens) if not self.is_end(t))
+        yield from stream_pieces(tokens, lambda ids: detokenize(self.llm, ids))
+
+    def score(self, ids: list[int], *, last: int | None = None) -> np.ndarray:
+        """float32 [positions, vocab_size] log-probs of the next token at each position of `ids`
+        (the last `last` positions only), from an empty KV cache."""
+        import llama_cpp
+
+        keep = scored_positions(ids, last)
+        if len(ids) > self.llm.n_ctx():
+            raise EdgedistillError(f"{len(ids)} tokens do not fit llama.cpp's context of {self.llm.n_ctx()}",
+                                   "score shorter texts")
+        self.llm.reset()
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), -1, 0, -1)
+        first_scored, rows = len(ids) - keep, []
+        batch = llama_cpp.llama_batch_init(self.llm.n_batch, 0, 1)
+        try:
+            for start in range(0, len(ids), self.llm.n_batch):
+                chunk = ids[start:start + self.llm.n_batch]
+                batch.n_tokens = len(chunk)
+                for i, token in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = start + i >= first_scored
+                if llama_cpp.llama_decode(self.llm.ctx, batch) != 0:
+                    raise EdgedistillError(f"llama.cpp could not decode {len(ids)} tokens", "report this as a bug")
+                rows += [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i),
+                                               shape=(self.vocab_size,)).copy()
+                         for i in range(len(chunk)) if start + i >= first_scored]
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            # the cache now holds these ids, which generate's own bookkeeping does not know of
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), -1, 0, -1)
+        return log_softmax(np.stack(rows))
 
 
 if __name__ == "__main__":

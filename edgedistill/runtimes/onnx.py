@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from itertools import takewhile
 from pathlib import Path
 
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.runtimes import log_softmax, scored_positions, stream_pieces
 
 GENAI_CONFIG = "genai_config.json"
 MANIFEST = "onnx_export.json"  # edgedistill.export.onnx.options.MANIFEST (not imported: no torch here)
@@ -75,6 +77,10 @@ class OnnxDecoder:
             raise EdgedistillError(f"{folder}/model.onnx is not a decoder with a KV cache (missing "
                                    f"{'input_ids' if 'input_ids' not in self.inputs else ', '.join(missing)})",
                                    "export it again with edgedistill export --format onnx")
+        vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
+        if not isinstance(vocab, int):  # a symbolic width: the export's config says it
+            vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        self.vocab_size: int = vocab
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         past = {}
@@ -123,7 +129,8 @@ def read_chat_template(folder: Path) -> str | None:
     return template
 
 
-def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str]) -> str:
+def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str],
+                add_generation_prompt: bool = True) -> str:
     """The prompt text, rendered as transformers' apply_chat_template renders it."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -133,11 +140,12 @@ def render_chat(template: str, messages: list[dict[str, str]], special: dict[str
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
 
 class OnnxChatModel:
-    """Greedy chat generation with an ONNX export; same interface as TorchChatModel, plus `stream`."""
+    """Greedy chat generation, streaming and scoring with an ONNX export; the Runtime interface of
+    edgedistill.runtimes."""
 
     def __init__(self, folder: Path, *, threads: int | None = None):
         self.folder = check_onnx_folder(folder)
@@ -148,6 +156,7 @@ class OnnxChatModel:
         self.special = {key: (value["content"] if isinstance(value, dict) else value)
                         for key, value in special.items() if key in ("bos_token", "eos_token")}
         self.genai = (self.folder / GENAI_CONFIG).is_file()
+        self.decoder: OnnxDecoder | None = None
         if self.genai:
             self._open_genai()
         else:
@@ -167,11 +176,13 @@ class OnnxChatModel:
         eos = genai_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.context_length = genai_config.get("context_length") or 2048
+        self.vocab_size = genai_config["vocab_size"]
 
     def _open_plain(self) -> None:
         from tokenizers import Tokenizer
 
         self.decoder = OnnxDecoder(self.folder, threads=self.threads)
+        self.vocab_size = self.decoder.vocab_size
         self.hf_tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         eos = self.special.get("eos_token")
         config = self.folder / "config.json"
@@ -192,11 +203,14 @@ class OnnxChatModel:
             return self.tokenizer.decode(np.array(ids, np.int32))
         return self.hf_tokenizer.decode(ids, skip_special_tokens=True)
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def prompt_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         if self.template is None:
             raise EdgedistillError(f"{self.folder} has no chat template",
                                    "export from a folder whose tokenizer_config.json has chat_template")
-        return self.encode(render_chat(self.template, messages, self.special))
+        return self.encode(render_chat(self.template, messages, self.special, add_generation_prompt))
+
+    def is_end(self, token: int) -> bool:
+        return token in self.eos_ids
 
     def greedy_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
         """The greedy continuation of `prompt`, one token id at a time, stopping after an end token."""
@@ -224,17 +238,22 @@ class OnnxChatModel:
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int) -> Iterator[str]:
         """The greedy answer's text, piece by piece as tokens come (pieces of a character wait for it)."""
-        emitted, ids = "", []
-        for token in self.greedy_ids(self.prompt_ids(messages), max_new_tokens):
-            if token in self.eos_ids:
-                return
-            ids.append(token)
-            # decoding the whole answer each time keeps multi-byte characters whole; the answers
-            # here are short, so the quadratic cost does not matter
-            text = self.decode(ids)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+        tokens = takewhile(lambda t: not self.is_end(t), self.greedy_ids(self.prompt_ids(messages), max_new_tokens))
+        yield from stream_pieces(tokens, self.decode)
+
+    @property
+    def scorer(self) -> OnnxDecoder:
+        """The plain onnxruntime session that scores: onnxruntime-genai gives no full-sequence logits,
+        so a builder export opens its graph a second time (once, on first use)."""
+        if self.decoder is None:
+            self.decoder = OnnxDecoder(self.folder, threads=self.threads)
+        return self.decoder
+
+    def score(self, ids: list[int], *, last: int | None = None) -> np.ndarray:
+        """float32 [positions, vocab_size] log-probs of the next token at each position of `ids` (the
+        last `last` positions only; the graph computes them all), in a plain onnxruntime session."""
+        keep = scored_positions(ids, last)
+        return log_softmax(self.scorer.logits(ids)[-keep:])
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
         """(answer, finished) per conversation; finished is False when max_new_tokens cut it off."""

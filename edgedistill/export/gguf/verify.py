@@ -21,7 +21,6 @@ and nothing after is comparable) and "differs" (fails).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.evaluate.scoring import Agreement
 
 # Varied prose, dialogue, numbers and code: about 330 tokens with the SmolLM2 tokenizer, so a
 # 10-layer student is checked in seconds on two cores.
@@ -198,40 +198,26 @@ def score_texts(ref: Reference, logits_for: Callable[[list[int]], np.ndarray], t
                 where: Path) -> dict:
     """How a runtime's logits over the reference texts (`logits_for(ids)`, [positions, vocab]) agree
     with PyTorch's: top-1 agreement (and near ties), mean KL(PyTorch || runtime) per position, the
-    largest log-prob difference, and both perplexities (`perplexity_<name>` for the runtime's)."""
-    positions = agree = near_ties = targets = 0
-    kl_sum = nll_torch = nll_other = max_diff = 0.0
+    largest log-prob difference, and both perplexities (`perplexity_<name>` for the runtime's).
+    The sums are edgedistill.evaluate.scoring.Agreement's, which `edgedistill eval` uses too."""
+    agreement = Agreement()
     for ids, torch_lp in zip(ref.text_ids, ref.logprobs):
-        torch_lp = torch_lp.double()
-        logits = torch.from_numpy(np.asarray(logits_for(ids), dtype=np.float64))
-        if logits.shape != torch_lp.shape:
+        logits = np.asarray(logits_for(ids))
+        if logits.shape != tuple(torch_lp.shape):
             raise EdgedistillError(f"{where} gives logits of shape {tuple(logits.shape)} where {ref.folder} gives "
                                    f"{tuple(torch_lp.shape)}", "pass the HF folder it was exported from as the reference")
-        other_lp = torch.log_softmax(logits, -1)
-        torch_top, other_top = torch_lp.argmax(-1), other_lp.argmax(-1)
-        same = torch_top == other_top
-        gap = torch_lp.gather(-1, torch_top[:, None]) - torch_lp.gather(-1, other_top[:, None])
-        positions += len(ids)
-        agree += int(same.sum())
-        near_ties += int((~same & (gap[:, 0] <= tie_margin)).sum())
-        kl_sum += float((torch_lp.exp() * (torch_lp - other_lp)).sum())
-        max_diff = max(max_diff, float((torch_lp - other_lp).abs().max()))
-        nxt = torch.tensor(ids[1:])[:, None]
-        nll_torch -= float(torch_lp[:-1].gather(-1, nxt).sum())
-        nll_other -= float(other_lp[:-1].gather(-1, nxt).sum())
-        targets += len(ids) - 1
-    ppl_torch, ppl_other = math.exp(nll_torch / targets), math.exp(nll_other / targets)
+        agreement.add(torch_lp.numpy(), logits, ids[1:], tie_margin=tie_margin)
     return {
         "texts": len(ref.text_ids),
-        "positions": positions,
-        "top1_agreement": agree / positions,
-        "top1_near_ties": near_ties,
-        "top1_agreement_with_ties": (agree + near_ties) / positions,
-        "mean_kl": kl_sum / positions,
-        "max_abs_logprob_diff": max_diff,
-        "perplexity_torch": ppl_torch,
-        f"perplexity_{name}": ppl_other,
-        "perplexity_ratio": ppl_other / ppl_torch,
+        "positions": agreement.positions,
+        "top1_agreement": agreement.top1_agreement,
+        "top1_near_ties": agreement.near_ties,
+        "top1_agreement_with_ties": (agreement.agree + agreement.near_ties) / agreement.positions,
+        "mean_kl": agreement.mean_kl,
+        "max_abs_logprob_diff": agreement.max_abs_logprob_diff,
+        "perplexity_torch": agreement.perplexity_reference,
+        f"perplexity_{name}": agreement.perplexity_other,
+        "perplexity_ratio": agreement.perplexity_other / agreement.perplexity_reference,
     }
 
 
