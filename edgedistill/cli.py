@@ -69,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
     if args.format == "onnx":
         gguf_only = [flag for flag, value in (("--quant", args.quant), ("--max-size", args.max_size),
-                     ("--calibration", args.calibration), ("--imatrix", args.imatrix), ("--lora", args.lora)) if value]
+                     ("--imatrix", args.imatrix), ("--lora", args.lora)) if value]
         if gguf_only:
             raise EdgedistillError(f"{', '.join(gguf_only)} only apply to --format gguf",
                                    "for ONNX, choose the weights with --precision (fp32, fp16, int8, int4)")
@@ -94,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                         overwrite=args.overwrite, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level,
                         lm_head_bits=None if args.lm_head_bits == "float" else int(args.lm_head_bits),
-                        quantize_embeddings=args.quantize_embeddings, progress=True)
+                        quantize_embeddings=args.quantize_embeddings, calibration=args.calibration, progress=True)
             size = sum(p.stat().st_size for p in args.out.glob("model.onnx*"))
             print(f"wrote {args.out}/ ({size / 1e6:.1f} MB of weights), verified against {args.model}")
             return
@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "  edgedistill export runs/tiny/distill --quant q4_k_m --calibration runs/tiny/generate/train.jsonl "
                  "--out model.gguf\n"
                  "  edgedistill export runs/tiny-lora/distill --lora runs/tiny-lora/lora --out task-lora.gguf\n"
-                 "  edgedistill export runs/tiny/distill --format onnx --precision int4 --out student-int4")
+                 "  edgedistill export runs/tiny/distill --format onnx --precision int4 "
+                 "--calibration runs/tiny/generate/train.jsonl --out student-int4")
     export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
     export.add_argument("--format", default="gguf", choices=["gguf", "onnx"],
                         help="gguf: one file for llama.cpp; onnx: a folder for ONNX Runtime (GenAI)")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibration = export.add_mutually_exclusive_group()
     calibration.add_argument("--calibration", type=Path, metavar="FILE",
                              help="quantize with an importance matrix computed on this task text: a run's "
-                                  "generate/train.jsonl (chat rows), a .jsonl of {\"text\": ...} rows or a .txt file")
+                                  "generate/train.jsonl (chat rows), a .jsonl of {\"text\": ...} rows or a .txt file; "
+                                  "for ONNX int4, round each block to the least importance-weighted error")
     calibration.add_argument("--imatrix", type=Path, metavar="FILE",
                              help="quantize with this importance matrix (GGUF, from edgedistill or llama-imatrix)")
     export.add_argument("--lora", type=Path, metavar="ADAPTER",

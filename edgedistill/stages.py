@@ -138,7 +138,9 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         # version 2: every file is verified in llama.cpp against its PyTorch model; 3: imatrix, GGUF LoRA
         Stage("export", export_student, inputs=(*tuned, "generate"),
               sections=("name", "export.quants", "export.imatrix"), version=3),
-        *([Stage("export_onnx", export_student_onnx, inputs=tuned, sections=("export.onnx", "export.onnx_options"))]
+        # version 2: int4 rounded by importance on the generate stage's text
+        *([Stage("export_onnx", export_student_onnx, inputs=(*tuned, "generate"),
+                 sections=("export.onnx", "export.onnx_options"), version=2)]
           if recipe.export.onnx else []),
         Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
               version=2),

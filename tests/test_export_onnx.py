@@ -108,7 +108,8 @@ def test_builder_export_files_and_manifest(exports):
     assert (manifest["path"], manifest["precision"], manifest["runtime"]) == ("builder", "int4", "onnxruntime-genai")
     assert manifest["quantization"] == {
         "block_size": 32, "symmetric": True, "accuracy_level": 4, "lm_head_bits": 8, "quantize_embeddings": None,
-        "bits": 4, "algorithm": "rtn", "op": "MatMulNBits", "embeddings": "int8, shared with the lm_head"}
+        "bits": 4, "algorithm": "rtn", "op": "MatMulNBits", "embeddings": "int8, shared with the lm_head",
+        "importance_rounded_weights": 0, "calibration": None}
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {MANIFEST}
     assert manifest["verification"]["passed"] and manifest["verification"]["tokenization_identical"]
     # every weight in the external data file: the graph file stays small whatever the model's size
@@ -267,6 +268,8 @@ def test_cli_export_verify_bench_and_chat(models, exports, tmp_path, capsys):
     assert _manifest(out)["precision"] == "int8" and artifact_kind(out) == "onnx"
     assert main(["export", str(models["llama"]), "--format", "onnx", "--quant", "q4_k_m", "--out", str(tmp_path / "x")]) == 2
     assert "--quant only apply to --format gguf" in capsys.readouterr().err
+    assert main(["export", str(models["llama"]), "--format", "onnx", "--imatrix", "m.gguf", "--out", str(tmp_path / "x")]) == 2
+    assert "--imatrix only apply to --format gguf" in capsys.readouterr().err
     assert main(["verify-export", str(exports["llama-int4"]), "--reference", str(models["llama"])]) == 0
     assert main(["bench", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1",
                  "--json", str(tmp_path / "bench.json")]) == 0
@@ -285,3 +288,37 @@ def test_fp16_for_gpus_is_verified_on_the_cpu(models, tmp_path):
     check = manifest["verification"]
     assert manifest["precision"] == "fp16" and check["passed"] and check["greedy_verdict"] in ("identical", "tie")
     assert check["top1_agreement_with_ties"] >= BOUNDS["fp16"].min_top1_agreement
+
+
+def test_int4_rounded_by_importance_on_calibration_text(models, exports, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    text = tmp_path / "task.txt"
+    text.write_text("ka lo mi ne tu. " * 400)
+    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated", "int4", calibration=text,
+                           calibration_tokens=1024)
+    quantization = manifest["quantization"]
+    # chunks no longer than the model's 256 positions
+    assert quantization["calibration"]["tokens"] == 1024 and quantization["calibration"]["chunks"] == 4
+    assert quantization["algorithm"].startswith("importance-weighted")
+    assert manifest["verification"]["passed"] and "calibrate" in manifest["seconds"]
+    graph = onnx.load(str(tmp_path / "llama-int4-calibrated" / "model.onnx"))
+    four_bit = [n for n in graph.graph.node if n.op_type == "MatMulNBits"
+                and onnx.helper.get_node_attr_value(n, "bits") == 4]
+    assert quantization["importance_rounded_weights"] == len(four_bit) > 0
+    # the same graph as the round-to-nearest export, other integers in it
+    nearest = onnx.load(str(exports["llama-int4"] / "model.onnx"))
+    assert [n.op_type for n in graph.graph.node] == [n.op_type for n in nearest.graph.node]
+    name = four_bit[0].input[1]
+    [ours] = [numpy_helper.to_array(i) for i in graph.graph.initializer if i.name == name]
+    [theirs] = [numpy_helper.to_array(i) for i in nearest.graph.initializer if i.name == name]
+    assert ours.shape == theirs.shape and not np.array_equal(ours, theirs)
+    assert _manifest(exports["llama-int4"])["quantization"]["calibration"] is None
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(EdgedistillError, match="calibration texts are empty"):
+        export_onnx(models["llama"], tmp_path / "never", "int4", calibration=tmp_path / "empty.txt")
+    with pytest.raises(EdgedistillError, match="calibration file .* not found"):
+        export_onnx(models["llama"], tmp_path / "never", "int4", calibration=tmp_path / "missing.txt")
+    assert not (tmp_path / "never").exists()

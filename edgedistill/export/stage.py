@@ -69,13 +69,17 @@ def export_student(recipe: Recipe, out: Path, *, distill: Path, generate: Path, 
     return {**files, **extra}
 
 
-def export_student_onnx(recipe: Recipe, out: Path, *, distill: Path, lora: Path | None = None,
+def export_student_onnx(recipe: Recipe, out: Path, *, distill: Path, generate: Path, lora: Path | None = None,
                         merge: Path | None = None) -> dict:
-    """The export_onnx stage: `student-<precision>/` ONNX folders of the student, each verified."""
+    """The export_onnx stage: `student-<precision>/` ONNX folders of the student, each verified;
+    int4 weights are rounded by importance on the generate stage's training text unless
+    export.onnx_options.calibrate is false."""
     from edgedistill.export.onnx import export_onnx_set
 
     model = merge if merge is not None else distill
-    return export_onnx_set(model, out, "student", recipe.export.onnx, **recipe.export.onnx_options.model_dump())
+    options = recipe.export.onnx_options.model_dump()
+    calibration = generate / "train.jsonl" if options.pop("calibrate") else None
+    return export_onnx_set(model, out, "student", recipe.export.onnx, calibration=calibration, **options)
 
 
 def export_lora_pair(base: Path, adapter: Path, merged: Path, out: Path, name: str) -> dict:

@@ -69,6 +69,17 @@ def calibration_texts(path: Path, tokenizer) -> list[str]:
     return texts
 
 
+def token_chunks(tokenizer, texts: list[str], max_tokens: int, chunk_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
+    """The texts' tokens, concatenated, cut to `max_tokens` and packed into `chunk_tokens`-token chunks."""
+    stream = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]][:max_tokens]
+    n_chunks = len(stream) // chunk_tokens
+    # a short calibration set still counts: one chunk of whatever there is
+    chunks = [stream[i * chunk_tokens:(i + 1) * chunk_tokens] for i in range(n_chunks)] or [stream]
+    if not chunks[0]:
+        raise EdgedistillError("the calibration texts are empty", "pass task text (e.g. generate/train.jsonl)")
+    return chunks
+
+
 def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
     """HF module name → GGUF weight name, for every matrix llama.cpp multiplies activations by."""
     config, config_file = _read_config(Path(hf_dir))
@@ -103,14 +114,7 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
     if out_file.exists() and not overwrite:
         raise EdgedistillError(f"{out_file} already exists", "choose another path or pass overwrite=True")
     names = linear_tensor_names(hf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    stream = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    stream = stream[:max_tokens]
-    n_chunks = len(stream) // CHUNK_TOKENS
-    # a short calibration set still counts: one chunk of whatever there is
-    chunks = [stream[i * CHUNK_TOKENS:(i + 1) * CHUNK_TOKENS] for i in range(n_chunks)] or [stream]
-    if not chunks[0]:
-        raise EdgedistillError("the calibration texts are empty", "pass task text (e.g. generate/train.jsonl)")
+    chunks = token_chunks(AutoTokenizer.from_pretrained(hf_dir), texts, max_tokens)
 
     model = load_model(hf_dir)
     modules = dict(model.named_modules())

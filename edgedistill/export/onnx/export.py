@@ -31,6 +31,7 @@ from edgedistill.export.onnx.options import (
     QuantOptions,
     check_precision,
 )
+from edgedistill.export.onnx.calibrate import CALIBRATION_TOKENS, activation_importance
 from edgedistill.export.onnx.paths import choose_path, run_builder, run_optimum
 from edgedistill.export.onnx.quantize import quantize_onnx
 
@@ -101,12 +102,16 @@ def _tool_versions() -> dict[str, str]:
 def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: str = "auto",
                 overwrite: bool = False, block_size: int = 32, symmetric: bool = True,
                 accuracy_level: int | None = None, lm_head_bits: int | None = 8,
-                quantize_embeddings: bool | None = None, verify: bool = True, reference=None,
+                quantize_embeddings: bool | None = None, calibration: Path | None = None,
+                calibration_tokens: int = CALIBRATION_TOKENS, verify: bool = True, reference=None,
                 threads: int | None = None, progress: bool = False, timeout_s: float | None = None) -> dict:
     """Export the HF folder `hf_dir` as an ONNX folder `out_dir` at `precision`; returns its manifest.
 
     `path`: "builder" (onnxruntime-genai's model builder), "optimum" or "auto" (the builder when it
-    supports the architecture). int8/int4 options: see QuantOptions. `verify` compares the export
+    supports the architecture). int8/int4 options: see QuantOptions. `calibration`: task text (a
+    run's generate/train.jsonl, a .jsonl of {"text": ...} rows or a .txt file) whose first
+    `calibration_tokens` tokens weigh the int4 rounding (edgedistill.export.onnx.calibrate); without
+    it int4 weights are rounded to nearest. `verify` compares the export
     with `hf_dir` in PyTorch (edgedistill.export.onnx.verify; `reference` reuses a reference_for()
     result) and refuses an export beyond its precision's bound. An existing `out_dir` is an error
     unless `overwrite`.
@@ -122,6 +127,8 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
         raise EdgedistillError(f"{out_dir} already exists", "choose another folder or pass overwrite=True (--overwrite)")
     config = _read_source(hf_dir)
     chosen = choose_path(config, path, hf_dir)
+    chunks = (_calibration_chunks(hf_dir, calibration, calibration_tokens, config.get("max_position_embeddings"))
+              if calibration is not None else None)
     allowed = BUILDER_PRECISIONS if chosen == "builder" else OPTIMUM_PRECISIONS
     if precision not in allowed:
         raise EdgedistillError(f"the {chosen} path does not make {precision} exports (it makes {', '.join(allowed)})",
@@ -153,15 +160,21 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
         if quantized:
             started = time.perf_counter()
             bits = 8 if precision == "int8" else 4
+            importance = None
+            # only 4-bit weights are rounded by importance: int8 with an int8 lm_head has none
+            if chunks is not None and 4 in (bits, options.lm_head_bits):
+                importance = activation_importance(work, chunks)
+                seconds["calibrate"] = round(time.perf_counter() - started, 2)
             done = quantize_onnx(work / MODEL_FILE, tmp / MODEL_FILE, bits, options,
                                  tied=bool(config.get("tie_word_embeddings", False)),
-                                 hidden_size=config.get("hidden_size"))
-            quantization = {**options.record(precision), **done}
+                                 hidden_size=config.get("hidden_size"), importance=importance)
+            quantization = {**options.record(precision), **done, "calibration": None if importance is None else {
+                "file": str(calibration), "tokens": sum(map(len, chunks)), "chunks": len(chunks)}}
             for item in work.iterdir():
                 if not item.name.startswith(MODEL_FILE):
                     shutil.move(str(item), str(tmp / item.name))
             shutil.rmtree(work)
-            seconds["quantize"] = round(time.perf_counter() - started, 2)
+            seconds["quantize"] = round(time.perf_counter() - started - seconds.get("calibrate", 0), 2)
         tokenizer_files = _use_source_tokenizer(hf_dir, tmp)
         _step(bar, "verify")
 
@@ -201,6 +214,18 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
         shutil.rmtree(tmp, ignore_errors=True)
         if bar is not None:
             bar.close()
+
+
+def _calibration_chunks(hf_dir: Path, calibration: Path, max_tokens: int, context: int | None) -> list[list[int]]:
+    """The calibration file's text as token chunks no longer than the model's context, read before
+    any export work so that a bad file fails first."""
+    from transformers import AutoTokenizer
+
+    from edgedistill.export.gguf.imatrix import CHUNK_TOKENS, calibration_texts, token_chunks
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return token_chunks(tokenizer, calibration_texts(Path(calibration), tokenizer), max_tokens,
+                        min(CHUNK_TOKENS, context or CHUNK_TOKENS))
 
 
 def _replace(tmp: Path, out_dir: Path) -> None:

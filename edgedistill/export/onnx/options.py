@@ -92,7 +92,7 @@ class QuantOptions:
         bits = {"int4": 4, "int8": 8}[precision]
         return {**asdict(self), "accuracy_level": self.effective_accuracy_level, "bits": bits,
                 "lm_head_bits": None if self.lm_head_bits is None else max(bits, self.lm_head_bits),
-                "algorithm": "rtn", "op": "MatMulNBits"}
+                "op": "MatMulNBits"}
 
 
 def check_precision(precision: str) -> str:
