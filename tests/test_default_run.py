@@ -26,6 +26,7 @@ def test_default_run_ships_a_student_that_keeps_most_of_the_teachers_score(tmp_p
     assert evaluation["reference"]["task_score"] >= 0.8
     # The student, at under half the teacher's parameters, keeps most of its score.
     assert scores["student-q4_k_m.gguf"]["share_of_reference"] >= 0.7
+    assert scores["student-int4/"]["share_of_reference"] >= 0.7
     student = json.loads((out / "student" / "manifest.json").read_text())["result"]
     assert student["parameter_ratio"] <= 0.5
 

@@ -52,6 +52,9 @@ def test_every_stage_is_written_and_complete(tiny_run):
         "student-f16.gguf", "student-q8_0.gguf", "student-q4_k_m.gguf"}
     assert {p.name for p in (tiny_run / "teacher_gguf").glob("*.gguf")} == {"teacher-f16.gguf", "teacher-q4_k_m.gguf"}
     assert (tiny_run / "export_onnx" / "student-int4" / "model.onnx").is_file()
+    # onnx_options.calibrate: int4 rounded by importance on the generate stage's training text
+    onnx_manifest = json.loads((tiny_run / "export_onnx" / "student-int4" / "onnx_export.json").read_text())
+    assert onnx_manifest["quantization"]["calibration"]["file"].endswith("generate/train.jsonl")
     # Checkpoints are progress, not results: the finished distill folder holds the model only.
     assert not (tiny_run / "distill" / "checkpoint").exists()
     assert (tiny_run / "distill" / "model.safetensors").exists()

@@ -1,10 +1,12 @@
 """ONNX Runtime next to llama.cpp on one model: speed, memory, size and quality per precision.
 
-    .venv/bin/python tools/bench_onnx.py                                   # the embedded teacher
-    .venv/bin/python tools/bench_onnx.py --model runs/sentiment/distill --out runs/bench/onnx-student.json
+    .venv/bin/python tools/bench_onnx.py --calibration runs/sentiment/generate/train.jsonl   # the embedded teacher
+    .venv/bin/python tools/bench_onnx.py --model runs/sentiment/distill --out runs/bench/onnx-student.json \
+        --calibration runs/sentiment/generate/train.jsonl
 
 Exports the HF folder as fp32, int8 and int4 ONNX (edgedistill.export.onnx, verified against
-PyTorch, timed) and as Q8_0 and Q4_K_M GGUF (edgedistill.export.gguf, checked by its own
+PyTorch, timed; with `--calibration`, int4 twice: rounded to nearest as onnx-int4-rtn, and rounded
+by importance on that text as onnx-int4) and as Q8_0 and Q4_K_M GGUF (edgedistill.export.gguf, checked by its own
 verify_ggufs on the same texts), then measures every artifact in a fresh process of its own, one
 after the other, in `--rounds` interleaved rounds (so a burst of load on the machine hits all of
 them): prefill tokens/s of a `--prompt-tokens` prompt, greedy decode tokens/s of `--gen-tokens`
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reuse", action="store_true", help="keep exports already in --work")
+    parser.add_argument("--calibration", type=Path, help="task text for int4's importance-weighted rounding")
     args = parser.parse_args()
 
     from edgedistill.bench.latency import bench_artifact
@@ -62,15 +65,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     reference = reference_for(args.model)
     artifacts: dict[str, dict] = {}
-    for precision in ONNX_PRECISIONS:
-        folder = work / f"onnx-{precision}"
+    variants = [(p, p, None) for p in ONNX_PRECISIONS]
+    if args.calibration is not None:
+        variants = [("fp32", "fp32", None), ("int8", "int8", None), ("int4-rtn", "int4", None),
+                    ("int4", "int4", args.calibration)]
+    for name, precision, calibration in variants:
+        folder = work / f"onnx-{name}"
         if not (args.reuse and (folder / MANIFEST).is_file()):
             started = time.perf_counter()
-            export_onnx(args.model, folder, precision, overwrite=True, reference=reference, threads=args.threads)
+            export_onnx(args.model, folder, precision, overwrite=True, reference=reference, threads=args.threads,
+                        calibration=calibration)
             print(f"exported {folder} in {time.perf_counter() - started:.1f} s", flush=True)
         manifest = json.loads((folder / MANIFEST).read_text())
         check = manifest["verification"]
-        artifacts[f"onnx-{precision}"] = {
+        artifacts[f"onnx-{name}"] = {
             "format": "onnx", "precision": precision, "path": str(folder), "size_mb": _size_mb(folder),
             "export_s": manifest["seconds"], "quantization": manifest["quantization"],
             "quality": {k: check[k] for k in ("perplexity_ratio", "mean_kl", "top1_agreement", "greedy_verdict")}}

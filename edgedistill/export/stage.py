@@ -72,8 +72,8 @@ def export_student(recipe: Recipe, out: Path, *, distill: Path, generate: Path, 
 def export_student_onnx(recipe: Recipe, out: Path, *, distill: Path, generate: Path, lora: Path | None = None,
                         merge: Path | None = None) -> dict:
     """The export_onnx stage: `student-<precision>/` ONNX folders of the student, each verified;
-    int4 weights are rounded by importance on the generate stage's training text unless
-    export.onnx_options.calibrate is false."""
+    with export.onnx_options.calibrate, int4 weights are rounded by importance on the generate
+    stage's training text."""
     from edgedistill.export.onnx import export_onnx_set
 
     model = merge if merge is not None else distill
