@@ -34,13 +34,15 @@ def _default_recipe() -> Path:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from edgedistill.pipeline import Pipeline, launched
+    from edgedistill.preflight import run_with_preflight
     from edgedistill.recipe import load_recipe
     from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or _default_recipe())
     out = args.out or Path("runs") / recipe.name
-    results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
-                                                            to_stage=args.to_stage)
+    # with bench.target set, the memory estimate prints after the teacher stage, before the long ones
+    results = run_with_preflight(Pipeline(stages_for(recipe), recipe, out), force=args.force,
+                                 from_stage=args.from_stage, to_stage=args.to_stage)
     if launched()[0] > 0:
         return  # another process of a launch: the first one reports
     report = out / "report" / "report.md"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from edgedistill.errors import EdgedistillError
 
@@ -256,6 +256,19 @@ class BenchConfig(Section):
     threads: Annotated[int, Field(gt=0)] | None = None
 
 
+    # A device profile (a built-in name from recipes/targets/, or a YAML file relative to the
+    # recipe): every bench row is checked against its budgets, and `edgedistill run` estimates
+    # before the long stages whether the student fits its memory (edgedistill.preflight).
+    target: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_target(self, handler):
+        # Without a target the section dumps as before targets existed, so the bench stage's cache
+        # key, which hashes this dump, stays that of runs made earlier.
+        dumped = handler(self)
+        if self.target is None:
+            dumped.pop("target", None)
+        return dumped
 class EvalConfig(Section):
     max_new_tokens: Annotated[int, Field(gt=0)] = 16
     # Held-out records (the first ones) whose teacher answers every artifact scores: perplexity, KL,
@@ -341,6 +354,12 @@ def load_recipe(path: Path | str) -> Recipe:
         raise EdgedistillError(f"{path}: data.prompts: {prompts} does not exist", "point data.prompts at a JSONL file, relative to the recipe")
     return recipe
 
+    from edgedistill.targets import recipe_target  # targets reads YAML with this module's helpers
+
+    try:
+        recipe_target(recipe)
+    except EdgedistillError as exc:
+        raise EdgedistillError(f"{path}: bench.target: {exc.problem}", exc.hint) from None
 
 def section_dump(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
     """The JSON-able config of the named sections (or `section.field`s): a stage's cache key."""

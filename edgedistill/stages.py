@@ -22,6 +22,7 @@ from edgedistill.recipe import Recipe
 from edgedistill.report.stage import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.random_model import build_random_model
+from edgedistill.targets import recipe_target_files
 
 
 def teacher_stage(recipe: Recipe, out: Path) -> dict:
@@ -144,7 +145,8 @@ def stages_for(recipe: Recipe) -> list[Stage]:
           if recipe.export.onnx else []),
         Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
               version=2),
-        Stage("bench", bench_stage, inputs=("teacher_gguf", "export", *onnx), sections=("bench",)),
+        Stage("bench", bench_stage, inputs=("teacher_gguf", "export", *onnx), sections=("bench",),
+              external=recipe_target_files),
         Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export", *onnx), sections=("eval",)),
         # version 2: report.html with plots beside report.md
         Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", *onnx,

@@ -7,7 +7,8 @@
 A target is a YAML file (built-in ones live in recipes/targets/): a `context_length` and optional
 `budgets` for memory, file size, time to first token, decode speed and the share of the teacher's
 task score. `preflight` estimates memory (weights + KV cache at the target's context) before a long
-run, so a model that cannot fit is caught without training it.
+run, so a model that cannot fit is caught without training it (edgedistill.preflight does that for a
+recipe's `bench.target`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import read_yaml_mapping, validation_problems
+from edgedistill.recipe import Recipe, read_yaml_mapping, validation_problems
 
 BUILTIN_TARGETS = Path(__file__).resolve().parent.parent / "recipes" / "targets"
 
@@ -67,7 +68,8 @@ def builtin_targets() -> list[str]:
     return sorted(p.stem for p in BUILTIN_TARGETS.glob("*.yaml"))
 
 
-def _target_path(spec: str | Path) -> Path:
+def target_path(spec: str | Path) -> Path:
+    """The YAML file of a target: `spec` itself, or recipes/targets/SPEC.yaml for a built-in name."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
@@ -83,13 +85,33 @@ def _target_path(spec: str | Path) -> Path:
 
 def load_target(spec: str | Path) -> Target:
     """A built-in target by name (recipes/targets/NAME.yaml) or a target YAML file, validated."""
-    path = _target_path(spec)
+    path = target_path(spec)
     raw = read_yaml_mapping(path, "name, context_length and budgets")
     try:
         return Target.model_validate(raw)
     except ValidationError as exc:
         raise EdgedistillError("invalid target\n  " + "\n  ".join(validation_problems(path, exc)),
                                f"budgets are: {', '.join(BUDGET_SOURCES)}") from None
+
+
+def recipe_target(recipe: Recipe) -> Target | None:
+    """The recipe's `bench.target`: a built-in name, or a YAML path relative to the recipe file."""
+    return None if recipe.bench.target is None else load_target(recipe.source(recipe.bench.target))
+
+
+def recipe_target_files(recipe: Recipe) -> dict[str, Path]:
+    """The target's file, for the bench stage's cache key: an edited budget checks the rows again."""
+    return {} if recipe.bench.target is None else {"target": target_path(recipe.source(recipe.bench.target))}
+
+
+def _check(budget: str, limit: float, value: float | None) -> dict:
+    if value is None:
+        passed = margin = None
+    else:
+        headroom = limit - value if BUDGET_SOURCES[budget][2] else value - limit
+        passed = headroom >= 0
+        margin = round(headroom / limit, 4)
+    return {"budget": budget, "limit": limit, "value": value, "passed": passed, "margin": margin}
 
 
 def check_target(target: Target, bench_row: dict, eval_row: dict | None = None) -> list[dict]:
@@ -99,20 +121,15 @@ def check_target(target: Target, bench_row: dict, eval_row: dict | None = None) 
     maximum, (value - limit) / limit for a minimum); an unmeasured value gives passed and margin None.
     """
     rows = {"bench": bench_row, "eval": eval_row or {}}
-    checks = []
-    for budget, (source, key, is_max) in BUDGET_SOURCES.items():
-        limit = getattr(target.budgets, budget)
-        if limit is None:
-            continue
-        value = rows[source].get(key)
-        if value is None:
-            passed = margin = None
-        else:
-            headroom = limit - value if is_max else value - limit
-            passed = headroom >= 0
-            margin = round(headroom / limit, 4)
-        checks.append({"budget": budget, "limit": limit, "value": value, "passed": passed, "margin": margin})
-    return checks
+    return [_check(budget, getattr(target.budgets, budget), rows[source].get(key))
+            for budget, (source, key, _) in BUDGET_SOURCES.items() if getattr(target.budgets, budget) is not None]
+
+
+def completed_checks(checks: list[dict], row: dict) -> list[dict]:
+    """`checks` with the values they lacked taken from `row` (a bench row merged with its eval row):
+    the bench stage runs before eval, so its quality check is only measured in the report."""
+    return [_check(c["budget"], c["limit"], row.get(BUDGET_SOURCES[c["budget"]][1]))
+            if c["value"] is None and c["budget"] in BUDGET_SOURCES else c for c in checks]
 
 
 def any_failed(checks: list[dict]) -> bool:

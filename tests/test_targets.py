@@ -115,3 +115,238 @@ def test_preflight_fits_a_large_budget_and_not_a_small_one():
 def test_preflight_names_a_missing_config_key():
     with pytest.raises(EdgedistillError, match="num_hidden_layers"):
         kv_cache_bytes({"num_attention_heads": 4, "hidden_size": 64}, 128)
+
+
+# --- a recipe's bench.target: validation, preflight before the long stages, bench rows, report table ---
+
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def _tiny_recipe_file(folder: Path, target: str | None = None, student: str | None = None) -> Path:
+    """recipes/tiny.yaml in `folder` (prompts by absolute path), with a bench.target and another student."""
+    text = TINY.read_text().replace("data/sentiment.jsonl", str(ROOT / "recipes" / "data" / "sentiment.jsonl"))
+    if target is not None:
+        text = text.replace("bench:\n", f"bench:\n  target: {target}\n")
+    if student is not None:
+        text = text.replace("student:\n  method: prune\n  keep_layers: 2\n", student)
+    path = folder / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_recipe_bench_target_by_name_and_by_path_relative_to_the_recipe(tmp_path):
+    from edgedistill.recipe import load_recipe
+    from edgedistill.targets import recipe_target
+
+    assert recipe_target(load_recipe(_tiny_recipe_file(tmp_path, "phone-8gb"))) == load_target("phone-8gb")
+    (tmp_path / "board.yaml").write_text("name: board\ncontext_length: 512\nbudgets:\n  max_memory_mb: 300\n")
+    assert recipe_target(load_recipe(_tiny_recipe_file(tmp_path, "board.yaml"))).name == "board"
+    assert recipe_target(load_recipe(TINY)) is None
+
+
+def test_misspelt_recipe_target_fails_at_load_naming_file_field_and_profiles(tmp_path):
+    from edgedistill.recipe import load_recipe
+
+    path = _tiny_recipe_file(tmp_path, "phone-8bg")
+    with pytest.raises(EdgedistillError) as err:
+        load_recipe(path)
+    assert f"{path}: bench.target: unknown target 'phone-8bg'" in str(err.value)
+    assert "phone-8gb" in err.value.hint and "raspberry-pi-5" in err.value.hint
+
+
+def test_bench_section_without_target_keeps_its_cache_key():
+    from edgedistill.recipe import BenchConfig, load_recipe, section_dump
+
+    recipe = load_recipe(TINY)
+    assert "target" not in section_dump(recipe, ("bench",))["bench"]
+    with_target = recipe.model_copy(update={"bench": BenchConfig(target="phone-8gb")})
+    assert section_dump(with_target, ("bench",))["bench"]["target"] == "phone-8gb"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """The tiny recipe's random teacher (4 layers, width 64, 4 heads in 2 KV groups, MLP 128)."""
+    from edgedistill.recipe import load_recipe
+    from edgedistill.stages import teacher_stage
+
+    out = tmp_path_factory.mktemp("run") / "teacher"
+    out.mkdir()
+    teacher_stage(load_recipe(TINY), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    """A generate folder with a few chat rows, for the importance scores width pruning needs."""
+    import json
+
+    out = tmp_path_factory.mktemp("generate")
+    rows = [{"id": str(i), "label": "positive", "messages": [
+        {"role": "user", "content": f"Review {i}: the film was {'good ' * (i + 1)}"},
+        {"role": "assistant", "content": "positive"}]} for i in range(6)]
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+STUDENTS = {
+    "prune": "student:\n  method: prune\n  keep_layers: 2\n",
+    "prune-explicit": "student:\n  method: prune\n  keep_layers: [0, 3]\n",
+    "prune-width": ("student:\n  method: prune\n  keep_layers: 3\n  calibration_examples: 4\n"
+                    "  width:\n    intermediate_size: 64\n    num_attention_heads: 2\n"),
+    "config": "student:\n  method: config\n  config:\n    num_hidden_layers: 1\n    intermediate_size: 96\n",
+}
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_estimated_student_has_the_built_students_parameters_and_shape(student, tiny_teacher, chats, tmp_path):
+    import json
+
+    from edgedistill.distill.student import build_student
+    from edgedistill.preflight import meta_model, parameter_count, student_config
+    from edgedistill.recipe import load_recipe
+
+    recipe = load_recipe(_tiny_recipe_file(tmp_path, student=STUDENTS[student]))
+    config = student_config(recipe, tiny_teacher)
+    out = tmp_path / "student"
+    out.mkdir()
+    built = build_student(recipe, out, teacher=tiny_teacher, generate=chats)
+    assert parameter_count(meta_model(config)) == built["student_parameters"]
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        assert getattr(config, key) == saved.get(key, getattr(config, key)), key
+
+
+def test_progressive_student_is_pruned_from_the_last_step(tiny_teacher, tmp_path):
+    from edgedistill.preflight import student_config
+    from edgedistill.recipe import load_recipe
+
+    recipe = load_recipe(_tiny_recipe_file(tmp_path, student=(
+        "student:\n  method: prune\n  keep_layers: 2\nprogressive:\n  steps:\n    - keep_layers: 3\n"
+        "      width:\n        intermediate_size: 96\n")))
+    config = student_config(recipe, tiny_teacher)
+    assert (config.num_hidden_layers, config.intermediate_size) == (2, 96)
+
+
+def test_gguf_weight_bytes_follow_the_bits_per_weight_table(tiny_teacher):
+    from transformers import AutoConfig
+
+    from edgedistill.preflight import GGUF_BITS_PER_WEIGHT, gguf_weight_bytes, meta_model, parameter_count
+
+    model = meta_model(AutoConfig.from_pretrained(tiny_teacher))
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    matrices = parameter_count(model) - vectors
+    assert gguf_weight_bytes(model, "F16") == round((16 * matrices + 32 * vectors) / 8)
+    # the tied output matrix's rows (64 wide) are not whole Q6_K blocks: llama.cpp keeps it in Q8_0
+    output = model.get_output_embeddings().weight.numel()
+    assert gguf_weight_bytes(model, "Q4_K_M") == round((4.85 * (matrices - output) + 8.5 * output + 32 * vectors) / 8)
+    assert [gguf_weight_bytes(model, q) for q in GGUF_BITS_PER_WEIGHT] == sorted(
+        (gguf_weight_bytes(model, q) for q in GGUF_BITS_PER_WEIGHT), reverse=True)
+
+
+def _run_dir_with(teacher: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher").symlink_to(teacher, target_is_directory=True)
+    return run
+
+
+@pytest.mark.parametrize("budget_mb, warned", [(1, True), (100_000, False)])
+def test_preflight_warns_only_when_the_student_cannot_fit(budget_mb, warned, tiny_teacher, tmp_path, capsys):
+    import json
+
+    from edgedistill.preflight import PREFLIGHT_JSON, preflight_run
+    from edgedistill.recipe import load_recipe
+
+    (tmp_path / "board.yaml").write_text(f"name: board\ncontext_length: 4096\nbudgets:\n  max_memory_mb: {budget_mb}\n")
+    recipe = load_recipe(_tiny_recipe_file(tmp_path, "board.yaml"))
+    run = _run_dir_with(tiny_teacher, tmp_path)
+    result = preflight_run(recipe, run)
+    out = capsys.readouterr().out
+    assert "preflight for target board (context 4096 tokens, memory budget" in out
+    # teacher F16 + Q4_K_M, student F16 + Q8_0 + Q4_K_M: one line each
+    assert [(r["model"], r["type"]) for r in result["rows"]] == [
+        ("teacher", "F16"), ("teacher", "Q4_K_M"), ("student", "F16"), ("student", "Q8_0"), ("student", "Q4_K_M")]
+    assert all(f"| {r['model']:<7} | {r['type']:<6} |" in out for r in result["rows"])
+    assert ("WARNING" in out) is warned
+    if warned:
+        assert "WARNING: student-q4_k_m.gguf does not fit board" in out
+        assert "student.keep_layers: 2" in out and "shorter context" in out and "4096 tokens" in out
+        assert all(r["fits"] is False for r in result["rows"])
+    assert json.loads((run / PREFLIGHT_JSON).read_text()) == json.loads(json.dumps(result))
+
+
+def test_preflight_runs_between_the_teacher_and_the_long_stages(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from edgedistill import preflight as module
+    from edgedistill.recipe import BenchConfig, load_recipe
+
+    calls = []
+
+    class FakePipeline:
+        """Records what run_with_preflight asks for; returns a result per stage it would run."""
+
+        recipe = load_recipe(TINY).model_copy(update={"bench": BenchConfig(target="phone-8gb")})
+        run_dir = tmp_path
+
+        def stage_names(self):
+            return ["teacher", "generate", "distill"]
+
+        def run(self, **kwargs):
+            calls.append(kwargs)
+            last = self.stage_names().index(kwargs.get("to_stage") or "distill")
+            return [SimpleNamespace(name=name) for name in self.stage_names()[: last + 1]]
+
+    monkeypatch.setattr(module, "preflight_run", lambda recipe, run_dir: calls.append("preflight"))
+    results = module.run_with_preflight(FakePipeline(), force=True)
+    # --force redoes the teacher in the first call only
+    assert calls == [{"force": True, "from_stage": None, "to_stage": "teacher"}, "preflight",
+                     {"from_stage": "generate", "to_stage": None}]
+    assert [r.name for r in results] == ["teacher", "generate", "distill"]
+    calls.clear()
+    module.run_with_preflight(FakePipeline(), from_stage="distill")
+    assert calls == [{"force": False, "from_stage": "distill", "to_stage": "teacher"}, "preflight",
+                     {"from_stage": "distill", "to_stage": None}]
+    calls.clear()
+    module.run_with_preflight(FakePipeline(), to_stage="teacher")
+    assert calls == [{"force": False, "from_stage": None, "to_stage": "teacher"}, "preflight"]
+
+
+@pytest.mark.parametrize("target", ["phone-8gb", None])
+def test_bench_stage_adds_the_target_checks_to_each_row(target, tmp_path, monkeypatch):
+    import json
+
+    from edgedistill.bench import latency
+    from edgedistill.recipe import BenchConfig, load_recipe
+
+    recipe = load_recipe(TINY).model_copy(update={"bench": BenchConfig(target=target)})
+    monkeypatch.setattr(latency, "gguf_artifacts", lambda *folders: [])
+    monkeypatch.setattr(latency, "bench_many", lambda artifacts, cfg: [dict(BENCH)])
+    result = latency.bench_stage(recipe, tmp_path, teacher_gguf=tmp_path, export=tmp_path)
+    row = json.loads((tmp_path / "bench.json").read_text())[0]
+    if target is None:
+        assert "target" not in row and result == {"artifacts": 1}
+        return
+    phone = load_target("phone-8gb")
+    assert row["target"] == {"name": "phone-8gb", "checks": check_target(phone, BENCH)}
+    assert result == {"artifacts": 1, "target": "phone-8gb", "target_failed": []}
+
+
+def test_report_device_target_table_takes_quality_from_eval_and_cites_the_preflight(tmp_path):
+    from edgedistill.report.data import RunData
+    from edgedistill.report.markdown import render_markdown
+    from edgedistill.report.tables import target_table
+
+    checks = check_target(TARGET, BENCH)
+    row = {**BENCH, "target": {"name": "t", "checks": checks}, "task_score": 0.9, "share_of_reference": 0.9}
+    preflight_json = {"target": "t", "context_length": 2048,
+                      "rows": [{"artifact": "m-Q4_K_M.gguf", "estimate_mb": 321.5}]}
+    data = RunData(tmp_path, "run", None, [row], None, [row], {}, preflight=preflight_json)
+    table = target_table(data)
+    assert table.header == ["artifact", "peak RSS MB ≤ 400", "file MB ≤ 100", "TTFT ms ≤ 500",
+                            "decode tok/s ≥ 20", "% of teacher ≥ 85", "preflight estimate MB", "result"]
+    assert table.rows == [["`m-Q4_K_M.gguf`", "500.0 (**FAIL**)", "80.0 (pass)", "250.0 (pass)", "15.0 (**FAIL**)",
+                           "90.0 (pass)", "321.5", "**FAIL**"]]
+    assert "preflight.json: rows[].estimate_mb" in table.source
+    assert "## Device target: t" in render_markdown(data)
+    assert target_table(RunData(tmp_path, "run", None, [BENCH], None, [BENCH], {})) is None

@@ -30,6 +30,7 @@ from edgedistill.recipe import BenchConfig, Recipe
 from edgedistill.runtimes import artifact_kind, gguf_artifacts
 from edgedistill.runtimes.llamacpp import check_gguf
 from edgedistill.runtimes.onnx import check_onnx_folder, onnx_artifacts
+from edgedistill.targets import any_failed, check_target, format_target_checks, recipe_target
 
 
 def _command(path: Path, kind: str, cfg: BenchConfig, threads: int, device: str, dtype: str) -> list[str]:
@@ -99,6 +100,13 @@ def bench_many(paths: list[Path], cfg: BenchConfig, *, device: str = "cpu", dtyp
 
 def bench_stage(recipe: Recipe, out: Path, *, teacher_gguf: Path, export: Path, export_onnx: Path | None = None) -> dict:
     artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
+    target = recipe_target(recipe)
     results = bench_many(artifacts, recipe.bench)
+    if target is not None:
+        # as `edgedistill bench --target` writes it; quality is checked in the report, after eval
+        for row in results:
+            row["target"] = {"name": target.name, "checks": check_target(target, row)}
+        print(format_target_checks(target, [(r["artifact"], r["target"]["checks"]) for r in results]))
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    return {"artifacts": len(results)}
+    failed = [r["artifact"] for r in results if target is not None and any_failed(r["target"]["checks"])]
+    return {"artifacts": len(results), **({"target": target.name, "target_failed": failed} if target else {})}

@@ -20,6 +20,7 @@ from edgedistill.pipeline import MANIFEST, PARTIAL
 
 BENCH_JSON = "bench/bench.json"
 EVAL_JSON = "eval/eval.json"
+PREFLIGHT_JSON = "preflight.json"  # written by `edgedistill run` with bench.target (edgedistill.preflight)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class RunData:
     bench_rows: list[dict[str, Any]]
     manifests: dict[str, dict[str, Any]]  # stage name -> manifest, in stage order
     sources: list[Source] = field(default_factory=list)
+    preflight: dict[str, Any] | None = None
 
     @property
     def columns(self) -> list[Column]:
@@ -179,6 +181,9 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
                    if "name" in m.get("config", {})), {})
     teacher = config.get("teacher") or manifests.get("teacher", {}).get("config", {}).get("teacher") or {}
     reference = evaluation.get("reference")
+    # only beside bench rows checked against a target, which the device target table shows it with
+    preflight = (reader.read(PREFLIGHT_JSON, fix) if any(isinstance(r, dict) and "target" in r for r in bench)
+                 and (run_dir / PREFLIGHT_JSON).is_file() else None)
     return RunData(
         run_dir=run_dir,
         name=name or config.get("name") or run_dir.resolve().name,
@@ -188,6 +193,7 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
         bench_rows=bench,
         manifests=manifests,
         sources=reader.sources,
+        preflight=preflight,
     )
 
 

@@ -14,7 +14,7 @@ import re
 from edgedistill.report.data import RunData
 from edgedistill.report.plots import all_plots
 from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, pareto_note, sources_table,
-                                       stage_table, summary, training_tables)
+                                       stage_table, summary, target_note, target_table, training_tables)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 72rem; margin: 2rem auto;
@@ -61,6 +61,9 @@ def render_html(data: RunData) -> str:
              f"<h1>{html.escape(title)}</h1>"]
     lines += [f"<p>{inline(sentence)}</p>" for sentence in summary(data)]
     lines += _section(artifact_table(data), measurement_note(data), pareto_note(data))
+    target = target_table(data)
+    if target is not None:
+        lines += _section(target, target_note(data))
     lines += ['<h2 id="plots-title">Plots</h2>']
     for plot_id, (plot_title, source, svg) in all_plots(data).items():
         lines += [f'<figure id="{plot_id}">', f"<figcaption>{inline(plot_title)}</figcaption>", svg,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from edgedistill.report.data import RunData
 from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, pareto_note, sources_table,
-                                       stage_table, summary, training_tables)
+                                       stage_table, summary, target_note, target_table, training_tables)
 
 
 def markdown_table(table: Table) -> list[str]:
@@ -30,6 +30,9 @@ def render_markdown(data: RunData) -> str:
     lines += [line for sentence in summary(data) for line in (sentence, "")]
     lines += _section(artifact_table(data), measurement_note(data), pareto_note(data),
                       "Plots of quality against file size and decode speed, and of the stage times: `report.html`.")
+    target = target_table(data)
+    if target is not None:
+        lines += _section(target, target_note(data))
     for table in training_tables(data):
         lines += _section(table)
     note = merge_note(data)

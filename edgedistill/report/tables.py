@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgedistill.report.data import BENCH_JSON, EVAL_JSON, RunData, column_sources, fmt, pareto_front
+from edgedistill.report.data import BENCH_JSON, EVAL_JSON, PREFLIGHT_JSON, RunData, column_sources, fmt, pareto_front
+from edgedistill.targets import any_failed, completed_checks
 
 RUNTIME_NAMES = {"llama.cpp": "llama.cpp (GGUF)", "onnxruntime-genai": "ONNX Runtime GenAI (ONNX folders)",
                  "onnxruntime": "ONNX Runtime (ONNX folders)"}
@@ -58,6 +59,54 @@ def measurement_note(data: RunData) -> str:
             f"{first.get('prompt_tokens')} tokens, {first.get('gen_tokens')} generated, median of "
             f"{first.get('repetitions')} (from `{BENCH_JSON}`). Quality: greedy answers on {examples} held-out "
             f"prompts (from `{EVAL_JSON}`).")
+
+
+BUDGET_HEADERS = {"max_memory_mb": "peak RSS MB", "max_file_mb": "file MB", "max_ttft_ms": "TTFT ms",
+                  "min_decode_tokens_per_s": "decode tok/s", "min_quality_share": "% of teacher"}
+PERCENT_BUDGETS = {"min_quality_share"}  # a 0..1 share, shown as a percentage like the artifact table's
+
+
+def _scaled(budget: str, value: float) -> float:
+    return 100 * value if budget in PERCENT_BUDGETS else value
+
+
+def _check_cell(check: dict) -> str:
+    if check["passed"] is None:
+        return "– (not measured)"
+    return f"{fmt(_scaled(check['budget'], check['value']))} ({'pass' if check['passed'] else '**FAIL**'})"
+
+
+def target_table(data: RunData) -> Table | None:
+    """Each artifact's device-target checks (bench rows with a `target`, quality from eval), and the
+    preflight's memory estimate for it when the run made one."""
+    rows = [r for r in data.rows if r.get("target")]
+    if not rows:
+        return None
+    name = rows[0]["target"]["name"]
+    budgets = [(c["budget"], c["limit"]) for c in rows[0]["target"]["checks"]]
+    estimates = {}
+    if data.preflight and data.preflight.get("target") == name:
+        estimates = {p["artifact"]: p["estimate_mb"] for p in data.preflight.get("rows", [])}
+    header = ["artifact", *(f"{BUDGET_HEADERS.get(b, b)} {'≥' if b.startswith('min_') else '≤'} "
+                            f"{_scaled(b, limit):g}" for b, limit in budgets)]
+    header += ["preflight estimate MB", "result"] if estimates else ["result"]
+    table_rows = []
+    for row in rows:
+        checks = completed_checks(row["target"]["checks"], row)
+        estimate = [fmt(estimates.get(row["artifact"]))] if estimates else []
+        table_rows.append([f"`{row['artifact']}`", *(_check_cell(c) for c in checks), *estimate,
+                           "**FAIL**" if any_failed(checks) else "pass"])
+    source = (f"from {BENCH_JSON}: target.checks (limit, value, passed); {EVAL_JSON}: share_of_reference (×100)"
+              + (f"; {PREFLIGHT_JSON}: rows[].estimate_mb" if estimates else ""))
+    return Table("device-target", f"Device target: {name}", header, table_rows, source)
+
+
+def target_note(data: RunData) -> str:
+    estimate = (" The preflight estimate (weights at llama.cpp's nominal bits per weight, fp16 KV cache at "
+                f"the target's {data.preflight['context_length']}-token context, runtime overhead) was made "
+                "from the recipe before the student was trained." if data.preflight else "")
+    return ("Speeds and memory were measured on this machine, not on the target device: treat them as an estimate "
+            "of how it would do there." + estimate)
 
 
 def pareto_names(data: RunData) -> list[str]:

@@ -1,0 +1,224 @@
+"""Preflight: will the recipe's student fit its device target? Answered before the long stages.
+
+    edgedistill run recipes/default.yaml     # with bench.target set: the table prints after the teacher stage
+    python -c "from edgedistill.preflight import preflight_run; from edgedistill.recipe import load_recipe; \
+preflight_run(load_recipe('recipes/default.yaml'), __import__('pathlib').Path('runs/sentiment'))"
+
+The student is not built: its HF config is derived from the recipe and the teacher's config (what
+depth and width pruning change, a config student's overrides, a given student's own config), its
+parameters are counted on PyTorch's meta device (shapes only, no memory), and each GGUF type the run
+exports is sized from llama.cpp's nominal bits per weight. `targets.preflight` adds the KV cache at
+the target's context length and the runtime's overhead. A model over the budget is a warning, never
+an error: the estimate is approximate, and bench measures the real files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from edgedistill.distill.student import check_width, evenly_spaced_layers
+from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import Pipeline, StageResult, is_complete, launched
+from edgedistill.recipe import Recipe, WidthConfig
+from edgedistill.sources import resolve_source
+from edgedistill.targets import Target, preflight, recipe_target
+
+PREFLIGHT_JSON = "preflight.json"
+# llama.cpp's nominal bits per weight: the block formats' exact sizes (Q8_0: 34 bytes per 32 weights,
+# Q6_K: 210 per 256, Q4_0: 18 per 32), and for the _M mixes, which keep some tensors in a larger type,
+# the average llama.cpp's authors report for 7B models. Small models deviate: see OUTPUT_BITS.
+GGUF_BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q4_K_M": 4.85,
+                        "Q4_0": 4.5}
+# llama.cpp's quantizer keeps the output projection (the embedding table when tied) in Q6_K for every
+# type below Q8_0, and in Q8_0 when its rows are not a multiple of Q6_K's 256-weight blocks. In a small
+# model that matrix is a large share of all weights (SmolLM2-135M: 21%), so it is counted apart.
+Q6_K_BLOCK = 256
+OUTPUT_BITS = {"Q6_K": 6.5625, "Q5_K_M": 6.5625, "Q4_K_M": 6.5625, "Q4_0": 6.5625}
+# Norms and biases (one-dimensional) stay float32 in every GGUF type.
+VECTOR_BITS = 32
+
+
+def _pruned_config(config: PretrainedConfig, keep_layers: int | list[int], width: WidthConfig | None) -> None:
+    """What depth and width pruning (edgedistill.distill.student) change in the config, in place."""
+    n_layers = config.num_hidden_layers
+    if isinstance(keep_layers, int):
+        # which blocks importance keeps is only known after scoring; only their count matters here
+        keep = evenly_spaced_layers(n_layers, keep_layers)
+    else:
+        keep = sorted(set(keep_layers))
+        if any(not 0 <= i < n_layers for i in keep):
+            raise EdgedistillError(f"student.keep_layers {keep_layers} must be distinct indices in 0..{n_layers - 1}")
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    if width is not None:
+        check_width(config, width)
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if width.intermediate_size is not None:
+            config.intermediate_size = width.intermediate_size
+        if width.num_attention_heads is not None:
+            group = config.num_attention_heads // config.num_key_value_heads
+            config.num_attention_heads = width.num_attention_heads
+            config.num_key_value_heads = width.num_attention_heads // group
+
+
+def student_config(recipe: Recipe, teacher: Path) -> PretrainedConfig:
+    """The HF config the student stage will produce from `teacher` (an HF folder), without building it."""
+    cfg = recipe.student
+    trust = recipe.teacher.trust_remote_code
+    if cfg.method == "given":
+        source = resolve_source(recipe.source(cfg.source))
+        if source.kind == "hf":
+            return AutoConfig.from_pretrained(source.path)
+        return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust)
+    if cfg.method == "config":
+        for key, value in cfg.config.items():
+            if not hasattr(config, key):
+                raise EdgedistillError(f"student.config.{key}: the teacher's config has no such key",
+                                       f"use keys of {type(config).__name__}, e.g. num_hidden_layers, hidden_size")
+            setattr(config, key, value)
+        return config
+    # a progressive chain prunes each step from the one before; the student is pruned from the last
+    steps = [(s.keep_layers, s.width) for s in (recipe.progressive.steps if recipe.progressive else [])]
+    for keep_layers, width in [*steps, (cfg.keep_layers, cfg.width)]:
+        _pruned_config(config, keep_layers, width)
+    return config
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False):
+    """The architecture with every tensor on the meta device: shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def parameter_count(model) -> int:
+    # parameters() yields a tied embedding once, as count_parameters in distill/student.py counts it
+    return sum(p.numel() for p in model.parameters())
+
+
+def gguf_weight_bytes(model, qtype: str) -> int:
+    """About the bytes of the weights of `model` in a GGUF file of `qtype` (see GGUF_BITS_PER_WEIGHT)."""
+    output = model.get_output_embeddings().weight
+    output_bits = OUTPUT_BITS.get(qtype, GGUF_BITS_PER_WEIGHT[qtype])
+    if qtype in OUTPUT_BITS and output.shape[-1] % Q6_K_BLOCK:
+        output_bits = GGUF_BITS_PER_WEIGHT["Q8_0"]
+    bits = 0.0
+    for param in model.parameters():
+        per_weight = (VECTOR_BITS if param.dim() == 1 else output_bits if param is output
+                      else GGUF_BITS_PER_WEIGHT[qtype])
+        bits += param.numel() * per_weight
+    return round(bits / 8)
+
+
+def _rows(role: str, model, qtypes: list[str], target: Target) -> list[dict]:
+    hf_config = model.config.to_dict()
+    return [{"model": role, "type": qtype, "artifact": f"{role}-{qtype.lower()}.gguf",
+             "parameters": parameter_count(model), "num_hidden_layers": model.config.num_hidden_layers,
+             **preflight(hf_config, gguf_weight_bytes(model, qtype), target)} for qtype in qtypes]
+
+
+def estimate(recipe: Recipe, teacher: Path, target: Target) -> dict:
+    """The teacher's and the student's estimated memory per GGUF type the run exports (F16 always)."""
+    trust = recipe.teacher.trust_remote_code
+    teacher_model = meta_model(AutoConfig.from_pretrained(teacher, trust_remote_code=trust), trust)
+    teacher_rows = _rows("teacher", teacher_model, list(dict.fromkeys(["F16", *recipe.export.teacher_quants])), target)
+    result = {"target": target.name, "context_length": target.context_length,
+              "budget_mb": target.budgets.max_memory_mb, "bits_per_weight": GGUF_BITS_PER_WEIGHT,
+              "output_bits_per_weight": OUTPUT_BITS, "rows": teacher_rows}
+    try:
+        config = student_config(recipe, teacher)
+    except EdgedistillError as exc:
+        # the student stage reports the same problem as an error; the preflight only says it could not estimate
+        result["student_error"] = exc.problem
+        return result
+    student = meta_model(config, trust)
+    result["rows"] += _rows("student", student, list(dict.fromkeys(["F16", *recipe.export.quants])), target)
+    # every type, exported or not, so a warning can name the most precise one that would fit
+    result["student_types_that_fit"] = [r["type"] for r in _rows("student", student, list(GGUF_BITS_PER_WEIGHT), target)
+                                        if r["fits"]]
+    return result
+
+
+def _advice(row: dict, result: dict, recipe: Recipe) -> str:
+    fitting = result.get("student_types_that_fit")
+    smaller = (f"a smaller type (export.quants: {fitting[0]} would fit)" if fitting
+               else "a smaller type (none of F16..Q4_0 fits alone)")
+    layers = (f"fewer layers (student.keep_layers: {recipe.student.keep_layers})"
+              if recipe.student.method == "prune" else f"fewer layers (now {row['num_hidden_layers']})")
+    return (f"WARNING: {row['artifact']} does not fit {result['target']}: about {row['estimate_mb']:.0f} MB against "
+            f"a {result['budget_mb']:.0f} MB budget; choose {layers}, {smaller}, or a target with a shorter context "
+            f"(the KV cache of {result['context_length']} tokens takes {row['kv_cache_mb']:.0f} MB)")
+
+
+def _warned(row: dict, recipe: Recipe) -> bool:
+    # F16 is always written, as the quantizer's input; a warning is for the types the recipe chose
+    return row["model"] == "student" and row["fits"] is False and row["type"] in recipe.export.quants
+
+
+def format_preflight(result: dict, recipe: Recipe) -> str:
+    budget = "no memory budget" if result["budget_mb"] is None else f"memory budget {result['budget_mb']:g} MB"
+    lines = [f"preflight for target {result['target']} (context {result['context_length']} tokens, {budget}): "
+             "weights at llama.cpp's nominal bits per weight + fp16 KV cache + runtime overhead, in MB (MiB)",
+             f"| {'model':<7} | {'type':<6} | {'params M':>8} | {'layers':>6} | {'weights':>7} | {'KV cache':>8} | "
+             f"{'estimate':>8} | {'budget':>6} | result",
+             f"|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 24}"]
+    for r in result["rows"]:
+        verdict = ("no budget" if r["fits"] is None else "fits" if r["fits"]
+                   else "WARNING: does not fit" if _warned(r, recipe) else "does not fit")
+        budget_cell = "-" if r["budget_mb"] is None else f"{r['budget_mb']:g}"
+        lines.append(f"| {r['model']:<7} | {r['type']:<6} | {r['parameters'] / 1e6:>8.1f} | "
+                     f"{r['num_hidden_layers']:>6} | "
+                     f"{r['weights_mb']:>7.1f} | {r['kv_cache_mb']:>8.1f} | {r['estimate_mb']:>8.1f} | "
+                     f"{budget_cell:>6} | {verdict}")
+    if "student_error" in result:
+        lines.append(f"WARNING: the student could not be estimated: {result['student_error']}")
+    lines += [_advice(r, result, recipe) for r in result["rows"] if _warned(r, recipe)]
+    return "\n".join(lines)
+
+
+def preflight_run(recipe: Recipe, run_dir: Path) -> dict | None:
+    """Estimates, prints and writes RUN/preflight.json for the recipe's bench.target (None without one).
+
+    Reads the teacher stage's folder, so it runs once that stage is done; takes about a second."""
+    target = recipe_target(recipe)
+    if target is None:
+        return None
+    result = estimate(recipe, run_dir / "teacher", target)
+    print(format_preflight(result, recipe))
+    (run_dir / PREFLIGHT_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_with_preflight(pipeline: Pipeline, *, force: bool = False, from_stage: str | None = None,
+                       to_stage: str | None = None) -> list[StageResult]:
+    """`pipeline.run(...)`, with the preflight between the teacher stage and the long ones when the
+    recipe sets bench.target; a rerun of a finished run prints the same table."""
+    recipe, run_dir = pipeline.recipe, pipeline.run_dir
+    if to_stage is not None and to_stage not in pipeline.stage_names():
+        pipeline.run(to_stage=to_stage)  # its error names the stages, before any work
+    if recipe.bench.target is None:
+        return pipeline.run(force=force, from_stage=from_stage, to_stage=to_stage)
+    rank, world = launched()
+    if world > 1:
+        # Under a launcher the other processes follow the first through the stages of one run()
+        # call, so it cannot be split: the preflight runs only if the teacher stage is already done.
+        if rank == 0:
+            if is_complete(run_dir / "teacher"):
+                preflight_run(recipe, run_dir)
+            else:
+                print("preflight skipped: it needs the teacher stage; run `edgedistill run RECIPE --to teacher` "
+                      "first to see it before a launch")
+        return pipeline.run(force=force, from_stage=from_stage, to_stage=to_stage)
+    first = pipeline.run(force=force, from_stage=from_stage, to_stage="teacher")
+    preflight_run(recipe, run_dir)
+    if to_stage == "teacher":
+        return first
+    # the teacher is done: what force or --from teacher asked for starts at the stage after it
+    redone = force or from_stage == "teacher"
+    rest = pipeline.run(from_stage=pipeline.stage_names()[1] if redone else from_stage, to_stage=to_stage)
+    return first + [r for r in rest if r.name != "teacher"]
