@@ -185,7 +185,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
                                        raise_on_failure=False)
             seconds["verify"] = round(time.perf_counter() - started, 2)
             if progress:
-                print(format_verification([verification]))
+                print(format_verification([{**verification, "file": str(out_dir)}]))
             raise_if_failed({**verification, "file": str(out_dir)})
         _step(bar, None)
 
