@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from check_cuda import emit  # the same JSON report and exit status as the other GPU checks
+
 TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
 TARGET_SPEEDUP = 5.0
 SMOLLM2_SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
@@ -102,13 +104,7 @@ def main() -> int:
     report["speedup_target_met"] = {r["dtype"]: r["speedup_vs_generate"] >= TARGET_SPEEDUP
                                     for r in rows if "speedup_vs_generate" in r}
     report["total_seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    else:
-        print(text, flush=True)
-    return 0 if report["ok"] else 1
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

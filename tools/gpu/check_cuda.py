@@ -138,10 +138,15 @@ def main() -> int:
                         and cpu.get("stages_run_for_distill") == ["distill"] and not cpu.get("cuda_available"))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
 
+    return emit(report, args.json)
+
+
+def emit(report: dict, json_path: Path | None) -> int:
+    """Print the report (or write it to `json_path`) as JSON; the exit status says whether it is ok."""
     text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
     else:
         print(text, flush=True)
     return 0 if report["ok"] else 1
