@@ -178,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     reference = resolve_artifact(args.reference) if args.reference else None
     report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
-                      max_new_tokens=args.max_new_tokens, score_records=args.score_records)
+                      max_new_tokens=args.max_new_tokens, score_records=args.score_records,
+                      device=args.device, dtype=args.dtype)
     if report["reference"]:
         ref = report["reference"]
         scored = (f"; perplexity {ref['perplexity']:.4g} on its answers ({ref['scored_tokens']} tokens of "
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--score-records", type=int, default=64, metavar="N",
                           help="score the reference's answers to the first N held-out records in every model "
                                "(perplexity, KL, top-1; needs --reference; 0: task score only)")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                          help="where HF folders (the reference too) run in PyTorch; GGUF and ONNX run on the CPU")
+    evaluate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                          help="the precision HF folders run in (default: fp32)")
     evaluate.add_argument("--json", type=Path, help="write the results here")
     evaluate.set_defaults(fn=cmd_eval)
 

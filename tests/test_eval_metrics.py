@@ -133,6 +133,18 @@ def test_vocabulary_mismatch_is_refused_before_work(artifacts, heldout):
     assert "perplexity" not in report["artifacts"][0] and "scored_records" not in report
 
 
+def test_eval_runs_hf_folders_in_the_asked_dtype_and_gguf_as_stored(artifacts, heldout):
+    # bf16 applies to the HF reference and HF artifacts; the GGUF beside them runs as stored
+    report = evaluate([artifacts["hf"], artifacts["gguf"]], heldout, artifacts["hf"], max_new_tokens=2,
+                      score_records=2, dtype="bf16")
+    assert (report["device"], report["dtype"]) == ("cpu", "bf16")
+    hf_row, gguf_row = report["artifacts"]
+    assert hf_row["kl_to_reference"] < 1e-6 and gguf_row["top1_agreement"] > 0.5
+    if not torch.cuda.is_available():
+        with pytest.raises(EdgedistillError, match="cuda"):
+            evaluate([artifacts["gguf"]], heldout, artifacts["hf"], max_new_tokens=2, device="cuda")
+
+
 def test_devices_and_dtypes(artifacts, runtimes):
     ids = runtimes["hf"].prompt_ids(CHAT)
     bf16 = open_runtime(artifacts["hf"], dtype="bf16")

@@ -28,7 +28,7 @@ from edgedistill.data.prompts import named_label, read_jsonl
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
 from edgedistill.recipe import EvalConfig, Recipe
-from edgedistill.runtimes import Runtime, gguf_artifacts, open_runtime
+from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
 
 SCORE_RECORDS = EvalConfig().score_records
 
@@ -73,16 +73,28 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
             "task_score": round(correct / len(rows), 4), "answers": answers_out}
 
 
+def _open(artifact: Path, device: str, dtype: str) -> Runtime:
+    """`device` and `dtype` choose how PyTorch runs an HF folder; GGUF and ONNX files run on the CPU as stored."""
+    if artifact_kind(artifact) == "hf":
+        return open_runtime(artifact, device=device, dtype=dtype)
+    return open_runtime(artifact)
+
+
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
-             score_records: int = SCORE_RECORDS) -> dict:
+             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32") -> dict:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
-    reference, the first `score_records` records' reference answers are scored too (0: not)."""
+    reference, the first `score_records` records' reference answers are scored too (0: not).
+    HF folders (the reference too) run in PyTorch on `device` in `dtype`."""
     if score_records < 0:
         raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
+    if device != "cpu":
+        from edgedistill.runtimes.torch_decode import require_device
+
+        require_device(device)  # before hours of CPU work, not after
     rows = load_heldout(data)
     ref = records = None
     if reference is not None:
-        model = open_runtime(reference)
+        model = _open(reference, device, dtype)
         ref = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model)
         if score_records:
             scored = rows[:score_records]
@@ -92,7 +104,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         del model  # one model in memory at a time
     results = []
     for artifact in artifacts:
-        model = open_runtime(artifact)
+        model = _open(artifact, device, dtype)
         if records is not None:
             check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
         result = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model)
@@ -102,7 +114,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
             result.update(score_against(model, result["artifact"], records))
         del model
         results.append(result)
-    report = {"data": str(data), "reference": ref, "artifacts": results}
+    report = {"data": str(data), "device": device, "dtype": dtype, "reference": ref, "artifacts": results}
     if records is not None:
         report.update(scored_records=len(records.ids), scored_text=SCORED_TEXT)
     return report

@@ -54,6 +54,29 @@ def run_worker(model: Path, args: argparse.Namespace, dtype: str) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def check_scoring(model: Path, device: str, dtypes: list[str]) -> list[dict]:
+    """eval's PyTorch path on `device`: each dtype's log-probs on a fixed prompt against fp32 on the CPU
+    (KL, top-1 agreement) and its greedy answer against the CPU's."""
+    from edgedistill.evaluate.scoring import Agreement
+    from edgedistill.runtimes import open_runtime
+
+    chat = [{"role": "user", "content": "Read the review and say whether it is positive or negative: a warm, "
+                                        "funny film with a terrible ending."}]
+    cpu = open_runtime(model)
+    ids = cpu.prompt_ids(chat)
+    reference, [(cpu_answer, _)] = cpu.score(ids), cpu.generate([chat], 16)
+    rows = []
+    for dtype in dtypes:
+        runtime = open_runtime(model, device=device, dtype=dtype)
+        agreement = Agreement()
+        agreement.add(reference, runtime.score(ids))
+        [(answer, _)] = runtime.generate([chat], 16)
+        rows.append({"dtype": dtype, "positions": agreement.positions, "mean_kl": agreement.mean_kl,
+                     "top1_agreement": agreement.top1_agreement, "greedy_same_as_cpu": answer == cpu_answer})
+        del runtime
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -95,6 +118,7 @@ def main() -> int:
             rows.append(row if "error" in row else with_bound(row, bandwidth, row.pop("bytes_per_token")))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         report["rows"] = rows
+        report["scoring"] = check_scoring(model, args.device, args.dtypes)
     except Exception as error:  # the JSON should still say how far it got
         report["error"] = f"{type(error).__name__}: {error}"
     rows = report.get("rows", [])
