@@ -81,7 +81,8 @@ def _label(ax, points: list[tuple[str, float, float]]) -> None:
     named: list[tuple[float, float]] = []
     for name, x, y in points:
         u, v = (x - min(xs)) / x_span, (y - min(ys)) / y_span
-        crowded = any(abs(u - u2) < 0.25 and abs(v - v2) < 0.06 for u2, v2 in named)
+        # a name is about a third of the axes wide
+        crowded = any(abs(u - u2) < 0.4 and abs(v - v2) < 0.06 for u2, v2 in named)
         right = u > 0.75
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(-5 if right else 5, -12 if crowded else 5),
                     ha="right" if right else "left", fontsize=8)
