@@ -38,6 +38,11 @@ GGUF_BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, 
 # model that matrix is a large share of all weights (SmolLM2-135M: 21%), so it is counted apart.
 Q6_K_BLOCK = 256
 OUTPUT_BITS = {"Q6_K": 6.5625, "Q5_K_M": 6.5625, "Q4_K_M": 6.5625, "Q4_0": 6.5625}
+# The k-quants pack 256 weights a block: a matrix whose rows are not a multiple of 256 long is stored
+# in the type llama.cpp falls back to (llama_tensor_get_type: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
+# SmolLM2's 576-wide rows take this path for all but the down projections; without it Q4_K_M was
+# estimated 10% under its real file.
+K_QUANT_FALLBACK_BITS = {"Q6_K": 8.5, "Q5_K_M": 6.0, "Q4_K_M": 5.5}
 # Norms and biases (one-dimensional) stay float32 in every GGUF type.
 VECTOR_BITS = 32
 
@@ -109,8 +114,14 @@ def gguf_weight_bytes(model, qtype: str) -> int:
         output_bits = GGUF_BITS_PER_WEIGHT["Q8_0"]
     bits = 0.0
     for param in model.parameters():
-        per_weight = (VECTOR_BITS if param.dim() == 1 else output_bits if param is output
-                      else GGUF_BITS_PER_WEIGHT[qtype])
+        if param.dim() == 1:
+            per_weight = VECTOR_BITS
+        elif param is output:
+            per_weight = output_bits
+        elif qtype in K_QUANT_FALLBACK_BITS and param.shape[-1] % Q6_K_BLOCK:
+            per_weight = K_QUANT_FALLBACK_BITS[qtype]
+        else:
+            per_weight = GGUF_BITS_PER_WEIGHT[qtype]
         bits += param.numel() * per_weight
     return round(bits / 8)
 
