@@ -9,7 +9,9 @@ is refitted by least squares; the block keeps the one whose reconstruction error
 each weight's error weighed by how much it matters (as llama.cpp's quantizers do for its k-quants
 and, with an importance matrix, for Q4_0): `importance` is the mean squared input activation of each
 input column on calibration text, so a column that carries large activations is rounded more
-closely. Without it every column counts alike. The integers and scales are written in MatMulNBits'
+closely. Without it every column counts alike, which on the teacher was worse than rounding to
+nearest (int4 perplexity ratio 1.21 against 1.16), so exports without calibration text do not come
+here. The integers and scales are written in MatMulNBits'
 layout, so the graph is the one onnxruntime's quantizer makes and its fast kernels run it
 (integer zero points only: float zero points fall off the fast CPU path).
 """
