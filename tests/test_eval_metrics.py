@@ -133,6 +133,25 @@ def test_vocabulary_mismatch_is_refused_before_work(artifacts, heldout):
     assert "perplexity" not in report["artifacts"][0] and "scored_records" not in report
 
 
+def test_same_size_vocabulary_with_other_ids_is_refused(artifacts, heldout, tmp_path):
+    """Same weights and vocabulary size, but two tokens of the held-out text swap ids: a tokenizer mismatch."""
+    import shutil
+
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(artifacts["hf"], shuffled)
+    first = json.loads(heldout.read_text().splitlines()[0])["messages"][0]["content"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(shuffled)
+    a, b = list(dict.fromkeys(tokenizer(first, add_special_tokens=False)["input_ids"]))[:2]
+    spec = json.loads((shuffled / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    token_a, token_b = (next(t for t, i in vocab.items() if i == wanted) for wanted in (a, b))
+    vocab[token_a], vocab[token_b] = b, a
+    (shuffled / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(EdgedistillError, match="tokenizer \\(or chat template\\) mismatch") as err:
+        evaluate([shuffled], heldout, artifacts["hf"], max_new_tokens=2, score_records=2)
+    assert "--reference" in err.value.hint
+
+
 def test_eval_runs_hf_folders_in_the_asked_dtype_and_gguf_as_stored(artifacts, heldout):
     # bf16 applies to the HF reference and HF artifacts; the GGUF beside them runs as stored
     report = evaluate([artifacts["hf"], artifacts["gguf"]], heldout, artifacts["hf"], max_new_tokens=2,

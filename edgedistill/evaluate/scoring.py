@@ -96,6 +96,9 @@ class ScoredRecords:
     ids: list[list[int]]  # per record: the prompt and the assistant turn through its end token
     answer_tokens: list[int]  # per record: how many of the last ids are scored
     logprobs: list[np.ndarray] = field(default_factory=list)  # per record, [answer_tokens, vocab] float32
+    # the first scored prompt and the reference's own ids for it: an artifact must tokenize it alike
+    probe: list[dict[str, str]] = field(default_factory=list)
+    probe_ids: list[int] = field(default_factory=list)
 
     @property
     def scored_tokens(self) -> int:
@@ -127,6 +130,8 @@ def score_reference(runtime: Runtime, name: str, messages: list[list[dict[str, s
             continue  # a template that renders no assistant turn, or no prompt before it
         records.ids.append(ids)
         records.answer_tokens.append(scored)
+        if not records.probe:
+            records.probe, records.probe_ids = conversation, runtime.prompt_ids(conversation)
     if not records.ids:
         raise EdgedistillError(f"{name}'s chat template renders no assistant turn after the prompt to score",
                                "use a reference whose chat template renders assistant turns, or --score-records 0")
@@ -144,12 +149,23 @@ def reference_row(records: ScoredRecords) -> dict:
 
 
 def check_vocabulary(runtime: Runtime, name: str, records: ScoredRecords) -> None:
+    """Refuses an artifact whose token ids mean other things than the reference's: another vocabulary
+    size, or the first scored prompt tokenized (with its own chat template and tokenizer) differently."""
+    fix = ("pass as --reference the model this artifact was distilled or exported from (the run's teacher), "
+           "or --score-records 0 to report the task score alone")
     if runtime.vocab_size != records.vocab_size:
         raise EdgedistillError(
             f"{name} has a vocabulary of {runtime.vocab_size} tokens and the reference {records.reference} "
-            f"{records.vocab_size}: a tokenizer mismatch, so they cannot score the same token ids",
-            "pass as --reference the model this artifact was distilled or exported from (the run's teacher), "
-            "or --score-records 0 to report the task score alone")
+            f"{records.vocab_size}: a tokenizer mismatch, so they cannot score the same token ids", fix)
+    if records.probe:
+        ids = runtime.prompt_ids(records.probe)
+        if ids != records.probe_ids:
+            at = next((i for i, (a, b) in enumerate(zip(ids, records.probe_ids)) if a != b),
+                      min(len(ids), len(records.probe_ids)))
+            raise EdgedistillError(
+                f"{name} turns the first scored prompt into {len(ids)} token ids and the reference "
+                f"{records.reference} into {len(records.probe_ids)}, first differing at position {at}: a "
+                "tokenizer (or chat template) mismatch, so they cannot score the same token ids", fix)
 
 
 def score_against(runtime: Runtime, name: str, records: ScoredRecords) -> dict:
