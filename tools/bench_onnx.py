@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_onnx.py --calibration runs/sentiment/generate/train.jsonl   # the embedded teacher
     .venv/bin/python tools/bench_onnx.py --model runs/sentiment/distill --out runs/bench/onnx-student.json \
-        --calibration runs/sentiment/generate/train.jsonl
+        --calibration runs/sentiment/generate/train.jsonl --task-text runs/sentiment/generate/heldout.jsonl
 
 Exports the HF folder as fp32, int8 and int4 ONNX (edgedistill.export.onnx, verified against
 PyTorch, timed; with `--calibration`, int4 twice: rounded to nearest as onnx-int4-rtn, and rounded
@@ -41,6 +41,30 @@ def _median_of(runs: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in runs), 2)
 
 
+def score_task_text(artifacts: dict[str, dict], model: Path, heldout: Path, records: int = 64) -> None:
+    """Each quantized artifact's perplexity ratio, KL and top-1 against `model` on in-domain text,
+    as "task_text_quality"; the fixed prose and code texts say little about a task-specialized student."""
+    from transformers import AutoTokenizer
+
+    from edgedistill.export.gguf.verify import verify_ggufs
+    from edgedistill.export.onnx import verify_onnx
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()][:records]
+    texts = [tokenizer.apply_chat_template([*row["messages"], {"role": "assistant", "content": row["label"]}],
+                                           tokenize=False) for row in rows]
+    keys = ("perplexity_ratio", "mean_kl", "top1_agreement")
+    for name, artifact in artifacts.items():
+        if artifact["precision"] == "fp32":
+            continue
+        path = Path(artifact["path"])
+        check = (verify_onnx(path, model, texts=texts, raise_on_failure=False) if artifact["format"] == "onnx"
+                 else verify_ggufs([path], model, texts=texts, raise_on_failure=False)[0])
+        artifact["task_text_quality"] = {**{k: check[k] for k in keys}, "texts": len(texts)}
+        print(f"{name:<14} task text: PPL ratio {check['perplexity_ratio']:.4f}, KL {check['mean_kl']:.4f}, "
+              f"top-1 {check['top1_agreement']:.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("runs/sentiment/teacher"))
@@ -53,8 +77,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reuse", action="store_true", help="keep exports already in --work")
     parser.add_argument("--calibration", type=Path, help="task text for int4's importance-weighted rounding")
+    parser.add_argument("--task-text", type=Path, metavar="HELDOUT_JSONL",
+                        help="also score every quantized artifact on in-domain text: the first 64 held-out "
+                             "prompts of this file with their label as the answer, in the model's chat template")
     args = parser.parse_args()
 
+    from edgedistill.bench.bandwidth import measure_bandwidth
     from edgedistill.bench.latency import bench_artifact
     from edgedistill.export.gguf import quantize_gguf, write_gguf
     from edgedistill.export.gguf.verify import verify_ggufs
@@ -96,14 +124,17 @@ def main() -> None:
         artifacts[f"gguf-{qtype.lower()}"] = {
             "format": "gguf", "precision": qtype, "path": str(ggufs[qtype]), "size_mb": _size_mb(ggufs[qtype]),
             "quality": {k: check[k] for k in ("perplexity_ratio", "mean_kl", "top1_agreement", "greedy_verdict")}}
+    if args.task_text is not None:
+        score_task_text(artifacts, args.model, args.task_text)
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                          repetitions=args.repetitions, threads=args.threads)
+    bandwidth = measure_bandwidth("cpu", threads=args.threads)  # once: it is the machine's, not an artifact's
     runs: dict[str, list[dict]] = {name: [] for name in artifacts}
     for round_index in range(args.rounds):
         for name, artifact in artifacts.items():
             path = Path(artifact["path"])
-            run = bench_artifact(path, config)  # each in a process of its own, GGUF or ONNX
+            run = bench_artifact(path, config, bandwidth=bandwidth)  # each in a process of its own, GGUF or ONNX
             runs[name].append(run)
             print(f"round {round_index + 1}: {name:<14} decode {run['decode_tokens_per_s']:7.1f} tok/s, prefill "
                   f"{run['prefill_tokens_per_s']:7.1f} tok/s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)

@@ -82,7 +82,8 @@ class OnnxDecoder:
             vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
         self.vocab_size: int = vocab
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
+    def empty_past(self) -> dict[str, np.ndarray]:
+        """The past KV inputs of a sequence with nothing cached yet."""
         past = {}
         for name in self.past_names:
             info = self.inputs[name]
@@ -92,7 +93,9 @@ class OnnxDecoder:
             past[name] = np.zeros(shape, _DTYPES[info.type])
         return past
 
-    def _feed(self, ids: list[int], past: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
+    def feed(self, ids: list[int], past: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
+        """The session inputs that run `ids` after `past_length` cached tokens (any extra outputs
+        asked of session.run come with them: edgedistill.export.onnx.calibrate reads activations so)."""
         total = past_length + len(ids)
         feed = {"input_ids": np.array([ids], np.int64), **past}
         if "attention_mask" in self.inputs:
@@ -103,16 +106,16 @@ class OnnxDecoder:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """[len(ids), vocab] float32 logits of one sequence, from an empty cache."""
-        out = self.session.run(["logits"], self._feed(list(ids), self._empty_past(), 0))[0]
+        out = self.session.run(["logits"], self.feed(list(ids), self.empty_past(), 0))[0]
         return out[0].astype(np.float32)
 
     def steps(self, prompt: list[int]) -> Iterator[np.ndarray]:
         """Greedy decoding one token at a time: yields the logits of each next token (the caller
         sends nothing; the argmax is fed back), the prompt's KV computed once and then extended."""
-        past, length, ids = self._empty_past(), 0, list(prompt)
+        past, length, ids = self.empty_past(), 0, list(prompt)
         names = ["logits", *self.present_names]
         while True:
-            out = self.session.run(names, self._feed(ids, past, length))
+            out = self.session.run(names, self.feed(ids, past, length))
             logits = out[0][0, -1].astype(np.float32)
             yield logits
             length += len(ids)

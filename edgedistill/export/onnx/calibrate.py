@@ -56,7 +56,7 @@ def activation_importance(float_folder: Path, chunks: list[list[int]]) -> dict[s
         sums = {name: None for name in activations}
         tokens = 0
         for chunk in chunks:
-            outputs = decoder.session.run(activations, decoder._feed(chunk, decoder._empty_past(), 0))
+            outputs = decoder.session.run(activations, decoder.feed(chunk, decoder.empty_past(), 0))
             for name, value in zip(activations, outputs):
                 value = value.reshape(-1, value.shape[-1]).astype(np.float64)
                 squares = (value * value).sum(0)
