@@ -1,5 +1,5 @@
 """`edgedistill bench`'s parts: the bandwidth bound, bytes read per token, the PyTorch worker and the
-static-cache decoder, on tiny random models; the CUDA tests skip without a GPU.
+static-cache decoder, on the tiny random models of tests/conftest.py; the CUDA tests skip without a GPU.
 
     .venv/bin/python -m pytest -q tests/test_bench.py
     python3 -m pytest -q tests/test_bench.py -k cuda          # on a GPU machine
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import TINY_SHAPE, build_tiny_model
+from transformers import LlamaForCausalLM
 
 from edgedistill.bench.bandwidth import cpu_bandwidth
 from edgedistill.bench.latency import bench_artifact, with_bound
@@ -21,54 +21,26 @@ from edgedistill.cli import main
 from edgedistill.recipe import BenchConfig
 from edgedistill.runtimes.torch_decode import StaticDecoder
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, FF = 64, 2, 4, 2, 128
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPT = [5, 17, 42, 100, 7, 30, 8, 9]
 FAKE_BANDWIDTH = {"bandwidth_gb_s": 10.0, "bandwidth_method": "given by the test"}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
 
 
-def _save_tokenizer(out: Path) -> None:
-    """A byte-level BPE of about 300 tokens with ChatML specials, the kind the GGUF writer converts."""
-    words = [a + b for a in ("ka", "lo", "mi", "ne", "tu", "ra") for b in ("si", "po", "de", "va", "qu")]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([" ".join(words)] * 4 + ["The quick brown fox jumps over the lazy dog."],
-                                  trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                            pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML).save_pretrained(out)
-
-
-def _model(vocab_size: int, tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, intermediate_size=FF, max_position_embeddings=256,
-                         tie_word_embeddings=tied, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2)
-    model = LlamaForCausalLM(config).eval()
+def _model(tied: bool) -> LlamaForCausalLM:
+    model = build_tiny_model(tie_word_embeddings=tied)
     model.generation_config.eos_token_id = None  # fixed-length greedy, as StaticDecoder decodes
     return model
 
 
-def _save_folder(out: Path, *, tied: bool) -> Path:
-    _save_tokenizer(out)
-    _model(len(PreTrainedTokenizerFast.from_pretrained(out)), tied).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module", params=["tied", "untied"])
-def hf_folder(request, tmp_path_factory) -> Path:
-    """A tiny HF folder with an output matrix tied to the embedding, then one with its own."""
-    return _save_folder(tmp_path_factory.mktemp(request.param), tied=request.param == "tied")
+def hf_folder(request) -> Path:
+    """The session's tiny HF folder with an output matrix tied to the embedding, then one with its own."""
+    return request.getfixturevalue("tiny_llama_dir" if request.param == "tied" else "tiny_llama_untied_dir")
 
 
 @pytest.fixture(scope="module")
-def untied_folder(tmp_path_factory) -> Path:
-    return _save_folder(tmp_path_factory.mktemp("hf"), tied=False)
+def untied_folder(tiny_llama_untied_dir) -> Path:
+    return tiny_llama_untied_dir
 
 
 def _expected_weight_bytes(folder: Path, bytes_2d: int, bytes_1d: int) -> int:
@@ -85,18 +57,21 @@ def _expected_weight_bytes(folder: Path, bytes_2d: int, bytes_1d: int) -> int:
     return total
 
 
+@pytest.mark.unit
 def test_cpu_bandwidth_is_a_positive_rate_and_says_how():
     result = cpu_bandwidth(threads=2, size_bytes=16 << 20, passes=2)
     assert 0.1 < result["bandwidth_gb_s"] < 100_000
     assert "16 MiB" in result["bandwidth_method"] and "2 threads" in result["bandwidth_method"]
 
 
+@pytest.mark.unit
 def test_bound_and_efficiency_follow_from_bandwidth_and_bytes():
     row = with_bound({"decode_tokens_per_s": 50.0}, FAKE_BANDWIDTH, 100_000_000)
     assert row["bandwidth_bound_tokens_per_s"] == 100.0 and row["bandwidth_efficiency"] == 0.5
     assert row["bytes_per_token"] == 100_000_000 and row["bandwidth_method"] == "given by the test"
 
 
+@pytest.mark.integration
 def test_gguf_bytes_per_token_is_the_tensor_bytes(hf_folder, tmp_path):
     pytest.importorskip("gguf")
     from edgedistill.bench.model_bytes import gguf_bytes_per_token
@@ -107,6 +82,7 @@ def test_gguf_bytes_per_token_is_the_tensor_bytes(hf_folder, tmp_path):
     assert gguf_bytes_per_token(gguf_file) == _expected_weight_bytes(hf_folder, 2, 4)
 
 
+@pytest.mark.integration
 def test_onnx_bytes_per_token_is_the_initializer_bytes(hf_folder, tmp_path):
     pytest.importorskip("onnxruntime_genai")
     from edgedistill.bench.model_bytes import onnx_bytes_per_token
@@ -114,19 +90,21 @@ def test_onnx_bytes_per_token_is_the_initializer_bytes(hf_folder, tmp_path):
 
     export_onnx(hf_folder, tmp_path / "fp32", "fp32", verify=False)
     # plus one row each of the rotary cos/sin caches GroupQueryAttention looks positions up in
-    rotary_rows = 2 * (HIDDEN // HEADS // 2) * 4
+    rotary_rows = 2 * (TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"] // 2) * 4
     assert onnx_bytes_per_token(tmp_path / "fp32") == _expected_weight_bytes(hf_folder, 4, 4) + rotary_rows
 
 
+@pytest.mark.integration
 def test_torch_bytes_per_token_counts_a_tied_matrix_once(hf_folder):
     model = LlamaForCausalLM.from_pretrained(hf_folder)
     assert torch_bytes_per_token(model) == _expected_weight_bytes(hf_folder, 4, 4)
     assert torch_bytes_per_token(model.to(torch.bfloat16)) == _expected_weight_bytes(hf_folder, 2, 2)
 
 
+@pytest.mark.unit
 def test_static_decoder_gives_greedy_generate_tokens():
     for tied in (True, False):
-        model = _model(300, tied)
+        model = _model(tied)
         reference = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0, len(PROMPT):]
         decoder = StaticDecoder(model, len(PROMPT) + 24)
         assert decoder.generate(PROMPT, 24) == reference.tolist()
@@ -136,9 +114,10 @@ def test_static_decoder_gives_greedy_generate_tokens():
         assert decoder.generate(PROMPT[:3], 5) == reference.tolist()
 
 
+@pytest.mark.integration
 def test_torch_worker_measures_an_hf_folder_on_the_cpu(untied_folder):
     cfg = BenchConfig(prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
-    row = bench_artifact(untied_folder, cfg, bandwidth=FAKE_BANDWIDTH)
+    row = bench_artifact(untied_folder, cfg, bandwidth=FAKE_BANDWIDTH).to_dict()
     assert row["artifact"] == untied_folder.name + "/" and row["runtime"] == "PyTorch fp32"
     assert (row["device"], row["dtype"], row["decode_mode"], row["threads"]) == ("cpu", "fp32", "eager", 1)
     assert row["bytes_per_token"] == _expected_weight_bytes(untied_folder, 4, 4)
@@ -149,6 +128,7 @@ def test_torch_worker_measures_an_hf_folder_on_the_cpu(untied_folder):
     assert "peak_gpu_mb" not in row
 
 
+@pytest.mark.integration
 def test_cuda_without_a_gpu_is_a_clear_error(untied_folder, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", str(untied_folder), "--device", "cuda", "--gen-tokens", "2"]) == 2
@@ -157,8 +137,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(untied_folder, monkeypatch, capsys)
 
 
 @CUDA
+@pytest.mark.integration
 def test_cuda_graph_decoder_gives_greedy_generate_tokens():
-    model = _model(300, tied=False).cuda()
+    model = _model(tied=False).cuda()
     reference = model.generate(torch.tensor([PROMPT], device="cuda"), max_new_tokens=16, do_sample=False)
     decoder = StaticDecoder(model, len(PROMPT) + 16)
     tokens = decoder.generate(PROMPT, 16)
@@ -171,9 +152,10 @@ def test_cuda_graph_decoder_gives_greedy_generate_tokens():
 
 @CUDA
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.integration
 def test_torch_worker_on_cuda_reports_gpu_memory(untied_folder, dtype):
     cfg = BenchConfig(prompt_tokens=8, gen_tokens=8, repetitions=2)
-    row = bench_artifact(untied_folder, cfg, device="cuda", dtype=dtype, bandwidth=FAKE_BANDWIDTH)
+    row = bench_artifact(untied_folder, cfg, device="cuda", dtype=dtype, bandwidth=FAKE_BANDWIDTH).to_dict()
     assert row["device"].startswith("cuda:") and row["dtype"] == dtype
     assert row["decode_mode"] == "cuda_graph", row.get("cuda_graph_error")
     assert row["peak_gpu_mb"] > 0

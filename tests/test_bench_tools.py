@@ -31,6 +31,7 @@ bench_overhead = _tool("bench_overhead")
 bench_quant_types = _tool("bench_quant_types")
 
 
+@pytest.mark.integration
 def test_built_model_is_a_valid_checkpoint_that_exports(tmp_path):
     info = bench_export.build_model(tmp_path / "m", target_bytes=20_000_000, hidden=64)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "m")
@@ -44,6 +45,7 @@ def test_built_model_is_a_valid_checkpoint_that_exports(tmp_path):
     assert write_gguf(tmp_path / "m", tmp_path / "m.gguf").stat().st_size > info["model_bytes"] // 2
 
 
+@pytest.mark.unit
 def test_baseline_reads_every_byte_and_writes_the_asked_count(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.safetensors").write_bytes(b"x" * 1000)
@@ -53,6 +55,7 @@ def test_baseline_reads_every_byte_and_writes_the_asked_count(tmp_path):
     assert not (tmp_path / "copy").exists()
 
 
+@pytest.mark.unit
 def test_quantize_all_passes_the_imatrix_only_when_given(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(bench_quant_types, "quantize_gguf",
@@ -65,6 +68,7 @@ def test_quantize_all_passes_the_imatrix_only_when_given(tmp_path, monkeypatch):
     assert calls[-1] == {"overwrite": True, "imatrix": tmp_path / "m.imatrix"}
 
 
+@pytest.mark.unit
 def test_targets_pass_miss_and_not_measured():
     rows = [{"type": "Q8_0", "perplexity_ratio": 1.004}, {"type": "Q4_K_M", "perplexity_ratio": 1.09,
                                                           "decode_vs_f16": None}]
@@ -73,12 +77,14 @@ def test_targets_pass_miss_and_not_measured():
     assert [c["reliable"] for c in checks] == [True, True, False]
 
 
+@pytest.mark.unit
 def test_rounds_that_differ_flag_the_speed_as_disturbed():
     rows = [{"type": t, "speed_rounds": [{"decode_tokens_per_s": v} for v in speeds]}
             for t, speeds in (("F16", [50, 52, 49]), ("Q4_0", [100, 20, 98]))]
     assert bench_quant_types.disturbed_types(rows) == ["Q4_0"]
 
 
+@pytest.mark.integration
 def test_heldout_texts_fill_the_scored_window():
     from edgedistill.sources import tokenizer_source
 
@@ -87,6 +93,7 @@ def test_heldout_texts_fill_the_scored_window():
     assert min(lengths) >= bench_quant_types.MAX_TOKENS_PER_TEXT
 
 
+@pytest.mark.unit
 def test_overhead_ratio_and_spread_over_rounds():
     rounds = [{"bench_decode_tokens_per_s": b, "bare_decode_tokens_per_s": r} for b, r in ((98, 100), (96, 101), (99, 99))]
     summary = bench_overhead.summarize_rounds(rounds)
@@ -97,10 +104,11 @@ def test_overhead_ratio_and_spread_over_rounds():
     assert not any(bench_overhead.summarize_rounds(rounds)["targets"].values())
 
 
+@pytest.mark.integration
 def test_overhead_bare_loop_decodes_a_tiny_gguf(tmp_path):
     pytest.importorskip("llama_cpp")
-    from test_bench import _save_folder
+    from conftest import make_tiny_model
 
-    gguf_file = write_gguf(_save_folder(tmp_path / "hf", tied=True), tmp_path / "tiny.gguf")
+    gguf_file = write_gguf(make_tiny_model(tmp_path / "hf"), tmp_path / "tiny.gguf")
     result = bench_overhead.bare(str(gguf_file), prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
     assert result["decode_tokens_per_s"] > 0

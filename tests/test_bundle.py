@@ -16,6 +16,8 @@ import pytest
 from edgedistill.bundle import make_bundle, verify_bundle
 from edgedistill.errors import EdgedistillError
 
+pytestmark = pytest.mark.unit
+
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 

@@ -30,6 +30,7 @@ def prepared(tmp_path_factory):
     return recipe, run
 
 
+@pytest.mark.integration
 def test_two_processes_match_one(prepared, tmp_path):
     recipe, run = prepared
     weights = {}
@@ -50,6 +51,7 @@ def test_two_processes_match_one(prepared, tmp_path):
     assert differ < 1e-2 * moved, (differ, moved)
 
 
+@pytest.mark.integration
 def test_under_torchrun_every_process_trains_and_the_first_finishes(prepared, tmp_path):
     recipe, run = prepared
     copy = tmp_path / "run"
@@ -70,6 +72,7 @@ def test_under_torchrun_every_process_trains_and_the_first_finishes(prepared, tm
     assert max((one[k] - two[k]).abs().max().item() for k in start) < 1e-2 * moved
 
 
+@pytest.mark.unit
 def test_batch_smaller_than_processes_is_refused():
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
     with pytest.raises(ValueError, match="batch_size must be at least processes"):
@@ -89,6 +92,7 @@ class FakeSet:
 
 @pytest.mark.parametrize("kl_positions", ["all", "answer"])
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.unit
 def test_shard_weights_make_the_average_the_whole_batch_mean(kl_positions, world):
     # Per-token losses: each example's tokens all lose its index + 1, so means differ per example.
     data = FakeSet([(10, 7), (30, 20), (12, 11), (50, 10), (9, 3)])
@@ -105,6 +109,7 @@ def test_shard_weights_make_the_average_the_whole_batch_mean(kl_positions, world
         assert averaged == pytest.approx(whole)
 
 
+@pytest.mark.unit
 def test_shard_gives_an_idle_process_a_zero_weight_row():
     data = FakeSet([(10, 7)])
     assert _shard(data, [0], 1, 2, "all") == ([0], (0.0, 0.0))

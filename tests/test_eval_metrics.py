@@ -1,7 +1,7 @@
 """One runtime interface (generate, stream, score) over PyTorch, llama.cpp and ONNX Runtime, and
 eval's perplexity, KL to the reference and top-1 agreement computed the same way in all three.
 
-The tiny random llama of test_export_gguf (2 layers, width 64, its own byte-level BPE), written as
+The tiny random llama of tests/conftest.py (2 layers, width 64, its own byte-level BPE), written as
 an HF folder, an F16 GGUF and an fp32 ONNX export; weights are float16-exact, so the three differ
 only by the runtimes' arithmetic.
 
@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_export_gguf import _corpus, _save_model, _save_tokenizer
-from transformers import PreTrainedTokenizerFast
+from conftest import tokenizer_corpus
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
@@ -28,6 +28,8 @@ from edgedistill.export.gguf import write_gguf
 from edgedistill.export.onnx import export_onnx
 from edgedistill.runtimes import ChatModel, Runtime, open_chat_model, open_runtime
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("llama_cpp")
 
 CHAT = [{"role": "user", "content": "ka lo mi ne tu"}]
@@ -35,15 +37,12 @@ SCORE_RECORDS = 4
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[str, Path]:
+def artifacts(tmp_path_factory, tiny_llama_dir, tiny_llama_untied_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    hf = root / "model"
-    _save_tokenizer(hf)
-    _save_model(hf, vocab_size=len(PreTrainedTokenizerFast.from_pretrained(hf)), tied=True)
+    hf = root / "model"  # the report names artifacts after their folders
+    shutil.copytree(tiny_llama_dir, hf)
     export_onnx(hf, root / "model-fp32", "fp32")
-    other = root / "padded"  # the same tokenizer, but 512 output rows: other token ids to compare
-    _save_tokenizer(other)
-    _save_model(other, vocab_size=512, tied=False)
+    other = tiny_llama_untied_dir  # the same tokenizer, but 512 output rows: other token ids to compare
     return {"hf": hf, "gguf": write_gguf(hf, root / "model-f16.gguf"), "onnx": root / "model-fp32", "padded": other}
 
 
@@ -51,7 +50,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 def heldout(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "heldout.jsonl"
     rows = [{"id": i, "messages": [{"role": "user", "content": line}], "label": "positive",
-             "choices": ["positive", "negative"]} for i, line in enumerate(_corpus()[:6])]
+             "choices": ["positive", "negative"]} for i, line in enumerate(tokenizer_corpus()[:6])]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -129,14 +128,12 @@ def test_vocabulary_mismatch_is_refused_before_work(artifacts, heldout):
         evaluate([artifacts["padded"]], heldout, artifacts["hf"], max_new_tokens=2, score_records=1)
     assert "512" in str(err.value) and "--reference" in err.value.hint and "--score-records 0" in err.value.hint
     # without scoring, the task score alone is reported
-    report = evaluate([artifacts["padded"]], heldout, artifacts["hf"], max_new_tokens=2, score_records=0)
+    report = evaluate([artifacts["padded"]], heldout, artifacts["hf"], max_new_tokens=2, score_records=0).to_dict()
     assert "perplexity" not in report["artifacts"][0] and "scored_records" not in report
 
 
 def test_same_size_vocabulary_with_other_ids_is_refused(artifacts, heldout, tmp_path):
     """Same weights and vocabulary size, but two tokens of the held-out text swap ids: a tokenizer mismatch."""
-    import shutil
-
     shuffled = tmp_path / "shuffled"
     shutil.copytree(artifacts["hf"], shuffled)
     first = json.loads(heldout.read_text().splitlines()[0])["messages"][0]["content"]
@@ -155,7 +152,7 @@ def test_same_size_vocabulary_with_other_ids_is_refused(artifacts, heldout, tmp_
 def test_eval_runs_hf_folders_in_the_asked_dtype_and_gguf_as_stored(artifacts, heldout):
     # bf16 applies to the HF reference and HF artifacts; the GGUF beside them runs as stored
     report = evaluate([artifacts["hf"], artifacts["gguf"]], heldout, artifacts["hf"], max_new_tokens=2,
-                      score_records=2, dtype="bf16")
+                      score_records=2, dtype="bf16").to_dict()
     assert (report["device"], report["dtype"]) == ("cpu", "bf16")
     hf_row, gguf_row = report["artifacts"]
     assert hf_row["kl_to_reference"] < 1e-6 and gguf_row["top1_agreement"] > 0.5

@@ -1,7 +1,7 @@
 """HF → GGUF export and quantization, checked by loading the result in llama.cpp.
 
-Tiny random llama models (2 layers, width 64) with a byte-level BPE tokenizer trained in the
-test; every check compares llama.cpp against the torch model or the HF tokenizer.
+The session's tiny random llamas (tests/conftest.py: 2 layers, width 64, a byte-level BPE
+tokenizer trained there); every check compares llama.cpp against the torch model or the HF tokenizer.
 
     .venv/bin/python -m pytest -q tests/test_export_gguf.py
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import CHATML, make_tiny_model
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import ARCHITECTURES, quantize_gguf, write_gguf
@@ -30,11 +30,6 @@ from edgedistill.export.gguf.tokenizer import pre_tokenizer_name
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PROMPTS = [[1, 40, 41, 42], [5, 17, 42, 100, 7, 300, 8, 9, 10, 11, 5, 17, 42], [3]]
 TEXTS = [
     "Hello world",
@@ -46,75 +41,13 @@ TEXTS = [
 ]
 
 
-def _corpus() -> list[str]:
-    syllables = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po", "de", "va", "qu", "zé", "ñu", "ør"]
-    words = ["".join(pair) for pair in itertools.product(syllables, repeat=2)]  # 196 words
-    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
-    extras = ["numbers 0 1 2 3 4 5 6 7 8 9 10 42 314", "  indented\n\tlines\n\n  and   gaps", "rocket 🚀 party 🎉"]
-    return lines + extras
-
-
-def _save_tokenizer(out: Path) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=450, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_corpus(), trainer)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        unk_token="<|endoftext|>", chat_template=CHATML,
-    )
-    hf_tokenizer.save_pretrained(out)
-    return hf_tokenizer
-
-
-def _save_model(out: Path, *, vocab_size: int, tied: bool, hidden: int = 64, ff: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=ff, max_position_embeddings=256, tie_word_embeddings=tied,
-        # weights this large make attention position-sensitive, so a wrong rotary layout shows in the logits
-        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            # F16 GGUF stores float16 weights; rounding here leaves only runtime differences to compare
-            param.copy_(param.half().float())
-    model.save_pretrained(out, safe_serialization=True)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    _save_tokenizer(out)
-    return out
-
-
-def _model_dir(tmp_path_factory, tokenizer_dir: Path, name: str, **model_args):
-    out = tmp_path_factory.mktemp(name)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    n_tokens = len(PreTrainedTokenizerFast.from_pretrained(out))
-    model = _save_model(out, vocab_size=model_args.pop("vocab_size", n_tokens), **model_args)
-    return out, model
-
-
 @pytest.fixture(scope="module", params=["tied", "untied_padded_vocab"])
-def exported(request, tmp_path_factory, tokenizer_dir):
-    """(hf_dir, torch model, F16 GGUF path); the untied model also pads its vocab to 512 rows."""
-    tied = request.param == "tied"
-    model_args = {"tied": True} if tied else {"tied": False, "vocab_size": 512}
-    hf_dir, model = _model_dir(tmp_path_factory, tokenizer_dir, request.param, **model_args)
-    gguf_file = write_gguf(hf_dir, hf_dir.parent / f"{request.param}-f16.gguf")
-    return hf_dir, model, gguf_file
+def exported(request, tmp_path_factory):
+    """(hf_dir, torch model, F16 GGUF path): the session's tiny llama, then its untied twin whose
+    vocab is padded to 512 rows."""
+    hf_dir = request.getfixturevalue("tiny_llama_dir" if request.param == "tied" else "tiny_llama_untied_dir")
+    gguf_file = write_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{request.param}-f16.gguf")
+    return hf_dir, LlamaForCausalLM.from_pretrained(hf_dir).eval(), gguf_file
 
 
 def _load(gguf_file: Path):
@@ -155,11 +88,13 @@ def assert_f16_matches_torch(llm, model, prompts: list[list[int]]) -> None:
         assert continuation == expected_ids, f"torch's top-2 margins per step: {np.diff(top2).ravel()}"
 
 
+@pytest.mark.integration
 def test_f16_logits_and_greedy_match_torch(exported):
     _, model, gguf_file = exported
     assert_f16_matches_torch(_load(gguf_file), model, PROMPTS)
 
 
+@pytest.mark.integration
 def test_llama_cpp_tokenizes_like_hf(exported):
     hf_dir, _, gguf_file = exported
     hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(hf_dir)
@@ -172,6 +107,7 @@ def test_llama_cpp_tokenizes_like_hf(exported):
         assert llm.detokenize(ids, special=True).decode() == text
 
 
+@pytest.mark.integration
 def test_gguf_metadata(exported):
     hf_dir, model, gguf_file = exported
     reader = gguf.GGUFReader(gguf_file)
@@ -208,6 +144,7 @@ def test_gguf_metadata(exported):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+@pytest.mark.integration
 def test_quantized_files_load_and_shrink(exported, qtype):
     _, model, gguf_file = exported
     out = quantize_gguf(gguf_file, gguf_file.with_name(f"{gguf_file.stem}-{qtype}.gguf"), qtype, threads=2)
@@ -219,9 +156,10 @@ def test_quantized_files_load_and_shrink(exported, qtype):
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9
 
 
-def test_q4_k_m_uses_k_quants_when_rows_are_256_wide(tmp_path_factory, tokenizer_dir):
+@pytest.mark.integration
+def test_q4_k_m_uses_k_quants_when_rows_are_256_wide(tmp_path):
     # width 64 makes llama.cpp fall back to q5_0/q8_0; width 256 gets real K-quants
-    hf_dir, _ = _model_dir(tmp_path_factory, tokenizer_dir, "wide", tied=True, hidden=256, ff=512)
+    hf_dir = make_tiny_model(tmp_path / "wide", hidden_size=256, intermediate_size=512)
     f16 = write_gguf(hf_dir, hf_dir / "wide-f16.gguf")
     q4 = quantize_gguf(f16, hf_dir / "wide-q4_k_m.gguf", "q4_k_m")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(q4).tensors}
@@ -236,6 +174,7 @@ def _broken_copy(hf_dir: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_unknown_architecture_is_refused(exported, tmp_path):
     hf_dir = _broken_copy(exported[0], tmp_path)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -247,6 +186,7 @@ def test_unknown_architecture_is_refused(exported, tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
 
 
+@pytest.mark.integration
 def test_missing_and_extra_tensors_are_refused(exported, tmp_path):
     hf_dir = _broken_copy(exported[0], tmp_path)
     tensors = load_file(hf_dir / "model.safetensors")
@@ -260,6 +200,7 @@ def test_missing_and_extra_tensors_are_refused(exported, tmp_path):
     assert not (tmp_path / "out.gguf").exists()
 
 
+@pytest.mark.integration
 def test_failure_while_writing_leaves_no_file(exported, tmp_path):
     hf_dir = _broken_copy(exported[0], tmp_path)
     tensors = load_file(hf_dir / "model.safetensors")
@@ -270,6 +211,7 @@ def test_failure_while_writing_leaves_no_file(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+@pytest.mark.integration
 def test_existing_output_needs_overwrite(exported, tmp_path):
     hf_dir, _, gguf_file = exported
     out = tmp_path / "model.gguf"
@@ -283,6 +225,7 @@ def test_existing_output_needs_overwrite(exported, tmp_path):
     assert out.read_bytes() == gguf_file.read_bytes()
 
 
+@pytest.mark.integration
 def test_quantize_errors(exported, tmp_path):
     gguf_file = exported[2]
     with pytest.raises(EdgedistillError, match="unknown GGUF quantization 'Q3_X'") as err:
@@ -295,6 +238,7 @@ def test_quantize_errors(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not.gguf"]
 
 
+@pytest.mark.unit
 def test_pre_tokenizer_table():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     digits = {"type": "Digits", "individual_digits": True}
@@ -306,6 +250,7 @@ def test_pre_tokenizer_table():
         pre_tokenizer_name({"type": "Whitespace"}, Path("t"))
 
 
+@pytest.mark.unit
 def test_rotary_permutation_pairs_rotated_dims():
     n_head, head_dim = 2, 8
     rows = np.arange(n_head * head_dim, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
@@ -318,6 +263,7 @@ def test_rotary_permutation_pairs_rotated_dims():
     assert np.array_equal(permute_rotary_rows(rows[:, 0], n_head), permuted[:, 0])
 
 
+@pytest.mark.unit
 def test_architecture_tables_name_real_gguf_tensors():
     for spec in ARCHITECTURES:
         allowed = set(gguf.MODEL_TENSORS[spec.gguf_arch])
@@ -325,6 +271,7 @@ def test_architecture_tables_name_real_gguf_tensors():
 
 
 @pytest.mark.parametrize("keep_bytes", [4, 60, -1000])
+@pytest.mark.integration
 def test_truncated_safetensors_are_named(exported, tmp_path, keep_bytes):
     hf_dir = _broken_copy(exported[0], tmp_path)
     weights = hf_dir / "model.safetensors"
@@ -335,6 +282,7 @@ def test_truncated_safetensors_are_named(exported, tmp_path, keep_bytes):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+@pytest.mark.integration
 def test_tokenizer_larger_than_the_embedding_is_refused(exported, tmp_path):
     hf_dir = _broken_copy(exported[0], tmp_path)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -349,6 +297,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(exported, tmp_path):
         write_gguf(hf_dir, tmp_path / "out.gguf")
 
 
+@pytest.mark.integration
 def test_no_room_to_write_is_a_clear_error(exported, tmp_path):
     # A real failing write, not a mock: a subprocess whose file size limit (RLIMIT_FSIZE) is below
     # the model's size gets EFBIG from the kernel part-way through, as a full disk gives ENOSPC.

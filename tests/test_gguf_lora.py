@@ -1,7 +1,7 @@
 """GGUF LoRA export, checked by loading base + adapter in llama.cpp against the merged model.
 
-A tiny random llama (2 layers, width 64) gets a PEFT adapter on every projection with random
-non-zero lora_B; llama.cpp applying the adapter GGUF to the base GGUF must match the F16 GGUF of
+The tiny random llama of tests/conftest.py (2 layers, width 64, untied) gets a PEFT adapter on
+every projection with random non-zero lora_B; llama.cpp applying the adapter GGUF to the base GGUF must match the F16 GGUF of
 the PEFT-merged model, and the merged torch model.
 
     .venv/bin/python -m pytest -q tests/test_gguf_lora.py
@@ -23,7 +23,11 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import write_gguf
 from edgedistill.export.gguf.lora import write_lora_gguf
 from edgedistill.runtimes.pytorch import load_model
-from test_export_gguf import PROMPTS, _llama_logits, _save_model, _save_tokenizer, _torch_logits
+from conftest import make_tiny_model
+from test_export_gguf import PROMPTS, _llama_logits, _torch_logits
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.integration
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -36,8 +40,7 @@ def exported(tmp_path_factory):
     """(base F16 GGUF, adapter GGUF, merged F16 GGUF, merged torch model, adapter folder, base folder)."""
     root = tmp_path_factory.mktemp("lora")
     base_dir, adapter_dir, merged_dir = root / "base", root / "adapter", root / "merged"
-    tokenizer = _save_tokenizer(base_dir)
-    _save_model(base_dir, vocab_size=len(tokenizer), tied=False)
+    make_tiny_model(base_dir, tie_word_embeddings=False)
     torch.manual_seed(1)
     adapted = get_peft_model(load_model(base_dir), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
     with torch.no_grad():
@@ -49,7 +52,7 @@ def exported(tmp_path_factory):
     adapted.save_pretrained(adapter_dir, safe_serialization=True)
     merged = adapted.merge_and_unload().eval()
     merged.save_pretrained(merged_dir, safe_serialization=True)
-    tokenizer.save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(merged_dir)
 
     base_gguf = write_gguf(base_dir, root / "base-f16.gguf")
     adapter_gguf = write_lora_gguf(adapter_dir, base_dir, root / "adapter.gguf")

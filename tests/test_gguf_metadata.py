@@ -21,7 +21,6 @@ from pathlib import Path
 import gguf
 import pytest
 from safetensors.torch import load_file
-from test_export_gguf import _model_dir, _save_tokenizer
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
@@ -50,10 +49,8 @@ BENIGN = ("rope_finetuned        = unknown",)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    _save_tokenizer(tokenizer_dir)
-    return _model_dir(tmp_path_factory, tokenizer_dir, "student", tied=True)[0]
+def hf_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +99,7 @@ def _load_verbose(gguf_file: Path) -> tuple[dict[str, str], list[str]]:
     return metadata, log[0].splitlines()
 
 
+@pytest.mark.integration
 def test_general_metadata_and_provenance(carded, hf_dir):
     n_params = sum(t.numel() for t in load_file(hf_dir / "model.safetensors").values())
     for qtype, gguf_file in carded.items():
@@ -124,6 +122,7 @@ def test_general_metadata_and_provenance(carded, hf_dir):
         assert fields["llama.rope.scaling.type"] == "none"
 
 
+@pytest.mark.integration
 def test_llama_cpp_reads_it_without_warnings(carded):
     for gguf_file in carded.values():
         metadata, log = _load_verbose(gguf_file)
@@ -137,6 +136,7 @@ def test_llama_cpp_reads_it_without_warnings(carded):
         assert not flagged, f"{gguf_file.name}: {flagged}"
 
 
+@pytest.mark.integration
 def test_nothing_is_claimed_without_a_card_or_a_hub_repo(hf_dir, tmp_path):
     # a relative local path in _name_or_path looks like a repo id; the folder's own path says otherwise
     folder = tmp_path / "models" / "student"
@@ -156,6 +156,7 @@ def test_nothing_is_claimed_without_a_card_or_a_hub_repo(hf_dir, tmp_path):
     ("---\nlicense:\n  id: mit\n---\n", "`license` = {'id': 'mit'} is not a string or a list of strings"),
     ("---\nlicense: mit\n", "never closed"),
 ])
+@pytest.mark.integration
 def test_a_broken_card_is_refused(hf_dir, tmp_path, card, problem):
     folder = tmp_path / "student"
     shutil.copytree(hf_dir, folder)
@@ -166,6 +167,7 @@ def test_a_broken_card_is_refused(hf_dir, tmp_path, card, problem):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
 
 
+@pytest.mark.unit
 def test_parse_size():
     assert parse_size("60MB") == 60_000_000
     assert parse_size("60 MiB") == 60 * 2**20
@@ -184,6 +186,7 @@ def f16_file(hf_dir, tmp_path_factory) -> Path:
     return write_gguf(hf_dir, tmp_path_factory.mktemp("f16") / "student-f16.gguf")
 
 
+@pytest.mark.integration
 def test_budget_keeps_the_most_precise_type_that_fits(f16_file, tmp_path):
     budget = f16_file.stat().st_size // 2
     choice = quantize_to_budget(f16_file, tmp_path / "fit.gguf", budget, threads=2)
@@ -200,6 +203,7 @@ def test_budget_keeps_the_most_precise_type_that_fits(f16_file, tmp_path):
     assert (tmp_path / "f16.gguf").read_bytes() == f16_file.read_bytes()
 
 
+@pytest.mark.integration
 def test_cli_max_size(hf_dir, f16_file, tmp_path, capsys):
     out = tmp_path / "model.gguf"
     # binary units as written: 55% of the F16 file in KiB rules out F16 and lands at Q8_0 or below

@@ -7,7 +7,8 @@ through every kind of vocabulary the GGUF writer handles:
 - SentencePiece BPE with byte fallback, trained here with the `sentencepiece` library and converted
   by transformers, as Llama 2 / Mistral (a "▁" before the text; both of transformers' layouts)
   and Gemma (no "▁" before the text) tokenizers are.
-Each vocabulary goes into a tiny random llama (only the tokenizer matters) written as GGUF; llama.cpp
+Each vocabulary goes into the tiny random llama of tests/conftest.py (only the tokenizer matters)
+written as GGUF; llama.cpp
 loads the vocabulary only.
 
     .venv/bin/python -m pytest -q tests/test_gguf_tokenizers.py
@@ -19,9 +20,9 @@ import io
 
 import gguf
 import pytest
-import torch
+from conftest import make_tiny_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import write_gguf
@@ -73,17 +74,10 @@ def _round_trip(hf_dir, gguf_file, texts=ROUND_TRIP_TEXTS, *, decoded=True):
     return hf, llm
 
 
-def _tiny_model(hf_dir, vocab_size: int) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
-
-
+@pytest.mark.integration
 def test_byte_level_bpe_of_the_embedded_teacher(tmp_path):
-    tokenizer_from_gguf(builtin_gguf_path("smollm2-135m-instruct")).save_pretrained(tmp_path)
-    _tiny_model(tmp_path, 49152)
+    make_tiny_model(tmp_path, tokenizer=tokenizer_from_gguf(builtin_gguf_path("smollm2-135m-instruct")),
+                    vocab_size=49152)
     out = write_gguf(tmp_path, tmp_path / "smollm2-vocab.gguf")
     hf, llm = _round_trip(tmp_path, out)
     # special tokens are matched on raw text when asked to
@@ -92,6 +86,7 @@ def test_byte_level_bpe_of_the_embedded_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["qwen2", "llama-bpe"])
+@pytest.mark.integration
 def test_byte_level_bpe_with_a_split_regex(tmp_path, layout):
     # Qwen2/2.5/3 and Llama 3 split text with a regex before byte-level BPE; llama.cpp has each
     # regex built in under a pre-tokenizer name. A vocabulary trained here on the multilingual
@@ -109,9 +104,9 @@ def test_byte_level_bpe_with_a_split_regex(tmp_path, layout):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = SPM_CORPUS + ["I'm sure they'll say it's 12345 or 2024, we've 987654 left", "x  =  1\n\n\n  y"]
     tokenizer.train_from_iterator(corpus * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                            unk_token="<|endoftext|>", clean_up_tokenization_spaces=llama3).save_pretrained(tmp_path)
-    _tiny_model(tmp_path, tokenizer.get_vocab_size())
+    make_tiny_model(tmp_path, tokenizer=PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        clean_up_tokenization_spaces=llama3), vocab_size=tokenizer.get_vocab_size())
     assert read_tokenizer(tmp_path).pre == layout
     texts = (*ROUND_TRIP_TEXTS, "I'M SURE THEY'LL: it's 1234567 and 3.14159", "we've  got   20000\n\n\n  items")
     hf, llm = _round_trip(tmp_path, write_gguf(tmp_path, tmp_path / "vocab.gguf"), texts, decoded=not llama3)
@@ -133,14 +128,14 @@ def _sentencepiece_model(tmp_path, *, dummy_prefix: bool) -> str:
 
 
 @pytest.mark.parametrize("layout", ["llama_legacy", "llama_metaspace", "gemma_no_prefix"])
+@pytest.mark.integration
 def test_sentencepiece_bpe(tmp_path, layout):
     model_file = _sentencepiece_model(tmp_path, dummy_prefix=layout != "gemma_no_prefix")
     hf_dir = tmp_path / "hf"
     # legacy=True: normalizer Prepend("▁") + Replace(" ", "▁"); legacy=False: a Metaspace pre-tokenizer
     tokenizer = LlamaTokenizerFast(vocab_file=model_file, legacy=layout != "llama_metaspace",
                                    add_prefix_space=layout != "gemma_no_prefix", from_slow=True)
-    tokenizer.save_pretrained(hf_dir)
-    _tiny_model(hf_dir, len(tokenizer))
+    make_tiny_model(hf_dir, tokenizer=tokenizer)
     out = write_gguf(hf_dir, tmp_path / "spm.gguf")
 
     meta = read_tokenizer(hf_dir)
@@ -169,6 +164,7 @@ def test_sentencepiece_bpe(tmp_path, layout):
     assert llm.tokenize(text.encode(), add_bos=True) == hf.encode(text)
 
 
+@pytest.mark.unit
 def test_sentencepiece_with_a_normalizer_llama_cpp_lacks_is_refused(tmp_path):
     model_file = _sentencepiece_model(tmp_path, dummy_prefix=True)
     tokenizer = LlamaTokenizerFast(vocab_file=model_file, legacy=True, from_slow=True)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import gguf
+import pytest
 import torch
 from peft import PeftModel
 
@@ -14,6 +15,8 @@ from edgedistill.lora import MERGE_TOLERANCE
 from edgedistill.pipeline import is_complete
 from edgedistill.runtimes import gguf_artifacts
 from edgedistill.runtimes.pytorch import load_model
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 

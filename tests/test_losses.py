@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from edgedistill.distill.losses import DIVERGENCES, distill_loss, topk_divergence
 
+pytestmark = pytest.mark.unit
+
 
 def _direct(p: torch.Tensor, q: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
     """The divergence per row of probability vectors p (teacher) and q (student), by definition."""

@@ -55,6 +55,7 @@ def _onnxruntime_round_to_nearest(weight: np.ndarray, bits: int, symmetric: bool
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.integration
 def test_layout_is_what_the_kernel_reads(bits, symmetric):
     k, n = 80, 24  # 80 is not a whole number of blocks: the last block is padded
     weight = _weights(k, n)
@@ -70,6 +71,7 @@ def test_layout_is_what_the_kernel_reads(bits, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.integration
 def test_never_worse_than_round_to_nearest_on_any_block(symmetric):
     k, n = 128, 48
     weight = _weights(k, n, seed=2)
@@ -84,6 +86,7 @@ def test_never_worse_than_round_to_nearest_on_any_block(symmetric):
     assert block_errors(ours).sum() < 0.9 * block_errors(nearest).sum()
 
 
+@pytest.mark.unit
 def test_importance_buys_precision_where_activations_are_large():
     k, n = 64, 64
     weight = _weights(k, n, seed=4)
@@ -95,6 +98,7 @@ def test_importance_buys_precision_where_activations_are_large():
     assert ((weighted - weight)[heavy] ** 2).sum() < 0.8 * ((plain - weight)[heavy] ** 2).sum()
 
 
+@pytest.mark.unit
 def test_zero_and_constant_blocks():
     weight = np.zeros((64, 4), np.float32)
     weight[32:, 1] = 0.5  # a constant block

@@ -12,6 +12,8 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.pipeline import PARTIAL, Pipeline, Stage, is_complete, read_manifest
 from edgedistill.recipe import load_recipe
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

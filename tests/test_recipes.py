@@ -9,6 +9,8 @@ import pytest
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe, load_recipe, section_dump
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 

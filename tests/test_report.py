@@ -91,6 +91,7 @@ def row_of(report: str, artifact: str) -> list[str]:
     return cells(next(line for line in report.splitlines() if line.startswith(f"| `{artifact}` |")))
 
 
+@pytest.mark.unit
 def test_pareto_front():
     assert pareto_front([]) == []
     assert pareto_front([(0.5, 10.0)]) == [True]
@@ -100,11 +101,13 @@ def test_pareto_front():
     assert pareto_front([(0.8, 10.0), (0.8, 12.0), (0.7, 12.0)]) == [False, True, False]
 
 
+@pytest.mark.unit
 def test_pareto_names_of_a_run(tmp_path):
     data = load_run(make_run(tmp_path))
     assert pareto_names(data) == ["teacher-f16.gguf", "student-f16.gguf", "student-q4_k_m.gguf"]
 
 
+@pytest.mark.unit
 def test_every_number_comes_from_the_json_it_names(tmp_path):
     run = make_run(tmp_path)
     report = render_markdown(load_run(run))
@@ -133,6 +136,7 @@ def test_every_number_comes_from_the_json_it_names(tmp_path):
     assert "`teacher-f16.gguf`, `student-f16.gguf`, `student-q4_k_m.gguf` (from" in report
 
 
+@pytest.mark.unit
 def test_lora_and_merge_stages_are_reported(tmp_path):
     run = make_run(tmp_path)
     for stage, result in (("lora", {"epochs": [{"epoch": 1, "loss": 0.5, "ce": 0.25, "kl": 0.75}]}),
@@ -147,6 +151,7 @@ def test_lora_and_merge_stages_are_reported(tmp_path):
     assert "| `merge/manifest.json` |" in report
 
 
+@pytest.mark.unit
 def test_optional_columns_appear_only_when_the_json_has_them(tmp_path):
     plain = header_of(render_markdown(load_run(make_run(tmp_path / "a"))))
     for header in ("perplexity", "KL to teacher", "top-1 agreement", "bandwidth efficiency %", "peak GPU MB", "device"):
@@ -179,6 +184,7 @@ def test_optional_columns_appear_only_when_the_json_has_them(tmp_path):
     assert row_of(report, "student-f16.gguf")[header.index("perplexity")] == "–"
 
 
+@pytest.mark.unit
 def test_missing_run_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(EdgedistillError, match="does not exist"):
         load_run(tmp_path / "nowhere")
@@ -197,6 +203,7 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
         load_run(run)
 
 
+@pytest.mark.unit
 def test_report_command_renders_both_files_the_same_every_time(tmp_path, capsys):
     run = make_run(tmp_path)
     assert main(["report", str(run)]) == 0
@@ -208,6 +215,7 @@ def test_report_command_renders_both_files_the_same_every_time(tmp_path, capsys)
     assert {name: (out / name).read_bytes() for name in first} == first
 
 
+@pytest.mark.unit
 def test_report_stage_writes_md_and_html_named_after_the_recipe(tmp_path):
     run = make_run(tmp_path)
     out = tmp_path / "partial"
@@ -219,6 +227,7 @@ def test_report_stage_writes_md_and_html_named_after_the_recipe(tmp_path):
     assert "<title>edgedistill report: tiny</title>" in (out / "report.html").read_text()
 
 
+@pytest.mark.unit
 def test_html_is_self_contained_with_three_plots_and_the_tables(tmp_path):
     page = render_html(load_run(make_run(tmp_path, bench_extra=OPTIONAL_BENCH)))
     assert page.startswith("<!DOCTYPE html>")
@@ -255,6 +264,7 @@ def _headless(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.integration
 def test_html_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 

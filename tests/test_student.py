@@ -1,8 +1,8 @@
 """The student stage: importance scores, depth and width pruning, a given student, and GGUF export
 of a width-pruned student checked in llama.cpp.
 
-Tiny random llama teachers (6 layers, width 64, 4 heads in 2 KV groups, MLP 128) with a byte-level
-BPE tokenizer trained in the test.
+The tiny random llama of tests/conftest.py made 6 layers deep (width 64, 4 heads in 2 KV groups,
+MLP 128), one block of it passing its input through.
 
     .venv/bin/python -m pytest -q tests/test_student.py
 """
@@ -16,67 +16,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import TINY_SHAPE, make_tiny_model
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from edgedistill.distill.importance import compute_importance
 from edgedistill.distill.student import build_student, count_parameters, important_layers, prune_width
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SYLLABLES = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po", "de", "va"]
 WORDS = ["".join(pair) for pair in itertools.product(SYLLABLES, repeat=2)]
 IDENTITY_BLOCK = 2
-HIDDEN, LAYERS, HEADS, KV_HEADS, FF = 64, 6, 4, 2, 128
+LAYERS = 6
+HIDDEN, HEADS, KV_HEADS, FF = (TINY_SHAPE[key] for key in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                           "intermediate_size"))
 
 
-def _save_tokenizer(out: Path, vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([" ".join(WORDS[i:i + 10]) for i in range(0, len(WORDS), 10)], trainer)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        unk_token="<|endoftext|>", chat_template=CHATML)
-    hf_tokenizer.save_pretrained(out)
-    return hf_tokenizer
-
-
-def _save_model(out: Path, vocab_size: int, *, layers: int = LAYERS, identity_block: int | None = None,
-                seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=layers,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=FF,
-                         max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            # F16 GGUF stores float16 weights; rounding here leaves only runtime differences to compare
-            param.copy_(param.half().float())
-        if identity_block is not None:
-            # Both residual branches write nothing: the block passes its input through unchanged.
-            model.model.layers[identity_block].self_attn.o_proj.weight.zero_()
-            model.model.layers[identity_block].mlp.down_proj.weight.zero_()
-    model.save_pretrained(out, safe_serialization=True)
-    return model
+def _pass_through(block: int):
+    def edit(model) -> None:
+        # Both residual branches write nothing: the block passes its input through unchanged.
+        model.model.layers[block].self_attn.o_proj.weight.zero_()
+        model.model.layers[block].mlp.down_proj.weight.zero_()
+    return edit
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    tokenizer = _save_tokenizer(out)
-    _save_model(out, len(tokenizer), identity_block=IDENTITY_BLOCK)
-    return out
+    return make_tiny_model(tmp_path_factory.mktemp("teacher"), num_hidden_layers=LAYERS,
+                           edit=_pass_through(IDENTITY_BLOCK))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +75,7 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
+@pytest.mark.integration
 def test_importance_shapes_and_identity_block(teacher):
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     sequences = _sequences(teacher)
@@ -120,6 +88,7 @@ def test_importance_shapes_and_identity_block(teacher):
     assert all((c >= 0).all() and (h > 0).all() for c, h in zip(scores.channels, scores.heads))
 
 
+@pytest.mark.integration
 def test_importance_excludes_padding(teacher):
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     one_by_one = compute_importance(model, _sequences(teacher), batch_size=1, pad_id=2)
@@ -129,6 +98,7 @@ def test_importance_excludes_padding(teacher):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.unit
 def test_important_layers_pin_first_and_last():
     assert important_layers([0.0, 0.9, 0.1, 0.8, 0.2, 0.0], 4) == [0, 1, 3, 5]
     assert important_layers([0.5, 0.9, 0.1], 1) == [0]
@@ -136,6 +106,7 @@ def test_important_layers_pin_first_and_last():
         important_layers([0.1, 0.2, 0.3], 4)
 
 
+@pytest.mark.integration
 def test_importance_selection_drops_the_identity_block_first(teacher, generate, tmp_path):
     result = build_student(_recipe(generate, keep_layers=5, layer_selection="importance"), tmp_path,
                            teacher=teacher, generate=generate)
@@ -154,6 +125,7 @@ def _block_params(q_heads: int, kv_heads: int, ff: int, head_dim: int = HIDDEN /
     return attention + 3 * HIDDEN * ff + 2 * HIDDEN
 
 
+@pytest.mark.integration
 def test_width_pruned_student_reloads_with_the_expected_size(teacher, generate, tmp_path):
     recipe = _recipe(generate, keep_layers=4, width={"intermediate_size": 48, "num_attention_heads": 2})
     result = build_student(recipe, tmp_path, teacher=teacher, generate=generate)
@@ -170,6 +142,7 @@ def test_width_pruned_student_reloads_with_the_expected_size(teacher, generate, 
     assert (tmp_path / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.integration
 def test_width_pruning_equals_masking_what_it_drops(teacher, tmp_path):
     """Dropping a KV group and MLP channels gives the teacher's logits with those outputs zeroed."""
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
@@ -195,6 +168,7 @@ def test_width_pruning_equals_masking_what_it_drops(teacher, tmp_path):
     assert torch.allclose(_logits(reloaded, ids), _logits(model, ids), atol=1e-6)
 
 
+@pytest.mark.integration
 def test_full_width_is_unchanged(teacher):
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     reference = AutoModelForCausalLM.from_pretrained(teacher).eval()
@@ -211,21 +185,21 @@ def test_full_width_is_unchanged(teacher):
     ({"keep_layers": 7, "layer_selection": "importance"}, r"(?s)keep_layers is 7.*6 layers"),
     ({"keep_layers": [0, 5], "layer_selection": "importance"}, r"layer_selection is 'importance'"),
 ])
+@pytest.mark.integration
 def test_impossible_students_are_errors(teacher, generate, tmp_path, student, message):
     with pytest.raises(EdgedistillError, match=message):
         build_student(_recipe(generate, **student), tmp_path, teacher=teacher, generate=generate)
 
 
+@pytest.mark.integration
 def test_importance_needs_the_generate_folder(teacher, generate, tmp_path):
     with pytest.raises(EdgedistillError, match="generate"):
         build_student(_recipe(generate, keep_layers=3, layer_selection="importance"), tmp_path, teacher=teacher)
 
 
+@pytest.mark.integration
 def test_given_student_with_the_teachers_tokenizer(teacher, generate, tmp_path):
-    source = tmp_path / "small"
-    source.mkdir()
-    tokenizer = _save_tokenizer(source)
-    _save_model(source, len(tokenizer), layers=2, seed=1)
+    source = make_tiny_model(tmp_path / "small", seed=1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "leftover.txt").write_text("from a killed attempt")
@@ -237,16 +211,15 @@ def test_given_student_with_the_teachers_tokenizer(teacher, generate, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
 
 
+@pytest.mark.integration
 def test_given_student_with_another_tokenizer_is_an_error(teacher, generate, tmp_path):
-    source = tmp_path / "other"
-    source.mkdir()
-    tokenizer = _save_tokenizer(source, vocab_size=280)
-    _save_model(source, len(tokenizer), layers=2)
+    source = make_tiny_model(tmp_path / "other", tokenizer_vocab_size=280)
     with pytest.raises(EdgedistillError, match="needs identical tokenizers") as error:
         build_student(_recipe(generate, method="given", source=str(source)), tmp_path / "out", teacher=teacher)
     assert "vocabularies differ" in str(error.value) and "kl_weight: 0" in error.value.hint
 
 
+@pytest.mark.integration
 def test_width_pruned_student_gguf_matches_torch(teacher, generate, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from edgedistill.export.gguf import write_gguf

@@ -14,11 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted((ROOT / "recipes" / "targets").glob("*.yaml"))
 
 
+@pytest.mark.unit
 def test_the_promised_profiles_ship():
     assert {"laptop-cpu", "raspberry-pi-5", "phone-8gb", "consumer-gpu"} <= set(builtin_targets())
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+@pytest.mark.unit
 def test_every_profile_loads_by_path_and_by_name(path):
     target = load_target(path)
     assert target.name == path.stem
@@ -28,6 +30,7 @@ def test_every_profile_loads_by_path_and_by_name(path):
     assert all(getattr(target.budgets, b) is not None for b in BUDGET_SOURCES)
 
 
+@pytest.mark.unit
 def test_unknown_name_lists_the_builtin_targets():
     with pytest.raises(EdgedistillError) as err:
         load_target("toaster")
@@ -35,11 +38,13 @@ def test_unknown_name_lists_the_builtin_targets():
     assert "raspberry-pi-5" in err.value.hint and "phone-8gb" in err.value.hint
 
 
+@pytest.mark.unit
 def test_missing_yaml_file_is_refused(tmp_path):
     with pytest.raises(EdgedistillError, match="does not exist"):
         load_target(tmp_path / "nope.yaml")
 
 
+@pytest.mark.unit
 def test_unknown_key_is_refused_naming_file_and_key(tmp_path):
     path = tmp_path / "board.yaml"
     path.write_text("name: board\ncontext_length: 1024\nbudgets:\n  max_memory_mb: 500\n  max_ram_mb: 400\n")
@@ -48,6 +53,7 @@ def test_unknown_key_is_refused_naming_file_and_key(tmp_path):
     assert f"{path}: budgets.max_ram_mb: unknown key" in str(err.value)
 
 
+@pytest.mark.unit
 def test_bad_value_is_refused_naming_the_value(tmp_path):
     path = tmp_path / "board.yaml"
     path.write_text("name: board\ncontext_length: 1024\nbudgets:\n  min_quality_share: 85\n")
@@ -61,6 +67,7 @@ BENCH = {"artifact": "m-Q4_K_M.gguf", "file_mb": 80.0, "decode_tokens_per_s": 15
          "ttft_ms": 250.0, "peak_rss_mb": 500.0, "threads": 2}
 
 
+@pytest.mark.unit
 def test_check_target_pass_fail_and_margins():
     checks = {c["budget"]: c for c in check_target(TARGET, BENCH, {"artifact": "m-Q4_K_M.gguf", "task_score": 0.9,
                                                                      "share_of_reference": 0.9})}
@@ -73,6 +80,7 @@ def test_check_target_pass_fail_and_margins():
     assert checks["min_quality_share"]["passed"] is True and checks["min_quality_share"]["margin"] == 0.0588
 
 
+@pytest.mark.unit
 def test_quality_without_eval_is_not_measured_and_not_a_failure():
     checks = check_target(Target(name="t", context_length=512, budgets=Budgets(max_file_mb=100, min_quality_share=0.85)),
                           BENCH)
@@ -80,10 +88,12 @@ def test_quality_without_eval_is_not_measured_and_not_a_failure():
     assert not any_failed(checks)
 
 
+@pytest.mark.unit
 def test_only_budgets_set_are_checked():
     assert check_target(Target(name="t", context_length=512), BENCH) == []
 
 
+@pytest.mark.unit
 def test_table_shows_results_and_the_this_machine_note():
     table = format_target_checks(TARGET, [("m-Q4_K_M.gguf", check_target(TARGET, BENCH))])
     assert "m-Q4_K_M.gguf:" in table
@@ -95,6 +105,7 @@ def test_table_shows_results_and_the_this_machine_note():
 SMOLLM2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
 
 
+@pytest.mark.unit
 def test_kv_cache_of_a_smollm2_like_config():
     assert kv_cache_bytes(SMOLLM2, 2048) == 2 * 30 * 3 * 64 * 2048 * 2
     # without num_key_value_heads every attention head has its own K and V; head_dim is given or derived
@@ -102,6 +113,7 @@ def test_kv_cache_of_a_smollm2_like_config():
     assert kv_cache_bytes({**SMOLLM2, "head_dim": 128}, 2048) == 2 * kv_cache_bytes(SMOLLM2, 2048)
 
 
+@pytest.mark.unit
 def test_preflight_fits_a_large_budget_and_not_a_small_one():
     roomy = preflight(SMOLLM2, 105_000_000, Target(name="t", context_length=2048, budgets=Budgets(max_memory_mb=500)))
     assert roomy["kv_cache_mb"] == 45.0  # 47.2 MB = 45.0 MiB
@@ -112,6 +124,7 @@ def test_preflight_fits_a_large_budget_and_not_a_small_one():
     assert preflight(SMOLLM2, 105_000_000, Target(name="t", context_length=2048))["fits"] is None
 
 
+@pytest.mark.unit
 def test_preflight_names_a_missing_config_key():
     with pytest.raises(EdgedistillError, match="num_hidden_layers"):
         kv_cache_bytes({"num_attention_heads": 4, "hidden_size": 64}, 128)
@@ -134,6 +147,7 @@ def _tiny_recipe_file(folder: Path, target: str | None = None, student: str | No
     return path
 
 
+@pytest.mark.unit
 def test_recipe_bench_target_by_name_and_by_path_relative_to_the_recipe(tmp_path):
     from edgedistill.recipe import load_recipe
     from edgedistill.targets import recipe_target
@@ -144,6 +158,7 @@ def test_recipe_bench_target_by_name_and_by_path_relative_to_the_recipe(tmp_path
     assert recipe_target(load_recipe(TINY)) is None
 
 
+@pytest.mark.unit
 def test_misspelt_recipe_target_fails_at_load_naming_file_field_and_profiles(tmp_path):
     from edgedistill.recipe import load_recipe
 
@@ -154,6 +169,7 @@ def test_misspelt_recipe_target_fails_at_load_naming_file_field_and_profiles(tmp
     assert "phone-8gb" in err.value.hint and "raspberry-pi-5" in err.value.hint
 
 
+@pytest.mark.unit
 def test_bench_section_without_target_keeps_its_cache_key():
     from edgedistill.recipe import BenchConfig, load_recipe, section_dump
 
@@ -198,6 +214,7 @@ STUDENTS = {
 
 
 @pytest.mark.parametrize("student", list(STUDENTS))
+@pytest.mark.integration
 def test_estimated_student_has_the_built_students_parameters_and_shape(student, tiny_teacher, chats, tmp_path):
     import json
 
@@ -216,6 +233,7 @@ def test_estimated_student_has_the_built_students_parameters_and_shape(student, 
         assert getattr(config, key) == saved.get(key, getattr(config, key)), key
 
 
+@pytest.mark.integration
 def test_progressive_student_is_pruned_from_the_last_step(tiny_teacher, tmp_path):
     from edgedistill.preflight import student_config
     from edgedistill.recipe import load_recipe
@@ -227,6 +245,7 @@ def test_progressive_student_is_pruned_from_the_last_step(tiny_teacher, tmp_path
     assert (config.num_hidden_layers, config.intermediate_size) == (2, 96)
 
 
+@pytest.mark.integration
 def test_gguf_weight_bytes_follow_the_bits_per_weight_table(tiny_teacher):
     from transformers import AutoConfig
 
@@ -252,6 +271,7 @@ def _run_dir_with(teacher: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("budget_mb, warned", [(1, True), (100_000, False)])
+@pytest.mark.integration
 def test_preflight_warns_only_when_the_student_cannot_fit(budget_mb, warned, tiny_teacher, tmp_path, capsys):
     import json
 
@@ -276,6 +296,7 @@ def test_preflight_warns_only_when_the_student_cannot_fit(budget_mb, warned, tin
     assert json.loads((run / PREFLIGHT_JSON).read_text()) == json.loads(json.dumps(result))
 
 
+@pytest.mark.unit
 def test_preflight_runs_between_the_teacher_and_the_long_stages(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -314,6 +335,7 @@ def test_preflight_runs_between_the_teacher_and_the_long_stages(tmp_path, monkey
 
 
 @pytest.mark.parametrize("target", ["phone-8gb", None])
+@pytest.mark.unit
 def test_bench_stage_adds_the_target_checks_to_each_row(target, tmp_path, monkeypatch):
     import json
 
@@ -333,6 +355,7 @@ def test_bench_stage_adds_the_target_checks_to_each_row(target, tmp_path, monkey
     assert result == {"artifacts": 1, "target": "phone-8gb", "target_failed": []}
 
 
+@pytest.mark.unit
 def test_report_device_target_table_takes_quality_from_eval_and_cites_the_preflight(tmp_path):
     from edgedistill.report.data import RunData
     from edgedistill.report.markdown import render_markdown

@@ -1,6 +1,6 @@
 """The export check: a GGUF in llama.cpp against its HF model in PyTorch, within per-type bounds.
 
-The tiny random llama of test_export_gguf (2 layers, width 64, its own byte-level BPE); its logits
+The tiny random llama of tests/conftest.py (2 layers, width 64, its own byte-level BPE); its logits
 are far from uniform (initializer_range 0.2), so quantization moves them as it does a real model's.
 
     .venv/bin/python -m pytest -q tests/test_verify_export.py
@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_export_gguf import _save_model, _save_tokenizer
-from transformers import PreTrainedTokenizerFast
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
@@ -25,15 +23,14 @@ from edgedistill.export.gguf import quantize_gguf, verify, write_gguf
 from edgedistill.export.gguf.verify import BOUNDS, Bound, verify_gguf, verify_ggufs
 from edgedistill.export.stage import export_gguf_set
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    _save_tokenizer(out)
-    _save_model(out, vocab_size=len(PreTrainedTokenizerFast.from_pretrained(out)), tied=True)
-    return out
+def model_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
