@@ -11,7 +11,7 @@ verify_ggufs on the same texts), then measures every artifact in a fresh process
 after the other, in `--rounds` interleaved rounds (so a burst of load on the machine hits all of
 them): prefill tokens/s of a `--prompt-tokens` prompt, greedy decode tokens/s of `--gen-tokens`
 tokens after it, and the process's peak RSS. GGUF runs in edgedistill.bench.worker (llama.cpp),
-ONNX in edgedistill.runtimes.onnx --bench (onnxruntime-genai, as a user of the export runs it). Writes
+ONNX in edgedistill.bench.onnx_worker (onnxruntime-genai, as a user of the export runs it). Writes
 medians, the ratios the ONNX issue sets targets for, and every raw run to `--out` (JSON).
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
     from edgedistill.bench.latency import bench_artifact
     from edgedistill.export.gguf import quantize_gguf, write_gguf
     from edgedistill.export.gguf.verify import verify_ggufs
-    from edgedistill.export.onnx import MANIFEST, export_onnx, format_verification, reference_for
+    from edgedistill.export.onnx import MANIFEST, OnnxExportOptions, export_onnx, format_verification, reference_for
     from edgedistill.recipe import BenchConfig
 
     work = args.work or args.out.parent / f"onnx-{args.model.resolve().name}"
@@ -101,8 +101,8 @@ def main() -> None:
         folder = work / f"onnx-{name}"
         if not (args.reuse and (folder / MANIFEST).is_file()):
             started = time.perf_counter()
-            export_onnx(args.model, folder, precision, overwrite=True, reference=reference, threads=args.threads,
-                        calibration=calibration)
+            export_onnx(args.model, folder, OnnxExportOptions(precision, overwrite=True, reference=reference,
+                                                              threads=args.threads, calibration=calibration))
             print(f"exported {folder} in {time.perf_counter() - started:.1f} s", flush=True)
         manifest = json.loads((folder / MANIFEST).read_text())
         check = manifest["verification"]
@@ -134,7 +134,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name, artifact in artifacts.items():
             path = Path(artifact["path"])
-            run = bench_artifact(path, config, bandwidth=bandwidth)  # each in a process of its own, GGUF or ONNX
+            run = bench_artifact(path, config, bandwidth=bandwidth).to_dict()  # each in a process of its own, GGUF or ONNX
             runs[name].append(run)
             print(f"round {round_index + 1}: {name:<14} decode {run['decode_tokens_per_s']:7.1f} tok/s, prefill "
                   f"{run['prefill_tokens_per_s']:7.1f} tok/s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)

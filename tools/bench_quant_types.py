@@ -35,7 +35,8 @@ from pathlib import Path
 
 from edgedistill.bench.latency import bench_many
 from edgedistill.export.gguf import quantize_gguf, write_gguf
-from edgedistill.export.gguf.verify import MAX_TOKENS_PER_TEXT, verify_ggufs
+from edgedistill.export.gguf.verify import verify_ggufs
+from edgedistill.export.verify import MAX_TOKENS_PER_TEXT
 from edgedistill.recipe import BenchConfig
 
 TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
@@ -135,7 +136,8 @@ def quantize_calibrated(teacher: Path, f16: Path, out_dir: Path, types: list[str
     """`types` again, with an importance matrix of the teacher on `calibration` (imatrix rows)."""
     from transformers import AutoTokenizer
 
-    from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix
+    from edgedistill.data.calibration import calibration_texts
+    from edgedistill.export.gguf.imatrix import compute_imatrix
 
     texts = calibration_texts(calibration, AutoTokenizer.from_pretrained(teacher))
     imatrix = compute_imatrix(teacher, texts, out_dir / "teacher-imatrix.gguf", dataset=calibration.name)
@@ -154,7 +156,7 @@ def measure_speed(paths: dict[str, Path], cfg: BenchConfig, rounds: int) -> dict
     for i in range(rounds):
         types = order if i % 2 == 0 else order[::-1]
         for qtype, result in zip(types, bench_many([paths[t] for t in types], cfg)):
-            runs[qtype].append(result)
+            runs[qtype].append(result.to_dict())
     figures = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_rss_mb")
     return {qtype: {**{f: round(statistics.median(r[f] for r in results), 2) for f in figures},
                     "decode_tokens_per_s_best": max(r["decode_tokens_per_s"] for r in results),

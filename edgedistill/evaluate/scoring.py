@@ -1,7 +1,7 @@
 """How closely a runtime's next-token distributions follow a reference's on the same token ids:
-perplexity, KL(reference || runtime), top-1 agreement. One implementation for `edgedistill eval`
-(held-out answers, any two artifacts) and the export checks (edgedistill.export.gguf.verify and
-edgedistill.export.onnx.verify: fixed texts, a file against its PyTorch model).
+perplexity, KL(reference || runtime), top-1 agreement. The sums are edgedistill.export.verify's
+Agreement, the one implementation for `edgedistill eval` (held-out answers, any two artifacts) and
+the export checks (fixed texts, a file against its PyTorch model).
 
     python -c "from edgedistill.evaluate.scoring import SCORED_TEXT; print(SCORED_TEXT)"
 
@@ -20,71 +20,18 @@ picked itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.runtimes import Runtime, log_softmax
+from edgedistill.export.verify import Agreement
+from edgedistill.runtimes import Runtime
 
 SCORED_TEXT = ("the reference's greedy answer to each scored held-out prompt, as the assistant turn of the "
                "reference's chat template (through its end-of-turn token), after the prompt; tokenized once by "
                "the reference and scored teacher-forced in every runtime")
-
-
-@dataclass
-class Agreement:
-    """Running sums over positions where a runtime and a reference predict the next token."""
-
-    positions: int = 0
-    agree: int = 0
-    near_ties: int = 0
-    kl_sum: float = 0.0
-    max_abs_logprob_diff: float = 0.0
-    targets: int = 0
-    nll_reference: float = 0.0
-    nll_other: float = 0.0
-
-    def add(self, reference: np.ndarray, other: np.ndarray, targets: list[int] | np.ndarray = (), *,
-            tie_margin: float = 0.0) -> None:
-        """`reference`: [positions, vocab] log-probs; `other`: the runtime's logits or log-probs at the
-        same positions (normalized here, in float64); `targets`: the ids that follow the first
-        len(targets) positions, for the perplexities. A position where the argmaxes differ but the
-        reference's log-prob of the runtime's choice is within `tie_margin` of its best is a near tie."""
-        reference = np.asarray(reference, dtype=np.float64)
-        other = log_softmax(other, np.float64)
-        rows = np.arange(len(reference))
-        top_reference, top_other = reference.argmax(-1), other.argmax(-1)
-        same = top_reference == top_other
-        gap = reference[rows, top_reference] - reference[rows, top_other]
-        self.positions += len(reference)
-        self.agree += int(same.sum())
-        self.near_ties += int((~same & (gap <= tie_margin)).sum())
-        self.kl_sum += float((np.exp(reference) * (reference - other)).sum())
-        self.max_abs_logprob_diff = max(self.max_abs_logprob_diff, float(np.abs(reference - other).max()))
-        targets = np.asarray(targets, dtype=np.int64)
-        scored = np.arange(len(targets))
-        self.targets += len(targets)
-        self.nll_reference -= float(reference[scored, targets].sum())
-        self.nll_other -= float(other[scored, targets].sum())
-
-    @property
-    def top1_agreement(self) -> float:
-        return self.agree / self.positions
-
-    @property
-    def mean_kl(self) -> float:
-        return self.kl_sum / self.positions
-
-    @property
-    def perplexity_reference(self) -> float:
-        return math.exp(self.nll_reference / self.targets)
-
-    @property
-    def perplexity_other(self) -> float:
-        return math.exp(self.nll_other / self.targets)
 
 
 @dataclass

@@ -19,25 +19,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from edgedistill.export.gguf import quantize_gguf, write_gguf
-from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix, read_imatrix
-from edgedistill.export.gguf.lora import write_lora_gguf
+from edgedistill import layout
+from edgedistill.export.gguf import GgufExportOptions, export_gguf
+from edgedistill.export.gguf.imatrix import imatrix_from_file, read_imatrix
 from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_gguf, verify_ggufs
 from edgedistill.recipe import Recipe
 
 
 def export_gguf_set(model: Path, out: Path, role: str, quants: list[str], name: str, *,
                     imatrix: Path | None = None) -> dict:
-    f16 = out / f"{role}-f16.gguf"
+    f16 = out / layout.gguf_name(role, "F16")
     if not f16.exists():
-        write_gguf(model, f16, name=name, overwrite=True, progress=True)
+        export_gguf(model, f16, GgufExportOptions(quant="F16", name=name, overwrite=True, progress=True))
     files = {"F16": f16}
     for qtype in tqdm([q for q in quants if q != "F16"], desc=f"quantize {role}", unit="type"):
-        target = out / f"{role}-{qtype.lower()}.gguf"
+        target = out / layout.gguf_name(role, qtype)
         if not target.exists():
-            quantize_gguf(f16, target, qtype, imatrix=imatrix)
+            export_gguf(model, target, GgufExportOptions(quant=qtype, f16=f16, imatrix=imatrix))
         files[qtype] = target
     checks = verify_ggufs(list(files.values()), model, raise_on_failure=False)
     print(format_verification(checks))
@@ -57,15 +56,15 @@ def export_student(recipe: Recipe, out: Path, *, distill: Path, generate: Path, 
     extra: dict = {}
     imatrix = None
     if recipe.export.imatrix:
-        (out / "imatrix").mkdir(exist_ok=True)
-        imatrix = out / "imatrix" / "student-imatrix.gguf"
+        (out / layout.IMATRIX_DIR).mkdir(exist_ok=True)
+        imatrix = out / layout.IMATRIX_DIR / layout.imatrix_name("student")
         if not imatrix.exists():
-            texts = calibration_texts(generate / "train.jsonl", AutoTokenizer.from_pretrained(model))
-            compute_imatrix(model, texts, imatrix, dataset=f"{recipe.name} generate/train.jsonl")
-        extra["imatrix"] = {"file": "imatrix/student-imatrix.gguf", "chunks": read_imatrix(imatrix).chunk_count}
+            imatrix_from_file(model, generate / layout.TRAIN_JSONL, imatrix,
+                              dataset=f"{recipe.name} {layout.GENERATE}/{layout.TRAIN_JSONL}")
+        extra["imatrix"] = {"file": f"{layout.IMATRIX_DIR}/{imatrix.name}", "chunks": read_imatrix(imatrix).chunk_count}
     files = export_gguf_set(model, out, "student", recipe.export.quants, f"{recipe.name}-student", imatrix=imatrix)
     if lora is not None:
-        extra["lora"] = export_lora_pair(distill, lora, merge, out / "lora", f"{recipe.name}-student")
+        extra["lora"] = export_lora_pair(distill, lora, merge, out / layout.LORA_DIR, f"{recipe.name}-student")
     return {**files, **extra}
 
 
@@ -74,26 +73,27 @@ def export_student_onnx(recipe: Recipe, out: Path, *, distill: Path, generate: P
     """The export_onnx stage: `student-<precision>/` ONNX folders of the student, each verified;
     with export.onnx_options.calibrate, int4 weights are rounded by importance on the generate
     stage's training text."""
-    from edgedistill.export.onnx import export_onnx_set
+    from edgedistill.export.onnx import OnnxExportOptions, export_onnx_set
 
     model = merge if merge is not None else distill
     options = recipe.export.onnx_options.model_dump()
-    calibration = generate / "train.jsonl" if options.pop("calibrate") else None
-    return export_onnx_set(model, out, "student", recipe.export.onnx, calibration=calibration, **options)
+    calibration = generate / layout.TRAIN_JSONL if options.pop("calibrate") else None
+    return export_onnx_set(model, out, "student", OnnxExportOptions(
+        **options, calibration=calibration, overwrite=True, progress=True), recipe.export.onnx)
 
 
 def export_lora_pair(base: Path, adapter: Path, merged: Path, out: Path, name: str) -> dict:
     """The base as F16 GGUF and the adapter as GGUF LoRA in `out`, checked together against `merged`."""
     out.mkdir(exist_ok=True)
-    base_file, adapter_file = out / "student-base-f16.gguf", out / "student-lora.gguf"
+    base_file, adapter_file = out / layout.lora_base_name("student"), out / layout.lora_adapter_name("student")
     if not base_file.exists():
-        write_gguf(base, base_file, name=f"{name}-base", overwrite=True)
+        export_gguf(base, base_file, GgufExportOptions(quant="F16", name=f"{name}-base", overwrite=True))
     if not adapter_file.exists():
-        write_lora_gguf(adapter, base, adapter_file, overwrite=True)
+        export_gguf(base, adapter_file, GgufExportOptions(lora=adapter, overwrite=True))
     check = verify_gguf(base_file, merged, lora=adapter_file, raise_on_failure=False)
     print(format_verification([check]))
     raise_if_failed([check])
-    return {"base": f"lora/{base_file.name}", "adapter": f"lora/{adapter_file.name}",
+    return {"base": f"{layout.LORA_DIR}/{base_file.name}", "adapter": f"{layout.LORA_DIR}/{adapter_file.name}",
             "adapter_bytes": adapter_file.stat().st_size,
             "verification": {k: v for k, v in check.items() if k not in ("file", "reference", "lora")}}
 

@@ -57,7 +57,7 @@ def run_worker(model: Path, args: argparse.Namespace, dtype: str) -> dict:
 def check_scoring(model: Path, device: str, dtypes: list[str]) -> list[dict]:
     """eval's PyTorch path on `device`: each dtype's log-probs on a fixed prompt against fp32 on the CPU
     (KL, top-1 agreement) and its greedy answer against the CPU's."""
-    from edgedistill.evaluate.scoring import Agreement
+    from edgedistill.export.verify import Agreement
     from edgedistill.runtimes import open_runtime
 
     chat = [{"role": "user", "content": "Read the review and say whether it is positive or negative: a warm, "

@@ -16,7 +16,6 @@ with `llama-quantize --imatrix`; `quantize_gguf(..., imatrix=path)` reads it bac
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,10 @@ import gguf
 import numpy as np
 import torch
 
+from edgedistill.data.calibration import calibration_texts, token_chunks
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.writer import _read_config, gguf_writer_into
-
-# llama-imatrix's default context: activations are collected over chunks this many tokens long
-CHUNK_TOKENS = 512
-
 
 @dataclass(frozen=True)
 class Imatrix:
@@ -40,44 +36,6 @@ class Imatrix:
     datasets: list[str]
     chunk_count: int
     chunk_size: int
-
-
-def calibration_texts(path: Path, tokenizer) -> list[str]:
-    """Texts to calibrate on: a .jsonl of chat rows ({"messages": [...]}, rendered with the model's
-    chat template, as in distillation) or text rows ({"text": ...}), or a plain .txt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgedistillError(f"calibration file {path} not found",
-                               "pass a run's generate/train.jsonl or a .txt file of task text")
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EdgedistillError(f"{path}:{number} is not JSON: {err}") from None
-        if isinstance(row, dict) and "messages" in row:
-            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-        elif isinstance(row, dict) and isinstance(row.get("text"), str):
-            texts.append(row["text"])
-        else:
-            raise EdgedistillError(f"{path}:{number} has neither 'messages' nor 'text'",
-                                   "write one {\"messages\": [...]} or {\"text\": \"...\"} object per line")
-    return texts
-
-
-def token_chunks(tokenizer, texts: list[str], max_tokens: int, chunk_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
-    """The texts' tokens, concatenated, cut to `max_tokens` and packed into `chunk_tokens`-token chunks."""
-    stream = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]][:max_tokens]
-    n_chunks = len(stream) // chunk_tokens
-    # a short calibration set still counts: one chunk of whatever there is
-    chunks = [stream[i * chunk_tokens:(i + 1) * chunk_tokens] for i in range(n_chunks)] or [stream]
-    if not chunks[0]:
-        raise EdgedistillError("the calibration texts are empty", "pass task text (e.g. generate/train.jsonl)")
-    return chunks
 
 
 def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
@@ -103,8 +61,8 @@ def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
 @torch.inference_mode()
 def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: str,
                     max_tokens: int = 65536, overwrite: bool = False) -> Path:
-    """Run the HF model over `texts` (packed into CHUNK_TOKENS-token chunks, at most `max_tokens`
-    tokens) and write the imatrix of every linear layer's input to `out_file`."""
+    """Run the HF model over `texts` (packed into edgedistill.data.calibration.CHUNK_TOKENS-token
+    chunks, at most `max_tokens` tokens) and write the imatrix of every linear layer's input to `out_file`."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -153,6 +111,14 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     return out_file
+
+
+def imatrix_from_file(hf_dir: Path, calibration: Path, out_file: Path, *, dataset: str) -> Path:
+    """compute_imatrix on the texts of a calibration file (edgedistill.data.calibration.calibration_texts)."""
+    from transformers import AutoTokenizer
+
+    texts = calibration_texts(calibration, AutoTokenizer.from_pretrained(hf_dir))
+    return compute_imatrix(hf_dir, texts, out_file, dataset=dataset)
 
 
 def read_imatrix(path: Path) -> Imatrix:

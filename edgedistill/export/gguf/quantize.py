@@ -10,7 +10,7 @@ llama.cpp's `llama-quantize` tool would write. The output is written under a tem
 
 Because of those per-tensor choices a quantized file's size is hard to predict exactly, so
 `quantize_to_budget` does not estimate: it quantizes from the most to the least precise type in
-BUDGET_LADDER and keeps the first file that fits (llama.cpp's quantizer takes seconds).
+edgedistill.formats.BUDGET_LADDER and keeps the first file that fits (llama.cpp's quantizer takes seconds).
 """
 
 from __future__ import annotations
@@ -29,18 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
-
-# quantization name (as users write it, any case) → llama_cpp's LLAMA_FTYPE_* constant
-QTYPES: dict[str, str] = {
-    "F16": "LLAMA_FTYPE_MOSTLY_F16",
-    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
-
+from edgedistill.formats import BUDGET_LADDER, gguf_type
 
 @contextlib.contextmanager
 def _stderr_to(log: list[str]) -> Iterator[None]:
@@ -72,7 +61,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool, what: str) -> None:
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = None,
                   overwrite: bool = False, imatrix: Path | None = None) -> Path:
-    """Quantize the GGUF `src` to `qtype` (a key of QTYPES) at `dst` and return `dst`.
+    """Quantize the GGUF `src` to `qtype` (one of edgedistill.formats.GGUF_QUANTS) at `dst`; returns `dst`.
 
     `threads` defaults to all cores. An existing `dst` is an error unless `overwrite`. `imatrix`:
     an importance-matrix GGUF (edgedistill.export.gguf.imatrix) that weighs the rounding error;
@@ -82,9 +71,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     import llama_cpp
 
     src, dst = Path(src), Path(dst)
-    ftype_name = QTYPES.get(qtype.upper())
-    if ftype_name is None:
-        raise EdgedistillError(f"unknown GGUF quantization {qtype!r}", f"use one of {', '.join(QTYPES)}")
+    ftype_name = gguf_type(qtype).llama_ftype
     _check_paths(src, dst, overwrite, "quantized")
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -142,9 +129,6 @@ def _set_imatrix(params, path: Path, llama_cpp) -> tuple:
     params.kv_overrides = overrides
     return entries, values, overrides
 
-
-# what --max-size chooses among, most precise first
-BUDGET_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 
 # unit (lower case) → bytes; the unit's spelling says decimal (KB) or binary (KiB)
 SIZE_UNITS: dict[str, int] = {

@@ -22,9 +22,6 @@ from onnx import TensorProto, helper
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.onnx.options import MODEL_FILE
 
-# Tokens of calibration text used: on the teacher, 4,096 gave the same perplexity and KL after int4
-# as 16,384 (tools/bench_onnx.py --calibration), in a quarter of the time.
-CALIBRATION_TOKENS = 4096
 PROBE_FILE = "calibration.onnx"
 
 

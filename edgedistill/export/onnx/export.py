@@ -1,6 +1,7 @@
 """HF folder → ONNX export folder for ONNX Runtime, verified against PyTorch before it is kept.
 
-    python -c "from edgedistill.export.onnx import export_onnx; export_onnx('runs/sentiment/distill', 'student-int4', 'int4')"
+    python -c "from edgedistill.export.onnx import OnnxExportOptions as O, export_onnx; \
+export_onnx('runs/sentiment/distill', 'student-int4', O('int4'))"
 
 The folder holds model.onnx (the graph) and model.onnx.data (every weight, so models over 2 GB
 load), the source folder's own tokenizer files, genai_config.json for onnxruntime-genai (builder
@@ -17,23 +18,25 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
+from edgedistill import layout
+from edgedistill.data.calibration import CHUNK_TOKENS, calibration_texts, token_chunks
 from edgedistill.errors import EdgedistillError
+from edgedistill.export.onnx.calibrate import activation_importance
 from edgedistill.export.onnx.options import (
     BUILDER_PRECISIONS,
     DATA_FILE,
     MANIFEST,
     MODEL_FILE,
     OPTIMUM_PRECISIONS,
-    PATHS,
-    QuantOptions,
-    check_precision,
+    OnnxExportOptions,
 )
-from edgedistill.export.onnx.calibrate import CALIBRATION_TOKENS, activation_importance
 from edgedistill.export.onnx.paths import choose_path, run_builder, run_optimum
 from edgedistill.export.onnx.quantize import quantize_onnx
+from edgedistill.export.source import hf_source
 
 # Written by exporters from a re-saved tokenizer; replaced by the source folder's own files, so the
 # export tokenizes exactly as the model that was trained and verified.
@@ -99,42 +102,31 @@ def _tool_versions() -> dict[str, str]:
     return {tool: version(tool) for tool in TOOLS}
 
 
-def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: str = "auto",
-                overwrite: bool = False, block_size: int = 32, symmetric: bool = True,
-                accuracy_level: int | None = None, lm_head_bits: int | None = 8,
-                quantize_embeddings: bool | None = None, calibration: Path | None = None,
-                calibration_tokens: int = CALIBRATION_TOKENS, verify: bool = True, reference=None,
-                threads: int | None = None, progress: bool = False, timeout_s: float | None = None) -> dict:
-    """Export the HF folder `hf_dir` as an ONNX folder `out_dir` at `precision`; returns its manifest.
+def export_onnx(model: Path | str, out_dir: Path, options: OnnxExportOptions) -> dict:
+    """Export the model source `model` (built-in name, HF folder, GGUF file) as the ONNX folder
+    `out_dir`, as `options` say; returns its manifest."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not options.overwrite:
+        raise EdgedistillError(f"{out_dir} already exists", "choose another folder or pass overwrite=True (--overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with hf_source(model, out_dir) as source:
+        return _export(source.folder, out_dir, options)
 
-    `path`: "builder" (onnxruntime-genai's model builder), "optimum" or "auto" (the builder when it
-    supports the architecture). int8/int4 options: see QuantOptions. `calibration`: task text (a
-    run's generate/train.jsonl, a .jsonl of {"text": ...} rows or a .txt file) whose first
-    `calibration_tokens` tokens weigh the int4 rounding (edgedistill.export.onnx.calibrate); without
-    it int4 weights are rounded to nearest. `verify` compares the export
-    with `hf_dir` in PyTorch (edgedistill.export.onnx.verify; `reference` reuses a reference_for()
-    result) and refuses an export beyond its precision's bound. An existing `out_dir` is an error
-    unless `overwrite`.
-    """
+
+def _export(hf_dir: Path, out_dir: Path, options: OnnxExportOptions) -> dict:
     from edgedistill.export.onnx.verify import format_verification, raise_if_failed, verify_onnx
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    precision = check_precision(precision)
-    if path not in PATHS:
-        raise EdgedistillError(f"unknown ONNX export path {path!r}", f"use one of {', '.join(PATHS)}")
-    options = QuantOptions(block_size, symmetric, accuracy_level, lm_head_bits, quantize_embeddings)
-    if out_dir.exists() and not overwrite:
-        raise EdgedistillError(f"{out_dir} already exists", "choose another folder or pass overwrite=True (--overwrite)")
+    precision, progress, quant = options.precision, options.progress, options.quant
     config = _read_source(hf_dir)
-    chosen = choose_path(config, path, hf_dir)
-    chunks = (_calibration_chunks(hf_dir, calibration, calibration_tokens, config.get("max_position_embeddings"))
-              if calibration is not None else None)
+    chosen = choose_path(config, options.path, hf_dir)
+    calibration = options.calibration
+    chunks = (_calibration_chunks(hf_dir, calibration, options.calibration_tokens,
+                                  config.get("max_position_embeddings")) if calibration is not None else None)
     allowed = BUILDER_PRECISIONS if chosen == "builder" else OPTIMUM_PRECISIONS
     if precision not in allowed:
         raise EdgedistillError(f"the {chosen} path does not make {precision} exports (it makes {', '.join(allowed)})",
                                "use path='builder' for fp16" if chosen == "optimum" else "choose another precision")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -147,10 +139,11 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
         started = time.perf_counter()
         log_file = tmp / ".export.log"
         if chosen == "builder":
-            run_builder(hf_dir, work, "fp16" if precision == "fp16" else "fp32", log_file=log_file, timeout_s=timeout_s)
+            run_builder(hf_dir, work, "fp16" if precision == "fp16" else "fp32", log_file=log_file,
+                        timeout_s=options.timeout_s)
             shutil.rmtree(work / ".cache", ignore_errors=True)
         else:
-            run_optimum(hf_dir, work, log_file=log_file, timeout_s=timeout_s)
+            run_optimum(hf_dir, work, log_file=log_file, timeout_s=options.timeout_s)
             if not quantized:
                 _resave_external(work / MODEL_FILE)
         seconds["export"] = round(time.perf_counter() - started, 2)
@@ -162,13 +155,13 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
             bits = 8 if precision == "int8" else 4
             importance = None
             # only 4-bit weights are rounded by importance: int8 with an int8 lm_head has none
-            if chunks is not None and 4 in (bits, options.lm_head_bits):
+            if chunks is not None and 4 in (bits, quant.lm_head_bits):
                 importance = activation_importance(work, chunks)
                 seconds["calibrate"] = round(time.perf_counter() - started, 2)
-            done = quantize_onnx(work / MODEL_FILE, tmp / MODEL_FILE, bits, options,
+            done = quantize_onnx(work / MODEL_FILE, tmp / MODEL_FILE, bits, quant,
                                  tied=bool(config.get("tie_word_embeddings", False)),
                                  hidden_size=config.get("hidden_size"), importance=importance)
-            quantization = {**options.record(precision), **done, "calibration": None if importance is None else {
+            quantization = {**quant.record(precision), **done, "calibration": None if importance is None else {
                 "file": str(calibration), "tokens": sum(map(len, chunks)), "chunks": len(chunks)}}
             for item in work.iterdir():
                 if not item.name.startswith(MODEL_FILE):
@@ -179,14 +172,14 @@ def export_onnx(hf_dir: Path, out_dir: Path, precision: str = "int4", *, path: s
         _step(bar, "verify")
 
         verification = None
-        if verify:
+        if options.verify:
             started = time.perf_counter()
-            verification = verify_onnx(tmp, hf_dir, precision=precision, reference=reference, threads=threads,
-                                       raise_on_failure=False)
+            verification = verify_onnx(tmp, hf_dir, precision=precision, reference=options.reference,
+                                       threads=options.threads, raise_on_failure=False)
             seconds["verify"] = round(time.perf_counter() - started, 2)
             if progress:
                 print(format_verification([{**verification, "file": str(out_dir)}]))
-            raise_if_failed({**verification, "file": str(out_dir)})
+            raise_if_failed([{**verification, "file": str(out_dir)}])
         _step(bar, None)
 
         log_file.unlink(missing_ok=True)
@@ -221,8 +214,6 @@ def _calibration_chunks(hf_dir: Path, calibration: Path, max_tokens: int, contex
     any export work so that a bad file fails first."""
     from transformers import AutoTokenizer
 
-    from edgedistill.export.gguf.imatrix import CHUNK_TOKENS, calibration_texts, token_chunks
-
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     return token_chunks(tokenizer, calibration_texts(Path(calibration), tokenizer), max_tokens,
                         min(CHUNK_TOKENS, context or CHUNK_TOKENS))
@@ -252,12 +243,13 @@ def _step(bar, next_step: str | None) -> None:
             bar.set_postfix_str(next_step)
 
 
-def export_onnx_set(model: Path, out: Path, role: str, precisions: list[str], **options) -> dict:
+def export_onnx_set(model: Path, out: Path, role: str, options: OnnxExportOptions,
+                    precisions: list[str]) -> dict:
     """The export stage's ONNX part: `<role>-<precision>/` folders in the stage folder `out`, one
     PyTorch reference for all of them; returns each one's manifest by precision."""
     from edgedistill.export.onnx.verify import reference_for
 
-    reference = reference_for(model)
-    return {precision: export_onnx(model, Path(out) / f"{role}-{precision}", precision, overwrite=True,
-                                   reference=reference, progress=True, **options)
+    options = replace(options, reference=reference_for(model))
+    return {precision: export_onnx(model, Path(out) / layout.onnx_folder_name(role, precision),
+                                   replace(options, precision=precision))
             for precision in precisions}

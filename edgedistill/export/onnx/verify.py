@@ -3,7 +3,7 @@
     python -c "from edgedistill.export.onnx.verify import verify_onnx; \
 print(verify_onnx('runs/sentiment/export_onnx/student-int4', 'runs/sentiment/distill'))"
 
-The same fixed texts and prompts as the GGUF check (edgedistill.export.gguf.verify, whose
+The same fixed texts, prompts and scoring as the GGUF check (edgedistill.export.verify, whose
 PyTorch reference is reused, so one reference serves every export of a folder):
 - the tokenizer: the export's tokenizer (onnxruntime-genai's for builder exports) must give the HF
   tokenizer's ids on TOKENIZER_TEXTS (code, emoji, accents, CJK, whitespace runs, special tokens)
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.export.gguf.verify import (EVAL_TEXTS, GREEDY_TOKENS, Bound, Reference, bound_failures,
-                                           compare_greedy, reference, score_texts)
-from edgedistill.export.onnx.options import MANIFEST, MODEL_FILE, PRECISIONS
+from edgedistill.export import verify
+from edgedistill.export.onnx.options import MANIFEST, MODEL_FILE
+from edgedistill.export.verify import GREEDY_TOKENS, Column, Reference, bound_failures, compare_greedy, score_texts
+from edgedistill.formats import ONNX_PRECISIONS, Bound
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
 # Texts a tokenizer gets wrong first: byte-level pieces of multi-byte characters, runs of spaces and
@@ -183,7 +184,7 @@ def _fix(result: dict) -> str:
 
 def reference_for(hf_dir: Path, texts: list[str] | None = None) -> Reference:
     """PyTorch's view of the texts, to pass to several verify_onnx calls on exports of one folder."""
-    return reference(Path(hf_dir), list(texts) if texts else list(EVAL_TEXTS))
+    return verify.reference(hf_dir, texts)
 
 
 def verify_onnx(export_dir: Path, reference_hf_dir: Path, *, precision: str | None = None,
@@ -199,32 +200,36 @@ def verify_onnx(export_dir: Path, reference_hf_dir: Path, *, precision: str | No
     """
     export_dir = Path(export_dir)
     precision = precision or _export_precision(export_dir)
-    if precision not in PRECISIONS:
-        raise EdgedistillError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    if precision not in ONNX_PRECISIONS:
+        raise EdgedistillError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(ONNX_PRECISIONS)}")
     ref = reference or reference_for(reference_hf_dir, texts)
     bound = {**BOUNDS, **(bounds or {})}.get(precision)
     result = _score(export_dir, precision, ref, bound, threads)
     failures = _check(result)
     result.update(failures=failures, passed=not failures)
     if raise_on_failure:
-        raise_if_failed(result)
+        raise_if_failed([result])
     return result
 
 
-def raise_if_failed(result: dict) -> None:
-    if not result["passed"]:
-        raise EdgedistillError(f"{result['file']} ({result['file_type']}) misses its bound against "
-                               f"{result['reference']}: " + "; ".join(result["failures"]), _fix(result))
+def raise_if_failed(results: list[dict]) -> None:
+    verify.raise_if_failed(results, _fix)
+
+
+COLUMNS = [
+    Column("export", "<28", lambda r: Path(r["file"]).name),
+    Column("type", "<5", lambda r: r["file_type"]),
+    Column("top-1", ">7.4f", lambda r: r["top1_agreement"]),
+    Column("mean KL", ">9.5f", lambda r: r["mean_kl"]),
+    Column("max dlogp", ">9.2g", lambda r: r["max_abs_logprob_diff"]),
+    Column("PPL torch", ">10.5g", lambda r: r["perplexity_torch"]),
+    Column("PPL onnx", ">9.5g", lambda r: r["perplexity_onnx"]),
+    Column("ratio", ">7.4f", lambda r: r["perplexity_ratio"]),
+    Column("greedy", ">9", lambda r: r["greedy_verdict"]),
+    Column("tokens", ">6", lambda r: "same" if r["tokenization_identical"] else "DIFF"),
+]
 
 
 def format_verification(results: list[dict]) -> str:
     """A table, one row per export, with the verdict against its bound."""
-    lines = [f"{'export':<28} {'type':<5} {'top-1':>7} {'mean KL':>9} {'max dlogp':>9} {'PPL torch':>10} "
-             f"{'PPL onnx':>9} {'ratio':>7} {'greedy':>9} {'tokens':>6}  verdict"]
-    for r in results:
-        verdict = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
-        lines.append(f"{Path(r['file']).name:<28} {r['file_type']:<5} {r['top1_agreement']:>7.4f} {r['mean_kl']:>9.5f} "
-                     f"{r['max_abs_logprob_diff']:>9.2g} {r['perplexity_torch']:>10.5g} {r['perplexity_onnx']:>9.5g} "
-                     f"{r['perplexity_ratio']:>7.4f} {r['greedy_verdict']:>9} "
-                     f"{'same' if r['tokenization_identical'] else 'DIFF':>6}  {verdict}")
-    return "\n".join(lines)
+    return verify.format_verification(results, COLUMNS)
