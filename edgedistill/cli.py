@@ -57,72 +57,39 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    from edgedistill.export.gguf import quantize_gguf, write_gguf
-    from edgedistill.export.gguf.imatrix import calibration_texts, compute_imatrix
-    from edgedistill.export.gguf.lora import write_lora_gguf
-    from edgedistill.export.gguf.quantize import format_size, parse_size, quantize_to_budget
-    from edgedistill.sources import materialize, resolve_source
-
     if args.out.exists() and not args.overwrite:
         raise EdgedistillError(f"{args.out} exists", "choose another --out or pass --overwrite")
     if args.format == "onnx":
+        from edgedistill.export.onnx import OnnxExportOptions, export_onnx
+        from edgedistill.layout import ONNX_MODEL
+
         gguf_only = [flag for flag, value in (("--quant", args.quant), ("--max-size", args.max_size),
                      ("--imatrix", args.imatrix), ("--lora", args.lora)) if value]
         if gguf_only:
             raise EdgedistillError(f"{', '.join(gguf_only)} only apply to --format gguf",
                                    "for ONNX, choose the weights with --precision (fp32, fp16, int8, int4)")
-    elif args.precision or args.onnx_path:
+        export_onnx(args.model, args.out, OnnxExportOptions(
+            precision=args.precision or "int4", path=args.onnx_path or "auto", block_size=args.block_size,
+            symmetric=not args.asymmetric, accuracy_level=args.accuracy_level,
+            lm_head_bits=None if args.lm_head_bits == "float" else int(args.lm_head_bits),
+            quantize_embeddings=args.quantize_embeddings, calibration=args.calibration, overwrite=args.overwrite,
+            progress=True))
+        size = sum(p.stat().st_size for p in args.out.glob(f"{ONNX_MODEL}*"))
+        print(f"wrote {args.out}/ ({size / 1e6:.1f} MB of weights), verified against {args.model}")
+        return
+    if args.precision or args.onnx_path:
         raise EdgedistillError("--precision and --onnx-path only apply to --format onnx", "use --quant for GGUF")
-    if args.lora is not None and (args.quant or args.max_size or args.calibration or args.imatrix):
-        raise EdgedistillError("--lora writes an adapter (float32), which takes no --quant, --max-size, "
-                               "--calibration or --imatrix", "export and quantize the base model in a second command")
-    max_bytes = parse_size(args.max_size) if args.max_size is not None else None
-    source = resolve_source(str(args.model))
-    qtype = (args.quant or "q4_k_m").upper()
-    # Beside the output, so the intermediate files land on the disk that has room for the result.
-    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as scratch:
-        model, name = source.path, None
-        if source.kind != "hf":
-            # general.name from the source, not from the scratch folder it is unpacked into
-            model, name = materialize(source, Path(scratch) / "hf"), source.name
-        if args.format == "onnx":
-            from edgedistill.export.onnx import export_onnx
+    from edgedistill.export.gguf import GgufExportOptions, export_gguf
+    from edgedistill.export.gguf.quantize import format_size
 
-            export_onnx(model, args.out, args.precision or "int4", path=args.onnx_path or "auto",
-                        overwrite=args.overwrite, block_size=args.block_size, symmetric=not args.asymmetric,
-                        accuracy_level=args.accuracy_level,
-                        lm_head_bits=None if args.lm_head_bits == "float" else int(args.lm_head_bits),
-                        quantize_embeddings=args.quantize_embeddings, calibration=args.calibration, progress=True)
-            size = sum(p.stat().st_size for p in args.out.glob("model.onnx*"))
-            print(f"wrote {args.out}/ ({size / 1e6:.1f} MB of weights), verified against {args.model}")
-            return
-        if args.lora is not None:
-            write_lora_gguf(args.lora, model, args.out, overwrite=args.overwrite)
-            print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB), a LoRA for the GGUF of {args.model}")
-            return
-        imatrix = args.imatrix
-        if args.calibration is not None:
-            texts = calibration_texts(args.calibration, AutoTokenizer.from_pretrained(model))
-            imatrix = compute_imatrix(model, texts, Path(scratch) / "imatrix.gguf", dataset=args.calibration.name)
-        if max_bytes is not None:
-            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
-            choice = quantize_to_budget(f16, args.out, max_bytes, overwrite=args.overwrite, progress=True,
-                                        imatrix=imatrix)
-            for tried, size_bytes in choice.tried_bytes.items():
-                if tried != choice.qtype:
-                    print(f"{tried}: {format_size(size_bytes)}, over {args.max_size}")
-            print(f"chose {choice.qtype}: {format_size(choice.size_bytes)} ({choice.size_bytes} bytes), "
-                  f"within {args.max_size}")
-        elif qtype == "F16":
-            write_gguf(model, args.out, name=name, overwrite=args.overwrite, progress=True)
-        else:
-            f16 = write_gguf(model, Path(scratch) / "model-f16.gguf", name=name, progress=True)
-            quantize_gguf(f16, args.out, qtype, overwrite=args.overwrite, imatrix=imatrix)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    done = export_gguf(args.model, args.out, GgufExportOptions(
+        quant=args.quant, max_size=args.max_size, imatrix=args.imatrix, calibration=args.calibration, lora=args.lora,
+        overwrite=args.overwrite, progress=True))
+    for tried, size_bytes in done.tried_bytes.items():
+        print(f"{tried}: {format_size(size_bytes)}, over {args.max_size}" if tried != done.qtype else
+              f"chose {tried}: {format_size(size_bytes)} ({size_bytes} bytes), within {args.max_size}")
+    print(f"wrote {args.out} ({done.size_bytes / 1e6:.1f} MB)"
+          + (f", a LoRA for the GGUF of {args.model}" if args.lora is not None else ""))
 
 
 def _write_json(path: Path | None, value) -> None:
@@ -195,7 +162,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_verify_export(args: argparse.Namespace) -> None:
-    from edgedistill.export.gguf.verify import format_verification, raise_if_failed, verify_gguf
     from edgedistill.runtimes import artifact_kind, resolve_artifact
 
     texts = None
@@ -207,20 +173,17 @@ def cmd_verify_export(args: argparse.Namespace) -> None:
     if artifact_kind(artifact) == "onnx":
         if args.lora is not None:
             raise EdgedistillError("--lora applies a GGUF LoRA in llama.cpp", "verify an ONNX export without --lora")
-        from edgedistill.export.onnx import verify_onnx
-        from edgedistill.export.onnx.verify import format_verification as format_onnx
-        from edgedistill.export.onnx.verify import raise_if_failed as raise_onnx
+        from edgedistill.export.onnx import verify as checks
 
-        result = verify_onnx(artifact, args.reference, texts=texts, threads=args.threads, raise_on_failure=False)
-        print(format_onnx([result]))
-        _write_json(args.json, result)
-        raise_onnx(result)
-        return
-    result = verify_gguf(artifact, args.reference, texts=texts, threads=args.threads,
-                         raise_on_failure=False, lora=args.lora)
-    print(format_verification([result]))
+        result = checks.verify_onnx(artifact, args.reference, texts=texts, threads=args.threads, raise_on_failure=False)
+    else:
+        from edgedistill.export.gguf import verify as checks
+
+        result = checks.verify_gguf(artifact, args.reference, texts=texts, threads=args.threads,
+                                    raise_on_failure=False, lora=args.lora)
+    print(checks.format_verification([result]))
     _write_json(args.json, result)
-    raise_if_failed([result])
+    checks.raise_if_failed([result])
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:

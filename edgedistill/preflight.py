@@ -22,27 +22,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from edgedistill.distill.student import check_width, evenly_spaced_layers
 from edgedistill.errors import EdgedistillError
+from edgedistill.formats import GGUF_QUANTS, GGUF_TYPES, gguf_bits_per_weight, gguf_output_bits
 from edgedistill.pipeline import Pipeline, StageResult, is_complete, launched
 from edgedistill.recipe import Recipe, WidthConfig
 from edgedistill.sources import resolve_source
 from edgedistill.targets import Target, preflight, recipe_target
 
 PREFLIGHT_JSON = "preflight.json"
-# llama.cpp's nominal bits per weight: the block formats' exact sizes (Q8_0: 34 bytes per 32 weights,
-# Q6_K: 210 per 256, Q4_0: 18 per 32), and for the _M mixes, which keep some tensors in a larger type,
-# the average llama.cpp's authors report for 7B models. Small models deviate: see OUTPUT_BITS.
-GGUF_BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q4_K_M": 4.85,
-                        "Q4_0": 4.5}
-# llama.cpp's quantizer keeps the output projection (the embedding table when tied) in Q6_K for every
-# type below Q8_0, and in Q8_0 when its rows are not a multiple of Q6_K's 256-weight blocks. In a small
-# model that matrix is a large share of all weights (SmolLM2-135M: 21%), so it is counted apart.
-Q6_K_BLOCK = 256
-OUTPUT_BITS = {"Q6_K": 6.5625, "Q5_K_M": 6.5625, "Q4_K_M": 6.5625, "Q4_0": 6.5625}
-# The k-quants pack 256 weights a block: a matrix whose rows are not a multiple of 256 long is stored
-# in the type llama.cpp falls back to (llama_tensor_get_type: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
-# SmolLM2's 576-wide rows take this path for all but the down projections; without it Q4_K_M was
-# estimated 10% under its real file.
-K_QUANT_FALLBACK_BITS = {"Q6_K": 8.5, "Q5_K_M": 6.0, "Q4_K_M": 5.5}
 # Norms and biases (one-dimensional) stay float32 in every GGUF type.
 VECTOR_BITS = 32
 
@@ -107,21 +93,15 @@ def parameter_count(model) -> int:
 
 
 def gguf_weight_bytes(model, qtype: str) -> int:
-    """About the bytes of the weights of `model` in a GGUF file of `qtype` (see GGUF_BITS_PER_WEIGHT)."""
+    """About the bytes of the weights of `model` in a GGUF file of `qtype`, at llama.cpp's nominal bits
+    per weight, counting the output projection and k-quant fallbacks apart (edgedistill.formats)."""
     output = model.get_output_embeddings().weight
-    output_bits = OUTPUT_BITS.get(qtype, GGUF_BITS_PER_WEIGHT[qtype])
-    if qtype in OUTPUT_BITS and output.shape[-1] % Q6_K_BLOCK:
-        output_bits = GGUF_BITS_PER_WEIGHT["Q8_0"]
     bits = 0.0
     for param in model.parameters():
         if param.dim() == 1:
             per_weight = VECTOR_BITS
-        elif param is output:
-            per_weight = output_bits
-        elif qtype in K_QUANT_FALLBACK_BITS and param.shape[-1] % Q6_K_BLOCK:
-            per_weight = K_QUANT_FALLBACK_BITS[qtype]
         else:
-            per_weight = GGUF_BITS_PER_WEIGHT[qtype]
+            per_weight = gguf_bits_per_weight(qtype, param.shape[-1], output=param is output)
         bits += param.numel() * per_weight
     return round(bits / 8)
 
@@ -139,8 +119,10 @@ def estimate(recipe: Recipe, teacher: Path, target: Target) -> dict:
     teacher_model = meta_model(AutoConfig.from_pretrained(teacher, trust_remote_code=trust), trust)
     teacher_rows = _rows("teacher", teacher_model, list(dict.fromkeys(["F16", *recipe.export.teacher_quants])), target)
     result = {"target": target.name, "context_length": target.context_length,
-              "budget_mb": target.budgets.max_memory_mb, "bits_per_weight": GGUF_BITS_PER_WEIGHT,
-              "output_bits_per_weight": OUTPUT_BITS, "rows": teacher_rows}
+              "budget_mb": target.budgets.max_memory_mb,
+              "bits_per_weight": {q: GGUF_TYPES[q].bits_per_weight for q in GGUF_QUANTS},
+              "output_bits_per_weight": {q: gguf_output_bits(q) for q in GGUF_QUANTS if gguf_output_bits(q)},
+              "rows": teacher_rows}
     try:
         config = student_config(recipe, teacher)
     except EdgedistillError as exc:
@@ -150,7 +132,7 @@ def estimate(recipe: Recipe, teacher: Path, target: Target) -> dict:
     student = meta_model(config, trust)
     result["rows"] += _rows("student", student, list(dict.fromkeys(["F16", *recipe.export.quants])), target)
     # every type, exported or not, so a warning can name the most precise one that would fit
-    result["student_types_that_fit"] = [r["type"] for r in _rows("student", student, list(GGUF_BITS_PER_WEIGHT), target)
+    result["student_types_that_fit"] = [r["type"] for r in _rows("student", student, list(GGUF_QUANTS), target)
                                         if r["fits"]]
     return result
 

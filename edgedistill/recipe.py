@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.formats import GGUF_QUANTS, ONNX_PRECISIONS
 
-GGUF_QUANTS = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 
 
 class Section(BaseModel):
@@ -247,7 +247,7 @@ class ExportConfig(Section):
     # quantize the student with an importance matrix computed on the generate stage's answers
     imatrix: bool = False
     # ONNX exports of the student (an export_onnx stage when not empty)
-    onnx: list[Literal["fp32", "fp16", "int8", "int4"]] = []
+    onnx: list[Literal[ONNX_PRECISIONS]] = []  # type: ignore[valid-type]
     onnx_options: OnnxOptions = OnnxOptions()
 
 

@@ -86,9 +86,9 @@ def test_gguf_bytes_per_token_is_the_tensor_bytes(hf_folder, tmp_path):
 def test_onnx_bytes_per_token_is_the_initializer_bytes(hf_folder, tmp_path):
     pytest.importorskip("onnxruntime_genai")
     from edgedistill.bench.model_bytes import onnx_bytes_per_token
-    from edgedistill.export.onnx import export_onnx
+    from edgedistill.export.onnx import OnnxExportOptions, export_onnx
 
-    export_onnx(hf_folder, tmp_path / "fp32", "fp32", verify=False)
+    export_onnx(hf_folder, tmp_path / "fp32", OnnxExportOptions("fp32", verify=False))
     # plus one row each of the rotary cos/sin caches GroupQueryAttention looks positions up in
     rotary_rows = 2 * (TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"] // 2) * 4
     assert onnx_bytes_per_token(tmp_path / "fp32") == _expected_weight_bytes(hf_folder, 4, 4) + rotary_rows

@@ -25,7 +25,7 @@ from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.task import evaluate
 from edgedistill.export.gguf import write_gguf
-from edgedistill.export.onnx import export_onnx
+from edgedistill.export.onnx import OnnxExportOptions, export_onnx
 from edgedistill.runtimes import ChatModel, Runtime, open_chat_model, open_runtime
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def artifacts(tmp_path_factory, tiny_llama_dir, tiny_llama_untied_dir) -> dict[s
     root = tmp_path_factory.mktemp("eval")
     hf = root / "model"  # the report names artifacts after their folders
     shutil.copytree(tiny_llama_dir, hf)
-    export_onnx(hf, root / "model-fp32", "fp32")
+    export_onnx(hf, root / "model-fp32", OnnxExportOptions("fp32"))
     other = tiny_llama_untied_dir  # the same tokenizer, but 512 output rows: other token ids to compare
     return {"hf": hf, "gguf": write_gguf(hf, root / "model-f16.gguf"), "onnx": root / "model-fp32", "padded": other}
 

@@ -20,7 +20,7 @@ from conftest import make_tiny_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.export.onnx import BOUNDS, MANIFEST, export_onnx, reference_for
+from edgedistill.export.onnx import BOUNDS, MANIFEST, OnnxExportOptions, export_onnx, reference_for
 from edgedistill.export.onnx.verify import TOKENIZER_TEXTS, check_tokenizer
 from edgedistill.runtimes.onnx import OnnxChatModel, OnnxDecoder
 
@@ -55,15 +55,15 @@ def exports(models, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for precision in ("fp32", "int8", "int4"):
         out[f"llama-{precision}"] = root / f"llama-{precision}"
-        export_onnx(models["llama"], out[f"llama-{precision}"], precision, reference=reference)
+        export_onnx(models["llama"], out[f"llama-{precision}"], OnnxExportOptions(precision, reference=reference))
     out["pruned-int4"] = root / "pruned-int4"
-    export_onnx(models["pruned"], out["pruned-int4"], "int4", quantize_embeddings=True)
+    export_onnx(models["pruned"], out["pruned-int4"], OnnxExportOptions("int4", quantize_embeddings=True))
     out["qwen3-fp32"] = root / "qwen3-fp32"
     out["qwen3-fp32"].mkdir()
     (out["qwen3-fp32"] / "stale.txt").write_text("from an earlier export")
-    export_onnx(models["qwen3"], out["qwen3-fp32"], "fp32", overwrite=True)
+    export_onnx(models["qwen3"], out["qwen3-fp32"], OnnxExportOptions("fp32", overwrite=True))
     out["gpt2-int8"] = root / "gpt2-int8"
-    export_onnx(models["gpt2"], out["gpt2-int8"], "int8")
+    export_onnx(models["gpt2"], out["gpt2-int8"], OnnxExportOptions("int8"))
     return out
 
 
@@ -187,22 +187,22 @@ def test_bad_input_is_refused_before_work(models, tmp_path):
     config = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"], "model_type": "foo"}))
     with pytest.raises(EdgedistillError, match="LlamaForCausalLM.*llama") as err:
-        export_onnx(odd, tmp_path / "out", "int4")
+        export_onnx(odd, tmp_path / "out", OnnxExportOptions("int4"))
     assert "FooForCausalLM" in str(err.value)
     with pytest.raises(EdgedistillError, match="builder cannot export GPT2LMHeadModel"):
-        export_onnx(models["gpt2"], tmp_path / "out", "int4", path="builder")
+        export_onnx(models["gpt2"], tmp_path / "out", OnnxExportOptions("int4", path="builder"))
     with pytest.raises(EdgedistillError, match="does not make fp16"):
-        export_onnx(models["gpt2"], tmp_path / "out", "fp16")
+        export_onnx(models["gpt2"], tmp_path / "out", OnnxExportOptions("fp16"))
     no_tokenizer = tmp_path / "no_tokenizer"
     shutil.copytree(models["llama"], no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
     with pytest.raises(EdgedistillError, match="no tokenizer.json"):
-        export_onnx(no_tokenizer, tmp_path / "out", "int4")
+        export_onnx(no_tokenizer, tmp_path / "out", OnnxExportOptions("int4"))
     (tmp_path / "exists").mkdir()
     with pytest.raises(EdgedistillError, match="already exists"):
-        export_onnx(models["llama"], tmp_path / "exists", "int4")
+        export_onnx(models["llama"], tmp_path / "exists", OnnxExportOptions("int4"))
     with pytest.raises(EdgedistillError, match="block_size"):
-        export_onnx(models["llama"], tmp_path / "out", "int4", block_size=48)
+        export_onnx(models["llama"], tmp_path / "out", OnnxExportOptions("int4", block_size=48))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "no_tokenizer", "odd"]
 
 
@@ -215,7 +215,7 @@ def test_failing_export_leaves_nothing_and_overwrite_replaces(models, tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier export")
     with pytest.raises(EdgedistillError, match="the export's tokenizer gives"):
-        export_onnx(broken, out, "fp32", overwrite=True)
+        export_onnx(broken, out, OnnxExportOptions("fp32", overwrite=True))
     assert [p.name for p in out.iterdir()] == ["stale.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
 
@@ -257,7 +257,7 @@ def test_cli_export_verify_bench_and_chat(models, exports, tmp_path, capsys):
 def test_fp16_for_gpus_is_verified_on_the_cpu(models, tmp_path):
     # the builder's CUDA fp16 graph (its CPU fp16 graph fails in onnxruntime-genai's decode loop),
     # run and checked here on the CPU
-    manifest = export_onnx(models["llama"], tmp_path / "llama-fp16", "fp16")
+    manifest = export_onnx(models["llama"], tmp_path / "llama-fp16", OnnxExportOptions("fp16"))
     check = manifest["verification"]
     assert manifest["precision"] == "fp16" and check["passed"] and check["greedy_verdict"] in ("identical", "tie")
     assert check["top1_agreement_with_ties"] >= BOUNDS["fp16"].min_top1_agreement
@@ -269,8 +269,7 @@ def test_int4_rounded_by_importance_on_calibration_text(models, exports, tmp_pat
 
     text = tmp_path / "task.txt"
     text.write_text("ka lo mi ne tu. " * 400)
-    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated",
-                           "int4", calibration=text, calibration_tokens=1024)
+    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated", OnnxExportOptions("int4", calibration=text, calibration_tokens=1024))
     quantization = manifest["quantization"]
     # chunks no longer than the model's 256 positions
     assert quantization["calibration"]["tokens"] == 1024 and quantization["calibration"]["chunks"] == 4
@@ -291,7 +290,7 @@ def test_int4_rounded_by_importance_on_calibration_text(models, exports, tmp_pat
 
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(EdgedistillError, match="calibration texts are empty"):
-        export_onnx(models["llama"], tmp_path / "never", "int4", calibration=tmp_path / "empty.txt")
+        export_onnx(models["llama"], tmp_path / "never", OnnxExportOptions("int4", calibration=tmp_path / "empty.txt"))
     with pytest.raises(EdgedistillError, match="calibration file .* not found"):
-        export_onnx(models["llama"], tmp_path / "never", "int4", calibration=tmp_path / "missing.txt")
+        export_onnx(models["llama"], tmp_path / "never", OnnxExportOptions("int4", calibration=tmp_path / "missing.txt"))
     assert not (tmp_path / "never").exists()

@@ -13,7 +13,7 @@ import shutil
 import pytest
 from conftest import make_tiny_model
 
-from edgedistill.export.onnx import MANIFEST, export_onnx
+from edgedistill.export.onnx import MANIFEST, OnnxExportOptions, export_onnx
 
 TWO_GB = 2 ** 31
 
@@ -29,7 +29,7 @@ def test_fp32_export_over_two_gigabytes(tmp_path):
     assert weight_bytes > TWO_GB
 
     out = tmp_path / "large-fp32"
-    manifest = export_onnx(hf_dir, out, "fp32")
+    manifest = export_onnx(hf_dir, out, OnnxExportOptions("fp32"))
     shutil.rmtree(hf_dir)
     # the graph alone stays small; every weight is in the external data file, which is over 2 GB
     assert (out / "model.onnx").stat().st_size < 16 * 2 ** 20

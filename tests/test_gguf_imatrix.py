@@ -15,7 +15,8 @@ import torch
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import quantize_gguf, write_gguf
-from edgedistill.export.gguf.imatrix import CHUNK_TOKENS, calibration_texts, compute_imatrix, read_imatrix
+from edgedistill.data.calibration import CHUNK_TOKENS, calibration_texts
+from edgedistill.export.gguf.imatrix import compute_imatrix, read_imatrix
 from conftest import tokenizer_corpus
 from test_export_gguf import TEXTS, _llama_logits, _load, _torch_logits
 from transformers import LlamaForCausalLM

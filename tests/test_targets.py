@@ -249,7 +249,8 @@ def test_progressive_student_is_pruned_from_the_last_step(tiny_teacher, tmp_path
 def test_gguf_weight_bytes_follow_the_bits_per_weight_table(tiny_teacher):
     from transformers import AutoConfig
 
-    from edgedistill.preflight import GGUF_BITS_PER_WEIGHT, gguf_weight_bytes, meta_model, parameter_count
+    from edgedistill.formats import GGUF_QUANTS
+    from edgedistill.preflight import gguf_weight_bytes, meta_model, parameter_count
 
     model = meta_model(AutoConfig.from_pretrained(tiny_teacher))
     vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
@@ -259,8 +260,8 @@ def test_gguf_weight_bytes_follow_the_bits_per_weight_table(tiny_teacher):
     # the other matrices' rows are not whole k-quant blocks either: Q4_K falls back to Q5_0
     output = model.get_output_embeddings().weight.numel()
     assert gguf_weight_bytes(model, "Q4_K_M") == round((5.5 * (matrices - output) + 8.5 * output + 32 * vectors) / 8)
-    assert [gguf_weight_bytes(model, q) for q in GGUF_BITS_PER_WEIGHT] == sorted(
-        (gguf_weight_bytes(model, q) for q in GGUF_BITS_PER_WEIGHT), reverse=True)
+    assert [gguf_weight_bytes(model, q) for q in GGUF_QUANTS] == sorted(
+        (gguf_weight_bytes(model, q) for q in GGUF_QUANTS), reverse=True)
 
 
 def _run_dir_with(teacher: Path, tmp_path: Path) -> Path:

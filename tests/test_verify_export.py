@@ -22,6 +22,7 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import quantize_gguf, verify, write_gguf
 from edgedistill.export.gguf.verify import BOUNDS, Bound, verify_gguf, verify_ggufs
 from edgedistill.export.stage import export_gguf_set
+from edgedistill.export.verify import EVAL_TEXTS
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ def perturbed_f16(model_dir, tmp_path_factory) -> Path:
 def test_f16_agrees_with_torch(checks):
     check = checks["F16"]
     assert check["passed"] and check["failures"] == []
-    assert check["tokenization_identical"] and check["texts"] == len(verify.EVAL_TEXTS)
+    assert check["tokenization_identical"] and check["texts"] == len(EVAL_TEXTS)
     assert check["top1_agreement_with_ties"] >= 0.99
     assert check["greedy_verdict"] == "identical"
     assert all(c["torch"] == c["gguf"] for c in check["greedy"])
