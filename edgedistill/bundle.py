@@ -24,8 +24,9 @@ import tarfile
 import time
 from pathlib import Path, PurePosixPath
 
-from edgedistill import __version__
+from edgedistill import __version__, layout
 from edgedistill.errors import EdgedistillError
+from edgedistill.records import BenchRow, EvalRow, read_bench, read_eval
 
 FORMAT = "edgedistill-bundle"
 FORMAT_VERSION = 1
@@ -170,26 +171,28 @@ def _model_card(run_dir: Path, name: str, run_name: str, artifacts: list[str],
                  + (f"; task: {task['kind']}" if task.get("kind") else "") + " (generate/manifest.json)")
 
     lines += ["", "## Measured results", ""]
-    evaluation = _read_json(run_dir / "eval" / "eval.json") or {}
-    bench = {row["artifact"].rstrip("/"): row for row in _read_json(run_dir / "bench" / "bench.json") or []}
-    scores = {row["artifact"].rstrip("/"): row for row in evaluation.get("artifacts", [])}
-    reference = evaluation.get("reference") or {}
+    eval_json, bench_json = run_dir / layout.EVAL / layout.EVAL_JSON, run_dir / layout.BENCH / layout.BENCH_JSON
+    evaluation = read_eval(eval_json) if eval_json.is_file() else None
+    bench = {row.artifact.rstrip("/"): row for row in (read_bench(bench_json) if bench_json.is_file() else [])}
+    scores = {row.artifact.rstrip("/"): row for row in (evaluation.artifacts if evaluation else [])}
+    reference = evaluation.reference if evaluation else None
     if not bench and not scores:
         lines.append("Not measured: the run has no bench or eval stage.")
     else:
         lines += ["| artifact | file MB | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | task score "
                   "| share of teacher |", "|---|---|---|---|---|---|---|---|"]
         for artifact in artifacts:
-            speed, score = bench.get(artifact.rstrip("/"), {}), scores.get(artifact.rstrip("/"), {})
-            cells = [artifact, _fmt(speed.get("file_mb"), 2), _fmt(speed.get("decode_tokens_per_s")),
-                     _fmt(speed.get("prefill_tokens_per_s")), _fmt(speed.get("ttft_ms")),
-                     _fmt(speed.get("peak_rss_mb")), _fmt(score.get("task_score"), 3),
-                     _fmt(score.get("share_of_reference"), 3)]
+            # an artifact not measured: a row of its own with every value missing
+            speed = bench.get(artifact.rstrip("/")) or BenchRow(artifact=artifact)
+            score = scores.get(artifact.rstrip("/")) or EvalRow(artifact=artifact)
+            cells = [artifact, _fmt(speed.file_mb, 2), _fmt(speed.decode_tokens_per_s),
+                     _fmt(speed.prefill_tokens_per_s), _fmt(speed.ttft_ms), _fmt(speed.peak_rss_mb),
+                     _fmt(score.task_score, 3), _fmt(score.share_of_reference, 3)]
             lines.append("| " + " | ".join(cells) + " |")
         if reference:
-            lines += ["", f"Teacher (PyTorch, reference) task score: {_fmt(reference.get('task_score'), 3)} "
-                      f"on {_fmt(reference.get('examples'))} held-out examples."]
-        threads = next((row.get("threads") for row in bench.values()), None)
+            lines += ["", f"Teacher (PyTorch, reference) task score: {_fmt(reference.task_score, 3)} "
+                      f"on {_fmt(reference.examples)} held-out examples."]
+        threads = next((row.threads for row in bench.values()), None)
         lines += ["", f"From bench/bench.json ({_fmt(threads)} threads, on the machine that made the run) "
                   "and eval/eval.json; re-measure with `edgedistill bench` and `edgedistill eval`."]
 

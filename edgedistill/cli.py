@@ -99,66 +99,36 @@ def _write_json(path: Path | None, value) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edgedistill.bench.latency import bench_many
+    from edgedistill.bench.latency import bench_many, check_rows, failed_rows, format_bench_table, read_eval_rows
     from edgedistill.recipe import BenchConfig
     from edgedistill.runtimes import resolve_artifact
-    from edgedistill.targets import any_failed, check_target, format_target_checks, load_target
+    from edgedistill.targets import load_target
 
     cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                       repetitions=args.repetitions, threads=args.threads)
     # before the measurement, so that a misspelt profile or a missing eval file fails at once
     target = load_target(args.target) if args.target else None
-    evals = {}
-    if args.eval is not None:
-        if target is None:
-            raise EdgedistillError("--eval only feeds the quality budget of a --target", "add --target NAME")
-        if not args.eval.is_file():
-            raise EdgedistillError(f"{args.eval} does not exist", "pass the eval.json of `edgedistill eval --json`")
-        evals = {r["artifact"]: r for r in json.loads(args.eval.read_text())["artifacts"]}
-    results = bench_many([resolve_artifact(m) for m in args.models], cfg, device=args.device, dtype=args.dtype)
-    # decode ± its spread over the repetitions; "bound": what the memory bandwidth allows, "eff": the share reached
-    print(f"{'artifact':<28} {'device':<6} {'MB':>7} {'prefill t/s':>11} {'decode t/s':>13} {'bound':>7} "
-          f"{'eff':>4} {'TTFT ms':>8} {'RSS MB':>7} {'GPU MB':>7}")
-    for r in results:
-        decode = f"{r['decode_tokens_per_s']:.1f}±{r['decode_tokens_per_s_spread']:.1f}"
-        gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
-        print(f"{r['artifact']:<28} {r['device'].split(':')[0]:<6} {r['file_mb']:>7.1f} "
-              f"{r['prefill_tokens_per_s']:>11.1f} {decode:>13} {r['bandwidth_bound_tokens_per_s']:>7.0f} "
-              f"{100 * r['bandwidth_efficiency']:>3.0f}% {r['ttft_ms']:>8.1f} {r['peak_rss_mb']:>7.0f} {gpu:>7}")
-    if results:
-        print(f"bound: {results[0]['bandwidth_gb_s']} GB/s ({results[0]['bandwidth_method']}) / bytes read per token")
-    failed = False
+    if args.eval is not None and target is None:
+        raise EdgedistillError("--eval only feeds the quality budget of a --target", "add --target NAME")
+    evals = read_eval_rows(args.eval) if args.eval is not None else {}
+    rows = bench_many([resolve_artifact(m) for m in args.models], cfg, device=args.device, dtype=args.dtype)
+    print(format_bench_table(rows))
     if target is not None:
-        checks = [(r["artifact"], check_target(target, r, evals.get(r["artifact"]))) for r in results]
-        print("\n" + format_target_checks(target, checks))
-        for r, (_, artifact_checks) in zip(results, checks):
-            r["target"] = {"name": target.name, "checks": artifact_checks}
-        failed = any(any_failed(artifact_checks) for _, artifact_checks in checks)
-    _write_json(args.json, results)
-    return 3 if failed and args.strict else 0
+        print("\n" + check_rows(target, rows, evals))
+    _write_json(args.json, [row.to_dict() for row in rows])
+    return 3 if failed_rows(rows) and args.strict else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from edgedistill.evaluate.task import evaluate
-
+    from edgedistill.evaluate.task import evaluate, format_eval
     from edgedistill.runtimes import resolve_artifact
 
     reference = resolve_artifact(args.reference) if args.reference else None
     report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
                       max_new_tokens=args.max_new_tokens, score_records=args.score_records,
                       device=args.device, dtype=args.dtype)
-    if report["reference"]:
-        ref = report["reference"]
-        scored = (f"; perplexity {ref['perplexity']:.4g} on its answers ({ref['scored_tokens']} tokens of "
-                  f"{report['scored_records']} records)") if "perplexity" in ref else ""
-        print(f"reference {ref['artifact']}: task score {ref['task_score']:.3f} ({ref['correct']}/{ref['examples']})"
-              + scored)
-    for r in report["artifacts"]:
-        share = f", {100 * r['share_of_reference']:.1f}% of reference" if r.get("share_of_reference") is not None else ""
-        scored = (f"; perplexity {r['perplexity']:.4g} (x{r['perplexity_ratio']:.3f}), KL {r['kl_to_reference']:.4g}, "
-                  f"top-1 {r['top1_agreement']:.3f}") if "perplexity" in r else ""
-        print(f"{r['artifact']}: task score {r['task_score']:.3f} ({r['correct']}/{r['examples']}){share}{scored}")
-    _write_json(args.json, report)
+    print(format_eval(report))
+    _write_json(args.json, report.to_dict())
 
 
 def cmd_verify_export(args: argparse.Namespace) -> None:

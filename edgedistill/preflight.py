@@ -24,9 +24,9 @@ from edgedistill.distill.student import check_width, evenly_spaced_layers
 from edgedistill.errors import EdgedistillError
 from edgedistill.formats import GGUF_QUANTS, GGUF_TYPES, gguf_bits_per_weight, gguf_output_bits
 from edgedistill.pipeline import Pipeline, StageResult, is_complete, launched
-from edgedistill.recipe import Recipe, WidthConfig
+from edgedistill.recipe import Recipe, WidthConfig, recipe_target
 from edgedistill.sources import resolve_source
-from edgedistill.targets import Target, preflight, recipe_target
+from edgedistill.targets import Target, preflight
 
 PREFLIGHT_JSON = "preflight.json"
 # Norms and biases (one-dimensional) stay float32 in every GGUF type.

@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.formats import GGUF_QUANTS, ONNX_PRECISIONS
+from edgedistill.targets import Target, load_target, target_path
+from edgedistill.yaml_config import read_yaml_mapping, validation_problems
 
 
 
@@ -313,31 +314,6 @@ class Recipe(Section):
         return str(relative) if relative.exists() else spec
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping (`what` names its keys in the error)."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML syntax at the line shown") from None
-    if not isinstance(raw, dict):
-        raise EdgedistillError(f"{path} must hold a mapping of {what}, got {type(raw).__name__}")
-    return raw
-
-
-def validation_problems(path: Path, exc: ValidationError) -> list[str]:
-    """One line per pydantic error, naming the file, the key and what was wrong with it."""
-    problems = []
-    for err in exc.errors():
-        reason = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-        value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
-        problems.append(f"{path}: {_field_path(err['loc'])}: {reason}{value}")
-    return problems
-
-
 def load_recipe(path: Path | str) -> Recipe:
     """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
     path = Path(path)
@@ -354,13 +330,21 @@ def load_recipe(path: Path | str) -> Recipe:
     prompts = recipe.resolve(recipe.data.prompts)
     if not prompts.is_file():
         raise EdgedistillError(f"{path}: data.prompts: {prompts} does not exist", "point data.prompts at a JSONL file, relative to the recipe")
-    from edgedistill.targets import recipe_target  # targets reads YAML with this module's helpers
-
     try:
         recipe_target(recipe)
     except EdgedistillError as exc:
         raise EdgedistillError(f"{path}: bench.target: {exc.problem}", exc.hint) from None
     return recipe
+
+
+def recipe_target(recipe: Recipe) -> Target | None:
+    """The recipe's `bench.target`: a built-in name, or a YAML path relative to the recipe file."""
+    return None if recipe.bench.target is None else load_target(recipe.source(recipe.bench.target))
+
+
+def recipe_target_files(recipe: Recipe) -> dict[str, Path]:
+    """The target's file, for the bench stage's cache key: an edited budget checks the rows again."""
+    return {} if recipe.bench.target is None else {"target": target_path(recipe.source(recipe.bench.target))}
 
 
 def section_dump(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -39,6 +39,11 @@ class Record(BaseModel):
         fields = self.model_dump(mode="json", exclude_unset=True)
         return {"schema_version": SCHEMA_VERSION, **fields} if self.versioned else fields
 
+    def update(self, values: dict[str, Any]) -> None:
+        """Sets several keys at once, each validated, as dict.update would."""
+        for key, value in values.items():
+            setattr(self, key, value)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 

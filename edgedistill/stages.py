@@ -18,11 +18,10 @@ from edgedistill.evaluate.task import eval_stage
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Stage, clear_folder
-from edgedistill.recipe import Recipe
+from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.random_model import build_random_model
-from edgedistill.targets import recipe_target_files
 
 
 def teacher_stage(recipe: Recipe, out: Path) -> dict:

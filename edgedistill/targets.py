@@ -2,7 +2,7 @@
 
     from edgedistill.targets import check_target, format_target_checks, load_target
     target = load_target("raspberry-pi-5")            # or a path: load_target("my-board.yaml")
-    print(format_target_checks(target, [(row["artifact"], check_target(target, row, eval_row))]))
+    print(format_target_checks(target, [(row.artifact, check_target(target, row, eval_row))]))
 
 A target is a YAML file (built-in ones live in recipes/targets/): a `context_length` and optional
 `budgets` for memory, file size, time to first token, decode speed and the share of the teacher's
@@ -19,7 +19,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import Recipe, read_yaml_mapping, validation_problems
+from edgedistill.records import BenchRow, EvalRow
+from edgedistill.yaml_config import read_yaml_mapping, validation_problems
 
 BUILTIN_TARGETS = Path(__file__).resolve().parent.parent / "recipes" / "targets"
 
@@ -54,7 +55,8 @@ class Target(_Section):
     budgets: Budgets = Budgets()
 
 
-# budget -> (the row it is read from, the key in that row, whether the limit is a maximum)
+# budget -> (the row it is read from, the key in that row (a BenchRow or EvalRow field), whether the
+# limit is a maximum)
 BUDGET_SOURCES: dict[str, tuple[str, str, bool]] = {
     "max_memory_mb": ("bench", "peak_rss_mb", True),
     "max_file_mb": ("bench", "file_mb", True),
@@ -94,16 +96,6 @@ def load_target(spec: str | Path) -> Target:
                                f"budgets are: {', '.join(BUDGET_SOURCES)}") from None
 
 
-def recipe_target(recipe: Recipe) -> Target | None:
-    """The recipe's `bench.target`: a built-in name, or a YAML path relative to the recipe file."""
-    return None if recipe.bench.target is None else load_target(recipe.source(recipe.bench.target))
-
-
-def recipe_target_files(recipe: Recipe) -> dict[str, Path]:
-    """The target's file, for the bench stage's cache key: an edited budget checks the rows again."""
-    return {} if recipe.bench.target is None else {"target": target_path(recipe.source(recipe.bench.target))}
-
-
 def _check(budget: str, limit: float, value: float | None) -> dict:
     if value is None:
         passed = margin = None
@@ -114,14 +106,16 @@ def _check(budget: str, limit: float, value: float | None) -> dict:
     return {"budget": budget, "limit": limit, "value": value, "passed": passed, "margin": margin}
 
 
-def check_target(target: Target, bench_row: dict, eval_row: dict | None = None) -> list[dict]:
-    """One check per budget set: {"budget", "limit", "value", "passed", "margin"}.
+def check_target(target: Target, bench_row: BenchRow | dict, eval_row: EvalRow | dict | None = None) -> list[dict]:
+    """One check per budget set: {"budget", "limit", "value", "passed", "margin"}. The rows are
+    records or their JSON objects; without `eval_row` the quality budget is not measured.
 
     margin is the relative headroom, positive inside the budget ((limit - value) / limit for a
     maximum, (value - limit) / limit for a minimum); an unmeasured value gives passed and margin None.
     """
-    rows = {"bench": bench_row, "eval": eval_row or {}}
-    return [_check(budget, getattr(target.budgets, budget), rows[source].get(key))
+    rows = {"bench": bench_row if isinstance(bench_row, BenchRow) else BenchRow.from_dict(bench_row),
+            "eval": eval_row if isinstance(eval_row, EvalRow) or eval_row is None else EvalRow.from_dict(eval_row)}
+    return [_check(budget, getattr(target.budgets, budget), getattr(rows[source], key, None))
             for budget, (source, key, _) in BUDGET_SOURCES.items() if getattr(target.budgets, budget) is not None]
 
 

@@ -221,7 +221,8 @@ def test_failing_export_leaves_nothing_and_overwrite_replaces(models, tmp_path):
 
 
 def test_bench_measure_and_artifact_listing(exports):
-    from edgedistill.runtimes.onnx import measure, onnx_artifacts
+    from edgedistill.bench.onnx_worker import measure
+    from edgedistill.runtimes.onnx import onnx_artifacts
 
     root = exports["llama-fp32"].parent
     found = onnx_artifacts(root)

@@ -150,7 +150,7 @@ def _tiny_recipe_file(folder: Path, target: str | None = None, student: str | No
 @pytest.mark.unit
 def test_recipe_bench_target_by_name_and_by_path_relative_to_the_recipe(tmp_path):
     from edgedistill.recipe import load_recipe
-    from edgedistill.targets import recipe_target
+    from edgedistill.recipe import recipe_target
 
     assert recipe_target(load_recipe(_tiny_recipe_file(tmp_path, "phone-8gb"))) == load_target("phone-8gb")
     (tmp_path / "board.yaml").write_text("name: board\ncontext_length: 512\nbudgets:\n  max_memory_mb: 300\n")
@@ -342,10 +342,11 @@ def test_bench_stage_adds_the_target_checks_to_each_row(target, tmp_path, monkey
 
     from edgedistill.bench import latency
     from edgedistill.recipe import BenchConfig, load_recipe
+    from edgedistill.records import BenchRow
 
     recipe = load_recipe(TINY).model_copy(update={"bench": BenchConfig(target=target)})
     monkeypatch.setattr(latency, "gguf_artifacts", lambda *folders: [])
-    monkeypatch.setattr(latency, "bench_many", lambda artifacts, cfg: [dict(BENCH)])
+    monkeypatch.setattr(latency, "bench_many", lambda artifacts, cfg: [BenchRow.from_dict(BENCH)])
     result = latency.bench_stage(recipe, tmp_path, teacher_gguf=tmp_path, export=tmp_path)
     row = json.loads((tmp_path / "bench.json").read_text())[0]
     if target is None:

@@ -130,7 +130,7 @@ def main() -> None:
 
     reference_file = args.out / "teacher.json"
     if not reference_file.exists():
-        reference = task_score(args.base / "teacher", heldout, max_new_tokens=max_new)
+        reference = task_score(args.base / "teacher", heldout, max_new_tokens=max_new).to_dict()
         reference["block_parameters"] = block_parameters(args.base / "teacher")
         reference_file.write_text(json.dumps(reference, indent=2) + "\n")
     reference = json.loads(reference_file.read_text())
@@ -146,7 +146,7 @@ def main() -> None:
             print(f"[{name}] failed: {exc}")
             continue
         # The held-out prompts are the plain ones for every variant (reasoning is training data only).
-        result = task_score(model, heldout, max_new_tokens=max_new)
+        result = task_score(model, heldout, max_new_tokens=max_new).to_dict()
         result.update(variant=name, title=title, block_parameters=block_parameters(model),
                       distill=json.loads((model.parent / "distill" / "manifest.json").read_text())["result"])
         result_file.write_text(json.dumps(result, indent=2) + "\n")

@@ -127,7 +127,7 @@ def main() -> None:
         row = {}
         for which in (("bench", "bare") if i % 2 == 0 else ("bare", "bench")):
             if which == "bench":
-                row["bench_decode_tokens_per_s"] = bench_artifact(model, cfg, bandwidth=bandwidth)["decode_tokens_per_s"]
+                row["bench_decode_tokens_per_s"] = bench_artifact(model, cfg, bandwidth=bandwidth).decode_tokens_per_s
             else:
                 row["bare_decode_tokens_per_s"] = _run_bare(model, args)["decode_tokens_per_s"]
         rounds.append(row)

@@ -5,12 +5,12 @@ in PyTorch: the bench stage and `edgedistill bench`.
     edgedistill bench runs/sentiment/teacher --device cuda --dtype bf16
 
 Each artifact is measured in a fresh process (edgedistill.bench.worker for GGUF,
-`python -m edgedistill.runtimes.onnx FOLDER --bench` for ONNX, edgedistill.bench.torch_worker for HF
-folders), one after the other, so artifacts never share a process's memory or compete for the
+edgedistill.bench.onnx_worker for ONNX, edgedistill.bench.torch_worker for HF folders), one after the other, so artifacts never share a process's memory or compete for the
 cores; all print the same JSON fields. GGUF and ONNX run on the CPU; `device` and `dtype` apply to
 HF folders. Every row also holds the decode speed's memory-bandwidth bound: the device's read
 bandwidth (measured once per call, edgedistill.bench.bandwidth) over the bytes the model reads per
-token (edgedistill.bench.model_bytes), and the share of it the runtime reaches.
+token (edgedistill.bench.model_bytes), and the share of it the runtime reaches. The rows are
+edgedistill.records.BenchRow, bench.json's; `format_bench_table` is what `edgedistill bench` prints.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from edgedistill import layout
 from edgedistill.bench.bandwidth import measure_bandwidth
 from edgedistill.bench.model_bytes import gguf_bytes_per_token, onnx_bytes_per_token
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import BenchConfig, Recipe
+from edgedistill.recipe import BenchConfig, Recipe, recipe_target
+from edgedistill.records import BenchRow, EvalRow, TargetResult, bench_json, read_eval
 from edgedistill.runtimes import artifact_kind, gguf_artifacts
 from edgedistill.runtimes.llamacpp import check_gguf
 from edgedistill.runtimes.onnx import check_onnx_folder, onnx_artifacts
-from edgedistill.targets import any_failed, check_target, format_target_checks, recipe_target
+from edgedistill.targets import Target, any_failed, check_target, format_target_checks
 
 
 def _command(path: Path, kind: str, cfg: BenchConfig, threads: int, device: str, dtype: str) -> list[str]:
@@ -39,7 +41,7 @@ def _command(path: Path, kind: str, cfg: BenchConfig, threads: int, device: str,
     if kind == "gguf":
         return [sys.executable, "-m", "edgedistill.bench.worker", str(path), *common]
     if kind == "onnx":
-        return [sys.executable, "-m", "edgedistill.runtimes.onnx", str(path), "--bench", *common]
+        return [sys.executable, "-m", "edgedistill.bench.onnx_worker", str(path), *common]
     return [sys.executable, "-m", "edgedistill.bench.torch_worker", str(path), *common, "--device", device,
             "--dtype", dtype]
 
@@ -53,7 +55,7 @@ def with_bound(result: dict, bandwidth: dict, bytes_per_token: int) -> dict:
 
 
 def bench_artifact(path: Path, cfg: BenchConfig, *, device: str = "cpu", dtype: str = "fp32",
-                   bandwidth: dict | None = None) -> dict:
+                   bandwidth: dict | None = None) -> BenchRow:
     """Speed and memory of one GGUF file, ONNX export folder or HF folder, measured in a process of
     its own, with its bandwidth bound (`bandwidth`: measure_bandwidth's result, measured if None)."""
     kind = artifact_kind(path)
@@ -63,7 +65,7 @@ def bench_artifact(path: Path, cfg: BenchConfig, *, device: str = "cpu", dtype: 
     elif kind == "onnx":
         check_onnx_folder(path)
         runtime, bytes_per_token = "ONNX Runtime", onnx_bytes_per_token(path)
-        size = sum(p.stat().st_size for p in path.glob("model.onnx*"))
+        size = sum(p.stat().st_size for p in path.glob(f"{layout.ONNX_MODEL}*"))
     else:
         runtime, size, bytes_per_token = "PyTorch", sum(p.stat().st_size for p in path.glob("*.safetensors")), None
     if kind != "hf" and device != "cpu":
@@ -79,11 +81,11 @@ def bench_artifact(path: Path, cfg: BenchConfig, *, device: str = "cpu", dtype: 
     bandwidth = bandwidth or measure_bandwidth(device, threads=threads)
     # a folder's name ends in "/", as in eval's results, so the report can join the two
     name = path.name + ("/" if kind != "gguf" else "")
-    return {"artifact": name, "path": str(path), "file_mb": round(size / 1e6, 2),
-            **with_bound(result, bandwidth, bytes_per_token)}
+    return BenchRow(artifact=name, path=str(path), file_mb=round(size / 1e6, 2),
+                    **with_bound(result, bandwidth, bytes_per_token))
 
 
-def bench_many(paths: list[Path], cfg: BenchConfig, *, device: str = "cpu", dtype: str = "fp32") -> list[dict]:
+def bench_many(paths: list[Path], cfg: BenchConfig, *, device: str = "cpu", dtype: str = "fp32") -> list[BenchRow]:
     """Every artifact in turn, against one bandwidth measurement of `device` made first."""
     if device != "cpu":
         from edgedistill.runtimes.torch_decode import require_device
@@ -98,15 +100,48 @@ def bench_many(paths: list[Path], cfg: BenchConfig, *, device: str = "cpu", dtyp
             for path in tqdm(paths, desc="bench", unit="model")]
 
 
+def read_eval_rows(path: Path) -> dict[str, EvalRow]:
+    """The artifact rows of an eval.json by artifact name, for a target's quality budget."""
+    if not path.is_file():
+        raise EdgedistillError(f"{path} does not exist", "pass the eval.json of `edgedistill eval --json`")
+    return {row.artifact: row for row in read_eval(path).artifacts}
+
+
+def check_rows(target: Target, rows: list[BenchRow], evals: dict[str, EvalRow] | None = None) -> str:
+    """Sets each row's `target` to its checks against `target` (quality from `evals`, by artifact:
+    without it the quality budget is not measured) and returns the checks' table."""
+    for row in rows:
+        row.target = TargetResult(name=target.name, checks=check_target(target, row, (evals or {}).get(row.artifact)))
+    return format_target_checks(target, [(row.artifact, row.target.checks) for row in rows])
+
+
+def failed_rows(rows: list[BenchRow]) -> list[str]:
+    """The artifacts whose rows fail a budget of their target."""
+    return [row.artifact for row in rows if row.target is not None and any_failed(row.target.checks)]
+
+
+def format_bench_table(rows: list[BenchRow]) -> str:
+    """What `edgedistill bench` prints: a line per artifact, then where the bandwidth bound comes from."""
+    # decode ± its spread over the repetitions; "bound": what the memory bandwidth allows, "eff": the share reached
+    lines = [f"{'artifact':<28} {'device':<6} {'MB':>7} {'prefill t/s':>11} {'decode t/s':>13} {'bound':>7} "
+             f"{'eff':>4} {'TTFT ms':>8} {'RSS MB':>7} {'GPU MB':>7}"]
+    for r in rows:
+        decode = f"{r.decode_tokens_per_s:.1f}±{r.decode_tokens_per_s_spread:.1f}"
+        gpu = f"{r.peak_gpu_mb:.0f}" if r.peak_gpu_mb is not None else "-"
+        lines.append(f"{r.artifact:<28} {r.device.split(':')[0]:<6} {r.file_mb:>7.1f} "
+                     f"{r.prefill_tokens_per_s:>11.1f} {decode:>13} {r.bandwidth_bound_tokens_per_s:>7.0f} "
+                     f"{100 * r.bandwidth_efficiency:>3.0f}% {r.ttft_ms:>8.1f} {r.peak_rss_mb:>7.0f} {gpu:>7}")
+    if rows:
+        lines.append(f"bound: {rows[0].bandwidth_gb_s} GB/s ({rows[0].bandwidth_method}) / bytes read per token")
+    return "\n".join(lines)
+
+
 def bench_stage(recipe: Recipe, out: Path, *, teacher_gguf: Path, export: Path, export_onnx: Path | None = None) -> dict:
     artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
     target = recipe_target(recipe)
-    results = bench_many(artifacts, recipe.bench)
+    rows = bench_many(artifacts, recipe.bench)
     if target is not None:
         # as `edgedistill bench --target` writes it; quality is checked in the report, after eval
-        for row in results:
-            row["target"] = {"name": target.name, "checks": check_target(target, row)}
-        print(format_target_checks(target, [(r["artifact"], r["target"]["checks"]) for r in results]))
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    failed = [r["artifact"] for r in results if target is not None and any_failed(r["target"]["checks"])]
-    return {"artifacts": len(results), **({"target": target.name, "target_failed": failed} if target else {})}
+        print(check_rows(target, rows))
+    (out / layout.BENCH_JSON).write_text(bench_json(rows))
+    return {"artifacts": len(rows), **({"target": target.name, "target_failed": failed_rows(rows)} if target else {})}

@@ -20,9 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgedistill.bench.worker import summarize
-
-BENCH_TEXT = "The quick brown fox jumps over the lazy dog while the sun sets. "
+from edgedistill.bench.worker import BENCH_TEXT, summarize
 
 
 def measure(folder: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int,

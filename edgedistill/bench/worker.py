@@ -17,6 +17,9 @@ import resource
 import statistics
 import time
 
+# the prompt every worker measures: this text's tokens, repeated to the wanted length
+BENCH_TEXT = "The quick brown fox jumps over the lazy dog while the sun sets. "
+
 
 def peak_rss_kb() -> int:
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a worker started
@@ -36,8 +39,7 @@ def measure(path: str, prompt_tokens: int, gen_tokens: int, repetitions: int, th
     llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 8, n_batch=max(prompt_tokens, 8),
                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
     n_vocab = llm.n_vocab()
-    # A fixed, ordinary prompt: a text's tokens repeated to the wanted length.
-    text = llm.tokenize(b"The quick brown fox jumps over the lazy dog while the sun sets. ", add_bos=False)
+    text = llm.tokenize(BENCH_TEXT.encode(), add_bos=False)
     prompt = (text * (prompt_tokens // len(text) + 1))[:prompt_tokens]
     runs = []
     for _ in range(repetitions + 1):

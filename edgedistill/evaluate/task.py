@@ -10,24 +10,26 @@ label is the choice named first in it (whole words, case-insensitive), or on its
 line when it reasons step by step; an answer naming none counts as wrong and as unparsed. Generation is greedy, so the same artifact gives the
 same score every time, in any runtime that computes the same logits.
 
-eval.json: "reference" (task score, and "perplexity" and "scored_tokens" on its own answers),
-"artifacts" (per artifact: task score, "share_of_reference", "perplexity", "perplexity_ratio",
-"kl_to_reference", "top1_agreement", "scored_tokens"), "scored_records" (how many held-out records
-were scored, the first ones) and "scored_text" (what was scored, in words).
+eval.json (edgedistill.records.EvalReport): "reference" (task score, and "perplexity" and
+"scored_tokens" on its own answers), "artifacts" (per artifact: task score, "share_of_reference",
+"perplexity", "perplexity_ratio", "kl_to_reference", "top1_agreement", "scored_tokens"),
+"scored_records" (how many held-out records were scored, the first ones) and "scored_text" (what
+was scored, in words). `format_eval` is what `edgedistill eval` prints.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgedistill.data.generate import split_reasoning
 from edgedistill.data.prompts import named_label, read_jsonl
+from edgedistill import layout
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
 from edgedistill.recipe import EvalConfig, Recipe
+from edgedistill.records import EvalReference, EvalReport, EvalRow
 from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
 
 SCORE_RECORDS = EvalConfig().score_records
@@ -55,7 +57,7 @@ def artifact_name(artifact: Path) -> str:
 
 
 def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16,
-               model: Runtime | None = None) -> dict:
+               model: Runtime | None = None) -> EvalRow:
     """The artifact's greedy answers to `rows` and their score; `model`: the artifact already open."""
     model = model or open_runtime(artifact)
     correct = unparsed = 0
@@ -68,9 +70,8 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
             unparsed += label is None
             correct += label == row["label"]
             answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
-    return {"artifact": artifact_name(artifact), "path": str(artifact),
-            "examples": len(rows), "correct": correct, "unparsed": unparsed,
-            "task_score": round(correct / len(rows), 4), "answers": answers_out}
+    return EvalRow(artifact=artifact_name(artifact), path=str(artifact), examples=len(rows), correct=correct,
+                   unparsed=unparsed, task_score=round(correct / len(rows), 4), answers=answers_out)
 
 
 def _open(artifact: Path, device: str, dtype: str) -> Runtime:
@@ -81,7 +82,7 @@ def _open(artifact: Path, device: str, dtype: str) -> Runtime:
 
 
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
-             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32") -> dict:
+             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32") -> EvalReport:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not).
     HF folders (the reference too) run in PyTorch on `device` in `dtype`."""
@@ -95,11 +96,11 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     ref = records = None
     if reference is not None:
         model = _open(reference, device, dtype)
-        ref = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model)
+        ref = EvalReference(**task_score(reference, rows, max_new_tokens=max_new_tokens, model=model).to_dict())
         if score_records:
             scored = rows[:score_records]
-            records = score_reference(model, ref["artifact"], [row["messages"] for row in scored],
-                                      [answer["answer"] for answer in ref["answers"][:len(scored)]])
+            records = score_reference(model, ref.artifact, [row["messages"] for row in scored],
+                                      [answer["answer"] for answer in ref.answers[:len(scored)]])
             ref.update(reference_row(records))
         del model  # one model in memory at a time
     results = []
@@ -109,15 +110,32 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
             check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
         result = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model)
         if ref is not None:
-            result["share_of_reference"] = round(result["task_score"] / ref["task_score"], 4) if ref["task_score"] else None
+            result.share_of_reference = round(result.task_score / ref.task_score, 4) if ref.task_score else None
         if records is not None:
-            result.update(score_against(model, result["artifact"], records))
+            result.update(score_against(model, result.artifact, records))
         del model
         results.append(result)
-    report = {"data": str(data), "device": device, "dtype": dtype, "reference": ref, "artifacts": results}
+    report = EvalReport(data=str(data), device=device, dtype=dtype, reference=ref, artifacts=results)
     if records is not None:
-        report.update(scored_records=len(records.ids), scored_text=SCORED_TEXT)
+        report.update({"scored_records": len(records.ids), "scored_text": SCORED_TEXT})
     return report
+
+
+def format_eval(report: EvalReport) -> str:
+    """What `edgedistill eval` prints: the reference's task score, then each artifact's."""
+    lines = []
+    ref = report.reference
+    if ref:
+        scored = (f"; perplexity {ref.perplexity:.4g} on its answers ({ref.scored_tokens} tokens of "
+                  f"{report.scored_records} records)") if ref.perplexity is not None else ""
+        lines.append(f"reference {ref.artifact}: task score {ref.task_score:.3f} ({ref.correct}/{ref.examples})"
+                     + scored)
+    for r in report.artifacts:
+        share = f", {100 * r.share_of_reference:.1f}% of reference" if r.share_of_reference is not None else ""
+        scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}, "
+                  f"top-1 {r.top1_agreement:.3f}") if r.perplexity is not None else ""
+        lines.append(f"{r.artifact}: task score {r.task_score:.3f} ({r.correct}/{r.examples}){share}{scored}")
+    return "\n".join(lines)
 
 
 def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path,
@@ -125,7 +143,7 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
     from edgedistill.runtimes.onnx import onnx_artifacts
 
     artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
-    report = evaluate(artifacts, generate / "heldout.jsonl", teacher,
+    report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
                       max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return {"reference_task_score": report["reference"]["task_score"]}
+    (out / layout.EVAL_JSON).write_text(report.to_json())
+    return {"reference_task_score": report.reference.task_score}

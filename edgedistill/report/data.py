@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.records import BenchRow, EvalReport
 from edgedistill.pipeline import MANIFEST, PARTIAL
 
 BENCH_JSON = "bench/bench.json"
@@ -146,13 +147,15 @@ def _stage_order(run_dir: Path, stages: list[str] | None) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def _merge_rows(evaluation: dict, bench: list[dict]) -> list[dict[str, Any]]:
-    speed = {row["artifact"]: row for row in bench}
-    rows = [{**speed.get(r["artifact"], {}), **r} for r in evaluation.get("artifacts", [])]
+def _merge_rows(evaluation: EvalReport, bench: list[BenchRow]) -> list[dict[str, Any]]:
+    """Per artifact its bench row and its eval row as one JSON object (answers and schema version left out)."""
+    speed = {row.artifact: row.to_dict() for row in bench}
+    rows = [{**speed.get(r.artifact, {}), **r.to_dict()} for r in evaluation.artifacts]
     seen = {r["artifact"] for r in rows}
-    rows += [dict(row) for row in bench if row["artifact"] not in seen]
+    rows += [row.to_dict() for row in bench if row.artifact not in seen]
     for row in rows:
         row.pop("answers", None)
+        row.pop("schema_version", None)
     return rows
 
 
@@ -173,6 +176,8 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
         raise EdgedistillError(f"{run_dir / BENCH_JSON} or {run_dir / EVAL_JSON} is not what the bench and eval "
                                "stages write (a list of rows; an object with 'artifacts')",
                                f"re-run them: edgedistill run RECIPE --out {run_dir} --from bench")
+    bench_rows = [BenchRow.from_dict(row, run_dir / BENCH_JSON) for row in bench]
+    report = EvalReport.from_dict(evaluation, run_dir / EVAL_JSON)
     manifests = {}
     for stage in _stage_order(run_dir, stages):
         if (run_dir / stage / MANIFEST).is_file():
@@ -180,7 +185,6 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
     config = next((m["config"] for m in [_report_manifest(run_dir), *manifests.values()]
                    if "name" in m.get("config", {})), {})
     teacher = config.get("teacher") or manifests.get("teacher", {}).get("config", {}).get("teacher") or {}
-    reference = evaluation.get("reference")
     # only beside bench rows checked against a target, which the device target table shows it with
     preflight = (reader.read(PREFLIGHT_JSON, fix) if any(isinstance(r, dict) and "target" in r for r in bench)
                  and (run_dir / PREFLIGHT_JSON).is_file() else None)
@@ -188,8 +192,8 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
         run_dir=run_dir,
         name=name or config.get("name") or run_dir.resolve().name,
         teacher_source=teacher_source or teacher.get("source"),
-        rows=_merge_rows(evaluation, bench),
-        reference={k: v for k, v in reference.items() if k != "answers"} if reference else None,
+        rows=_merge_rows(report, bench_rows),
+        reference={k: v for k, v in report.reference.to_dict().items() if k != "answers"} if report.reference else None,
         bench_rows=bench,
         manifests=manifests,
         sources=reader.sources,

@@ -10,16 +10,17 @@ compare directly, and a caller never normalizes twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from edgedistill import layout
 from edgedistill.errors import EdgedistillError
+# log_softmax is part of the interface (score() returns log-probs); the runtimes import it from common
+from edgedistill.runtimes.common import DEVICES, DTYPES, log_softmax  # noqa: F401
 
-DEVICES = ("cpu", "cuda")
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 class Runtime(Protocol):
@@ -46,36 +47,6 @@ class Runtime(Protocol):
 ChatModel = Runtime  # the name before `score` and `stream` joined `generate`
 
 
-def log_softmax(logits: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Log-probs of logits rows, normalized in float64 (a 262k vocabulary stays exact), as `dtype`."""
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    return (shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))).astype(dtype, copy=False)
-
-
-def scored_positions(ids: list[int], last: int | None) -> int:
-    """How many positions score(ids, last=last) returns; refuses an empty or bad request."""
-    if not ids:
-        raise EdgedistillError("score() needs at least one token id", "pass a non-empty list of ids")
-    if last is not None and not 0 < last:
-        raise EdgedistillError(f"score(last={last}) asks for no positions", "pass last >= 1 or None (all)")
-    return len(ids) if last is None else min(last, len(ids))
-
-
-def stream_pieces(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
-    """Text pieces of an answer whose tokens (end token left out) come one by one: each piece is
-    what the text gained, and a piece that ends inside a multi-byte character waits for the rest."""
-    emitted, ids = "", []
-    for token in tokens:
-        ids.append(token)
-        # decoding the whole answer each time keeps multi-byte characters whole; answers are short,
-        # so the quadratic cost does not matter
-        text = decode(ids)
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text
-
-
 def gguf_artifacts(*folders: Path) -> list[Path]:
     """The GGUF files of stage folders, folder by folder, largest (least quantized) first."""
     return [path for folder in folders for path in sorted(folder.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))]
@@ -85,9 +56,9 @@ def artifact_kind(path: Path) -> str:
     if path.suffix == ".gguf":
         return "gguf"
     # before the HF check: an optimum export holds a config.json too
-    if path.is_dir() and ((path / "onnx_export.json").exists() or (path / "model.onnx").exists()):
+    if path.is_dir() and ((path / layout.ONNX_MANIFEST).exists() or (path / layout.ONNX_MODEL).exists()):
         return "onnx"
-    if path.is_dir() and (path / "config.json").exists():
+    if path.is_dir() and (path / layout.HF_CONFIG).exists():
         return "hf"
     raise EdgedistillError(f"{path} is neither a .gguf file, an ONNX export folder nor an HF model folder",
                            "pass a GGUF file, a folder with model.onnx, or a folder with config.json and *.safetensors")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.runtimes import log_softmax, scored_positions, stream_pieces
+from edgedistill.runtimes.common import log_softmax, scored_positions, stream_pieces
 from edgedistill.sources.gguf import open_gguf
 
 

@@ -1,7 +1,6 @@
 """ONNX Runtime: an export folder from edgedistill.export.onnx, greedy chat with a KV cache, streamed.
 
     python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 "What is the capital of France?"
-    python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 --bench   # one JSON line
 
 Builder exports (with genai_config.json) run in onnxruntime-genai: its fused attention keeps the KV
 cache in one preallocated buffer, and its tokenizer is what a user of the export gets, so what is
@@ -9,7 +8,8 @@ measured here is what they run. Other exports (optimum's graph) run in a plain o
 that feeds each step's present KV back as the next step's past (`OnnxDecoder`), tokenized by the
 export's tokenizer.json. Chat prompts are rendered from the export's own chat template.
 
-This module imports neither torch nor transformers, so a benchmark's peak RSS is the model's.
+This module imports neither torch nor transformers, so the peak RSS that edgedistill.bench.onnx_worker
+measures in a process of its own is the model's.
 """
 
 from __future__ import annotations
@@ -23,26 +23,26 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.runtimes import log_softmax, scored_positions, stream_pieces
+from edgedistill.layout import (CHAT_TEMPLATE, GENAI_CONFIG, HF_CONFIG, ONNX_MANIFEST, ONNX_MODEL, SPECIAL_TOKENS_MAP,
+                                TOKENIZER_CONFIG, TOKENIZER_JSON)
+from edgedistill.runtimes.common import log_softmax, scored_positions, stream_pieces
 
-GENAI_CONFIG = "genai_config.json"
-MANIFEST = "onnx_export.json"  # edgedistill.export.onnx.options.MANIFEST (not imported: no torch here)
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def onnx_artifacts(*folders: Path) -> list[Path]:
     """The ONNX export folders inside stage folders, folder by folder, largest (least quantized) first."""
     def size(export: Path) -> int:
-        return sum(p.stat().st_size for p in export.glob("model.onnx*"))
+        return sum(p.stat().st_size for p in export.glob(f"{ONNX_MODEL}*"))
 
     return [export for folder in folders
-            for export in sorted((p.parent for p in folder.glob(f"*/{MANIFEST}")), key=lambda e: (-size(e), e.name))]
+            for export in sorted((p.parent for p in folder.glob(f"*/{ONNX_MANIFEST}")), key=lambda e: (-size(e), e.name))]
 
 
 def check_onnx_folder(folder: Path) -> Path:
     folder = Path(folder)
-    if not (folder / "model.onnx").is_file():
-        raise EdgedistillError(f"{folder} is not an ONNX export (no model.onnx)",
+    if not (folder / ONNX_MODEL).is_file():
+        raise EdgedistillError(f"{folder} is not an ONNX export (no {ONNX_MODEL})",
                                "export one with `edgedistill export MODEL --format onnx --out FOLDER`")
     return folder
 
@@ -61,7 +61,7 @@ class OnnxDecoder:
     """A decoder graph with past/present KV in a plain onnxruntime session: full-sequence logits and
     KV-cached steps, for any export (the builder's GroupQueryAttention graph or optimum's)."""
 
-    def __init__(self, folder: Path, *, threads: int | None = None, model_file: str = "model.onnx"):
+    def __init__(self, folder: Path, *, threads: int | None = None, model_file: str = ONNX_MODEL):
         import onnxruntime as ort
 
         folder = check_onnx_folder(folder)
@@ -79,7 +79,7 @@ class OnnxDecoder:
                                    "export it again with edgedistill export --format onnx")
         vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
         if not isinstance(vocab, int):  # a symbolic width: the export's config says it
-            vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+            vocab = json.loads((folder / HF_CONFIG).read_text())["vocab_size"]
         self.vocab_size: int = vocab
 
     def empty_past(self) -> dict[str, np.ndarray]:
@@ -124,9 +124,9 @@ class OnnxDecoder:
 
 
 def read_chat_template(folder: Path) -> str | None:
-    config = folder / "tokenizer_config.json"
+    config = folder / TOKENIZER_CONFIG
     template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    jinja = folder / "chat_template.jinja"
+    jinja = folder / CHAT_TEMPLATE
     if template is None and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
     return template
@@ -154,7 +154,7 @@ class OnnxChatModel:
         self.folder = check_onnx_folder(folder)
         self.threads = threads or os.cpu_count() or 1
         self.template = read_chat_template(self.folder)
-        special_map = self.folder / "special_tokens_map.json"
+        special_map = self.folder / SPECIAL_TOKENS_MAP
         special = json.loads(special_map.read_text()) if special_map.is_file() else {}
         self.special = {key: (value["content"] if isinstance(value, dict) else value)
                         for key, value in special.items() if key in ("bos_token", "eos_token")}
@@ -186,9 +186,9 @@ class OnnxChatModel:
 
         self.decoder = OnnxDecoder(self.folder, threads=self.threads)
         self.vocab_size = self.decoder.vocab_size
-        self.hf_tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.hf_tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_JSON))
         eos = self.special.get("eos_token")
-        config = self.folder / "config.json"
+        config = self.folder / HF_CONFIG
         eos_id = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
         ids = eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else []
         if eos is not None and self.hf_tokenizer.token_to_id(eos) is not None:
@@ -270,64 +270,15 @@ class OnnxChatModel:
         return answers
 
 
-BENCH_TEXT = "The quick brown fox jumps over the lazy dog while the sun sets. "
-
-
-def measure(folder: Path, prompt_tokens: int = 128, gen_tokens: int = 64, repetitions: int = 3,
-            threads: int | None = None) -> dict:
-    """Prefill and greedy decode speed and peak RSS of an export, like edgedistill.bench.worker
-    measures a GGUF in llama.cpp: a prompt of `prompt_tokens` (a text's tokens repeated), then
-    `gen_tokens` tokens one at a time; one warm-up, then the median of `repetitions`. Run it in a
-    process of its own (`--bench`) so the peak RSS is the model's."""
-    import time
-
-    from edgedistill.bench.worker import summarize
-
-    chat = OnnxChatModel(folder, threads=threads)
-    text = chat.encode(BENCH_TEXT)
-    prompt = (text * (prompt_tokens // len(text) + 1))[:prompt_tokens]
-    runs = []
-    for _ in range(repetitions + 1):
-        if chat.genai:
-            params = chat.og.GeneratorParams(chat.model)
-            params.set_search_options(do_sample=False, max_length=prompt_tokens + gen_tokens + 1)
-            generator = chat.og.Generator(chat.model, params)
-            started = time.perf_counter()
-            generator.append_tokens(np.array([prompt], np.int32))
-            prefilled = time.perf_counter()
-            for _ in range(gen_tokens):
-                generator.generate_next_token()
-        else:
-            steps = chat.decoder.steps(prompt)
-            started = time.perf_counter()
-            next(steps)
-            prefilled = time.perf_counter()
-            for _ in range(gen_tokens):
-                next(steps)
-        finished = time.perf_counter()
-        runs.append({"prefill_s": prefilled - started, "decode_s": finished - prefilled})
-    return summarize(runs[1:], "onnxruntime-genai" if chat.genai else "onnxruntime", prompt_tokens, gen_tokens,
-                     chat.threads)
-
-
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
-    parser.add_argument("prompt", nargs="?")
-    parser.add_argument("--bench", action="store_true", help="print one JSON line of speed and memory")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("prompt")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
-    if args.bench:
-        print(json.dumps(measure(args.folder, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads)))
-        return
-    if args.prompt is None:
-        parser.error("give a prompt, or --bench")
     chat = OnnxChatModel(args.folder, threads=args.threads)
     for piece in chat.stream([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)

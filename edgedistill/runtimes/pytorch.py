@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.runtimes import DEVICES, DTYPES, log_softmax, scored_positions, stream_pieces
+from edgedistill.runtimes.common import DEVICES, DTYPES, log_softmax, scored_positions, stream_pieces
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
 
