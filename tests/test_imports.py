@@ -1,5 +1,6 @@
-"""The package's import graph: no cycles (function-level imports count too), nothing imported
-from recipes/, tools/ or tests/, and the bench workers free of torch and transformers.
+"""The package's import graph: no cycle between modules (function-level imports count too) nor
+between the package's parts (subpackages and top-level modules), nothing imported from recipes/,
+tools/ or tests/, and the bench workers free of torch and transformers.
 
     python -m pytest -q tests/test_imports.py
 
@@ -130,6 +131,20 @@ def test_the_library_has_no_import_cycle():
     cycles = all_cycles(import_graph())
     assert not cycles, "import cycles (each line one, a -> b meaning a imports b):\n" + "\n".join(
         " -> ".join(cycle) for cycle in cycles)
+
+
+@pytest.mark.unit
+def test_the_library_parts_have_no_import_cycle():
+    # parts: the top-level modules and subpackages; a bench worker living in runtimes/ would make
+    # bench and runtimes import each other without any two modules doing so
+    def part(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    parts: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        parts.setdefault(part(module), set()).update(part(t) for t in targets if part(t) != part(module))
+    cycles = all_cycles(parts)
+    assert not cycles, "import cycles between parts of the package:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 @pytest.mark.unit
