@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,27 +32,22 @@ def _default_recipe() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from edgedistill.layout import REPORT, REPORT_HTML, REPORT_MD
     from edgedistill.pipeline import Pipeline, launched
-    from edgedistill.preflight import run_with_preflight
     from edgedistill.recipe import load_recipe
     from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or _default_recipe())
     out = args.out or Path("runs") / recipe.name
-    # with bench.target set, the memory estimate prints after the teacher stage, before the long ones
-    results = run_with_preflight(Pipeline(stages_for(recipe), recipe, out), force=args.force,
-                                 from_stage=args.from_stage, to_stage=args.to_stage)
+    results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
+                                                            to_stage=args.to_stage)
     if launched()[0] > 0:
         return  # another process of a launch: the first one reports
-    report = out / "report" / "report.md"
-    if report.exists():
-        shutil.copy2(report, out / "report.md")
-        if report.with_suffix(".html").exists():
-            shutil.copy2(report.with_suffix(".html"), out / "report.html")
+    report = out / REPORT / REPORT_MD
     done = [r for r in results if not r.cached]
     print(f"\n{len(done)} stage(s) ran, {len(results) - len(done)} up to date; "
-          f"total {sum(r.seconds for r in done):.1f} s. " + (f"Report: {out / 'report.md'}" if report.exists()
-                                                              else f"Stage folders: {out}"))
+          f"total {sum(r.seconds for r in done):.1f} s. " + (f"Report: {report} and {report.with_name(REPORT_HTML)}"
+                                                              if report.exists() else f"Stage folders: {out}"))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -8,6 +8,11 @@ the stage's name and version, the recipe sections it reads, the content hashes o
 folders it reads and of any outside files (a prompt file, a model file). A stage whose folder
 holds a manifest with the same key (and whose files are all there) is skipped.
 
+The stage contract: a stage is a function `fn(recipe, out, **inputs)` where `recipe` is a
+read-only view of the sections the Stage declares (edgedistill.recipe.SectionView: reading any
+other raises), `out` is the folder to fill and `inputs` are the finished folders of the stages it
+names. So the cache key is exactly what the stage reads.
+
 A stage works in `RUN/.partial/<stage>.<key>/` and that folder is renamed to `RUN/<stage>/` only
 when the stage has finished, so a run killed at any point never leaves a half-written stage under
 its final name. The partial folder survives the kill, so a stage that saves progress there (the
@@ -30,21 +35,25 @@ from typing import Any
 
 from edgedistill import __version__
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import Recipe, section_dump
+from edgedistill.layout import MANIFEST, PARTIAL
+from edgedistill.recipe import Recipe, SectionView, section_dump
 
-MANIFEST = "manifest.json"
-PARTIAL = ".partial"
 FOLLOW_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline: `fn(recipe, out, **inputs)` fills `out` from input stage folders."""
+    """One step of the pipeline: `fn(recipe, out, **inputs)` fills `out` from input stage folders,
+    reading only `sections` (in the key) and `unkeyed_sections` (read on purpose, not in the key)
+    of the recipe."""
 
     name: str
     fn: Callable[..., dict[str, Any] | None]
     inputs: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
+    unkeyed_sections: tuple[str, ...] = ()
+    # The recipe as this stage sees it, when it is not the run's own (a progressive step's pruning).
+    derive: Callable[[Recipe], Recipe] | None = None
     # Outside files whose content goes into the key, found from the recipe.
     external: Callable[[Recipe], dict[str, Path]] | None = None
     # Bump when the stage's code changes what it writes, so old folders are not reused.
@@ -161,11 +170,19 @@ class Pipeline:
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
 
+    def stage_recipe(self, stage: Stage) -> Recipe:
+        return stage.derive(self.recipe) if stage.derive is not None else self.recipe
+
+    def view(self, stage: Stage) -> SectionView:
+        """What the stage's function gets as its recipe: the declared sections, read-only."""
+        return SectionView(self.stage_recipe(stage), stage.sections + stage.unkeyed_sections)
+
     def key(self, stage: Stage, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
-        config = section_dump(self.recipe, stage.sections)
+        recipe = self.stage_recipe(stage)
+        config = section_dump(recipe, stage.sections)
         external = {}
         if stage.external is not None:
-            external = {name: fingerprint(path) for name, path in stage.external(self.recipe).items()}
+            external = {name: fingerprint(path) for name, path in stage.external(recipe).items()}
         key = sha256_json({"stage": stage.name, "version": stage.version, "config": config,
                            "inputs": inputs, "external": external})
         return key, config
@@ -216,7 +233,7 @@ class Pipeline:
         started = time.perf_counter()
         input_paths = {name: self.run_dir / name for name in stage.inputs}
         try:
-            extra = stage.fn(self.recipe, partial, **input_paths)
+            extra = stage.fn(self.view(stage), partial, **input_paths)
             seconds = time.perf_counter() - started
             manifest = write_manifest(partial, stage, key, config, inputs, seconds, extra)
             self._swap_into_place(partial, final)
@@ -259,7 +276,7 @@ class Pipeline:
                     break
                 time.sleep(FOLLOW_POLL_S)
             if told["partial"] is not None:
-                stage.fn(self.recipe, Path(told["partial"]), **{name: self.run_dir / name for name in stage.inputs})
+                stage.fn(self.view(stage), Path(told["partial"]), **{name: self.run_dir / name for name in stage.inputs})
         return []
 
     def _swap_into_place(self, partial: Path, final: Path) -> None:

@@ -1,8 +1,6 @@
 """Preflight: will the recipe's student fit its device target? Answered before the long stages.
 
-    edgedistill run recipes/default.yaml     # with bench.target set: the table prints after the teacher stage
-    python -c "from edgedistill.preflight import preflight_run; from edgedistill.recipe import load_recipe; \
-preflight_run(load_recipe('recipes/default.yaml'), __import__('pathlib').Path('runs/sentiment'))"
+    edgedistill run recipes/default.yaml --to preflight   # with bench.target set: RUN/preflight/preflight.json
 
 The student is not built: its HF config is derived from the recipe and the teacher's config (what
 depth and width pruning change, a config student's overrides, a given student's own config), its
@@ -23,12 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from edgedistill.distill.student import check_width, evenly_spaced_layers
 from edgedistill.errors import EdgedistillError
 from edgedistill.formats import GGUF_QUANTS, GGUF_TYPES, gguf_bits_per_weight, gguf_output_bits
-from edgedistill.pipeline import Pipeline, StageResult, is_complete, launched
+from edgedistill.layout import PREFLIGHT_JSON
 from edgedistill.recipe import Recipe, WidthConfig, recipe_target
 from edgedistill.sources import resolve_source
 from edgedistill.targets import Target, preflight
 
-PREFLIGHT_JSON = "preflight.json"
 # Norms and biases (one-dimensional) stay float32 in every GGUF type.
 VECTOR_BITS = 32
 
@@ -174,44 +171,11 @@ def format_preflight(result: dict, recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def preflight_run(recipe: Recipe, run_dir: Path) -> dict | None:
-    """Estimates, prints and writes RUN/preflight.json for the recipe's bench.target (None without one).
-
-    Reads the teacher stage's folder, so it runs once that stage is done; takes about a second."""
-    target = recipe_target(recipe)
-    if target is None:
-        return None
-    result = estimate(recipe, run_dir / "teacher", target)
+def preflight_stage(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
+    """The preflight stage: estimates, prints and writes preflight.json for the recipe's bench.target.
+    It runs right after the teacher stage (whose folder it reads), before the long ones; about a second."""
+    result = estimate(recipe, teacher, recipe_target(recipe))
     print(format_preflight(result, recipe))
-    (run_dir / PREFLIGHT_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def run_with_preflight(pipeline: Pipeline, *, force: bool = False, from_stage: str | None = None,
-                       to_stage: str | None = None) -> list[StageResult]:
-    """`pipeline.run(...)`, with the preflight between the teacher stage and the long ones when the
-    recipe sets bench.target; a rerun of a finished run prints the same table."""
-    recipe, run_dir = pipeline.recipe, pipeline.run_dir
-    if to_stage is not None and to_stage not in pipeline.stage_names():
-        pipeline.run(to_stage=to_stage)  # its error names the stages, before any work
-    if recipe.bench.target is None:
-        return pipeline.run(force=force, from_stage=from_stage, to_stage=to_stage)
-    rank, world = launched()
-    if world > 1:
-        # Under a launcher the other processes follow the first through the stages of one run()
-        # call, so it cannot be split: the preflight runs only if the teacher stage is already done.
-        if rank == 0:
-            if is_complete(run_dir / "teacher"):
-                preflight_run(recipe, run_dir)
-            else:
-                print("preflight skipped: it needs the teacher stage; run `edgedistill run RECIPE --to teacher` "
-                      "first to see it before a launch")
-        return pipeline.run(force=force, from_stage=from_stage, to_stage=to_stage)
-    first = pipeline.run(force=force, from_stage=from_stage, to_stage="teacher")
-    preflight_run(recipe, run_dir)
-    if to_stage == "teacher":
-        return first
-    # the teacher is done: what force or --from teacher asked for starts at the stage after it
-    redone = force or from_stage == "teacher"
-    rest = pipeline.run(from_stage=pipeline.stage_names()[1] if redone else from_stage, to_stage=to_stage)
-    return first + [r for r in rest if r.name != "teacher"]
+    (out / PREFLIGHT_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    warned = [r["artifact"] for r in result["rows"] if _warned(r, recipe)]
+    return {"target": result["target"], "does_not_fit": warned}

@@ -2,7 +2,9 @@
 
     edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
 
-Stages run in this order; each one's folder under the run folder is named after it.
+Stages run in this order; each one's folder under the run folder is named after it. Each Stage
+declares the recipe sections its function reads; the function gets a view of the recipe with
+only those (edgedistill.recipe.SectionView), so what a stage reads is what its cache key covers.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
+from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, PREFLIGHT,
+                                REPORT, STUDENT, TEACHER, TEACHER_GGUF)
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Stage, clear_folder
+from edgedistill.preflight import preflight_stage
 from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
@@ -51,6 +56,17 @@ def soft_label_files(recipe: Recipe) -> dict[str, Path]:
     return {"soft_labels": recipe.resolve(cache)} if cache is not None else {}
 
 
+# teacher.trust_remote_code is a permission to load the teacher, not a setting of the result.
+LOADS_TEACHER = ("teacher.trust_remote_code",)
+# What building a student reads: how to prune (the student section, or a progressive step's pruning
+# written into it by _step_recipe); distill.kl_weight only to refuse early a student that logit
+# distillation cannot train.
+STUDENT_SECTIONS = ("seed", "student")
+STUDENT_UNKEYED = (*LOADS_TEACHER, "distill.kl_weight")
+LOGITS_SECTIONS = ("distill.topk", "distill.max_seq_len", "distill.shard_examples", "distill.soft_labels",
+                   "generate.batch_size")
+
+
 def _step_recipe(recipe: Recipe, index: int) -> Recipe:
     """The recipe as progressive step `index` (1-based) sees it: its pruning and its epochs."""
     step = recipe.progressive.steps[index - 1]
@@ -61,94 +77,101 @@ def _step_recipe(recipe: Recipe, index: int) -> Recipe:
     return recipe.model_copy(update={"student": student, "distill": distill_cfg})
 
 
+def _own_soft_labels(recipe: Recipe) -> Recipe:
+    """A model's own top-k is cached from it, never imported (distill.soft_labels is the teacher's)."""
+    return recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"soft_labels": None})})
+
+
 def _progressive_stages(recipe: Recipe) -> tuple[list[Stage], str, str]:
     """The stages of teacher -> step 1 -> ... -> step n, and the folders the student is pruned
     from and learns from (the last step's model, and the teacher's or that model's soft labels)."""
     if recipe.progressive is None:
-        return [], "teacher", "logits"
-    stages, parent, labels = [], "teacher", "logits"
+        return [], TEACHER, LOGITS
+    stages, parent, labels = [], TEACHER, LOGITS
     previous = recipe.progressive.soft_labels == "previous"
     for i in range(1, len(recipe.progressive.steps) + 1):
         model, trained = f"step{i}", f"step{i}_distill"
 
-        def build(recipe, out, *, _parent=parent, _i=i, **inputs):
-            return build_student(_step_recipe(recipe, _i), out, teacher=inputs[_parent],
-                                 generate=inputs["generate"], root_teacher=inputs["teacher"])
+        def build(recipe, out, *, _parent=parent, **inputs):
+            return build_student(recipe, out, teacher=inputs[_parent], generate=inputs[GENERATE],
+                                 root_teacher=inputs[TEACHER])
 
-        def train(recipe, out, *, _model=model, _labels=labels, _i=i, **inputs):
-            return distill(_step_recipe(recipe, _i), out, student=inputs[_model], logits=inputs[_labels],
-                           generate=inputs["generate"])
+        def train(recipe, out, *, _model=model, _labels=labels, **inputs):
+            return distill(recipe, out, student=inputs[_model], logits=inputs[_labels], generate=inputs[GENERATE])
 
-        sections = ("seed", "student.calibration_examples", "progressive")
-        stages.append(Stage(model, build, inputs=tuple(dict.fromkeys((parent, "generate", "teacher"))),
-                            sections=sections))
-        stages.append(Stage(trained, train, inputs=(model, labels, "generate"), sections=(*sections, "distill"),
-                            distributed=True))
+        def step_recipe(recipe, _i=i):
+            return _step_recipe(recipe, _i)
+
+        stages.append(Stage(model, build, inputs=tuple(dict.fromkeys((parent, GENERATE, TEACHER))),
+                            sections=STUDENT_SECTIONS, unkeyed_sections=STUDENT_UNKEYED, derive=step_recipe))
+        stages.append(Stage(trained, train, inputs=(model, labels, GENERATE), sections=("seed", "distill"),
+                            derive=step_recipe, distributed=True))
         parent = trained
         if previous:
             def cache(recipe, out, *, _model=trained, **inputs):
-                # This model's own top-k, never an imported cache (distill.soft_labels is the teacher's).
-                own = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"soft_labels": None})})
-                return cache_teacher_logits(own, out, teacher=inputs[_model], generate=inputs["generate"])
+                return cache_teacher_logits(recipe, out, teacher=inputs[_model], generate=inputs[GENERATE])
 
             labels = f"step{i}_logits"
-            stages.append(Stage(labels, cache, inputs=(trained, "generate"), sections=(
-                "distill.topk", "distill.max_seq_len", "distill.shard_examples", "generate.batch_size")))
+            stages.append(Stage(labels, cache, inputs=(trained, GENERATE), sections=LOGITS_SECTIONS,
+                                unkeyed_sections=LOADS_TEACHER, derive=_own_soft_labels))
     return stages, parent, labels
 
 
 def stages_for(recipe: Recipe) -> list[Stage]:
-    """The stages a recipe runs, in order: `step*` with a `progressive:` section, `lora` and
-    `merge` with a `lora:` section."""
+    """The stages a recipe runs, in order: `preflight` with a bench.target, `step*` with a
+    `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx."""
     progressive, parent, labels = _progressive_stages(recipe)
 
     def build(recipe, out, **inputs):
-        return build_student(recipe, out, teacher=inputs[parent], generate=inputs["generate"],
-                             root_teacher=inputs["teacher"])
+        return build_student(recipe, out, teacher=inputs[parent], generate=inputs[GENERATE],
+                             root_teacher=inputs[TEACHER])
 
     def train(recipe, out, *, student, generate, **inputs):
         return distill(recipe, out, student=student, logits=inputs[labels], generate=generate)
 
-    # what the export stage reads: the distilled student, and the adapter and merged model of a lora: section
-    tuned = ("distill", "lora", "merge") if recipe.lora is not None else ("distill",)
+    # what the export stages read: the distilled student, and the adapter and merged model of a lora: section
+    tuned = (DISTILL, LORA, MERGE) if recipe.lora is not None else (DISTILL,)
     lora_stages = [
-        Stage("lora", train_lora, inputs=("distill", "logits", "generate"), sections=("seed", "lora", "distill.topk"),
+        Stage(LORA, train_lora, inputs=(DISTILL, LOGITS, GENERATE), sections=("seed", "lora", "distill.topk"),
               distributed=True),
-        Stage("merge", merge_lora, inputs=("distill", "lora", "logits", "generate")),
+        # lora only picks the examples the merge is checked on
+        Stage(MERGE, merge_lora, inputs=(DISTILL, LORA, LOGITS, GENERATE), unkeyed_sections=("lora",)),
     ] if recipe.lora is not None else []
-    trained = [*(s.name for s in progressive), "student", "distill", *(s.name for s in lora_stages)]
-    onnx = ("export_onnx",) if recipe.export.onnx else ()
+    trained = [*(s.name for s in progressive), STUDENT, DISTILL, *(s.name for s in lora_stages)]
+    onnx = (EXPORT_ONNX,) if recipe.export.onnx else ()
+    preflight = (PREFLIGHT,) if recipe.bench.target is not None else ()
     return [
-        Stage("teacher", teacher_stage, sections=("seed", "teacher"), external=teacher_files),
+        Stage(TEACHER, teacher_stage, sections=("seed", "teacher"), external=teacher_files),
+        # with a device target, whether the student will fit it, estimated before the long stages
+        *([Stage(PREFLIGHT, preflight_stage, inputs=(TEACHER,), external=recipe_target_files,
+                 sections=("bench.target", "export.quants", "export.teacher_quants", "student", "progressive",
+                           "teacher.trust_remote_code"))] if preflight else []),
         # Not the endpoint's URL, key, concurrency or timeouts: a server that comes back elsewhere
-        # resumes the same answers.
-        Stage("generate", generate, inputs=("teacher",), external=prompt_files, sections=(
+        # resumes the same answers. min_kept only decides whether the stage stops: lowering it
+        # after a stop resumes with the answers kept.
+        Stage(GENERATE, generate, inputs=(TEACHER,), external=prompt_files, sections=(
             "seed", "task", "data", "generate.max_new_tokens", "generate.batch_size", "generate.samples",
-            "generate.temperature", "generate.reasoning", "generate.endpoint.model")),
-        Stage("logits", cache_teacher_logits, inputs=("teacher", "generate"), external=soft_label_files,
-              sections=("distill.topk", "distill.max_seq_len", "distill.shard_examples", "distill.soft_labels",
-                        "generate.batch_size"), version=2),
+            "generate.temperature", "generate.reasoning", "generate.endpoint.model"),
+            unkeyed_sections=("generate.endpoint", "generate.min_kept", *LOADS_TEACHER)),
+        Stage(LOGITS, cache_teacher_logits, inputs=(TEACHER, GENERATE), external=soft_label_files,
+              sections=LOGITS_SECTIONS, unkeyed_sections=LOADS_TEACHER, version=2),
         *progressive,
-        # The student stage does not read the distill section; it looks at distill.kl_weight only to
-        # refuse early a student that logit distillation cannot train.
-        Stage("student", build, inputs=tuple(dict.fromkeys((parent, "generate", "teacher"))),
-              sections=("seed", "student")),
-        Stage("distill", train, inputs=("student", labels, "generate"), sections=("seed", "distill"), distributed=True),
+        Stage(STUDENT, build, inputs=tuple(dict.fromkeys((parent, GENERATE, TEACHER))), sections=STUDENT_SECTIONS,
+              unkeyed_sections=STUDENT_UNKEYED),
+        Stage(DISTILL, train, inputs=(STUDENT, labels, GENERATE), sections=("seed", "distill"), distributed=True),
         *lora_stages,
         # version 2: every file is verified in llama.cpp against its PyTorch model; 3: imatrix, GGUF LoRA
-        Stage("export", export_student, inputs=(*tuned, "generate"),
+        Stage(EXPORT, export_student, inputs=(*tuned, GENERATE),
               sections=("name", "export.quants", "export.imatrix"), version=3),
         # version 2: int4 rounded by importance on the generate stage's text
-        *([Stage("export_onnx", export_student_onnx, inputs=(*tuned, "generate"),
-                 sections=("export.onnx", "export.onnx_options"), version=2)]
-          if recipe.export.onnx else []),
-        Stage("teacher_gguf", export_teacher, inputs=("teacher",), sections=("name", "export.teacher_quants"),
-              version=2),
-        Stage("bench", bench_stage, inputs=("teacher_gguf", "export", *onnx), sections=("bench",),
+        *([Stage(EXPORT_ONNX, export_student_onnx, inputs=(*tuned, GENERATE),
+                 sections=("export.onnx", "export.onnx_options"), version=2)] if onnx else []),
+        Stage(TEACHER_GGUF, export_teacher, inputs=(TEACHER,), sections=("name", "export.teacher_quants"), version=2),
+        Stage(BENCH, bench_stage, inputs=(TEACHER_GGUF, EXPORT, *onnx), sections=("bench",),
               external=recipe_target_files),
-        Stage("eval", eval_stage, inputs=("teacher", "generate", "teacher_gguf", "export", *onnx), sections=("eval",)),
-        # version 2: report.html with plots beside report.md
-        Stage("report", report_stage, inputs=("teacher", "generate", "logits", *trained, "export", *onnx,
-                                              "teacher_gguf", "bench", "eval"),
-              sections=("name", "teacher"), version=2),
+        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, TEACHER_GGUF, EXPORT, *onnx), sections=("eval",)),
+        # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
+        Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,
+                                            TEACHER_GGUF, BENCH, EVAL),
+              sections=("name", "teacher"), version=3),
     ]

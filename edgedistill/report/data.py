@@ -17,11 +17,13 @@ from typing import Any
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.records import BenchRow, EvalReport
-from edgedistill.pipeline import MANIFEST, PARTIAL
+from edgedistill.layout import (BENCH, BENCH_JSON, EVAL, EVAL_JSON, MANIFEST, PARTIAL, PREFLIGHT, PREFLIGHT_JSON,
+                                REPORT, TEACHER)
 
-BENCH_JSON = "bench/bench.json"
-EVAL_JSON = "eval/eval.json"
-PREFLIGHT_JSON = "preflight.json"  # written by `edgedistill run` with bench.target (edgedistill.preflight)
+# where each number of a table comes from, as the report names it
+BENCH_SOURCE = f"{BENCH}/{BENCH_JSON}"
+EVAL_SOURCE = f"{EVAL}/{EVAL_JSON}"
+PREFLIGHT_SOURCE = f"{PREFLIGHT}/{PREFLIGHT_JSON}"
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Column:
 
     key: str
     header: str
-    source: str  # BENCH_JSON or EVAL_JSON
+    source: str  # BENCH_SOURCE or EVAL_SOURCE
     digits: int = 1
     percent: bool = False  # a 0..1 share shown as a percentage
     optional: bool = False
@@ -44,21 +46,21 @@ class Column:
 
 
 COLUMNS = (
-    Column("file_mb", "file MB", BENCH_JSON),
-    Column("device", "device", BENCH_JSON, optional=True),
-    Column("decode_tokens_per_s", "decode tok/s", BENCH_JSON),
-    Column("decode_tokens_per_s_spread", "decode spread tok/s", BENCH_JSON, optional=True),
-    Column("prefill_tokens_per_s", "prefill tok/s", BENCH_JSON),
-    Column("ttft_ms", "TTFT ms", BENCH_JSON),
-    Column("peak_rss_mb", "peak RSS MB", BENCH_JSON),
-    Column("peak_gpu_mb", "peak GPU MB", BENCH_JSON, optional=True),
-    Column("bandwidth_efficiency", "bandwidth efficiency %", BENCH_JSON, percent=True, optional=True),
-    Column("task_score", "task score", EVAL_JSON, digits=3),
-    Column("share_of_reference", "% of teacher", EVAL_JSON, percent=True),
-    Column("perplexity", "perplexity", EVAL_JSON, digits=2, optional=True),
-    Column("perplexity_ratio", "perplexity ratio", EVAL_JSON, digits=3, optional=True),
-    Column("kl_to_reference", "KL to teacher", EVAL_JSON, digits=4, optional=True),
-    Column("top1_agreement", "top-1 agreement", EVAL_JSON, digits=3, optional=True),
+    Column("file_mb", "file MB", BENCH_SOURCE),
+    Column("device", "device", BENCH_SOURCE, optional=True),
+    Column("decode_tokens_per_s", "decode tok/s", BENCH_SOURCE),
+    Column("decode_tokens_per_s_spread", "decode spread tok/s", BENCH_SOURCE, optional=True),
+    Column("prefill_tokens_per_s", "prefill tok/s", BENCH_SOURCE),
+    Column("ttft_ms", "TTFT ms", BENCH_SOURCE),
+    Column("peak_rss_mb", "peak RSS MB", BENCH_SOURCE),
+    Column("peak_gpu_mb", "peak GPU MB", BENCH_SOURCE, optional=True),
+    Column("bandwidth_efficiency", "bandwidth efficiency %", BENCH_SOURCE, percent=True, optional=True),
+    Column("task_score", "task score", EVAL_SOURCE, digits=3),
+    Column("share_of_reference", "% of teacher", EVAL_SOURCE, percent=True),
+    Column("perplexity", "perplexity", EVAL_SOURCE, digits=2, optional=True),
+    Column("perplexity_ratio", "perplexity ratio", EVAL_SOURCE, digits=3, optional=True),
+    Column("kl_to_reference", "KL to teacher", EVAL_SOURCE, digits=4, optional=True),
+    Column("top1_agreement", "top-1 agreement", EVAL_SOURCE, digits=3, optional=True),
 )
 
 
@@ -85,7 +87,6 @@ class Source:
 
 @dataclass
 class RunData:
-    run_dir: Path
     name: str
     teacher_source: str | None
     rows: list[dict[str, Any]]  # per artifact: its bench row and its eval row merged, eval keys first
@@ -108,30 +109,29 @@ class RunData:
 
 
 class _Reader:
-    """Reads a run's JSON files, hashing each one's bytes as they are parsed."""
+    """Reads stage folders' JSON files, hashing each one's bytes as they are parsed."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, folders: dict[str, Path], fix: str):
+        self.folders, self.fix = folders, fix
         self.sources: list[Source] = []
 
-    def read(self, rel: str, fix: str) -> Any:
-        path = self.run_dir / rel
+    def read(self, stage: str, name: str) -> Any:
+        path = self.folders[stage] / name
         if not path.is_file():
-            raise EdgedistillError(f"{self.run_dir} is not a finished run: {path} is missing", fix)
+            raise EdgedistillError(f"{path.parent.parent} is not a finished run: {path} is missing", self.fix)
         data = path.read_bytes()
         try:
             value = json.loads(data)
         except ValueError as exc:
-            raise EdgedistillError(f"{path} is not valid JSON ({exc})", fix) from None
-        self.sources.append(Source(rel, hashlib.sha256(data).hexdigest(), len(data)))
+            raise EdgedistillError(f"{path} is not valid JSON ({exc})", self.fix) from None
+        # named as in a run folder, whatever folder the stage was read from
+        self.sources.append(Source(f"{stage}/{name}", hashlib.sha256(data).hexdigest(), len(data)))
         return value
 
 
-def _stage_order(run_dir: Path, stages: list[str] | None) -> list[str]:
-    """The stages to report, in run order: as given, else the report stage's inputs, else by finish time."""
-    if stages is not None:
-        return stages
-    report = run_dir / "report" / MANIFEST
+def _stage_order(run_dir: Path) -> list[str]:
+    """A run folder's stages in run order: the report stage's inputs, else by finish time."""
+    report = run_dir / REPORT / MANIFEST
     if report.is_file():
         try:
             return list(json.loads(report.read_text())["inputs"])
@@ -139,7 +139,7 @@ def _stage_order(run_dir: Path, stages: list[str] | None) -> list[str]:
             pass
     found = []
     for path in run_dir.glob(f"*/{MANIFEST}"):
-        if path.parent.name not in (PARTIAL, "report"):
+        if path.parent.name not in (PARTIAL, REPORT):
             try:
                 found.append((json.loads(path.read_text()).get("finished", ""), path.parent.name))
             except ValueError:
@@ -159,38 +159,43 @@ def _merge_rows(evaluation: EvalReport, bench: list[BenchRow]) -> list[dict[str,
     return rows
 
 
-def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str | None = None,
-             teacher_source: str | None = None) -> RunData:
-    """Read a run folder's bench/eval JSON and stage manifests. `stages` (default: those found,
-    in run order) names the stage folders whose manifests are read; `name` and `teacher_source`
-    default to what the manifests recorded of the recipe."""
+def load_run(run_dir: Path | str) -> RunData:
+    """Read a finished run folder: its stages' bench/eval JSON and manifests (`edgedistill report RUN`)."""
     run_dir = Path(run_dir)
-    fix = (f"finish the run first (`edgedistill run RECIPE --out {run_dir}` resumes it), "
-           "or pass the folder that `edgedistill run` wrote")
     if not run_dir.is_dir():
-        raise EdgedistillError(f"run folder {run_dir} does not exist", fix)
-    reader = _Reader(run_dir)
-    bench = reader.read(BENCH_JSON, fix)
-    evaluation = reader.read(EVAL_JSON, fix)
+        raise EdgedistillError(f"run folder {run_dir} does not exist", _fix(run_dir))
+    return load_stages({stage: run_dir / stage for stage in _stage_order(run_dir)}, fix=_fix(run_dir))
+
+
+def _fix(run_dir: Path) -> str:
+    return (f"finish the run first (`edgedistill run RECIPE --out {run_dir}` resumes it), "
+            "or pass the folder that `edgedistill run` wrote")
+
+
+def load_stages(folders: dict[str, Path], *, name: str | None = None, teacher_source: str | None = None,
+                fix: str = "finish the run first: `edgedistill run RECIPE --out RUN` resumes it") -> RunData:
+    """Read the bench/eval JSON and the manifests of these stage folders (stage name -> folder, in
+    run order). `name` and `teacher_source` default to what the manifests recorded of the recipe."""
+    reader = _Reader(folders, fix)
+    if BENCH not in folders or EVAL not in folders:
+        raise EdgedistillError(f"no {BENCH}/ or {EVAL}/ stage folder among {', '.join(folders) or 'none'}", fix)
+    bench = reader.read(BENCH, BENCH_JSON)
+    evaluation = reader.read(EVAL, EVAL_JSON)
     if not isinstance(bench, list) or not isinstance(evaluation, dict) or "artifacts" not in evaluation:
-        raise EdgedistillError(f"{run_dir / BENCH_JSON} or {run_dir / EVAL_JSON} is not what the bench and eval "
-                               "stages write (a list of rows; an object with 'artifacts')",
-                               f"re-run them: edgedistill run RECIPE --out {run_dir} --from bench")
-    bench_rows = [BenchRow.from_dict(row, run_dir / BENCH_JSON) for row in bench]
-    report = EvalReport.from_dict(evaluation, run_dir / EVAL_JSON)
-    manifests = {}
-    for stage in _stage_order(run_dir, stages):
-        if (run_dir / stage / MANIFEST).is_file():
-            manifests[stage] = reader.read(f"{stage}/{MANIFEST}", fix)
-    config = next((m["config"] for m in [_report_manifest(run_dir), *manifests.values()]
-                   if "name" in m.get("config", {})), {})
-    teacher = config.get("teacher") or manifests.get("teacher", {}).get("config", {}).get("teacher") or {}
+        raise EdgedistillError(f"{folders[BENCH] / BENCH_JSON} or {folders[EVAL] / EVAL_JSON} is not what the bench "
+                               "and eval stages write (a list of rows; an object with 'artifacts')",
+                               "re-run them: edgedistill run RECIPE --out RUN --from bench")
+    bench_rows = [BenchRow.from_dict(row, folders[BENCH] / BENCH_JSON) for row in bench]
+    report = EvalReport.from_dict(evaluation, folders[EVAL] / EVAL_JSON)
+    manifests = {stage: reader.read(stage, MANIFEST) for stage, folder in folders.items()
+                 if (folder / MANIFEST).is_file()}
+    config = next((m["config"] for m in manifests.values() if "name" in m.get("config", {})), {})
+    teacher = config.get("teacher") or manifests.get(TEACHER, {}).get("config", {}).get("teacher") or {}
     # only beside bench rows checked against a target, which the device target table shows it with
-    preflight = (reader.read(PREFLIGHT_JSON, fix) if any(isinstance(r, dict) and "target" in r for r in bench)
-                 and (run_dir / PREFLIGHT_JSON).is_file() else None)
+    preflight = (reader.read(PREFLIGHT, PREFLIGHT_JSON) if any(isinstance(r, dict) and "target" in r for r in bench)
+                 and PREFLIGHT in folders and (folders[PREFLIGHT] / PREFLIGHT_JSON).is_file() else None)
     return RunData(
-        run_dir=run_dir,
-        name=name or config.get("name") or run_dir.resolve().name,
+        name=name or config.get("name") or folders[BENCH].resolve().parent.name,
         teacher_source=teacher_source or teacher.get("source"),
         rows=_merge_rows(report, bench_rows),
         reference={k: v for k, v in report.reference.to_dict().items() if k != "answers"} if report.reference else None,
@@ -199,13 +204,6 @@ def load_run(run_dir: Path | str, stages: list[str] | None = None, *, name: str 
         sources=reader.sources,
         preflight=preflight,
     )
-
-
-def _report_manifest(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "report" / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from edgedistill.report.data import BENCH_JSON, EVAL_JSON, RunData, pareto_front
+from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, RunData, pareto_front
 
 FRONT_COLOR = "#d62728"
 POINT_COLOR = "#1f77b4"
@@ -22,10 +22,10 @@ MUTED_COLOR = "#7f7f7f"
 # plot id -> (title, the JSON files and keys it is drawn from), for its caption
 PLOTS = {
     "quality-vs-size": ("Quality vs file size",
-                        f"from {BENCH_JSON}: file_mb; {EVAL_JSON}: task_score, share_of_reference, "
+                        f"from {BENCH_SOURCE}: file_mb; {EVAL_SOURCE}: task_score, share_of_reference, "
                         "reference.task_score"),
     "quality-vs-speed": ("Quality vs decode speed, Pareto front",
-                         f"from {BENCH_JSON}: decode_tokens_per_s; {EVAL_JSON}: task_score, share_of_reference, "
+                         f"from {BENCH_SOURCE}: decode_tokens_per_s; {EVAL_SOURCE}: task_score, share_of_reference, "
                          "reference.task_score"),
     "stage-times": ("Seconds per stage", "from each stage's manifest.json: seconds"),
 }

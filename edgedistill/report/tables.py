@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgedistill.report.data import BENCH_JSON, EVAL_JSON, PREFLIGHT_JSON, RunData, column_sources, fmt, pareto_front
+from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, RunData, column_sources, fmt, pareto_front
 from edgedistill.targets import any_failed, completed_checks
 
 RUNTIME_NAMES = {"llama.cpp": "llama.cpp (GGUF)", "onnxruntime-genai": "ONNX Runtime GenAI (ONNX folders)",
@@ -57,8 +57,8 @@ def measurement_note(data: RunData) -> str:
                                                                if r.get("examples")), None)
     return (f"Speed: {' and '.join(runtimes) or 'not measured'}, {first.get('threads')} threads, prompt "
             f"{first.get('prompt_tokens')} tokens, {first.get('gen_tokens')} generated, median of "
-            f"{first.get('repetitions')} (from `{BENCH_JSON}`). Quality: greedy answers on {examples} held-out "
-            f"prompts (from `{EVAL_JSON}`).")
+            f"{first.get('repetitions')} (from `{BENCH_SOURCE}`). Quality: greedy answers on {examples} held-out "
+            f"prompts (from `{EVAL_SOURCE}`).")
 
 
 BUDGET_HEADERS = {"max_memory_mb": "peak RSS MB", "max_file_mb": "file MB", "max_ttft_ms": "TTFT ms",
@@ -96,8 +96,8 @@ def target_table(data: RunData) -> Table | None:
         estimate = [fmt(estimates.get(row["artifact"]))] if estimates else []
         table_rows.append([f"`{row['artifact']}`", *(_check_cell(c) for c in checks), *estimate,
                            "**FAIL**" if any_failed(checks) else "pass"])
-    source = (f"from {BENCH_JSON}: target.checks (limit, value, passed); {EVAL_JSON}: share_of_reference (×100)"
-              + (f"; {PREFLIGHT_JSON}: rows[].estimate_mb" if estimates else ""))
+    source = (f"from {BENCH_SOURCE}: target.checks (limit, value, passed); {EVAL_SOURCE}: share_of_reference (×100)"
+              + (f"; {PREFLIGHT_SOURCE}: rows[].estimate_mb" if estimates else ""))
     return Table("device-target", f"Device target: {name}", header, table_rows, source)
 
 
@@ -123,7 +123,7 @@ def pareto_note(data: RunData) -> str:
         return ""
     return ("Pareto front of task score and decode tokens/s (no other artifact is both at least as fast and at "
             f"least as good, and better in one): {', '.join(f'`{n}`' for n in names)} "
-            f"(from `{BENCH_JSON}`: decode_tokens_per_s; `{EVAL_JSON}`: task_score).")
+            f"(from `{BENCH_SOURCE}`: decode_tokens_per_s; `{EVAL_SOURCE}`: task_score).")
 
 
 def training_tables(data: RunData) -> list[Table]:
