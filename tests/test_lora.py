@@ -60,4 +60,4 @@ def test_lora_adapter_is_kept_merged_and_exported(tmp_path):
     # bench and eval take the top-level models only, not the adapter, its base or the imatrix
     models = ["student-f16.gguf", "student-q8_0.gguf", "student-q4_k_m.gguf"]
     assert [p.name for p in gguf_artifacts(out / "export")] == models
-    assert "## LoRA adapter" in (out / "report.md").read_text()
+    assert "## LoRA adapter" in (out / "report" / "report.md").read_text()

@@ -264,11 +264,14 @@ def test_gguf_weight_bytes_follow_the_bits_per_weight_table(tiny_teacher):
         (gguf_weight_bytes(model, q) for q in GGUF_QUANTS), reverse=True)
 
 
-def _run_dir_with(teacher: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "teacher").symlink_to(teacher, target_is_directory=True)
-    return run
+def _preflight_stage(recipe):
+    """The preflight stage as `edgedistill run` runs it, and the recipe view its function gets."""
+    from edgedistill.pipeline import Pipeline
+    from edgedistill.stages import stages_for
+
+    stages = stages_for(recipe)
+    stage = next(s for s in stages if s.name == "preflight")
+    return stage, Pipeline(stages, recipe, Path("unused")).view(stage)
 
 
 @pytest.mark.parametrize("budget_mb, warned", [(1, True), (100_000, False)])
@@ -276,63 +279,45 @@ def _run_dir_with(teacher: Path, tmp_path: Path) -> Path:
 def test_preflight_warns_only_when_the_student_cannot_fit(budget_mb, warned, tiny_teacher, tmp_path, capsys):
     import json
 
-    from edgedistill.preflight import PREFLIGHT_JSON, preflight_run
+    from edgedistill.layout import PREFLIGHT_JSON
     from edgedistill.recipe import load_recipe
 
     (tmp_path / "board.yaml").write_text(f"name: board\ncontext_length: 4096\nbudgets:\n  max_memory_mb: {budget_mb}\n")
     recipe = load_recipe(_tiny_recipe_file(tmp_path, "board.yaml"))
-    run = _run_dir_with(tiny_teacher, tmp_path)
-    result = preflight_run(recipe, run)
-    out = capsys.readouterr().out
-    assert "preflight for target board (context 4096 tokens, memory budget" in out
+    stage, view = _preflight_stage(recipe)
+    out = tmp_path / "preflight"
+    out.mkdir()
+    summary = stage.fn(view, out, teacher=tiny_teacher)  # reads only the sections the stage declares
+    result = json.loads((out / PREFLIGHT_JSON).read_text())
+    printed = capsys.readouterr().out
+    assert "preflight for target board (context 4096 tokens, memory budget" in printed
     # teacher F16 + Q4_K_M, student F16 + Q8_0 + Q4_K_M: one line each
     assert [(r["model"], r["type"]) for r in result["rows"]] == [
         ("teacher", "F16"), ("teacher", "Q4_K_M"), ("student", "F16"), ("student", "Q8_0"), ("student", "Q4_K_M")]
-    assert all(f"| {r['model']:<7} | {r['type']:<6} |" in out for r in result["rows"])
-    assert ("WARNING" in out) is warned
+    assert all(f"| {r['model']:<7} | {r['type']:<6} |" in printed for r in result["rows"])
+    assert ("WARNING" in printed) is warned
+    assert summary == {"target": "board",
+                       "does_not_fit": ["student-q8_0.gguf", "student-q4_k_m.gguf"] if warned else []}
     if warned:
-        assert "WARNING: student-q4_k_m.gguf does not fit board" in out
-        assert "student.keep_layers: 2" in out and "shorter context" in out and "4096 tokens" in out
+        assert "WARNING: student-q4_k_m.gguf does not fit board" in printed
+        assert "student.keep_layers: 2" in printed and "shorter context" in printed and "4096 tokens" in printed
         assert all(r["fits"] is False for r in result["rows"])
-    assert json.loads((run / PREFLIGHT_JSON).read_text()) == json.loads(json.dumps(result))
 
 
 @pytest.mark.unit
-def test_preflight_runs_between_the_teacher_and_the_long_stages(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from edgedistill import preflight as module
+def test_preflight_is_a_stage_between_the_teacher_and_the_long_stages(tmp_path):
     from edgedistill.recipe import BenchConfig, load_recipe
+    from edgedistill.stages import stages_for
 
-    calls = []
-
-    class FakePipeline:
-        """Records what run_with_preflight asks for; returns a result per stage it would run."""
-
-        recipe = load_recipe(TINY).model_copy(update={"bench": BenchConfig(target="phone-8gb")})
-        run_dir = tmp_path
-
-        def stage_names(self):
-            return ["teacher", "generate", "distill"]
-
-        def run(self, **kwargs):
-            calls.append(kwargs)
-            last = self.stage_names().index(kwargs.get("to_stage") or "distill")
-            return [SimpleNamespace(name=name) for name in self.stage_names()[: last + 1]]
-
-    monkeypatch.setattr(module, "preflight_run", lambda recipe, run_dir: calls.append("preflight"))
-    results = module.run_with_preflight(FakePipeline(), force=True)
-    # --force redoes the teacher in the first call only
-    assert calls == [{"force": True, "from_stage": None, "to_stage": "teacher"}, "preflight",
-                     {"from_stage": "generate", "to_stage": None}]
-    assert [r.name for r in results] == ["teacher", "generate", "distill"]
-    calls.clear()
-    module.run_with_preflight(FakePipeline(), from_stage="distill")
-    assert calls == [{"force": False, "from_stage": "distill", "to_stage": "teacher"}, "preflight",
-                     {"from_stage": "distill", "to_stage": None}]
-    calls.clear()
-    module.run_with_preflight(FakePipeline(), to_stage="teacher")
-    assert calls == [{"force": False, "from_stage": None, "to_stage": "teacher"}, "preflight"]
+    recipe = load_recipe(TINY)
+    assert "preflight" not in [s.name for s in stages_for(recipe)]
+    with_target = recipe.model_copy(update={"bench": BenchConfig(target="phone-8gb")})
+    names = [s.name for s in stages_for(with_target)]
+    assert names[:3] == ["teacher", "preflight", "generate"]
+    stage, _ = _preflight_stage(with_target)
+    assert stage.inputs == ("teacher",)
+    # the report shows its estimate beside the bench rows' checks
+    assert "preflight" in next(s for s in stages_for(with_target) if s.name == "report").inputs
 
 
 @pytest.mark.parametrize("target", ["phone-8gb", None])
@@ -367,7 +352,7 @@ def test_report_device_target_table_takes_quality_from_eval_and_cites_the_prefli
     row = {**BENCH, "target": {"name": "t", "checks": checks}, "task_score": 0.9, "share_of_reference": 0.9}
     preflight_json = {"target": "t", "context_length": 2048,
                       "rows": [{"artifact": "m-Q4_K_M.gguf", "estimate_mb": 321.5}]}
-    data = RunData(tmp_path, "run", None, [row], None, [row], {}, preflight=preflight_json)
+    data = RunData("run", None, [row], None, [row], {}, preflight=preflight_json)
     table = target_table(data)
     assert table.header == ["artifact", "peak RSS MB ≤ 400", "file MB ≤ 100", "TTFT ms ≤ 500",
                             "decode tok/s ≥ 20", "% of teacher ≥ 85", "preflight estimate MB", "result"]
@@ -375,4 +360,4 @@ def test_report_device_target_table_takes_quality_from_eval_and_cites_the_prefli
                            "90.0 (pass)", "321.5", "**FAIL**"]]
     assert "preflight.json: rows[].estimate_mb" in table.source
     assert "## Device target: t" in render_markdown(data)
-    assert target_table(RunData(tmp_path, "run", None, [BENCH], None, [BENCH], {})) is None
+    assert target_table(RunData("run", None, [BENCH], None, [BENCH], {})) is None
