@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tokenizer_corpus
+from transformers import PreTrainedTokenizerFast
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
