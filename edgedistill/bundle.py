@@ -30,11 +30,8 @@ from edgedistill.records import BenchRow, EvalRow, read_bench, read_eval
 
 FORMAT = "edgedistill-bundle"
 FORMAT_VERSION = 1
+# the archive's own list of files, sizes and hashes (named like a stage's manifest, but another format)
 MANIFEST = "manifest.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# The same name as edgedistill.export.onnx.options.MANIFEST; importing that package loads
-# ONNX Runtime, which bundling does not need.
-ONNX_EXPORT_MANIFEST = "onnx_export.json"
 CHUNK_BYTES = 1 << 20
 
 
@@ -57,11 +54,11 @@ def _read_json(path: Path) -> dict | list | None:
 
 def _available_artifacts(run_dir: Path) -> dict[str, Path]:
     """Every GGUF in export/ by file name and every ONNX folder in export_onnx/ as `name/`."""
-    found = {path.name: path for path in sorted((run_dir / "export").glob("*.gguf")) if path.is_file()}
-    onnx = run_dir / "export_onnx"
+    found = {path.name: path for path in sorted((run_dir / layout.EXPORT).glob("*.gguf")) if path.is_file()}
+    onnx = run_dir / layout.EXPORT_ONNX
     if onnx.is_dir():
         found |= {f"{path.name}/": path for path in sorted(onnx.iterdir())
-                  if path.is_dir() and (path / ONNX_EXPORT_MANIFEST).is_file()}
+                  if path.is_dir() and (path / layout.ONNX_MANIFEST).is_file()}
     return found
 
 
@@ -93,9 +90,9 @@ def _choose_artifacts(run_dir: Path, names: list[str] | None, export_manifest: d
 
 def _tokenizer_folder(run_dir: Path) -> Path:
     # a LoRA run's deployable model is the merged one
-    folder = run_dir / "merge" if (run_dir / "merge").is_dir() else run_dir / "distill"
-    if not (folder / "tokenizer_config.json").is_file():
-        raise EdgedistillError(f"{run_dir} has no tokenizer: {folder / 'tokenizer_config.json'} is missing",
+    folder = run_dir / layout.MERGE if (run_dir / layout.MERGE).is_dir() else run_dir / layout.DISTILL
+    if not (folder / layout.TOKENIZER_CONFIG).is_file():
+        raise EdgedistillError(f"{run_dir} has no tokenizer: {folder / layout.TOKENIZER_CONFIG} is missing",
                                f"finish the run first: edgedistill run --out {run_dir}")
     return folder
 
@@ -138,8 +135,9 @@ def _fmt(value, digits: int = 1) -> str:
 
 def _training_examples(run_dir: Path, generate: dict) -> int | None:
     examples = (generate.get("result") or {}).get("train_examples")
-    if examples is None and (run_dir / "generate" / "train.jsonl").is_file():
-        with open(run_dir / "generate" / "train.jsonl", "rb") as file:
+    train = run_dir / layout.GENERATE / layout.TRAIN_JSONL
+    if examples is None and train.is_file():
+        with open(train, "rb") as file:
             examples = sum(1 for line in file if line.strip())
     return examples
 
@@ -147,8 +145,8 @@ def _training_examples(run_dir: Path, generate: dict) -> int | None:
 def _model_card(run_dir: Path, name: str, run_name: str, artifacts: list[str],
                 modelfiles: dict[str, tuple[str, str]],
                 has_template: bool) -> str:
-    manifests = {stage: _read_json(run_dir / stage / MANIFEST) or {}
-                 for stage in ("teacher", "student", "generate", "distill")}
+    manifests = {stage: _read_json(run_dir / stage / layout.MANIFEST) or {}
+                 for stage in (layout.TEACHER, layout.STUDENT, layout.GENERATE, layout.DISTILL)}
     teacher = (manifests["teacher"].get("config") or {}).get("teacher") or {}
     student = (manifests["student"].get("config") or {}).get("student") or {}
     distill = (manifests["distill"].get("config") or {}).get("distill") or {}
@@ -254,16 +252,16 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
     if not run_dir.is_dir():
         raise EdgedistillError(f"run folder {run_dir} does not exist",
                                "give the folder `edgedistill run` wrote, e.g. runs/sentiment")
-    export_manifest = _read_json(run_dir / "export" / MANIFEST)
+    export_manifest = _read_json(run_dir / layout.EXPORT / layout.MANIFEST)
     if export_manifest is None:
-        raise EdgedistillError(f"{run_dir} has no finished export stage ({run_dir / 'export' / MANIFEST} is missing)",
+        raise EdgedistillError(f"{run_dir} has no finished export stage ({run_dir / layout.EXPORT / layout.MANIFEST} is missing)",
                                f"finish the run first: edgedistill run --out {run_dir}")
     if out_file.exists() and not overwrite:
         raise EdgedistillError(f"{out_file} already exists", "pass --overwrite or choose another --out")
 
     chosen = _choose_artifacts(run_dir, artifacts, export_manifest)
     tokenizer_dir = _tokenizer_folder(run_dir)
-    tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    tokenizer_config = json.loads((tokenizer_dir / layout.TOKENIZER_CONFIG).read_text())
     name = _bundle_name(out_file)
     run_name = (export_manifest.get("config") or {}).get("name") or run_dir.name
     template = _chat_template(tokenizer_dir, tokenizer_config)
@@ -277,7 +275,7 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
             for folder, _, files in sorted(os.walk(path)):
                 for file in sorted(files):
                     sources[(Path(folder) / file).relative_to(path.parent).as_posix()] = Path(folder) / file
-    sources |= {file: tokenizer_dir / file for file in TOKENIZER_FILES if (tokenizer_dir / file).is_file()}
+    sources |= {file: tokenizer_dir / file for file in layout.TOKENIZER_FILES if (tokenizer_dir / file).is_file()}
     eos_token = _token_text(tokenizer_config.get("eos_token"))
     generated = {modelfile: _modelfile(gguf, modelfile, model, eos_token)
                  for gguf, (modelfile, model) in modelfiles.items()}

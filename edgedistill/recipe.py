@@ -314,6 +314,18 @@ class Recipe(Section):
         return str(relative) if relative.exists() else spec
 
 
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+
+def default_recipe() -> Path:
+    """recipes/default.yaml of the working folder, else of the checkout this package runs from."""
+    for candidate in (Path("recipes/default.yaml"), DEFAULT_RECIPE):
+        if candidate.is_file():
+            return candidate
+    raise EdgedistillError("no recipe given and recipes/default.yaml was not found",
+                           "run from the edgedistill checkout or pass a recipe: edgedistill run RECIPE.yaml")
+
+
 def load_recipe(path: Path | str) -> Recipe:
     """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
     path = Path(path)

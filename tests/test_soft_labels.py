@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from edgedistill.data.logits import META, SoftLabelSet, cache_teacher_logits, shard_name, tokenizer_identity
+from edgedistill.data.logits import META, SoftLabelSet, cache_teacher_logits, tokenizer_identity
+from edgedistill.layout import logits_shard_name as shard_name
 from edgedistill.errors import EdgedistillError
 from edgedistill.pipeline import Pipeline, is_complete
 from edgedistill.recipe import Recipe, load_recipe

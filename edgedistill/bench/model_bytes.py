@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from edgedistill.layout import ONNX_MODEL
+
 GGUF_TOKEN_EMBEDDING = "token_embd.weight"
 GGUF_OUTPUT = "output.weight"
 # op type -> the input positions that are indexed by position or token, not read whole
@@ -54,7 +56,7 @@ def onnx_bytes_per_token(folder: Path) -> int:
     counted as one row each unless another node also reads them whole (a tied output matrix)."""
     import onnx
 
-    graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False).graph
     sizes = {t.name: _onnx_initializer_bytes(t) for t in graph.initializer}
     rows = {t.name: (t.dims[0] if t.dims else 1) for t in graph.initializer}
     producer = {output: node for node in graph.node for output in node.output}

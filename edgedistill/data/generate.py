@@ -43,10 +43,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from edgedistill.data.prompts import Example, load_examples, named_label, prompt_messages, split_examples, write_jsonl
 from edgedistill.data.remote import Request, answer_remote
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, TRAIN_JSONL
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
 
-PARTIAL_ANSWERS = "answers.partial.jsonl"
+PARTIAL_ANSWERS = ANSWERS_PARTIAL_JSONL
 
 # Repetition: an answer of at least REPEAT_MIN_WORDS words is degenerate when one word n-gram
 # (n <= REPEAT_MAX_N) occurs REPEAT_MIN_COUNT+ times and covers REPEAT_MIN_SHARE of the words
@@ -274,8 +275,8 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
             "look at the answers with `edgedistill chat`; in reasoning mode the teacher must end with "
             "'Answer: <label>' (a larger or remote teacher, or generate.reasoning: false); or lower "
             "generate.min_kept to train on them anyway (the answers are kept: the rerun does not ask again)")
-    write_jsonl(out / "train.jsonl", rows)
-    write_jsonl(out / "heldout.jsonl", [
+    write_jsonl(out / TRAIN_JSONL, rows)
+    write_jsonl(out / HELDOUT_JSONL, [
         {"id": ex.id, "messages": prompt_messages(recipe, ex.text, reasoning=False), "label": ex.label,
          "choices": recipe.task.labels}
         for ex in heldout])

@@ -41,18 +41,15 @@ from tqdm import tqdm
 
 from edgedistill.data.prompts import read_jsonl
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import LOGITS_META, TRAIN_JSONL, logits_shard_name
 from edgedistill.pipeline import manifest_digest, read_manifest, sha256_json
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 
-META = "meta.json"
+META = LOGITS_META
 CACHE_FORMAT = 2
 # The parts of tokenizer.json that decide token ids; formatting and key order do not matter.
 TOKENIZER_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
-
-
-def shard_name(index: int) -> str:
-    return f"cache-{index:05d}.safetensors"
 
 
 def tokenizer_identity(folder: Path) -> str:
@@ -134,11 +131,11 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
         return import_cache(recipe, out, teacher=teacher)
     tokenizer = load_tokenizer(teacher)
     k, max_len, per_shard = recipe.distill.topk, recipe.distill.max_seq_len, recipe.distill.shard_examples
-    examples, skipped = tokenize_train_set(tokenizer, generate / "train.jsonl", max_len)
+    examples, skipped = tokenize_train_set(tokenizer, generate / TRAIN_JSONL, max_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     starts = list(range(0, len(examples), per_shard)) or [0]
     # Shards a killed attempt finished are kept: the examples and the teacher are the same (same key).
-    todo = [i for i in range(len(starts)) if not (out / shard_name(i)).exists()]
+    todo = [i for i in range(len(starts)) if not (out / logits_shard_name(i)).exists()]
     if todo:
         model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
         bar = tqdm(total=sum(len(examples[starts[i]:starts[i] + per_shard]) for i in todo), desc="teacher logits",
@@ -147,16 +144,16 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
             chunk = examples[starts[index]:starts[index] + per_shard]
             ids, logprobs = _teacher_topk(model, chunk, k, pad, recipe.generate.batch_size, bar)
             # Written aside and renamed, so a shard under its final name is always whole.
-            aside = out / f"{shard_name(index)}.writing"
+            aside = out / f"{logits_shard_name(index)}.writing"
             save_file(_shard_tensors(chunk, ids, logprobs, k), str(aside))
-            os.rename(aside, out / shard_name(index))
+            os.rename(aside, out / logits_shard_name(index))
         bar.close()
     lengths = [len(seq) for seq, _ in examples]
     meta = {"format": CACHE_FORMAT, "topk": k, "max_seq_len": max_len, "vocab_size": len(tokenizer),
             "examples": len(examples), "tokens": sum(lengths),
             "answer_tokens": sum(len(seq) - p for seq, p in examples), "skipped_too_long": skipped,
             "tokenizer_sha256": tokenizer_identity(teacher), "teacher_sha256": teacher_identity(teacher),
-            "shards": [{"file": shard_name(i), "examples": len(examples[s:s + per_shard])}
+            "shards": [{"file": logits_shard_name(i), "examples": len(examples[s:s + per_shard])}
                        for i, s in enumerate(starts)]}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return {key: value for key, value in meta.items() if key != "shards"} | {"shards": len(starts)}

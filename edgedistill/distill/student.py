@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgedistill.distill.importance import Importance, calibration_sequences, compute_importance
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import TRAIN_JSONL
 from edgedistill.pipeline import clear_folder
 from edgedistill.recipe import Recipe, WidthConfig
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
@@ -182,7 +183,7 @@ def _teacher_importance(recipe: Recipe, model, teacher: Path, generate: Path | N
             "(student.layer_selection: importance or student.width), but was given no generate folder",
             "pass generate=<generate stage folder> to build_student, or use layer_selection: even without width")
     tokenizer = load_tokenizer(teacher)
-    sequences = calibration_sequences(tokenizer, generate / "train.jsonl", cfg.calibration_examples)
+    sequences = calibration_sequences(tokenizer, generate / TRAIN_JSONL, cfg.calibration_examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return compute_importance(model, sequences, pad_id=pad_id)
 

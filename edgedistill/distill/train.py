@@ -35,6 +35,7 @@ from edgedistill.data.logits import SoftLabelSet, read_meta, tokenize_train_set,
 from edgedistill.distill.losses import distill_loss
 from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import TRAIN_JSONL
 from edgedistill.pipeline import launched
 from edgedistill.recipe import Recipe, TrainingConfig
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
@@ -98,7 +99,7 @@ def training_set(cfg: TrainingConfig, logits: Path, student: Path, generate: Pat
             "tokenizer")
     else:
         assert generate is not None, "response distillation reads generate/train.jsonl"
-        examples, _ = tokenize_train_set(load_tokenizer(student), generate / "train.jsonl", meta["max_seq_len"])
+        examples, _ = tokenize_train_set(load_tokenizer(student), generate / TRAIN_JSONL, meta["max_seq_len"])
         data = SoftLabelSet.responses_only(examples)
     if len(data) == 0:
         raise EdgedistillError("there are no training examples (all too long, or none generated)",

@@ -134,6 +134,13 @@ class Reference:
     greedy_logits: list[torch.Tensor]  # per prompt, [GREEDY_TOKENS, vocab]: the logits each token was picked from
 
 
+def read_texts(path: Path) -> list[str]:
+    """A text file's non-empty lines: the texts `verify-export --texts` scores instead of EVAL_TEXTS."""
+    if not path.is_file():
+        raise EdgedistillError(f"{path} does not exist", "pass a text file with one text per line")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def reference(folder: Path, texts: list[str] | None = None) -> Reference:
     """PyTorch's view of `texts` (default EVAL_TEXTS) and GREEDY_PROMPTS, for the HF folder `folder`."""
     import torch

@@ -1,0 +1,151 @@
+"""The arguments of every `edgedistill` subcommand, each with its help and an example.
+
+    edgedistill --help
+    edgedistill export --help
+
+edgedistill.cli maps each subcommand to the function that runs it; this module only declares.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """Every subcommand with its arguments; `args.command` names the one given."""
+    parser = argparse.ArgumentParser(prog="edgedistill", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add_models(command: argparse.ArgumentParser, device_help: str, dtype_help: str) -> None:
+        """The arguments bench and eval share: the artifacts, and how PyTorch runs HF folders."""
+        command.add_argument("models", nargs="+", help="GGUF files, ONNX export folders, HF folders or built-in names")
+        command.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help=device_help)
+        command.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help=dtype_help)
+        command.add_argument("--json", type=Path, help="write the results here")
+
+    run = add("run", "distill, export, benchmark and evaluate as a recipe says",
+              "edgedistill run recipes/tiny.yaml --out runs/tiny")
+    run.add_argument("recipe", nargs="?", type=Path, help="YAML recipe (default: recipes/default.yaml)")
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
+    run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    run.add_argument("--to", dest="to_stage", metavar="STAGE", help="stop after this stage")
+
+    export = add("export", "export a model to GGUF (quantized by llama.cpp) or ONNX (for ONNX Runtime)",
+                 "edgedistill export runs/tiny/distill --format gguf --quant q4_k_m --out model.gguf\n"
+                 "  edgedistill export runs/tiny/distill --format gguf --max-size 60MB --out model.gguf\n"
+                 "  edgedistill export runs/tiny/distill --quant q4_k_m --calibration runs/tiny/generate/train.jsonl "
+                 "--out model.gguf\n"
+                 "  edgedistill export runs/tiny-lora/distill --lora runs/tiny-lora/lora --out task-lora.gguf\n"
+                 "  edgedistill export runs/tiny/distill --format onnx --precision int4 "
+                 "--calibration runs/tiny/generate/train.jsonl --out student-int4")
+    export.add_argument("model", help="built-in name, HF folder, GGUF file or stage folder")
+    export.add_argument("--format", default="gguf", choices=["gguf", "onnx"],
+                        help="gguf: one file for llama.cpp; onnx: a folder for ONNX Runtime (GenAI)")
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--quant", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0 (default: q4_k_m)")
+    choice.add_argument("--max-size", metavar="SIZE",
+                        help="instead of --quant: the most precise of f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 whose "
+                             "file is at most SIZE (60MB, 1.5GB, 512MiB; KB/MB/GB are powers of 1000, "
+                             "KiB/MiB/GiB of 1024)")
+    calibration = export.add_mutually_exclusive_group()
+    calibration.add_argument("--calibration", type=Path, metavar="FILE",
+                             help="quantize with an importance matrix computed on this task text: a run's "
+                                  "generate/train.jsonl (chat rows), a .jsonl of {\"text\": ...} rows or a .txt file; "
+                                  "for ONNX int4, round each block to the least importance-weighted error")
+    calibration.add_argument("--imatrix", type=Path, metavar="FILE",
+                             help="quantize with this importance matrix (GGUF, from edgedistill or llama-imatrix)")
+    export.add_argument("--lora", type=Path, metavar="ADAPTER",
+                        help="write this PEFT adapter (a run's lora stage) as a GGUF LoRA for MODEL, its base, "
+                             "instead of the model")
+    onnx = export.add_argument_group("ONNX (--format onnx)")
+    onnx.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], help="weights (default: int4)")
+    onnx.add_argument("--onnx-path", choices=["auto", "builder", "optimum"],
+                      help="onnxruntime-genai's model builder, optimum's exporter, or auto (the builder when it "
+                           "supports the architecture; the default)")
+    onnx.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                      help="int4/int8: weights per quantization block (default: 32)")
+    onnx.add_argument("--asymmetric", action="store_true", help="int4/int8: blocks with a zero point")
+    onnx.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                      help="MatMulNBits accuracy level (default: 4 on CPU, int8 activations); verification "
+                           "catches a level that flips the model's argmax")
+    onnx.add_argument("--lm-head-bits", choices=["8", "4", "float"], default="8",
+                      help="bits of the output projection (default: 8)")
+    onnx.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                      help="quantize the embedding table (default: shared with a tied quantized lm_head)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--overwrite", action="store_true")
+
+    bench = add("bench", "time to first token, prefill and decode tokens/s against the memory-bandwidth bound, "
+                "peak memory, in llama.cpp, ONNX Runtime or PyTorch",
+                "edgedistill bench model.gguf --json bench.json\n"
+                "  edgedistill bench model.gguf --target phone-8gb --eval eval.json --strict\n"
+                "  edgedistill bench runs/tiny/distill --device cuda --dtype bf16")
+    add_models(bench, "where HF folders run (GGUF and ONNX always run on the CPU)", "HF folders' weights")
+    for flag, default in (("--prompt-tokens", 128), ("--gen-tokens", 64), ("--repetitions", 3)):
+        bench.add_argument(flag, type=int, default=default)
+    bench.add_argument("--threads", type=int)
+    bench.add_argument("--target", metavar="PROFILE",
+                       help="check the results against a device profile: laptop-cpu, raspberry-pi-5, phone-8gb, "
+                            "consumer-gpu (recipes/targets/) or a YAML file")
+    bench.add_argument("--eval", type=Path, metavar="EVAL_JSON",
+                       help="eval.json of `edgedistill eval --json`, for the profile's quality budget")
+    bench.add_argument("--strict", action="store_true", help="exit with status 3 when a budget fails")
+
+    evaluate = add("eval", "task score on held-out prompts and its share of a reference's; perplexity, KL to the "
+                   "reference and top-1 agreement on the reference's answers",
+                   "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher")
+    add_models(evaluate, "where HF folders (the reference too) run in PyTorch; GGUF and ONNX run on the CPU",
+               "the precision HF folders run in (default: fp32)")
+    evaluate.add_argument("--data", type=Path, required=True, help="heldout.jsonl of a run's generate stage")
+    evaluate.add_argument("--reference", help="the teacher (HF folder, GGUF or built-in name) to compare with")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--score-records", type=int, default=64, metavar="N",
+                          help="score the reference's answers to the first N held-out records in every model "
+                               "(perplexity, KL, top-1; needs --reference; 0: task score only)")
+
+    verify = add("verify-export", "compare a GGUF (llama.cpp) or ONNX export (ONNX Runtime) with its HF model in "
+                 "PyTorch, within per-type bounds",
+                 "edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill")
+    verify.add_argument("gguf", metavar="MODEL", help="GGUF file, ONNX export folder or built-in name")
+    verify.add_argument("--reference", type=Path, required=True, help="the HF folder the GGUF was exported from")
+    verify.add_argument("--texts", type=Path, help="score these texts (one per line) instead of the built-in ones")
+    verify.add_argument("--lora", type=Path, metavar="ADAPTER.gguf",
+                        help="apply this GGUF LoRA to the file in llama.cpp; --reference is then the merged model")
+    verify.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    verify.add_argument("--json", type=Path, help="write the results here")
+
+    bundle = add("bundle", "pack a finished run into a deployable .tar.gz: artifacts, tokenizer, chat template, "
+                 "model card, Ollama Modelfile and a sha256 manifest",
+                 "edgedistill bundle runs/sentiment --out sentiment-student.tar.gz")
+    bundle.add_argument("run", type=Path, help="run folder written by `edgedistill run`")
+    bundle.add_argument("--out", type=Path, required=True, help="the .tar.gz to write")
+    bundle.add_argument("--artifact", dest="artifacts", action="append", metavar="NAME",
+                        help="a GGUF in export/ or an ONNX folder in export_onnx/ (repeatable; default: the "
+                             "smallest verified GGUF and every ONNX folder)")
+    bundle.add_argument("--overwrite", action="store_true")
+
+    verify_bundle = add("verify", "check a bundle (not a model: see verify-export): every path, size and sha256, "
+                        "then optionally extract it safely",
+                        "edgedistill verify sentiment-student.tar.gz --extract deploy/")
+    verify_bundle.add_argument("file", type=Path, help="a .tar.gz written by `edgedistill bundle`")
+    verify_bundle.add_argument("--extract", type=Path, metavar="DIR", help="extract to DIR/<name>/ after the checks")
+
+    report = add("report", "render report.md and report.html (tables, plots, sources with sha256) again from a "
+                 "finished run's JSON files, without re-running anything",
+                 "edgedistill report runs/sentiment && chromium runs/sentiment/report.html")
+    report.add_argument("run", type=Path, help="run folder written by `edgedistill run`")
+    report.add_argument("--out", type=Path, metavar="DIR", help="write the two files here (default: RUN)")
+
+    chat = add("chat", "one greedy chat answer from a GGUF, an ONNX export or an HF folder",
+               'edgedistill chat model.gguf "What is the capital of France?"')
+    chat.add_argument("model", help="GGUF file, HF folder or built-in name")
+    chat.add_argument("prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    return parser
