@@ -157,3 +157,77 @@ def test_a_stage_may_only_read_earlier_stages(recipe, tmp_path):
     stages = make_stages(Calls())
     with pytest.raises(ValueError, match="do not run before it"):
         Pipeline([stages[1], stages[0]], recipe, tmp_path)
+
+
+# --- the stage contract: a stage reads only the recipe sections it declares ---
+
+def test_a_stage_reads_its_declared_sections_and_nothing_else(recipe, tmp_path):
+    from edgedistill.recipe import UndeclaredSection
+
+    seen = {}
+
+    def reads(view, out):
+        seen["epochs"] = view.distill.epochs  # covered by "distill"
+        seen["batch"] = view.generate.batch_size  # covered by the field itself
+        seen["endpoint"] = view.generate.endpoint  # partly declared and not set: None
+        seen["prompts"] = view.resolve(view.data.prompts)  # path helpers are always there
+        with pytest.raises(UndeclaredSection, match=r"recipe\.generate\.max_new_tokens"):
+            view.generate.max_new_tokens
+        with pytest.raises(UndeclaredSection, match=r"recipe\.seed"):
+            view.seed
+        with pytest.raises(AttributeError, match="read-only"):
+            view.name = "other"
+        (out / "done.txt").write_text("ok")
+
+    stage = Stage("reads", reads, sections=("distill", "generate.batch_size", "generate.endpoint.model", "data"))
+    Pipeline([stage], recipe, tmp_path).run()
+    assert seen == {"epochs": recipe.distill.epochs, "batch": recipe.generate.batch_size, "endpoint": None,
+                    "prompts": recipe.resolve(recipe.data.prompts)}
+
+
+def test_unkeyed_sections_are_readable_but_leave_the_key_alone(recipe, tmp_path):
+    def reads(view, out):
+        (out / "batch.txt").write_text(str(view.generate.batch_size))
+
+    keyed = Stage("s", reads, sections=("generate.batch_size",))
+    unkeyed = Stage("s", reads, unkeyed_sections=("generate.batch_size",))
+    other = recipe.model_copy(update={"generate": recipe.generate.model_copy(update={"batch_size": 3})})
+    key = {name: Pipeline([stage], r, tmp_path).key(stage, {})[0]
+           for name, stage, r in (("keyed", keyed, recipe), ("keyed-other", keyed, other),
+                                  ("unkeyed", unkeyed, recipe), ("unkeyed-other", unkeyed, other))}
+    assert key["keyed"] != key["keyed-other"]
+    assert key["unkeyed"] == key["unkeyed-other"]
+
+
+def test_a_derived_recipe_is_what_the_stage_reads_and_keys(recipe, tmp_path):
+    def reads(view, out):
+        (out / "epochs.txt").write_text(str(view.distill.epochs))
+
+    def one_epoch(r):
+        return r.model_copy(update={"distill": r.distill.model_copy(update={"epochs": 1})})
+
+    stage = Stage("s", reads, sections=("distill",), derive=one_epoch)
+    Pipeline([stage], recipe, tmp_path).run()
+    assert (tmp_path / "s" / "epochs.txt").read_text() == "1"
+    assert read_manifest(tmp_path / "s")["config"]["distill"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-lora.yaml", "default.yaml"])
+def test_every_shipped_stage_declares_what_its_key_covers(name):
+    """Every section a stage declares exists in the recipe schema (a typo would key on nothing)."""
+    from edgedistill.recipe import Recipe
+    from edgedistill.stages import stages_for
+
+    def exists(model, path):
+        head, _, rest = path.partition(".")
+        field = model.model_fields.get(head)
+        if field is None:
+            return False
+        if not rest:
+            return True
+        inner = [t for t in getattr(field.annotation, "__args__", (field.annotation,)) if hasattr(t, "model_fields")]
+        return any(exists(t, rest) for t in inner)
+
+    for stage in stages_for(load_recipe(ROOT / "recipes" / name)):
+        for section in stage.sections + stage.unkeyed_sections:
+            assert exists(Recipe, section), f"{stage.name}: {section}"
