@@ -270,7 +270,8 @@ def test_int4_rounded_by_importance_on_calibration_text(models, exports, tmp_pat
 
     text = tmp_path / "task.txt"
     text.write_text("ka lo mi ne tu. " * 400)
-    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated", OnnxExportOptions("int4", calibration=text, calibration_tokens=1024))
+    manifest = export_onnx(models["llama"], tmp_path / "llama-int4-calibrated",
+                           OnnxExportOptions("int4", calibration=text, calibration_tokens=1024))
     quantization = manifest["quantization"]
     # chunks no longer than the model's 256 positions
     assert quantization["calibration"]["tokens"] == 1024 and quantization["calibration"]["chunks"] == 4
