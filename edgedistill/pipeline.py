@@ -9,7 +9,7 @@ folders it reads and of any outside files (a prompt file, a model file). A stage
 holds a manifest with the same key (and whose files are all there) is skipped.
 
 The stage contract: a stage is a function `fn(recipe, out, **inputs)` where `recipe` is a
-read-only view of the sections the Stage declares (edgedistill.recipe.SectionView: reading any
+read-only view of the sections the Stage declares (SectionView: reading any
 other raises), `out` is the folder to fill and `inputs` are the finished folders of the stages it
 names. So the cache key is exactly what the stage reads.
 
@@ -36,9 +36,56 @@ from typing import Any
 from edgedistill import __version__
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import MANIFEST, PARTIAL
-from edgedistill.recipe import Recipe, SectionView, section_dump
+from edgedistill.recipe import Recipe, section_dump
 
 FOLLOW_POLL_S = 0.5
+
+
+class UndeclaredSection(AttributeError):
+    """A stage read a recipe section its Stage does not declare: a bug, since the stage's cache key
+    would not change when that section does."""
+
+
+# what a stage may call on the whole recipe whatever it declares: path resolution against the
+# recipe's folder, which the stage's outside files (Stage.external) put into the key by content
+RECIPE_PATH_HELPERS = ("resolve", "source", "base_dir")
+
+
+class SectionView:
+    """A read-only view of a recipe (or of one of its sections) that lets a stage read only the
+    sections it declares: `keyed` ones go into its cache key, `unkeyed` ones are read on purpose
+    without changing the result (an endpoint's URL). Reading anything else raises UndeclaredSection.
+
+    A declared name covers everything under it ("distill" covers distill.topk); reading a section
+    that is only partly declared ("generate" when "generate.batch_size" is) gives a view of it,
+    or None when the section is not set."""
+
+    def __init__(self, value: Any, declared: tuple[str, ...], path: str = ""):
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_declared", declared)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        full = f"{self._path}.{name}" if self._path else name
+        value = getattr(self._value, name)
+        if not self._path and name in RECIPE_PATH_HELPERS:
+            return value
+        if any(full == d or full.startswith(d + ".") for d in self._declared):
+            return value
+        if value is not None and any(d.startswith(full + ".") for d in self._declared):
+            return SectionView(value, self._declared, full)
+        if value is None and any(d.startswith(full + ".") for d in self._declared):
+            return None
+        raise UndeclaredSection(f"this stage reads recipe.{full}, which its Stage does not declare: add it to the "
+                                f"Stage's sections (or unkeyed_sections), so that the cache key covers what it reads")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the recipe is read-only in a stage (tried to set {name})")
+
+    def __repr__(self) -> str:
+        return f"SectionView({self._path or 'recipe'}, declared={list(self._declared)})"
 
 
 @dataclass(frozen=True)

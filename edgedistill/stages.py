@@ -4,7 +4,7 @@
 
 Stages run in this order; each one's folder under the run folder is named after it. Each Stage
 declares the recipe sections its function reads; the function gets a view of the recipe with
-only those (edgedistill.recipe.SectionView), so what a stage reads is what its cache key covers.
+only those (edgedistill.pipeline.SectionView), so what a stage reads is what its cache key covers.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_a_stage_may_only_read_earlier_stages(recipe, tmp_path):
 # --- the stage contract: a stage reads only the recipe sections it declares ---
 
 def test_a_stage_reads_its_declared_sections_and_nothing_else(recipe, tmp_path):
-    from edgedistill.recipe import UndeclaredSection
+    from edgedistill.pipeline import UndeclaredSection
 
     seen = {}
 
