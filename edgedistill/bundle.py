@@ -99,8 +99,8 @@ def _tokenizer_folder(run_dir: Path) -> Path:
 
 def _chat_template(tokenizer_dir: Path, tokenizer_config: dict) -> str | None:
     # newer transformers save the template beside tokenizer_config.json instead of inside it
-    if (tokenizer_dir / "chat_template.jinja").is_file():
-        return (tokenizer_dir / "chat_template.jinja").read_text()
+    if (tokenizer_dir / layout.CHAT_TEMPLATE).is_file():
+        return (tokenizer_dir / layout.CHAT_TEMPLATE).read_text()
     template = tokenizer_config.get("chat_template")
     return template if isinstance(template, str) else None
 
@@ -280,7 +280,7 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
     generated = {modelfile: _modelfile(gguf, modelfile, model, eos_token)
                  for gguf, (modelfile, model) in modelfiles.items()}
     if template is not None:
-        generated["chat_template.jinja"] = template
+        generated[layout.CHAT_TEMPLATE] = template
     generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, template is not None)
 
     created = int(time.time())

@@ -43,7 +43,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from edgedistill.data.prompts import Example, load_examples, named_label, prompt_messages, split_examples, write_jsonl
 from edgedistill.data.remote import Request, answer_remote
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, TRAIN_JSONL
+from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TRAIN_JSONL
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
 
@@ -152,7 +152,7 @@ def _generate_local(recipe: Recipe, chat: TorchChatModel, requests: list[Request
 
 
 def _context_length(teacher: Path) -> int | None:
-    config = json.loads((teacher / "config.json").read_text())
+    config = json.loads((teacher / HF_CONFIG).read_text())
     return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
 
 

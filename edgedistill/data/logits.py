@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from edgedistill.data.prompts import read_jsonl
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import LOGITS_META, TRAIN_JSONL, logits_shard_name
+from edgedistill.layout import LOGITS_META, TOKENIZER_JSON, TRAIN_JSONL, logits_shard_name
 from edgedistill.pipeline import manifest_digest, read_manifest, sha256_json
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
@@ -55,7 +55,7 @@ TOKENIZER_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 def tokenizer_identity(folder: Path) -> str:
     """A hash of what decides a tokenizer's ids, equal for files written differently."""
     try:
-        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EdgedistillError(f"{folder}/tokenizer.json cannot be read ({exc})",
                                "the model folder needs a fast tokenizer's tokenizer.json") from None

@@ -23,14 +23,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgedistill.distill.importance import Importance, calibration_sequences, compute_importance
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import TRAIN_JSONL
+from edgedistill.layout import (CHAT_TEMPLATE, GENERATION_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON,
+                                TRAIN_JSONL)
 from edgedistill.pipeline import clear_folder
 from edgedistill.recipe import Recipe, WidthConfig
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, GENERATION_CONFIG)
 # Texts both tokenizers of a given student and its teacher must split identically.
 TOKENIZER_PROBES = ("Hello, world! How are you?", "  spaces   and\n\ttabs\n\n", "digits 12345 and 3.14159",
                     "café naïve Zürich 🚀", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
@@ -256,7 +256,7 @@ def _given_student(recipe: Recipe, out: Path, teacher: Path) -> dict:
         # Equal tokenizers, but the files may be written differently (a GGUF source's are rebuilt
         # from metadata): the teacher's own files make the logits cache's tokenizer check exact.
         for name in TOKENIZER_FILES:
-            if name != "generation_config.json" and (teacher / name).exists():
+            if name != GENERATION_CONFIG and (teacher / name).exists():
                 shutil.copy2(teacher / name, out / name)
     return {"source": spec, "source_kind": source.kind, "tokenizer_matches_teacher": difference is None,
             **({"tokenizer_difference": difference} if difference else {})}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON
 from edgedistill.sources.builtin import BUILTIN_MODELS, builtin_gguf_path, builtin_names
 from edgedistill.sources.gguf import materialize_gguf, open_gguf, tokenizer_from_gguf
 
@@ -66,7 +67,7 @@ def resolve_source(spec: str) -> ModelSource:
 
 
 def _check_hf_folder(path: Path) -> None:
-    config_file = path / "config.json"
+    config_file = path / HF_CONFIG
     if not config_file.is_file():
         raise EdgedistillError(
             f"{path} is not an HF model folder: it has no config.json",
@@ -85,7 +86,7 @@ def _check_hf_folder(path: Path) -> None:
             hint="we load safetensors only; convert once with "
             "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)",
         )
-    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    tokenizer_files = (TOKENIZER_JSON, "tokenizer.model", TOKENIZER_CONFIG)
     if not any((path / name).is_file() for name in tokenizer_files):
         raise EdgedistillError(
             f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json)",
@@ -118,7 +119,7 @@ def _materialize_hf(path: Path, out: Path, *, trust_remote_code: bool, progress:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / HF_CONFIG).read_text())
     if config.get("auto_map") and not trust_remote_code:
         raise EdgedistillError(
             f"{path} needs its own Python code to load (config.json has auto_map)",

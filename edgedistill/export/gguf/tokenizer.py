@@ -36,6 +36,7 @@ import gguf
 from gguf import TokenType
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.layout import CHAT_TEMPLATE, TOKENIZER_CONFIG, TOKENIZER_JSON
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
@@ -161,7 +162,7 @@ def _chat_template(hf_dir: Path, tokenizer_config: dict) -> str | list[dict[str,
     # transformers >= 4.43 may write the template to its own file instead of tokenizer_config.json
     if tokenizer_config.get("chat_template"):
         return tokenizer_config["chat_template"]
-    jinja = hf_dir / "chat_template.jinja"
+    jinja = hf_dir / CHAT_TEMPLATE
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     as_json = hf_dir / "chat_template.json"
@@ -225,9 +226,9 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
     vocabulary from the token list and checks it against token_embd.
     """
     hf_dir = Path(hf_dir)
-    tokenizer_file = hf_dir / "tokenizer.json"
+    tokenizer_file = hf_dir / TOKENIZER_JSON
     tokenizer_json = _read_json(tokenizer_file)
-    config_file = hf_dir / "tokenizer_config.json"
+    config_file = hf_dir / TOKENIZER_CONFIG
     tokenizer_config = _read_json(config_file) if config_file.is_file() else {}
 
     model = tokenizer_json.get("model") or {}

@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.tokenizer import add_tokenizer_metadata, read_tokenizer
+from edgedistill.layout import HF_CONFIG
 
 
 QUANTIZED_BY = "edgedistill"
@@ -82,7 +83,7 @@ class PlannedTensor:
 
 
 def _read_config(hf_dir: Path) -> tuple[dict, Path]:
-    config_file = hf_dir / "config.json"
+    config_file = hf_dir / HF_CONFIG
     if not config_file.is_file():
         raise EdgedistillError(f"{config_file} not found", "pass an HF model folder written by save_pretrained")
     try:

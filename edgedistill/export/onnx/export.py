@@ -37,16 +37,17 @@ from edgedistill.export.onnx.options import (
 from edgedistill.export.onnx.paths import choose_path, run_builder, run_optimum
 from edgedistill.export.onnx.quantize import quantize_onnx
 from edgedistill.export.source import hf_source
+from edgedistill.layout import CHAT_TEMPLATE, HF_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON
 
 # Written by exporters from a re-saved tokenizer; replaced by the source folder's own files, so the
 # export tokenizes exactly as the model that was trained and verified.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE,
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 TOOLS = ("onnx", "onnxruntime", "onnxruntime-genai", "optimum", "optimum-onnx", "transformers")
 
 
 def _read_source(hf_dir: Path) -> dict:
-    config_file = hf_dir / "config.json"
+    config_file = hf_dir / HF_CONFIG
     if not config_file.is_file():
         raise EdgedistillError(f"{hf_dir} is not an HF model folder (no config.json)",
                                "pass a folder written by save_pretrained, e.g. runs/sentiment/distill")
@@ -57,7 +58,7 @@ def _read_source(hf_dir: Path) -> dict:
     if not any(hf_dir.glob("*.safetensors")):
         raise EdgedistillError(f"{hf_dir} holds no *.safetensors weights",
                                "save the model with save_pretrained(..., safe_serialization=True)")
-    if not (hf_dir / "tokenizer.json").is_file():
+    if not (hf_dir / TOKENIZER_JSON).is_file():
         # onnxruntime-genai's tokenizer and this project's ONNX runtime read tokenizer.json only
         raise EdgedistillError(f"{hf_dir} has no tokenizer.json",
                                "save a fast tokenizer into the folder: AutoTokenizer.from_pretrained(...)"
