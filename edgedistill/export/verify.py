@@ -33,7 +33,7 @@ import numpy as np
 from edgedistill import layout
 from edgedistill.errors import EdgedistillError
 from edgedistill.formats import Bound
-from edgedistill.runtimes import log_softmax
+from edgedistill.runtimes.common import log_softmax
 
 if TYPE_CHECKING:
     import torch

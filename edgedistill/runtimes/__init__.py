@@ -18,8 +18,7 @@ import numpy as np
 
 from edgedistill import layout
 from edgedistill.errors import EdgedistillError
-# log_softmax is part of the interface (score() returns log-probs); the runtimes import it from common
-from edgedistill.runtimes.common import DEVICES, DTYPES, log_softmax  # noqa: F401
+from edgedistill.runtimes.common import DEVICES, DTYPES
 
 
 
