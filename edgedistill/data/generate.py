@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from edgedistill.data.prompts import Example, load_examples, named_label, prompt_messages, split_examples, write_jsonl
-from edgedistill.data.remote import Request, answer_remote
+from edgedistill.data.remote import Request, answer_remote, describe_skips
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TRAIN_JSONL
 from edgedistill.recipe import Recipe
@@ -252,7 +252,7 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
 
             if cfg.endpoint is not None:
                 answer_remote(cfg.endpoint, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              on_answer=record, on_skip=lambda request, reason: skipped_endpoint.append(request.key))
+                              on_answer=record, on_skip=lambda request, error: skipped_endpoint.append(error))
             else:
                 chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
                 _generate_local(recipe, chat, requests, record)
@@ -261,10 +261,16 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     answered = sum(1 for ex in train for s in range(cfg.samples) if (ex.id, s) in done)
     kept = sum(1 for row in rows if row.get("task") != "label")
     if not rows:
+        endpoint_failures, hints = str(len(skipped_endpoint)), []
+        if skipped_endpoint:
+            endpoint_failures, endpoint_hint = describe_skips(skipped_endpoint)
+            hints.append(endpoint_hint)
+        if answered or not skipped_endpoint:  # the answers' filters, not the endpoint, dropped them
+            hints.append("check the teacher with `edgedistill chat`, raise generate.max_new_tokens, "
+                         "or turn off generate.reasoning")
         raise EdgedistillError(
             f"no usable teacher answer for the {len(train)} training prompts (filtered: {dict(counts)}, "
-            f"too long: {skipped_too_long}, endpoint failures: {len(skipped_endpoint)})",
-            "check the teacher with `edgedistill chat`, raise generate.max_new_tokens, or turn off generate.reasoning")
+            f"too long: {skipped_too_long}, endpoint failures: {endpoint_failures})", "; ".join(hints))
     if kept < cfg.min_kept * answered:
         # A student trained on the few survivors learns little (a 135M teacher asked to reason
         # kept 4 answers of 512 and its student scored below chance).

@@ -8,6 +8,10 @@
 finished answer to `on_answer` at once, so the caller can append it to disk and a dead endpoint
 loses nothing already answered. Only the standard library is used for HTTP: no client package
 is needed on the machine that drives a cluster-served teacher.
+
+`generate.endpoint.timeout_s` is a deadline for the whole request (connect, send, the whole
+response): a watchdog shuts the socket when it passes, so a server that trickles a byte at a time
+cannot hold the stage, whose per-read socket timeouts alone would never fire.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -40,16 +45,111 @@ class Request:
     seed: int
 
 
-class EndpointDown(Exception):
+class EndpointError(Exception):
+    """What the server did (str) and the fix that fits it (`hint`)."""
+
+    def __init__(self, problem: str, hint: str):
+        super().__init__(problem)
+        self.hint = hint
+
+
+class EndpointDown(EndpointError):
     """The server is unreachable or failing (connection errors, timeouts, 5xx, 429): stop everything."""
 
 
-class BadResponse(Exception):
+class BadResponse(EndpointError):
     """This example's response is unusable (garbage, or a request the server refuses): retry, then skip it."""
 
 
-class EndpointRefused(Exception):
+class EndpointRefused(EndpointError):
     """Authentication, wrong URL or model (401, 403, 404): no retry helps."""
+
+
+NOT_A_CHAT_ENDPOINT = ("generate.endpoint.url must be the base URL (e.g. http://host:8000/v1) of an OpenAI-compatible "
+                       "server whose /chat/completions answers chat completions; try it with curl")
+REFUSED_REQUEST = ("the server refused these prompts: lower generate.max_new_tokens or shorten the prompts to fit "
+                   "the served model's context, and check generate.endpoint.model")
+SERVER_DOWN = "the answers finished so far are kept: start the server again and rerun to answer the rest"
+
+
+class _Deadline:
+    """Shuts every socket of one request when `seconds` have passed since it started.
+
+    A blocked read then ends at once (EOF or an error) and `expired` tells the caller why.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:  # connected just after the deadline
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        # The plain socket's shutdown, also under TLS: the reading thread still owns the SSL object.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class _WatchedConnection:
+    """An http.client connection that hands its socket to a _Deadline once connected."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_WatchedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(lambda *a, **kw: _WatchedHTTP(*a, deadline=self.deadline, **kw), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(lambda *a, **kw: _WatchedHTTPS(*a, deadline=self.deadline, **kw), req)
 
 
 def chat_url(endpoint: EndpointConfig) -> str:
@@ -69,13 +169,25 @@ def parse_completion(body: bytes) -> tuple[str, bool]:
     """(answer, finished) from a chat-completions response body; finished is False for finish_reason "length"."""
     try:
         data = json.loads(body)
+    except ValueError:
+        raise BadResponse(f"not JSON: {body[:200]!r}", NOT_A_CHAT_ENDPOINT) from None
+    try:
         choice = data["choices"][0]
         content = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise BadResponse(f"not a chat completion ({type(exc).__name__}: {exc}): {body[:200]!r}") from None
+    except (KeyError, IndexError, TypeError):
+        raise BadResponse(f"no choices[0].message.content in {body[:200]!r}", NOT_A_CHAT_ENDPOINT) from None
     if content is not None and not isinstance(content, str):
-        raise BadResponse(f"message content is {type(content).__name__}, not text")
+        raise BadResponse(f"choices[0].message.content is {type(content).__name__}, not text: {body[:200]!r}",
+                          NOT_A_CHAT_ENDPOINT)
     return (content or "").strip(), choice.get("finish_reason") != "length"
+
+
+def _timed_out(endpoint: EndpointConfig) -> EndpointDown:
+    return EndpointDown(
+        f"no complete response within generate.endpoint.timeout_s = {endpoint.timeout_s:g} s "
+        "(the deadline covers connect, send and the whole answer)",
+        "raise generate.endpoint.timeout_s, or check that the server is not stuck or overloaded (or lower "
+        f"generate.endpoint.concurrency); {SERVER_DOWN}")
 
 
 def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: int,
@@ -84,24 +196,37 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
                "temperature": temperature, "seed": request.seed, "stream": False}
     post = urllib.request.Request(chat_url(endpoint), data=json.dumps(payload).encode(),
                                   headers=_headers(endpoint), method="POST")
-    try:
-        with urllib.request.urlopen(post, timeout=endpoint.timeout_s) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        detail = f"HTTP {exc.code}: {exc.read()[:200]!r}"
-        if exc.code in SKIP_STATUSES:
-            raise BadResponse(detail) from None
-        if exc.code in (401, 403, 404):
-            raise EndpointRefused(detail) from None
-        raise EndpointDown(detail) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        # URLError wraps refused connections; OSError (timeouts too) and HTTPException are a dropped socket.
-        raise EndpointDown(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+    with _Deadline(endpoint.timeout_s) as deadline:
+        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline))
+        try:
+            # The socket timeout bounds the connect; the deadline bounds everything after it.
+            with opener.open(post, timeout=endpoint.timeout_s) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+            if exc.code in SKIP_STATUSES:
+                raise BadResponse(detail, REFUSED_REQUEST) from None
+            if exc.code in (401, 403, 404):
+                raise EndpointRefused(detail, "check generate.endpoint.url, .model and the API key in "
+                                      f"${endpoint.api_key_env or '<api_key_env>'}") from None
+            raise EndpointDown(detail, SERVER_DOWN) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            if deadline.expired or isinstance(reason, TimeoutError):
+                raise _timed_out(endpoint) from None
+            # URLError wraps refused connections; OSError and HTTPException are a dropped socket.
+            raise EndpointDown(f"{type(exc).__name__}: {reason}", SERVER_DOWN) from None
+    if deadline.expired:  # a body without Content-Length reads as ended when its socket is shut
+        raise _timed_out(endpoint)
     return parse_completion(body)
 
 
-def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Event, **kwargs) -> tuple[str, bool] | None:
-    """The answer, or None when the example is skipped; raises EndpointDown when the server stays down."""
+def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Event,
+                  **kwargs) -> tuple[str, bool] | BadResponse | None:
+    """The answer; the last BadResponse when the example is skipped; None when stopped.
+
+    Raises EndpointDown when the server stays down.
+    """
     for attempt in range(endpoint.retries + 1):
         if stop.is_set():
             return None
@@ -112,17 +237,18 @@ def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Ev
         if attempt < endpoint.retries:
             stop.wait(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** attempt))
     if isinstance(last, BadResponse):
-        return None
+        return last
     raise last
 
 
 def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_tokens: int, temperature: float,
                   on_answer: Callable[[Request, str, bool], None],
-                  on_skip: Callable[[Request, str], None]) -> None:
+                  on_skip: Callable[[Request, BadResponse], None]) -> None:
     """Answer `requests` with at most endpoint.concurrency in flight.
 
     `on_answer(request, answer, finished)` is called from worker threads (the caller locks);
-    `on_skip(request, reason)` for examples whose responses stayed unusable after the retries.
+    `on_skip(request, error)` for examples whose responses stayed unusable after the retries: str(error)
+    says what the server answered, error.hint the fix (`describe_skips` sums them up for a message).
     Raises EdgedistillError naming the URL and the last error when the endpoint stays down; the
     answers handed out before that are the caller's to keep.
     """
@@ -135,10 +261,10 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
         except BaseException:
             stop.set()  # no new requests to a server that is down; in-flight ones still land
             raise
-        if result is not None:
+        if isinstance(result, tuple):
             on_answer(request, *result)
-        elif not stop.is_set():
-            on_skip(request, "unusable responses after retries")
+        elif result is not None and not stop.is_set():
+            on_skip(request, result)
 
     with ThreadPoolExecutor(max_workers=endpoint.concurrency, thread_name_prefix="teacher-endpoint") as pool:
         futures = [pool.submit(work, request) for request in requests]
@@ -150,13 +276,16 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
     errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
     for error in errors:
         if isinstance(error, EndpointRefused):
-            raise EdgedistillError(f"the teacher endpoint {url} refused the request: {error}",
-                                   "check generate.endpoint.url, .model and the API key in "
-                                   f"${endpoint.api_key_env or '<api_key_env>'}")
+            raise EdgedistillError(f"the teacher endpoint {url} refused the request: {error}", error.hint)
     for error in errors:
         if isinstance(error, EndpointDown):
             raise EdgedistillError(
                 f"the teacher endpoint {url} kept failing after {endpoint.retries} retries; last error: {error}",
-                "the answers finished so far are kept: start the server again and rerun to answer the rest")
+                error.hint)
     if errors:
         raise errors[0]
+
+
+def describe_skips(skips: list[BadResponse]) -> tuple[str, str]:
+    """(what the endpoint answered, the fix) for examples skipped after the retries, for the stage's error."""
+    return f"{len(skips)}, the last one answered {skips[-1]}", "; ".join(dict.fromkeys(error.hint for error in skips))
