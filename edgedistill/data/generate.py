@@ -6,6 +6,11 @@ Writes `train.jsonl` (chat format: the prompt messages plus the teacher's answer
 turn, the gold label, the sample index) and `heldout.jsonl` (the plain prompt messages, gold label
 and the label choices; no teacher answer, so nothing of it can leak into training).
 
+A prompt that does not fit the teacher's context with generate.max_new_tokens after it is skipped,
+in both splits, before any answer is asked for (counts `skipped_too_long` and
+`heldout_skipped_too_long` in the stage result); eval skips what still does not fit an artifact's
+context (edgedistill.evaluate.task).
+
 Reasoning mode (`generate.reasoning`) is "distilling step-by-step": the teacher is asked to reason
 and end with an `Answer:` line; the trace and the final answer are stored apart (`trace`,
 `answer`), and each answer gives two training rows, `task: rationale` (the reasoning prompt and
@@ -156,16 +161,19 @@ def _context_length(teacher: Path) -> int | None:
     return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
 
 
-def _fits(recipe: Recipe, teacher: Path, train: list[Example]) -> tuple[list[Example], int]:
-    """The training examples whose prompt plus max_new_tokens fits the teacher's context, and the skip count."""
+def _fits(recipe: Recipe, teacher: Path, examples: list[Example], *,
+          reasoning: bool | None = None) -> tuple[list[Example], int]:
+    """The examples whose prompt (with `reasoning` as prompt_messages takes it) plus
+    generate.max_new_tokens fits the teacher's context, and the skip count."""
     context = _context_length(teacher)
     if context is None:
-        return train, 0
+        return examples, 0
     tokenizer = load_tokenizer(teacher)
-    fits = [ex for ex in train
-            if len(tokenizer.apply_chat_template(prompt_messages(recipe, ex.text), add_generation_prompt=True,
-                                                 tokenize=True)) + recipe.generate.max_new_tokens <= context]
-    return fits, len(train) - len(fits)
+    fits = [ex for ex in examples
+            if len(tokenizer.apply_chat_template(prompt_messages(recipe, ex.text, reasoning=reasoning),
+                                                 add_generation_prompt=True, tokenize=True))
+            + recipe.generate.max_new_tokens <= context]
+    return fits, len(examples) - len(fits)
 
 
 def judge(recipe: Recipe, answer: str, finished: bool) -> tuple[str | None, dict]:
@@ -229,6 +237,14 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     cfg = recipe.generate
     train, heldout = split_examples(recipe, load_examples(recipe))
     train_fit, skipped_too_long = _fits(recipe, teacher, train)
+    # The same rule for the held-out prompts (as eval sends them, without the reasoning request),
+    # checked before any answer is asked for: a prompt past the context would crash eval at the end.
+    heldout_fit, heldout_skipped_too_long = _fits(recipe, teacher, heldout, reasoning=False)
+    if not heldout_fit:
+        raise EdgedistillError(
+            f"all {len(heldout)} held-out prompts are too long for the teacher's context with "
+            f"generate.max_new_tokens = {cfg.max_new_tokens}",
+            "shorten the examples in data.prompts, lower generate.max_new_tokens or raise data.heldout_fraction")
     partial = out / PARTIAL_ANSWERS
     done = _answered(partial)
     # Rewrite without a possibly cut last line before appending to it.
@@ -285,12 +301,13 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     write_jsonl(out / HELDOUT_JSONL, [
         {"id": ex.id, "messages": prompt_messages(recipe, ex.text, reasoning=False), "label": ex.label,
          "choices": recipe.task.labels}
-        for ex in heldout])
+        for ex in heldout_fit])
     partial.unlink()
     result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),
               "samples_per_prompt": cfg.samples, "answers": answered, "kept_answers": kept,
-              "train_examples": len(rows), "heldout_examples": len(heldout),
-              "skipped_too_long": skipped_too_long, "skipped_endpoint_failures": len(skipped_endpoint)}
+              "train_examples": len(rows), "heldout_examples": len(heldout_fit),
+              "skipped_too_long": skipped_too_long, "heldout_skipped_too_long": heldout_skipped_too_long,
+              "skipped_endpoint_failures": len(skipped_endpoint)}
     for key in ("dropped_empty", "dropped_repeated", "dropped_truncated", "dropped_failed_format", "dropped_duplicate",
                 "truncated_answers", "answers_naming_no_label"):
         result[key] = counts[key]

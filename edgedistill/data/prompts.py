@@ -27,18 +27,58 @@ class Example:
     label: str
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+JSON_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array",
+              type(None): "null"}
+
+
+def utf8_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text with its line ending) per line of a UTF-8 file; a byte that is not UTF-8
+    is an EdgedistillError naming its line and byte offset (a UTF-8 byte-order mark is dropped)."""
+    if not path.is_file():
+        raise EdgedistillError(f"{path} does not exist", "check the path (relative paths in a recipe are "
+                                                         "relative to the recipe's folder)")
+    lines = []
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
             try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise EdgedistillError(f"{path}:{line_no}: not valid JSON ({exc})",
-                                       "each line must be one JSON object") from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise EdgedistillError(
+                    f"{path}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start})",
+                    f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})"
+                ) from None
+            lines.append((line_no, text.removeprefix("\ufeff") if line_no == 1 else text))
+            offset += len(raw)
+    return lines
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file of user data: every reader of
+    such a file goes through here, so that a bad line is an EdgedistillError naming the file, the
+    line and what is wrong (not UTF-8, not valid JSON, not a JSON object)."""
+    rows = []
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        fix = f"each line must be one whole JSON object ({{...}}): fix or delete line {line_no}"
+        try:
+            row = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as exc:
+            # "Unterminated string starting at", "Expecting value": then where
+            raise EdgedistillError(f"{path}:{line_no}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                                   f"{exc.colno})", fix) from None
+        if not isinstance(row, dict):
+            shown = line.strip() if len(line.strip()) <= 40 else line.strip()[:37] + "..."
+            raise EdgedistillError(f"{path}:{line_no}: not a JSON object (got {JSON_KINDS[type(row)]}: {shown})",
+                                   fix)
+        rows.append((line_no, row))
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file, blank lines skipped; errors as `numbered_jsonl`'s."""
+    return [row for _, row in numbered_jsonl(path)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -54,17 +94,16 @@ def read_prompt_file(path: Path, text_field: str, label_field: str) -> list[tupl
     """
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = "".join(text for _, text in utf8_lines(path)).splitlines()
         return [(line, None) for line in lines if line.strip()]
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                return []
-            if text_field not in reader.fieldnames:
-                raise EdgedistillError(f"{path}: the CSV header {reader.fieldnames} has no column '{text_field}'",
-                                       "set data.text_field to the column holding the text")
-            rows = list(reader)
+        reader = csv.DictReader(text for _, text in utf8_lines(path))
+        if reader.fieldnames is None:
+            return []
+        if text_field not in reader.fieldnames:
+            raise EdgedistillError(f"{path}: the CSV header {reader.fieldnames} has no column '{text_field}'",
+                                   "set data.text_field to the column holding the text")
+        rows = list(reader)
     else:
         rows = read_jsonl(path)
     return [(row.get(text_field), row.get(label_field) or None) for row in rows]

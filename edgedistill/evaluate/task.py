@@ -15,16 +15,26 @@ eval.json (edgedistill.records.EvalReport): "reference" (task score, and "perple
 "perplexity", "perplexity_ratio", "kl_to_reference", "top1_agreement", "scored_tokens"),
 "scored_records" (how many held-out records were scored, the first ones) and "scored_text" (what
 was scored, in words). `format_eval` is what `edgedistill eval` prints.
+
+Prompts too long are skipped, as the generate stage skips them: before any answer is generated,
+every artifact (and the reference) is opened once to count each record's prompt tokens, and a
+record whose prompt plus max_new_tokens does not fit one of their contexts (llama.cpp's n_ctx,
+ONNX Runtime GenAI's context_length, else max_position_embeddings) is left out for all of them,
+so that their scores stay comparable. stderr names each one and eval.json counts them
+("skipped_too_long"); when none fits, eval refuses. A file that is not JSONL of held-out records
+is refused with its line number (edgedistill.data.prompts.numbered_jsonl).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgedistill.data.generate import split_reasoning
-from edgedistill.data.prompts import named_label, read_jsonl
+from edgedistill.data.prompts import named_label, numbered_jsonl
 from edgedistill import layout
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
@@ -41,15 +51,51 @@ def parse_label(answer: str, choices: list[str]) -> str | None:
     return named_label(reasoned[1] if reasoned else answer, choices)
 
 
-def load_heldout(path: Path) -> list[dict]:
-    rows = read_jsonl(path)
-    for index, row in enumerate(rows, 1):
-        if not {"messages", "label", "choices"} <= row.keys():
-            raise EdgedistillError(f"{path}:{index}: a held-out record needs messages, label and choices",
+def _numbered_heldout(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) per held-out record of `path`, each checked for its keys."""
+    numbered = numbered_jsonl(path)
+    for line_no, row in numbered:
+        messages, choices = row.get("messages"), row.get("choices")
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+                and isinstance(choices, list) and choices and "label" in row):
+            raise EdgedistillError(f"{path}:{line_no}: a held-out record needs messages (a list of chat messages), "
+                                   "label and choices (a list of labels)",
                                    "use the heldout.jsonl written by the generate stage")
-    if not rows:
-        raise EdgedistillError(f"{path} holds no held-out records")
-    return rows
+    if not numbered:
+        raise EdgedistillError(f"{path} holds no held-out records", "use the heldout.jsonl written by the generate stage")
+    return numbered
+
+
+def load_heldout(path: Path) -> list[dict]:
+    return [row for _, row in _numbered_heldout(path)]
+
+
+def context_length(model: Runtime) -> int | None:
+    """Tokens (prompt and answer) an open artifact holds; None when it names no limit."""
+    if hasattr(model, "llm"):  # llama.cpp: the n_ctx it was opened with; past it llama_decode fails
+        return model.llm.n_ctx()
+    if getattr(model, "context_length", None):  # ONNX Runtime GenAI
+        return model.context_length
+    folder = getattr(model, "folder", None)  # a plain ONNX export
+    if folder is not None:
+        config = folder / layout.HF_CONFIG
+        return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+    config = getattr(getattr(model, "model", None), "config", None)  # PyTorch
+    return getattr(config, "max_position_embeddings", None)
+
+
+def too_long(model: Runtime, name: str, numbered: list[tuple[int, dict]], max_new_tokens: int) -> dict[int, str]:
+    """line number -> why, for each record whose prompt plus max_new_tokens does not fit the model's context."""
+    context = context_length(model)
+    if context is None:
+        return {}
+    found = {}
+    for line_no, row in numbered:
+        needed = len(model.prompt_ids(row["messages"])) + max_new_tokens
+        if needed > context:
+            found[line_no] = (f"id {row.get('id')}: {needed} tokens with {max_new_tokens} new ones, "
+                              f"{name} holds {context}")
+    return found
 
 
 def artifact_name(artifact: Path) -> str:
@@ -92,10 +138,26 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         from edgedistill.runtimes.torch_decode import require_device
 
         require_device(device)  # before hours of CPU work, not after
-    rows = load_heldout(data)
+    numbered = _numbered_heldout(data)
+    order = ([reference] if reference is not None else []) + artifacts
+    skipped: dict[int, str] = {}
+    held = None
+    for path in reversed(order):  # the last one checked is the first used: it stays open
+        held = None  # one model in memory at a time
+        held = _open(path, device, dtype)
+        skipped = too_long(held, artifact_name(path), numbered, max_new_tokens) | skipped
+    rows = [row for line_no, row in numbered if line_no not in skipped]
+    if skipped:
+        listed = "; ".join(f"{data}:{line_no} ({why})" for line_no, why in sorted(skipped.items())[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        if not rows:
+            raise EdgedistillError(f"no held-out record fits the context: {listed}{more}",
+                                   "shorten the prompts or lower --max-new-tokens (eval.max_new_tokens in a recipe)")
+        print(f"eval: skipping {len(skipped)} of {len(numbered)} held-out records whose prompt does not fit the "
+              f"context: {listed}{more}", file=sys.stderr, flush=True)
     ref = records = None
     if reference is not None:
-        model = _open(reference, device, dtype)
+        model, held = held, None
         ref = EvalReference(**task_score(reference, rows, max_new_tokens=max_new_tokens, model=model).to_dict())
         if score_records:
             scored = rows[:score_records]
@@ -105,7 +167,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         del model  # one model in memory at a time
     results = []
     for artifact in artifacts:
-        model = _open(artifact, device, dtype)
+        model, held = held if held is not None else _open(artifact, device, dtype), None
         if records is not None:
             check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
         result = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model)
@@ -118,6 +180,8 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     report = EvalReport(data=str(data), device=device, dtype=dtype, reference=ref, artifacts=results)
     if records is not None:
         report.update({"scored_records": len(records.ids), "scored_text": SCORED_TEXT})
+    if skipped:
+        report.update({"skipped_too_long": len(skipped)})
     return report
 
 
@@ -146,4 +210,5 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
                       max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records)
     (out / layout.EVAL_JSON).write_text(report.to_json())
-    return {"reference_task_score": report.reference.task_score}
+    return {"reference_task_score": report.reference.task_score,
+            "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}
