@@ -18,8 +18,9 @@ was scored, in words). `format_eval` is what `edgedistill eval` prints.
 
 Prompts too long are skipped, as the generate stage skips them: before any answer is generated,
 every artifact (and the reference) is opened once to count each record's prompt tokens, and a
-record whose prompt plus max_new_tokens does not fit one of their contexts (llama.cpp's n_ctx,
-ONNX Runtime GenAI's context_length, else max_position_embeddings) is left out for all of them,
+record whose prompt plus max_new_tokens does not fit one of their contexts (the runtime's
+`context_length`: llama.cpp's n_ctx, ONNX Runtime GenAI's, else max_position_embeddings) is left
+out for all of them,
 so that their scores stay comparable. stderr names each one and eval.json counts them
 ("skipped_too_long"); when none fits, eval refuses. A file that is not JSONL of held-out records
 is refused with its line number (edgedistill.data.prompts.numbered_jsonl).
@@ -27,7 +28,6 @@ is refused with its line number (edgedistill.data.prompts.numbered_jsonl).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -70,23 +70,9 @@ def load_heldout(path: Path) -> list[dict]:
     return [row for _, row in _numbered_heldout(path)]
 
 
-def context_length(model: Runtime) -> int | None:
-    """Tokens (prompt and answer) an open artifact holds; None when it names no limit."""
-    if hasattr(model, "llm"):  # llama.cpp: the n_ctx it was opened with; past it llama_decode fails
-        return model.llm.n_ctx()
-    if getattr(model, "context_length", None):  # ONNX Runtime GenAI
-        return model.context_length
-    folder = getattr(model, "folder", None)  # a plain ONNX export
-    if folder is not None:
-        config = folder / layout.HF_CONFIG
-        return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
-    config = getattr(getattr(model, "model", None), "config", None)  # PyTorch
-    return getattr(config, "max_position_embeddings", None)
-
-
 def too_long(model: Runtime, name: str, numbered: list[tuple[int, dict]], max_new_tokens: int) -> dict[int, str]:
     """line number -> why, for each record whose prompt plus max_new_tokens does not fit the model's context."""
-    context = context_length(model)
+    context = model.context_length
     if context is None:
         return {}
     found = {}

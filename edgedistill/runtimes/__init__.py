@@ -24,6 +24,7 @@ from edgedistill.runtimes.common import DEVICES, DTYPES
 
 class Runtime(Protocol):
     vocab_size: int  # the width of a row of score(): the model's output rows, padding included
+    context_length: int | None  # tokens one conversation may take, prompt and answer; None: no stated limit
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
         """Greedy answers, each with whether it ended by itself (False: cut at max_new_tokens)."""

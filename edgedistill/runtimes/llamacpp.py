@@ -72,6 +72,7 @@ class LlamaCppChatModel:
         self.formatters = {add: Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=bos_token,
                                                     add_generation_prompt=add) for add in (True, False)}
         self.vocab_size = self.llm.n_vocab()
+        self.context_length = self.llm.n_ctx()  # past it llama_decode fails
 
     def prompt_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         prompt = self.formatters[add_generation_prompt](messages=messages).prompt

@@ -188,12 +188,14 @@ class OnnxChatModel:
         self.vocab_size = self.decoder.vocab_size
         self.hf_tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_JSON))
         eos = self.special.get("eos_token")
-        config = self.folder / HF_CONFIG
-        eos_id = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+        config_file = self.folder / HF_CONFIG
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        eos_id = config.get("eos_token_id")
         ids = eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else []
         if eos is not None and self.hf_tokenizer.token_to_id(eos) is not None:
             ids.append(self.hf_tokenizer.token_to_id(eos))
         self.eos_ids = set(ids)
+        self.context_length = config.get("max_position_embeddings")
 
     def encode(self, text: str) -> list[int]:
         """Token ids as the export's tokenizer gives them, special tokens (a bos) added as its config says."""

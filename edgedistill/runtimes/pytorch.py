@@ -63,6 +63,7 @@ class TorchChatModel:
         self.tokenizer = load_tokenizer(folder)
         self.model = load_model(folder, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
