@@ -14,6 +14,9 @@ from __future__ import annotations
 MANIFEST = "manifest.json"
 # RUN/.partial/<stage>.<key>/: a stage at work, renamed to RUN/<stage>/ when complete
 PARTIAL = ".partial"
+# RUN/.lock: flock-ed by the one `edgedistill run` at work on the folder (its pid, host and start time
+# inside); removed when that run ends, free again whenever its process dies
+RUN_LOCK = ".lock"
 
 # stage folders (the stage's name is its folder's name)
 TEACHER = "teacher"

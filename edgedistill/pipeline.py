@@ -18,24 +18,32 @@ when the stage has finished, so a run killed at any point never leaves a half-wr
 its final name. The partial folder survives the kill, so a stage that saves progress there (the
 generator per example, the trainer per epoch) resumes where it stopped when run again with the
 same key.
+
+One run at a time works in a run folder: `run` holds an exclusive flock on `RUN/.lock`
+(which names its pid, host and start time) while it works, and a second run on the same folder
+stops at once with a message naming the first. The kernel drops the lock when its process dies, so
+a killed run never leaves the folder locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgedistill import __version__
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import MANIFEST, PARTIAL
+from edgedistill.layout import MANIFEST, PARTIAL, RUN_LOCK
 from edgedistill.recipe import Recipe, section_dump
 
 FOLLOW_POLL_S = 0.5
@@ -203,6 +211,56 @@ def write_manifest(folder: Path, stage: Stage, key: str, config: dict[str, Any],
     return manifest
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Holds the run folder for one run: an exclusive flock on RUN/.lock, or
+    EdgedistillError naming the run that holds it."""
+    path = run_dir / RUN_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise EdgedistillError(f"{run_dir} is in use by {holder}",
+                                   "wait for that run to finish, or use another --out folder") from None
+        # A run that just ended removed the file it held: then this lock is on a file nobody else
+        # will open, so start again with the file now at the path.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise EdgedistillError(f"the disk is full while writing {path}",
+                                       "free some space and run the same command again") from None
+            raise
+        yield
+    finally:
+        # removed while still held, so the next run never locks a file that is about to vanish
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"edgedistill run, pid {holder['pid']} on {holder['host']} since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another edgedistill run (which has not written its pid yet)"
+
+
 class Pipeline:
     """Runs stages in order under one run folder, skipping those already done for the same key."""
 
@@ -242,7 +300,11 @@ class Pipeline:
                 raise EdgedistillError(f"{flag} {name}: no such stage", f"use one of: {', '.join(self.stage_names())}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launched()[0] > 0:
-            return self._follow()
+            return self._follow()  # the first process holds the lock for the whole launch
+        with run_lock(self.run_dir):
+            return self._run_all(force, from_stage, to_stage)
+
+    def _run_all(self, force: bool, from_stage: str | None, to_stage: str | None) -> list[StageResult]:
         redo = force
         results: list[StageResult] = []
         digests: dict[str, str] = {}
