@@ -20,6 +20,7 @@ padded to 512 rows) build the two common folders once per session; treat them as
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,24 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def random_teacher_recipe(*, name: str, prompt: str, data: str, generate: str) -> str:
+    """Recipe YAML for the tests that run stages on a random 2-layer teacher with SmolLM2's tokenizer:
+    sentiment labels, a 1-block pruned student; `data` and `generate` are YAML flow mappings."""
+    return f"""
+name: {name}
+seed: 0
+teacher: {{source: random, tokenizer: smollm2-135m-instruct,
+          random: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+                   intermediate_size: 128}}}}
+task:
+  labels: [positive, negative]
+  prompt: {json.dumps(prompt)}
+data: {data}
+generate: {generate}
+student: {{method: prune, keep_layers: 1}}
+"""
 
 
 def tokenizer_corpus() -> list[str]:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import random_teacher_recipe
 
 from edgedistill.cli import main
 from edgedistill.data import generate as generate_module
@@ -20,26 +21,15 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate import task
 from edgedistill.recipe import load_recipe
 
-RECIPE = """
-name: faults
-seed: 0
-teacher: {{source: random, tokenizer: smollm2-135m-instruct,
-          random: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-                   intermediate_size: 128}}}}
-task:
-  labels: [positive, negative]
-  prompt: "Is this review positive or negative?\\n\\nReview: {{text}}"
-data: {{prompts: {prompts}, heldout_fraction: 0.3}}
-generate: {{max_new_tokens: 8}}
-student: {{method: prune, keep_layers: 1}}
-"""
 LONG_PROMPT = "word " * 20_000  # 100k characters
 GOOD = {"text": "great film", "label": "positive"}
 
 
 def make_recipe(folder: Path, prompts: Path):
     path = folder / "recipe.yaml"
-    path.write_text(RECIPE.format(prompts=prompts))
+    path.write_text(random_teacher_recipe(name="faults", prompt="Is this review positive or negative?\n\nReview: {text}",
+                                          data=f"{{prompts: {prompts}, heldout_fraction: 0.3}}",
+                                          generate="{max_new_tokens: 8}"))
     return load_recipe(path)
 
 

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import random_teacher_recipe
 
 from edgedistill.data import remote
 from edgedistill.data.generate import generate
@@ -193,26 +194,14 @@ def test_describe_skips_names_the_answer_the_count_and_the_fitting_fix():
 
 # --- through the generate stage ----------------------------------------------------------------------
 
-RECIPE = """
-name: faults
-seed: 0
-teacher: {{source: random, tokenizer: smollm2-135m-instruct,
-          random: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-                   intermediate_size: 128}}}}
-task:
-  labels: [positive, negative]
-  prompt: "Is this review positive or negative? Answer with one word.\\n\\nReview: {{text}}"
-data: {{prompts: {prompts}, heldout_fraction: 0.2, limit: 10}}
-generate: {{max_new_tokens: 8, endpoint: {{url: '{url}', retries: 0, timeout_s: 5}}}}
-student: {{method: prune, keep_layers: 1}}
-"""
-
-
 @pytest.mark.integration
 def test_the_generate_stage_says_what_the_endpoint_answered(serve, tmp_path):
     url = serve(lambda handler: answer(handler, b"<html>a login page</html>"))
-    (tmp_path / "recipe.yaml").write_text(RECIPE.format(prompts=ROOT / "recipes" / "data" / "sentiment.jsonl",
-                                                        url=url))
+    prompts = ROOT / "recipes" / "data" / "sentiment.jsonl"
+    (tmp_path / "recipe.yaml").write_text(random_teacher_recipe(
+        name="faults", prompt="Is this review positive or negative? Answer with one word.\n\nReview: {text}",
+        data=f"{{prompts: {prompts}, heldout_fraction: 0.2, limit: 10}}",
+        generate=f"{{max_new_tokens: 8, endpoint: {{url: '{url}', retries: 0, timeout_s: 5}}}}"))
     recipe = load_recipe(tmp_path / "recipe.yaml")
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import random_teacher_recipe
 import torch
 
 from edgedistill.data import remote
@@ -34,19 +35,6 @@ from edgedistill.recipe import EndpointConfig, load_recipe
 from edgedistill.stages import teacher_stage
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = """
-name: gen
-seed: 0
-teacher: {{source: random, tokenizer: smollm2-135m-instruct,
-          random: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-                   intermediate_size: 128}}}}
-task:
-  labels: [positive, negative]
-  prompt: "Is this review positive or negative? Answer with one word.\\n\\nReview: {{text}}"
-data: {{prompts: {prompts}, heldout_fraction: 0.2, limit: {limit}}}
-generate: {generate}
-student: {{method: prune, keep_layers: 1}}
-"""
 
 
 def make_recipe(folder: Path, *, prompts: str | None = None, limit: int = 10, generate: str = "{max_new_tokens: 8}"):
@@ -54,7 +42,9 @@ def make_recipe(folder: Path, *, prompts: str | None = None, limit: int = 10, ge
     if prompts is None:
         prompts = str(ROOT / "recipes" / "data" / "sentiment.jsonl")
     path = folder / "recipe.yaml"
-    path.write_text(RECIPE.format(prompts=prompts, limit=limit, generate=generate))
+    path.write_text(random_teacher_recipe(
+        name="gen", prompt="Is this review positive or negative? Answer with one word.\n\nReview: {text}",
+        data=f"{{prompts: {prompts}, heldout_fraction: 0.2, limit: {limit}}}", generate=generate))
     return load_recipe(path)
 
 
