@@ -22,12 +22,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     from edgedistill.layout import REPORT, REPORT_HTML, REPORT_MD
     from edgedistill.pipeline import Pipeline, launched
     from edgedistill.recipe import default_recipe, load_recipe
-    from edgedistill.stages import stages_for
+    from edgedistill.stages import check_inputs, stages_for
 
     recipe = load_recipe(args.recipe or default_recipe())
+    check_inputs(recipe)
     out = args.out or Path("runs") / recipe.name
     results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
-                                                            to_stage=args.to_stage)
+                                                            to_stage=args.to_stage, verify=args.verify)
     if launched()[0] > 0:
         return  # another process of a launch: the first one reports
     report = out / REPORT / REPORT_MD

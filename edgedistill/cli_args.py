@@ -34,6 +34,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", type=Path, help="YAML recipe (default: recipes/default.yaml)")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.add_argument("--verify", action="store_true",
+                     help="re-hash every finished stage's files against its manifest (not only sizes); "
+                          "a stage whose files changed runs again")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
     run.add_argument("--to", dest="to_stage", metavar="STAGE", help="stop after this stage")
 

@@ -28,7 +28,6 @@ a killed run never leaves the folder locked.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill import __version__
-from edgedistill.errors import EdgedistillError
+from edgedistill.errors import EdgedistillError, no_room, no_room_error
 from edgedistill.layout import MANIFEST, PARTIAL, RUN_LOCK
 from edgedistill.recipe import Recipe, section_dump
 
@@ -167,6 +166,18 @@ def clear_folder(folder: Path) -> None:
             leftover.unlink()
 
 
+def drop_leftovers(folder: Path) -> None:
+    """Removes what a killed writer left in a stage's partial folder: the hidden names that atomic
+    writes use (`.NAME.<pid>.partial`, a `.NAME.xxxx/` scratch folder). A stage's own files never
+    start with a dot, and the run lock means no other process is writing here, so these are never
+    adopted into the stage's manifest (which would change its key and keep hundreds of MB)."""
+    for leftover in sorted(folder.rglob(".*"), key=lambda p: len(p.parts)):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / MANIFEST).read_text())
@@ -180,6 +191,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def is_complete(folder: Path, key: str | None = None) -> bool:
+    """Whether `folder` holds its manifest's files at their sizes (what every run checks: cheap)."""
     manifest = read_manifest(folder)
     if manifest is None or (key is not None and manifest.get("key") != key):
         return False
@@ -188,6 +200,14 @@ def is_complete(folder: Path, key: str | None = None) -> bool:
         if not file.is_file() or file.stat().st_size != info["bytes"]:
             return False
     return True
+
+
+def changed_files(folder: Path) -> list[str]:
+    """The files of a finished stage whose content no longer matches their manifest's sha256
+    (`run --verify`): a same-size corruption that the size check of `is_complete` cannot see."""
+    manifest = read_manifest(folder) or {"files": {}}
+    return [rel for rel, info in manifest["files"].items()
+            if not (folder / rel).is_file() or sha256_file(folder / rel) != info["sha256"]]
 
 
 def write_manifest(folder: Path, stage: Stage, key: str, config: dict[str, Any], inputs: dict[str, str],
@@ -242,10 +262,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise EdgedistillError(f"the disk is full while writing {path}",
-                                       "free some space and run the same command again") from None
-            raise
+            if no_room(exc) is None:
+                raise
+            raise no_room_error(path, exc, "nothing was lost") from None
         yield
     finally:
         # removed while still held, so the next run never locks a file that is about to vanish
@@ -292,9 +311,11 @@ class Pipeline:
                            "inputs": inputs, "external": external})
         return key, config
 
-    def run(self, *, force: bool = False, from_stage: str | None = None, to_stage: str | None = None
-            ) -> list[StageResult]:
-        """Runs the stages in order (from `from_stage` on, redone; up to `to_stage`, included)."""
+    def run(self, *, force: bool = False, from_stage: str | None = None, to_stage: str | None = None,
+            verify: bool = False) -> list[StageResult]:
+        """Runs the stages in order (from `from_stage` on, redone; up to `to_stage`, included).
+        With `verify`, a finished stage counts as done only if every file's sha256 still matches
+        its manifest; one that does not is named and run again."""
         for flag, name in (("--from", from_stage), ("--to", to_stage)):
             if name is not None and name not in self.stage_names():
                 raise EdgedistillError(f"{flag} {name}: no such stage", f"use one of: {', '.join(self.stage_names())}")
@@ -302,16 +323,16 @@ class Pipeline:
         if launched()[0] > 0:
             return self._follow()  # the first process holds the lock for the whole launch
         with run_lock(self.run_dir):
-            return self._run_all(force, from_stage, to_stage)
+            return self._run_all(force, from_stage, to_stage, verify)
 
-    def _run_all(self, force: bool, from_stage: str | None, to_stage: str | None) -> list[StageResult]:
+    def _run_all(self, force: bool, from_stage: str | None, to_stage: str | None, verify: bool) -> list[StageResult]:
         redo = force
         results: list[StageResult] = []
         digests: dict[str, str] = {}
         for stage in self.stages:
             redo = redo or stage.name == from_stage
             inputs = {name: digests[name] for name in stage.inputs}
-            result = self._run_stage(stage, inputs, redo)
+            result = self._run_stage(stage, inputs, redo, verify)
             digests[stage.name] = manifest_digest(result.manifest)
             results.append(result)
             if stage.name == to_stage:
@@ -322,12 +343,18 @@ class Pipeline:
                 self._announce(stage, None)
         return results
 
-    def _run_stage(self, stage: Stage, inputs: dict[str, str], redo: bool) -> StageResult:
+    def _run_stage(self, stage: Stage, inputs: dict[str, str], redo: bool, verify: bool) -> StageResult:
         key, config = self.key(stage, inputs)
         final = self.run_dir / stage.name
         partial = self.run_dir / PARTIAL / f"{stage.name}.{key[:16]}"
+        if not redo and verify and is_complete(final, key):
+            changed = changed_files(final)
+            if changed:
+                self.log(f"[{stage.name}] {', '.join(changed)} changed since the stage wrote "
+                         f"{'them' if len(changed) > 1 else 'it'} (sha256 differs from {final / MANIFEST}): running it again")
+                redo = True
         if not redo and is_complete(final, key):
-            self.log(f"[{stage.name}] up to date, skipped")
+            self.log(f"[{stage.name}] up to date{', verified' if verify else ''}, skipped")
             if stage.distributed:
                 self._announce(stage, None)
             return StageResult(stage.name, final, True, 0.0, read_manifest(final) or {})
@@ -335,6 +362,8 @@ class Pipeline:
         if redo and partial.exists():
             shutil.rmtree(partial)
         resumed = partial.exists()
+        if resumed:
+            drop_leftovers(partial)
         partial.mkdir(parents=True, exist_ok=True)
         if stage.distributed:
             self._announce(stage, partial)
@@ -346,13 +375,11 @@ class Pipeline:
             seconds = time.perf_counter() - started
             manifest = write_manifest(partial, stage, key, config, inputs, seconds, extra)
             self._swap_into_place(partial, final)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise EdgedistillError(
-                    f"[{stage.name}] the disk is full while writing {self.run_dir}",
-                    f"free some space and run the same command again: finished stages are kept and "
-                    f"{stage.name} resumes from {partial}") from None
-            raise
+        except Exception as exc:  # whichever layer reports the full disk (torch, safetensors, numpy, os)
+            if no_room(exc) is None:
+                raise
+            raise no_room_error(f"{stage.name}'s folder {partial}", exc,
+                                f"finished stages are kept and {stage.name} resumes from what it saved") from None
         self._drop_stale_partials(stage.name)
         self.log(f"[{stage.name}] done in {seconds:.1f} s")
         return StageResult(stage.name, final, False, seconds, manifest)

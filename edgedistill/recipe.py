@@ -9,16 +9,32 @@ relative to the recipe file.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.formats import GGUF_QUANTS, ONNX_PRECISIONS
 from edgedistill.targets import Target, load_target, target_path
 from edgedistill.yaml_config import read_yaml_mapping, validation_problems
 
+
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# environment variables a recipe may send as a bearer token (see EndpointConfig)
+API_KEY_ENV = re.compile(r"[A-Za-z0-9_]*API_KEY[A-Za-z0-9_]*")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Section(BaseModel):
@@ -97,6 +113,26 @@ class EndpointConfig(Section):
     concurrency: Annotated[int, Field(gt=0, le=256)] = 4
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     retries: Annotated[int, Field(ge=0)] = 3
+
+    @model_validator(mode="after")
+    def _key_goes_only_where_safe(self) -> EndpointConfig:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1 "
+                             f"(got {self.url!r})")
+        if self.api_key_env is None:
+            return self
+        # A recipe is shared like a script: it must not be able to send any secret of the person
+        # running it anywhere. So the key travels only under a name that says it is an API key,
+        # and only encrypted or to this machine.
+        if not API_KEY_ENV.fullmatch(self.api_key_env):
+            raise ValueError(f"api_key_env {self.api_key_env!r}: the variable's name must contain API_KEY "
+                             "(e.g. VLLM_API_KEY), so a recipe cannot send other secrets such as "
+                             "AWS_SECRET_ACCESS_KEY; export the key under such a name")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(f"api_key_env is set but {self.url} is plain http to another machine, which would "
+                             "send the key unencrypted: use https://, or drop api_key_env")
+        return self
 
 
 class GenerateConfig(Section):
@@ -296,6 +332,15 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     # Where the recipe came from; relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # it names the run folder (runs/<name>) and the exported files, so one plain path component
+        if not RECIPE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                             "(at most 100, starting with a letter or digit), e.g. sentiment-135m")
+        return name
 
     @model_validator(mode="after")
     def _progressive_prunes(self) -> Recipe:

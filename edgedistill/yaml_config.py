@@ -18,6 +18,31 @@ from pydantic import ValidationError
 from edgedistill.errors import EdgedistillError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML says keys are unique, but
+    PyYAML keeps the last silently, so a pasted-in second `distill:` would undo the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML give its own error
+                break
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {earlier.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
@@ -25,9 +50,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping (`what` names its keys in the error)."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
-        raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML syntax at the line shown") from None
+        raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML at the line shown") from None
     if not isinstance(raw, dict):
         raise EdgedistillError(f"{path} must hold a mapping of {what}, got {type(raw).__name__}")
     return raw

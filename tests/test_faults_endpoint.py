@@ -213,3 +213,31 @@ def test_the_generate_stage_says_what_the_endpoint_answered(serve, tmp_path):
     message = str(info.value)
     assert "endpoint failures: 8, the last one answered not JSON: b'<html>a login page</html>'" in message
     assert f"fix: {remote.NOT_A_CHAT_ENDPOINT}" in message and "max_new_tokens" not in message
+
+
+# --- the API key goes only where the recipe says --------------------------------------------------
+
+@pytest.mark.integration
+def test_a_redirect_is_not_followed_so_the_key_stays_home(serve, monkeypatch):
+    reached = []
+
+    def elsewhere(handler):
+        reached.append(handler.headers.get("Authorization"))
+        answer(handler, json.dumps({"choices": [{"message": {"content": "positive"}}]}).encode())
+
+    other = serve(elsewhere)
+
+    def redirect(handler):
+        handler.send_response(307)
+        handler.send_header("Location", other + "/chat/completions")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    url = serve(redirect)
+    monkeypatch.setenv("TEST_API_KEY", "secret")
+    endpoint = EndpointConfig(url=url, timeout_s=5, retries=0, api_key_env="TEST_API_KEY")
+    with pytest.raises(remote.EndpointRefused) as info:
+        remote.request_once(endpoint, request(), max_new_tokens=8, temperature=0.0)
+    assert "HTTP 307" in str(info.value) and "redirects to" in str(info.value) and other in str(info.value)
+    assert "set generate.endpoint.url to the address it redirects to" in info.value.hint
+    assert reached == []

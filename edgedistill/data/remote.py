@@ -152,6 +152,14 @@ class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(lambda *a, **kw: _WatchedHTTPS(*a, deadline=self.deadline, **kw), req)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A chat endpoint answers where it is; following a redirect would carry the API key to
+    wherever the server points (urllib keeps the Authorization header), so none is followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
 def chat_url(endpoint: EndpointConfig) -> str:
     base = endpoint.url.rstrip("/")
     return base if base.endswith("/chat/completions") else base + "/chat/completions"
@@ -197,7 +205,8 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
     post = urllib.request.Request(chat_url(endpoint), data=json.dumps(payload).encode(),
                                   headers=_headers(endpoint), method="POST")
     with _Deadline(endpoint.timeout_s) as deadline:
-        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline))
+        opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline),
+                                             _NoRedirect())
         try:
             # The socket timeout bounds the connect; the deadline bounds everything after it.
             with opener.open(post, timeout=endpoint.timeout_s) as response:
@@ -206,6 +215,10 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
             detail = f"HTTP {exc.code}: {exc.read()[:200]!r}"
             if exc.code in SKIP_STATUSES:
                 raise BadResponse(detail, REFUSED_REQUEST) from None
+            if 300 <= exc.code < 400:
+                raise EndpointRefused(f"{detail}: the server redirects to {exc.headers.get('Location')!r}",
+                                      "set generate.endpoint.url to the address it redirects to (redirects are "
+                                      "not followed, so the API key goes only where the recipe says)") from None
             if exc.code in (401, 403, 404):
                 raise EndpointRefused(detail, "check generate.endpoint.url, .model and the API key in "
                                       f"${endpoint.api_key_env or '<api_key_env>'}") from None

@@ -72,9 +72,13 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history
     aside = out / f"{CHECKPOINT}.writing"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "examples": examples,
-                "torch_rng": torch.get_rng_state()}, aside / "state.pt")
+    try:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "examples": examples,
+                    "torch_rng": torch.get_rng_state()}, aside / "state.pt")
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)  # the previous checkpoint stays, for the rerun
+        raise
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     os.rename(aside, out / CHECKPOINT)
 

@@ -18,7 +18,6 @@ guessed: a folder without a card gets no license key.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import yaml
 from gguf import Keys
 from safetensors import SafetensorError, safe_open
 
-from edgedistill.errors import EdgedistillError
+from edgedistill.errors import EdgedistillError, no_room, no_room_error
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.tokenizer import add_tokenizer_metadata, read_tokenizer
 from edgedistill.layout import HF_CONFIG
@@ -166,9 +165,6 @@ def open_safetensors(path: Path, framework: str = "pt"):
 
 # the smallest magnitude that float16 rounds to infinity (its largest finite value is 65504)
 FLOAT16_OVERFLOW = 65520.0
-
-# write errors that mean "no room" rather than a bug: full disk, quota, file size limit
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def check_room(out_file: Path, needed_bytes: int) -> None:
@@ -355,13 +351,9 @@ def gguf_writer_into(out_file: Path, arch_name: str):
         writer.close()
         os.replace(tmp_file, out_file)
     except OSError as err:
-        # numpy's tofile reports a short write ("N requested and M written") without an errno
-        short_write = err.errno is None and "written" in str(err)
-        if err.errno not in NO_ROOM and not short_write:
+        if no_room(err) is None:
             raise
-        raise EdgedistillError(f"no room to write {out_file}: {err.strerror}",
-                               "free some space on that disk or write the file elsewhere; "
-                               "the partial file was removed") from None
+        raise no_room_error(out_file, err, "or write the file elsewhere; the partial file was removed") from None
     finally:
         writer.close()
         tmp_file.unlink(missing_ok=True)
