@@ -27,6 +27,7 @@ from edgedistill.data.calibration import calibration_texts, token_chunks
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.writer import _read_config, gguf_writer_into
+from edgedistill.sources.gguf import read_gguf
 
 @dataclass(frozen=True)
 class Imatrix:
@@ -128,9 +129,9 @@ def read_imatrix(path: Path) -> Imatrix:
         raise EdgedistillError(f"imatrix file {path} not found",
                                "compute one with `edgedistill export ... --calibration FILE`")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise EdgedistillError(f"{path} is not a GGUF imatrix file: {err}",
+        reader = read_gguf(path)
+    except EdgedistillError as err:
+        raise EdgedistillError(f"not a GGUF imatrix file: {err.problem}",
                                "pass a file written by edgedistill or by llama-imatrix (GGUF format)") from None
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
     values = {}
