@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.runtimes.common import DEVICES, DTYPES, log_softmax, scored_positions, stream_pieces
+from edgedistill.sources.hf import check_hf_folder
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -33,9 +34,8 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    if not any(folder.glob("*.safetensors")):
-        raise EdgedistillError(f"{folder} holds no .safetensors weights",
-                               "save the model with save_pretrained(..., safe_serialization=True)")
+    # chat, eval and bench open folders users give, not only folders a stage wrote
+    check_hf_folder(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     return model.eval()
@@ -60,8 +60,9 @@ class TorchChatModel:
         if dtype not in TORCH_DTYPES:
             raise EdgedistillError(f"unknown dtype {dtype!r}", f"use one of {', '.join(TORCH_DTYPES)}")
         self.device = torch_device(device)
-        self.tokenizer = load_tokenizer(folder)
+        # the model first: load_model checks the whole folder, the tokenizer's files included
         self.model = load_model(folder, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device)
+        self.tokenizer = load_tokenizer(folder)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.tokenizer.padding_side = "left"

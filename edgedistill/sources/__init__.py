@@ -3,7 +3,8 @@
     python -c "from edgedistill.sources import resolve_source, materialize; \
 materialize(resolve_source('smollm2-135m-instruct'), __import__('pathlib').Path('runs/teacher'))"
 
-`resolve_source` checks a spec at once, so a typo fails before any slow work. `materialize` writes
+`resolve_source` checks a spec at once, so a typo fails before any slow work (an HF folder's
+config, weights and tokenizer together: edgedistill.sources.hf). `materialize` writes
 config.json, model.safetensors (float32), generation_config.json, tokenizer.json,
 tokenizer_config.json (with the chat template) and special_tokens_map.json; every later stage reads
 only such folders.
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON
+from edgedistill.layout import HF_CONFIG
 from edgedistill.sources.builtin import BUILTIN_MODELS, builtin_gguf_path, builtin_names
 from edgedistill.sources.gguf import materialize_gguf, open_gguf, tokenizer_from_gguf
+from edgedistill.sources.hf import check_hf_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -48,7 +50,7 @@ def resolve_source(spec: str) -> ModelSource:
         return ModelSource("builtin", path, spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        _check_hf_folder(path)
+        check_hf_folder(path)
         return ModelSource("hf", path, path.resolve().name)
     if path.is_file():
         open_gguf(path)
@@ -64,34 +66,6 @@ def resolve_source(spec: str) -> ModelSource:
         hint="nothing is downloaded at run time; give a local HF folder, a .gguf file or a built-in "
         f"name ({', '.join(builtin_names())})",
     )
-
-
-def _check_hf_folder(path: Path) -> None:
-    config_file = path / HF_CONFIG
-    if not config_file.is_file():
-        raise EdgedistillError(
-            f"{path} is not an HF model folder: it has no config.json",
-            hint="give a folder written by save_pretrained, or a .gguf file",
-        )
-    try:
-        json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EdgedistillError(f"{config_file} is not valid JSON: {error}") from error
-    if not any(path.glob("*.safetensors")):
-        has_bin = any(path.glob("pytorch_model*.bin"))
-        raise EdgedistillError(
-            f"{path} holds no *.safetensors weights"
-            + (" (only pytorch_model.bin, which edgedistill does not load)" if has_bin else ""),
-            # Pickled .bin files can run code when loaded; safetensors cannot.
-            hint="we load safetensors only; convert once with "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)",
-        )
-    tokenizer_files = (TOKENIZER_JSON, "tokenizer.model", TOKENIZER_CONFIG)
-    if not any((path / name).is_file() for name in tokenizer_files):
-        raise EdgedistillError(
-            f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json)",
-            hint="save the tokenizer into the folder with tokenizer.save_pretrained(folder)",
-        )
 
 
 def _empty_output_folder(out: Path) -> Path:
@@ -125,6 +99,9 @@ def _materialize_hf(path: Path, out: Path, *, trust_remote_code: bool, progress:
             f"{path} needs its own Python code to load (config.json has auto_map)",
             hint="read that code, then pass trust_remote_code=True (--trust-remote-code)",
         )
+    if config.get("auto_map"):
+        # resolve_source could not build the architecture without leave to run its code
+        check_hf_folder(path, trust_remote_code=True)
     tokenizer = _hf_tokenizer(path, trust_remote_code=trust_remote_code)
     if progress:
         print(f"loading {path} as float32 ...", file=sys.stderr, flush=True)
