@@ -297,11 +297,6 @@ def unexpected_files(folders: list[Path], allowed: set[Path]) -> list[str]:
 def fuzz(cases: int, seed: int, timeout_s: float, rss_limit_mb: float) -> dict:
     root = Path(tempfile.mkdtemp(prefix="fuzz_gguf-"))
     case_dir, cwd, home = root / "cases", root / "cwd", root / "home"
-    for folder in (case_dir, cwd, home):
-        folder.mkdir()
-    sample = write_sample_gguf(root / "sample.gguf")
-    data = sample.read_bytes()
-    header_bytes, fields = header_fields(sample)
     env = {**os.environ, "HOME": str(home), "TMPDIR": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
     worker_proc = Worker(cwd, env, root / "worker-stderr.log")
     counts, mutations = Counter(), Counter()
@@ -310,6 +305,11 @@ def fuzz(cases: int, seed: int, timeout_s: float, rss_limit_mb: float) -> dict:
     peak_kb = max_case_s = 0.0
     start = time.perf_counter()
     try:
+        for folder in (case_dir, cwd, home):
+            folder.mkdir()
+        sample = write_sample_gguf(root / "sample.gguf")
+        data = sample.read_bytes()
+        header_bytes, fields = header_fields(sample)
         for index in range(cases):
             mutant, done = mutate(data, case_rng(seed, index), header_bytes, fields)
             mutations.update(m.split()[0] for m in done)
