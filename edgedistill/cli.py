@@ -22,10 +22,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     from edgedistill.layout import REPORT, REPORT_HTML, REPORT_MD
     from edgedistill.pipeline import Pipeline, launched
     from edgedistill.recipe import default_recipe, load_recipe
-    from edgedistill.stages import check_inputs, stages_for
+    from edgedistill.data.prompts import check_data
+    from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or default_recipe())
-    check_inputs(recipe)
+    check_data(recipe)
     out = args.out or Path("runs") / recipe.name
     results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
                                                             to_stage=args.to_stage, verify=args.verify)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from edgedistill.bench.latency import bench_stage
 from edgedistill.data.generate import generate
-from edgedistill.data.prompts import load_examples, split_examples
 from edgedistill.data.logits import cache_teacher_logits
 from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
@@ -28,12 +27,6 @@ from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.random_model import build_random_model
-
-
-def check_inputs(recipe: Recipe) -> None:
-    """The user's data checked before the first stage (an empty prompts file, a bad line, a label
-    the task does not list), so a mistake there costs no teacher download or conversion."""
-    split_examples(recipe, load_examples(recipe))
 
 
 def teacher_stage(recipe: Recipe, out: Path) -> dict:

@@ -47,15 +47,51 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+# A recipe or target is a page of settings; these bounds only stop a damaged or hostile file
+# (a pasted dataset, a billion-laughs alias bomb) before it costs memory or time.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping (`what` names its keys in the error)."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise EdgedistillError(f"{path} has {size} bytes, more than a config file's {MAX_YAML_BYTES}",
+                               "check that it is the YAML file meant; data belongs in the file data.prompts names")
+    data = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgedistillError(f"{path} is not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r})",
+                               "save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise EdgedistillError(f"{path} is not valid YAML: {exc}", "fix the YAML at the line shown") from None
+    except RecursionError:
+        raise EdgedistillError(f"{path} nests lists or mappings too deeply to be a config file",
+                               "check the file for runaway brackets") from None
     if not isinstance(raw, dict):
         raise EdgedistillError(f"{path} must hold a mapping of {what}, got {type(raw).__name__}")
+    if _count_values(raw, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise EdgedistillError(f"{path} expands to more than {MAX_YAML_VALUES} values (through YAML aliases)",
+                               "write the settings out instead of repeating anchors inside anchors")
     return raw
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """How many values `value` holds once aliases are expanded, counting no further than `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def validation_problems(path: Path, exc: ValidationError) -> list[str]:

@@ -116,3 +116,34 @@ def test_bad_data_stops_the_run_before_the_first_stage(tmp_path, capsys, prompts
     assert problem in capsys.readouterr().err
     # nothing started: no teacher folder, no partial one, not even the run folder
     assert not run.exists() and not (run / PARTIAL).exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text, problem", [
+    (b"name: caf\xe9\n", "is not UTF-8 text (byte 9 is b'\\xe9')"),
+    (b"name: x\ndeep: " + b"[" * 20000 + b"]" * 20000 + b"\n", "nests lists or mappings too deeply"),
+    (b"name: x\n" + "".join(f"b{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 10) if i else 'x'}]\n"
+                            for i in range(9)).encode(), "expands to more than 100000 values"),
+    (b"name: x\nloop: &a [*a]\n", "expands to more than 100000 values"),
+    (b"name: x\n# " + b"y" * (1 << 20) + b"\n", "more than a config file's 1048576"),
+], ids=["not-utf8", "deep", "alias-bomb", "alias-loop", "huge"])
+def test_a_damaged_or_hostile_yaml_file_is_named_without_costing_memory(tmp_path, text, problem):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text)
+    with pytest.raises(EdgedistillError) as info:
+        load_recipe(path)
+    assert problem in info.value.problem and str(path) in info.value.problem
+
+
+@pytest.mark.integration
+def test_the_recipe_fuzzer_finds_no_hang_crash_or_raw_traceback(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "fuzz.json"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "fuzz_recipe.py"), "--cases", "150", "--seed", "1",
+                    "--out", str(out)], check=False, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["cases"] == 150 and report["counts"]["ok"] + report["counts"]["clear"] == 150, report["examples"]
+    assert report["outside_writes"] == 0 and report["peak_rss_mb"] < 300

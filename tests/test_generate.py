@@ -260,10 +260,10 @@ def fast_backoff(monkeypatch):
 @pytest.mark.integration
 def test_retries_through_500s_and_garbage(fake_server, monkeypatch):
     url, script, seen = fake_server
-    monkeypatch.setenv("TEACHER_KEY", "sk-test")
+    monkeypatch.setenv("TEACHER_API_KEY", "sk-test")
     script += [(500, b"busy"), (200, b"<html>not json"), (200, b'{"object": "error"}'),
                (200, completion("positive", "length"))]
-    answers, skipped = ask(url, retries=3, api_key_env="TEACHER_KEY")
+    answers, skipped = ask(url, retries=3, api_key_env="TEACHER_API_KEY")
     assert answers == [((0, 0), "positive", False)] and skipped == [] and len(seen) == 4
     assert seen[0]["max_tokens"] == 8 and seen[0]["seed"] == 0
 

@@ -138,6 +138,12 @@ def load_examples(recipe: Recipe) -> list[Example]:
     return examples
 
 
+def check_data(recipe: Recipe) -> None:
+    """The user's data checked before the first stage of a run (an empty prompts file, a bad line,
+    a label the task does not list), so a mistake there costs no teacher conversion."""
+    split_examples(recipe, load_examples(recipe))
+
+
 def split_examples(recipe: Recipe, examples: list[Example]) -> tuple[list[Example], list[Example]]:
     """(train, heldout), shuffled by the recipe's seed; at least one example on each side."""
     order = list(examples)
