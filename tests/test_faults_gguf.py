@@ -25,7 +25,8 @@ import pytest
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf.imatrix import read_imatrix
 from edgedistill.sources.builtin import builtin_gguf_path, builtin_names
-from edgedistill.sources.gguf import check_gguf_header, open_gguf, read_gguf, read_tokenizer_metadata
+from edgedistill.sources.gguf import open_gguf, read_gguf, read_tokenizer_metadata
+from edgedistill.sources.gguf_header import check_gguf_header
 
 FUZZER = Path(__file__).resolve().parents[1] / "tools" / "fuzz_gguf.py"
 # tools/ is a folder of scripts, not a package
