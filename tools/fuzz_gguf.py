@@ -12,40 +12,26 @@ type field to 0-13 (the issue's damage: a string's type byte 8 made 9, an array)
 u32/u64 of the header (a length, count or type field of the sample, or a 4-aligned offset) with a
 boundary value, truncate, insert or delete a byte.
 
-The cases run in one reused worker process (this file with --worker), restarted after a hang, a
-crash or memory past the limit. Outcomes per case: ok, clear (EdgedistillError; those that
-edgedistill mapped from a gguf-py exception rather than refused in its own header check are
-counted again as clear_from_gguf_py), raw_traceback (any other exception), hang (no answer within
---timeout-s), rss_over (the worker's resident memory past --rss-limit-mb, polled while the case
-runs and read from VmHWM, reset per case, after it), crash (the worker died). Outside writes: the
-worker runs in an empty folder with HOME and TMPDIR pointed at another, and the case folder should
-hold only the case; anything else appearing there is recorded. The JSON gives the counts, the
-peak memory and the slowest case, and up to 20 examples of each bad outcome with the command that
-replays it. Exit status 1 if any case hangs, crashes, ends in a raw traceback, passes the memory
-limit or writes a file.
+Outcomes, limits, the worker and the JSON are tools/fuzz_harness.py's; `clear_from_library` counts
+the clear errors edgedistill mapped from a gguf-py exception rather than refused in its own header
+check (edgedistill/sources/gguf_header.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import functools
 import random
-import select
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-import traceback
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-BAD_OUTCOMES = ("raw_traceback", "hang", "rss_over", "crash")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzz_harness import BAD_OUTCOMES, Case, classify  # noqa: E402, F401  (BAD_OUTCOMES: for the tests)
+from fuzz_harness import main as harness_main  # noqa: E402
+
 BOUNDARY_VALUES = (0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1)  # and the file's size, added per file
-MAX_EXAMPLES = 20
+SAMPLE = "sample.gguf"
 
 
 def byte_symbols() -> list[str]:
@@ -167,235 +153,42 @@ def mutate(data: bytes, rng: random.Random, header_bytes: int, fields: dict) -> 
     return bytes(out), done
 
 
-def case_rng(seed: int, index: int) -> random.Random:
-    return random.Random(f"{seed}:{index}")
+@functools.lru_cache(maxsize=1)
+def _sample(root: Path) -> tuple[bytes, int, dict]:
+    sample = root / SAMPLE
+    return sample.read_bytes(), *header_fields(sample)
 
 
-def run_case(path: Path) -> dict:
-    """open_gguf and read_tokenizer_metadata on one file, in this process: the outcome and its error."""
-    from edgedistill.errors import EdgedistillError
+def setup(root: Path) -> dict:
+    write_sample_gguf(root / SAMPLE)
+    data, header_bytes, _ = _sample(root)
+    return {"sample_bytes": len(data), "header_bytes": header_bytes}
+
+
+def make_case(index: int, rng: random.Random, case_dir: Path) -> Case:
+    data, header_bytes, fields = _sample(case_dir.parent)
+    mutant, done = mutate(data, rng, header_bytes, fields)
+    path = case_dir / f"case-{index:05d}.gguf"
+    path.write_bytes(mutant)
+    return Case(str(path), done)
+
+
+def run_case(line: str) -> dict:
+    """open_gguf and read_tokenizer_metadata on one file, in this process."""
     from edgedistill.sources.gguf import _open_gguf_cached, open_gguf, read_tokenizer_metadata
 
-    _open_gguf_cached.cache_clear()  # drop the last case's memory map
-    try:
-        open_gguf(path)
-        read_tokenizer_metadata(path)
-    except EdgedistillError as error:
-        cause = error.__cause__
-        return {"outcome": "clear", "message": error.problem[:400],
-                "from_gguf_py": None if cause is None else f"{type(cause).__name__}: {cause}"[:300]}
-    except Exception as error:
-        return {"outcome": "raw_traceback", "error_type": type(error).__name__, "message": str(error)[:400],
-                "traceback": traceback.format_exc(limit=-4)[-1500:]}
-    finally:
-        _open_gguf_cached.cache_clear()
-    return {"outcome": "ok"}
+    path = Path(line)
 
+    def read():
+        try:
+            open_gguf(path)
+            read_tokenizer_metadata(path)
+        finally:
+            _open_gguf_cached.cache_clear()  # drop this case's memory map
 
-def _status_kb(pid: int | str, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def worker() -> None:
-    """Answer one JSON line per case path read from stdin, with the case's peak memory."""
-    import edgedistill.sources.gguf  # noqa: F401  (imported before "ready", outside any case's time)
-
-    # The answers get their own copy of stdout; anything the library prints goes to stderr.
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    out.write("ready\n")
-    out.flush()
-    for line in sys.stdin:
-        try:  # so VmHWM is this case's peak, not the process's
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        start = time.perf_counter()
-        result = run_case(Path(line.strip()))
-        result["seconds"] = time.perf_counter() - start
-        result["vmhwm_kb"] = _status_kb("self", "VmHWM")
-        out.write(json.dumps(result) + "\n")
-        out.flush()
-
-
-class Worker:
-    """The worker process seen from the fuzzer: send a path, wait for the answer or a limit."""
-
-    def __init__(self, cwd: Path, env: dict, stderr: Path):
-        self.cwd, self.env, self.stderr_path = cwd, env, stderr
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.stderr = self.stderr_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     cwd=self.cwd, env=self.env)
-        self.starts += 1
-        line = self._line(timeout_s=120, rss_limit_kb=None)
-        if line != "ready":
-            raise RuntimeError(f"the fuzz worker did not start: {line!r}; see {self.stderr_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.stderr.close()
-            self.proc = None
-
-    def _line(self, timeout_s: float, rss_limit_kb: int | None) -> str | dict:
-        """The worker's next line, or {"outcome": "hang"/"rss_over"/"crash"} (it is then stopped)."""
-        fd, buffered, deadline, peak_kb = self.proc.stdout.fileno(), b"", time.monotonic() + timeout_s, 0
-        while b"\n" not in buffered:
-            if time.monotonic() > deadline:
-                self.stop()
-                return {"outcome": "hang", "peak_rss_kb": peak_kb}
-            readable, _, _ = select.select([fd], [], [], 0.05)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    code = self.proc.wait()
-                    self.stop()
-                    stderr = self.stderr_path.read_text(errors="replace")[-800:]
-                    return {"outcome": "crash", "message": f"the worker exited with status {code}: {stderr}"}
-                buffered += chunk
-            elif rss_limit_kb is not None:
-                peak_kb = max(peak_kb, _status_kb(self.proc.pid, "VmRSS"))
-                if peak_kb > rss_limit_kb:
-                    self.stop()
-                    return {"outcome": "rss_over", "peak_rss_kb": peak_kb}
-        return buffered.decode().strip()
-
-    def run(self, path: Path, timeout_s: float, rss_limit_kb: int) -> dict:
-        if self.proc is None:
-            self.start()
-        start = time.perf_counter()
-        self.proc.stdin.write(f"{path}\n".encode())
-        self.proc.stdin.flush()
-        answer = self._line(timeout_s, rss_limit_kb)
-        if isinstance(answer, dict):  # the worker is gone: the wall time is the case's time
-            answer["seconds"] = time.perf_counter() - start
-            return answer
-        result = json.loads(answer)
-        if result["vmhwm_kb"] > rss_limit_kb:
-            result["outcome"] = "rss_over"
-            self.stop()  # its peak stays; start afresh
-        return result
-
-
-def unexpected_files(folders: list[Path], allowed: set[Path]) -> list[str]:
-    return sorted(str(p) for folder in folders for p in folder.rglob("*") if p not in allowed)
-
-
-def fuzz(cases: int, seed: int, timeout_s: float, rss_limit_mb: float) -> dict:
-    root = Path(tempfile.mkdtemp(prefix="fuzz_gguf-"))
-    case_dir, cwd, home = root / "cases", root / "cwd", root / "home"
-    env = {**os.environ, "HOME": str(home), "TMPDIR": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
-    worker_proc = Worker(cwd, env, root / "worker-stderr.log")
-    counts, mutations = Counter(), Counter()
-    examples: dict[str, list[dict]] = {}
-    outside_writes: list[dict] = []
-    peak_kb = max_case_s = 0.0
-    start = time.perf_counter()
-    try:
-        for folder in (case_dir, cwd, home):
-            folder.mkdir()
-        sample = write_sample_gguf(root / "sample.gguf")
-        data = sample.read_bytes()
-        header_bytes, fields = header_fields(sample)
-        for index in range(cases):
-            mutant, done = mutate(data, case_rng(seed, index), header_bytes, fields)
-            mutations.update(m.split()[0] for m in done)
-            path = case_dir / f"case-{index:05d}.gguf"
-            path.write_bytes(mutant)
-            result = worker_proc.run(path, timeout_s, int(rss_limit_mb * 1024))
-            counts[result["outcome"]] += 1
-            if result.get("from_gguf_py"):
-                counts["clear_from_gguf_py"] += 1
-            peak_kb = max(peak_kb, result.get("vmhwm_kb", 0), result.get("peak_rss_kb", 0))
-            max_case_s = max(max_case_s, result["seconds"])
-            wanted = result["outcome"] in BAD_OUTCOMES or result.get("from_gguf_py")
-            key = result["outcome"] if result["outcome"] in BAD_OUTCOMES else "clear_from_gguf_py"
-            if wanted and len(examples.setdefault(key, [])) < MAX_EXAMPLES:
-                examples[key].append({
-                    "case": index, "seed": seed, "mutations": done,
-                    **{k: v for k, v in result.items() if k not in ("outcome", "vmhwm_kb")},
-                    "reproduce": f"python tools/fuzz_gguf.py --replay {index} --seed {seed}",
-                })
-            written = unexpected_files([case_dir, cwd, home], {path})
-            if written:
-                outside_writes.append({"case": index, "seed": seed, "files": written[:10]})
-                for folder in (case_dir, cwd, home):  # start the next case clean
-                    shutil.rmtree(folder)
-                    folder.mkdir()
-            path.unlink(missing_ok=True)
-    finally:
-        worker_proc.stop()
-        shutil.rmtree(root, ignore_errors=True)
-    return {
-        "cases": cases,
-        "seed": seed,
-        "sample_bytes": len(data),
-        "header_bytes": header_bytes,
-        "counts": {k: counts[k] for k in ("ok", "clear", *BAD_OUTCOMES, "clear_from_gguf_py")},
-        "outside_writes": len(outside_writes),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
-        "max_case_seconds": round(max_case_s, 3),
-        "seconds_total": round(time.perf_counter() - start, 1),
-        "worker_starts": worker_proc.starts,
-        "mutations": dict(sorted(mutations.items())),
-        "limits": {"timeout_s": timeout_s, "rss_limit_mb": rss_limit_mb},
-        "examples": {**examples, "outside_writes": outside_writes[:MAX_EXAMPLES]},
-    }
-
-
-def replay(index: int, seed: int) -> int:
-    """Rebuild one case and run it in this process, printing the full traceback of a raw error."""
-    with tempfile.TemporaryDirectory(prefix="fuzz_gguf-replay-") as root:
-        sample = write_sample_gguf(Path(root) / "sample.gguf")
-        header_bytes, fields = header_fields(sample)
-        mutant, done = mutate(sample.read_bytes(), case_rng(seed, index), header_bytes, fields)
-        path = Path(root) / f"case-{index:05d}.gguf"
-        path.write_bytes(mutant)
-        print(f"case {index} seed {seed}: {', '.join(done)}")
-        result = run_case(path)
-        print(json.dumps({k: v for k, v in result.items() if k != "traceback"}, indent=1))
-        if "traceback" in result:
-            print(result["traceback"])
-    return 1 if result["outcome"] in BAD_OUTCOMES else 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=float, default=5.0, help="a case running longer is a hang")
-    parser.add_argument("--rss-limit-mb", type=float, default=300.0)
-    parser.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
-    parser.add_argument("--replay", type=int, metavar="CASE", help="run this one case here and show its result")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker()
-        return 0
-    if args.replay is not None:
-        return replay(args.replay, args.seed)
-    report = fuzz(args.cases, args.seed, args.timeout_s, args.rss_limit_mb)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    bad = sum(report["counts"][k] for k in BAD_OUTCOMES) + report["outside_writes"]
-    return 1 if bad else 0
+    return classify(read)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness_main("fuzz_gguf", Path(__file__).resolve(), make_case, run_case, default_cases=3000,
+                          description=__doc__.splitlines()[0], setup=setup))
