@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill import bundle
+from edgedistill import bundle_verify
 from edgedistill.bundle import verify_bundle
 from edgedistill.errors import EdgedistillError
 
@@ -96,7 +96,7 @@ def test_too_little_free_space_is_refused_before_extracting(tmp_path, monkeypatc
     # a mock: filling a real disk is not possible here, so the filesystem reports 10 MiB free
     out = write_bundle(tmp_path / "b.tar.gz")
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(bundle.shutil, "disk_usage", lambda path: usage(100 << 20, 90 << 20, 10 << 20))
+    monkeypatch.setattr(bundle_verify.shutil, "disk_usage", lambda path: usage(100 << 20, 90 << 20, 10 << 20))
     target = tmp_path / "deploy" / "nested"
     with pytest.raises(EdgedistillError, match=r"has 10.0 MiB free; extracting .* needs 64.\d MiB") as error:
         verify_bundle(out, extract_to=target)
