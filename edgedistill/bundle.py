@@ -11,6 +11,12 @@ The archive holds one folder named after the file (`sentiment-student/`): the ch
 files, `chat_template.jinja`, a model card `README.md` (teacher, data, measured results, how to
 run it), an Ollama `Modelfile` per GGUF, and `manifest.json` with every file's size and sha256.
 
+A run trusts a finished stage on its files' sizes, so a same-size corruption would be bundled with
+a fresh hash: every file packed from a stage folder is hashed as it is packed and compared with
+the sha256 in that stage's manifest.json, and a difference is refused (no archive is written).
+The files written here (model card, Modelfiles, manifest.json, a chat template taken from
+tokenizer_config.json) have no stage record, nor does a file its stage's manifest does not list.
+
 The check of an archive, `verify_bundle`, and the format's constants live in
 edgedistill/bundle_verify.py; `verify_bundle` is importable from here too, so that one import
 gives both ends.
@@ -29,6 +35,7 @@ from pathlib import Path
 from edgedistill import __version__, layout
 from edgedistill.bundle_verify import FORMAT, FORMAT_VERSION, MANIFEST, path_problem, verify_bundle
 from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import read_manifest
 from edgedistill.records import BenchRow, EvalRow, read_bench, read_eval
 
 __all__ = ["make_bundle", "verify_bundle"]
@@ -94,14 +101,6 @@ def _tokenizer_folder(run_dir: Path) -> Path:
         raise EdgedistillError(f"{run_dir} has no tokenizer: {folder / layout.TOKENIZER_CONFIG} is missing",
                                f"finish the run first: edgedistill run --out {run_dir}")
     return folder
-
-
-def _chat_template(tokenizer_dir: Path, tokenizer_config: dict) -> str | None:
-    # newer transformers save the template beside tokenizer_config.json instead of inside it
-    if (tokenizer_dir / layout.CHAT_TEMPLATE).is_file():
-        return (tokenizer_dir / layout.CHAT_TEMPLATE).read_text()
-    template = tokenizer_config.get("chat_template")
-    return template if isinstance(template, str) else None
 
 
 def _token_text(token) -> str | None:
@@ -243,6 +242,31 @@ def _add_bytes(tar: tarfile.TarFile, arcname: str, data: bytes, mtime: int) -> d
     return {"bytes": reader.bytes, "sha256": reader.sha256.hexdigest()}
 
 
+def _stage_records(run_dir: Path, sources: dict[str, Path]) -> dict[str, tuple[str, str]]:
+    """Each source file's stage folder and the sha256 that the stage's manifest.json recorded for it;
+    a file whose stage has no manifest, or whose manifest does not list it, has no record."""
+    manifests: dict[str, dict] = {}
+    records = {}
+    for relpath, path in sources.items():
+        stage, _, inside = path.relative_to(run_dir).as_posix().partition("/")
+        if stage not in manifests:
+            manifest = read_manifest(run_dir / stage)
+            manifests[stage] = manifest if isinstance(manifest, dict) else {}
+        files = manifests[stage].get("files")
+        entry = files.get(inside) if isinstance(files, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+            records[relpath] = (stage, entry["sha256"])
+    return records
+
+
+def _check_unchanged(run_dir: Path, path: Path, stage: str, recorded: str, packed: str) -> None:
+    if packed != recorded:
+        raise EdgedistillError(f"{path} changed since the {stage} stage wrote it (sha256 {recorded[:12]}... in its "
+                               f"manifest, {packed[:12]}... now)",
+                               f"run `edgedistill run RECIPE --out {run_dir} --verify` to redo the stages whose "
+                               "files changed, then bundle again")
+
+
 def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = None,
                 overwrite: bool = False) -> dict:
     """Write `out_file` (.tar.gz) from the finished run in `run_dir`; returns its manifest plus
@@ -266,7 +290,6 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
         raise EdgedistillError(f"{out_file.name!r} gives the bundle no usable folder name ({name!r})",
                                "choose an --out like sentiment-student.tar.gz")
     run_name = (export_manifest.get("config") or {}).get("name") or run_dir.name
-    template = _chat_template(tokenizer_dir, tokenizer_config)
     modelfiles = _ollama_names(name, [artifact for artifact in chosen if artifact.endswith(".gguf")])
 
     sources: dict[str, Path] = {}
@@ -281,9 +304,14 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
     eos_token = _token_text(tokenizer_config.get("eos_token"))
     generated = {modelfile: _modelfile(gguf, modelfile, model, eos_token)
                  for gguf, (modelfile, model) in modelfiles.items()}
-    if template is not None:
-        generated[layout.CHAT_TEMPLATE] = template
-    generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, template is not None)
+    # newer transformers save the template beside tokenizer_config.json instead of inside it
+    if (tokenizer_dir / layout.CHAT_TEMPLATE).is_file():
+        sources[layout.CHAT_TEMPLATE] = tokenizer_dir / layout.CHAT_TEMPLATE
+    elif isinstance(tokenizer_config.get("chat_template"), str):
+        generated[layout.CHAT_TEMPLATE] = tokenizer_config["chat_template"]
+    has_template = layout.CHAT_TEMPLATE in sources or layout.CHAT_TEMPLATE in generated
+    generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, has_template)
+    recorded = _stage_records(run_dir, sources)
 
     created = int(time.time())
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +321,8 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
         with tarfile.open(tmp, "w:gz") as tar:
             for relpath, path in sources.items():
                 files[relpath] = _add_file(tar, f"{name}/{relpath}", path, created)
+                if relpath in recorded:
+                    _check_unchanged(run_dir, path, *recorded[relpath], files[relpath]["sha256"])
             for relpath, text in generated.items():
                 files[relpath] = _add_bytes(tar, f"{name}/{relpath}", text.encode(), created)
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "run": run_name,

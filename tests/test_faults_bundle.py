@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from edgedistill import bundle_verify
-from edgedistill.bundle import verify_bundle
+from edgedistill.bundle import make_bundle, verify_bundle
 from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import Stage, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny-student"
@@ -201,6 +202,46 @@ def test_a_failed_extract_leaves_the_target_as_it_was(tmp_path):
                  for path in (deploy / NAME).rglob("*") if path.is_file()}
     assert extracted == {**files, "manifest.json": json.dumps(manifest_of(files)).encode()}
     assert summary["extracted_to"] == str(deploy / NAME)
+
+
+def _finished_run(root: Path) -> Path:
+    """A run folder whose export and distill stages have manifests from the pipeline's own writer."""
+    run = root / "runs" / "tiny"
+    export, distill = run / "export", run / "distill"
+    for folder in (export, distill):
+        folder.mkdir(parents=True)
+    (export / "student-q4_k_m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    (distill / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}}))
+    (distill / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (distill / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    result = {"Q4_K_M": {"file": "student-q4_k_m.gguf", "verification": {"passed": True}}}
+    for folder, extra in ((export, result), (distill, None)):
+        write_manifest(folder, Stage(folder.name, fn=lambda *args: None), "key", {"name": "tiny"}, {}, 1.0, extra)
+    return run
+
+
+@pytest.mark.parametrize("changed", ["export/student-q4_k_m.gguf", "distill/tokenizer.json",
+                                     "distill/chat_template.jinja"])
+def test_a_file_changed_since_its_stage_wrote_it_is_not_bundled(tmp_path, changed):
+    # issue 13, item 10: a run checks a finished stage's sizes only, so a same-size corruption
+    # would reach the bundle with a fresh, matching hash
+    run = _finished_run(tmp_path)
+    assert verify_bundle(make_bundle(run, tmp_path / "before.tar.gz")["file"])["files"] == 6
+    path = run / changed
+    stage = path.parent.name
+    recorded = read_manifest(path.parent)["files"][path.name]["sha256"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(data)
+    now = hashlib.sha256(data).hexdigest()
+    out = tmp_path / "dist" / "tiny-student.tar.gz"
+    with pytest.raises(EdgedistillError) as error:
+        make_bundle(run, out)
+    assert error.value.problem == (f"{path} changed since the {stage} stage wrote it (sha256 {recorded[:12]}... "
+                                   f"in its manifest, {now[:12]}... now)")
+    assert error.value.hint == (f"run `edgedistill run RECIPE --out {run} --verify` to redo the stages whose files "
+                                "changed, then bundle again")
+    assert list(out.parent.iterdir()) == []  # no archive, no partial one
 
 
 def test_the_fuzzer_finds_no_traceback_hang_or_outside_write(tmp_path):
