@@ -220,3 +220,20 @@ def test_an_over_long_heldout_prompt_does_not_crash_llama_cpp(tmp_path, tiny_lla
     report = json.loads(out.read_text())
     assert report["skipped_too_long"] == 1 and report["artifacts"][0]["examples"] == 2
     assert f"{data}:2 (id 1:" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, content, problem", [
+    ("calib.txt", b"caf\xe9 text\n", "calib.txt:1: not UTF-8 (byte 0xe9 at byte offset 3)"),
+    ("calib.jsonl", b'{"text": "a"}\n42\n', "calib.jsonl:2: not a JSON object (got a number: 42)"),
+    ("calib.jsonl", b'{"text": "a"}\n{"text": "cut\n', "calib.jsonl:2: not valid JSON"),
+    ("calib.jsonl", b'{"prompt": "a"}\n', "calib.jsonl:1 has neither 'messages' nor 'text'"),
+])
+def test_calibration_text_is_read_like_every_other_data_file(tmp_path, name, content, problem):
+    from edgedistill.data.calibration import calibration_texts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(EdgedistillError) as info:
+        calibration_texts(path, tokenizer=None)
+    assert problem in info.value.problem

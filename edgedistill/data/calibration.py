@@ -10,9 +10,9 @@ token chunks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from edgedistill.data.prompts import numbered_jsonl, utf8_lines
 from edgedistill.errors import EdgedistillError
 
 # llama-imatrix's default context: activations are collected over chunks this many tokens long
@@ -27,18 +27,12 @@ def calibration_texts(path: Path, tokenizer) -> list[str]:
         raise EdgedistillError(f"calibration file {path} not found",
                                "pass a run's generate/train.jsonl or a .txt file of task text")
     if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+        return ["".join(text for _, text in utf8_lines(path))]
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EdgedistillError(f"{path}:{number} is not JSON: {err}") from None
-        if isinstance(row, dict) and "messages" in row:
+    for number, row in numbered_jsonl(path):
+        if "messages" in row:
             texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+        elif isinstance(row.get("text"), str):
             texts.append(row["text"])
         else:
             raise EdgedistillError(f"{path}:{number} has neither 'messages' nor 'text'",
