@@ -1,61 +1,50 @@
 """Fuzz `verify_bundle` with mutated bundles: every case must end in success or a clear
-EdgedistillError, within 5 s and 300 MB, writing nothing outside its extraction folder.
+EdgedistillError, within 5 s and 300 MB, writing nothing outside its extraction folder and, when
+it fails, leaving that folder as it was.
 
-    .venv/bin/python tools/fuzz_bundle.py                                   # 2000 cases, seed 0
+    .venv/bin/python tools/fuzz_bundle.py                                   # 2000 cases, seed 0, JSON to stdout
     .venv/bin/python tools/fuzz_bundle.py --cases 150 --seed 1 --out /tmp/fuzz_bundle.json
-    .venv/bin/python tools/fuzz_bundle.py --seed 0 --case 1234              # one case, here, with its traceback
+    .venv/bin/python tools/fuzz_bundle.py --replay 1234 --seed 0            # one case, here, with its traceback
 
 The start is a valid bundle that `make_bundle` writes from a small synthetic run (a GGUF, an ONNX
 folder, tokenizer files), re-packed with fixed times so that (seed, case index) rebuilds a case
 exactly. Each case applies one mutation:
 - to the compressed file: flipped bits, an overwritten range, a cut, appended garbage;
-- to the tar (then re-compressed): a header's size, name ('../x', an absolute path into the scratch
+- to the tar (then re-compressed): a header's size, name ('../x', an absolute path into the case's
   folder, another top folder), type (links, devices, sparse, unknown), mode or checksum; random
   header bytes; pax headers (a huge size, a huge declared file, a chain of 1500, a bad sparse map,
   a bad record); GNU long names; dropped, doubled, reordered, unlisted or changed members; no end
   of archive; a compression bomb with an honest manifest;
 - to manifest.json: not JSON, a list or a scalar, missing or mistyped keys, bad entries (sizes,
   hashes, paths), extra or renamed files, deep nesting, a 5000-digit number, 17 MiB of padding.
-Each case runs `verify_bundle(case, extract_to=<scratch>/cases/case_i/out)` in a reused child
-worker with a 5 s limit (killed and restarted after a hang, a crash, or when its peak RSS, VmHWM,
-passes 300 MB). Outcomes: ok, clear (EdgedistillError), and the bad ones: raw_traceback (any
-other exception), crash (the worker died), hang, rss_over, outside_write (a new path in the
-scratch tree outside case_i/out) and left_files (a failed case left something in case_i/out, or
-a passing one more than the bundle's folder). Writes JSON to --out: cases, seed, counts, counts per mutation,
-peak_rss_mb, max_case_seconds, up to 20 examples per bad outcome (case index to rerun with
---case) and one clear message per mutation. Exits 1 on any bad outcome.
+The worker runs `verify_bundle(case, extract_to=<case folder>/out)` and then checks that folder:
+a failed case must leave it empty or absent, a passing one must leave only the bundle's folder;
+otherwise the outcome is failed_check (error_type leftover_files). The worker's address space is
+capped at 2 GiB, so a runaway allocation is a MemoryError (a raw_traceback), not a swapping
+machine. Outcomes, limits, the outside-write check (any new file outside <case folder>/out) and
+the JSON are tools/fuzz_harness.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import resource
-import select
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
-import time
-import traceback
-from collections import Counter, defaultdict
 from pathlib import Path
 
 from edgedistill.bundle import make_bundle, verify_bundle
-from edgedistill.errors import EdgedistillError
 
-CASE_TIMEOUT_S = 5.0
-RSS_LIMIT_MB = 300
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzz_harness import Case, classify  # noqa: E402
+from fuzz_harness import main as harness_main  # noqa: E402
+
 # a runaway allocation in the worker fails as MemoryError (a raw_traceback) instead of swapping the machine
 WORKER_ADDRESS_SPACE_BYTES = 2 << 30
-EXAMPLES_PER_OUTCOME = 20
-BAD_OUTCOMES = ("raw_traceback", "crash", "hang", "rss_over", "outside_write", "left_files")
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -188,16 +177,17 @@ def _first_member(base: Base) -> tuple[int, int]:
     return offset, data + _blocks(size)
 
 
-# ---- the mutations: each takes (base, rng, scratch) and returns the case's .tar.gz bytes
+# ---- the mutations: each takes (base, rng, case_dir) and returns the case's .tar.gz bytes; case_dir
+# gives absolute paths that would land outside the extraction folder
 
-def gz_flip_bits(base, rng, scratch):
+def gz_flip_bits(base, rng, case_dir):
     data = bytearray(base.gz)
     for _ in range(rng.randint(1, 8)):
         data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     return bytes(data)
 
 
-def gz_overwrite(base, rng, scratch):
+def gz_overwrite(base, rng, case_dir):
     data = bytearray(base.gz)
     start = rng.randrange(len(data))
     length = rng.randint(1, 64)
@@ -205,29 +195,29 @@ def gz_overwrite(base, rng, scratch):
     return bytes(data)
 
 
-def gz_truncate(base, rng, scratch):
+def gz_truncate(base, rng, case_dir):
     return base.gz[: rng.randrange(len(base.gz))]
 
 
-def gz_append(base, rng, scratch):
+def gz_append(base, rng, case_dir):
     return base.gz + rng.choice([rng.randbytes(rng.randint(1, 100)), compress(rng.randbytes(600)),
                                  compress(base.tar), bytes(rng.randint(1, 50))])
 
 
-def tar_size(base, rng, scratch):
+def tar_size(base, rng, case_dir):
     size = rng.choice([0, 1, 511, 513, 4096, rng.randrange(10**6), 8**11 - 1, 100 * 2**30, 2**80, -1, -(2**40)])
     return compress(_edit_header(base, rng, lambda header: header.__setitem__(slice(124, 136), _number(size, 12))))
 
 
-def tar_name(base, rng, scratch):
-    name = rng.choice(["../x", f"{base.top}/../../escaped", str(scratch / "escaped"), "/etc/evil", "other/x",
+def tar_name(base, rng, case_dir):
+    name = rng.choice(["../x", f"{base.top}/../../escaped", str(case_dir / "escaped"), "/etc/evil", "other/x",
                        base.top, f"{base.top}/", "", f"{base.top}/a\x01b", f"{base.top}//x", f"{base.top}/./x",
                        f"{base.top}/" + "n" * 90, "C:/x", f"{base.top}\\x", f"{base.top}/\xff".encode("latin-1")])
     value = name if isinstance(name, bytes) else name.encode()
     return compress(_edit_header(base, rng, _set(0, 100, value)))
 
 
-def tar_type(base, rng, scratch):
+def tar_type(base, rng, case_dir):
     type_ = rng.choice([b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"S", b"x", b"g", b"L", b"K", b"V", b"M", b"N",
                         b"Z", b"\0", bytes([rng.randrange(256)])])
     link = rng.choice([b"", b"/etc/passwd", b"../../escaped", b"fuzz-student/README.md"])
@@ -238,32 +228,32 @@ def tar_type(base, rng, scratch):
     return compress(_edit_header(base, rng, edit))
 
 
-def tar_mode_and_more(base, rng, scratch):
+def tar_mode_and_more(base, rng, case_dir):
     field = rng.choice([(100, 108), (108, 116), (116, 124), (136, 148), (257, 265), (329, 337), (345, 500)])
     value = rng.choice([b"7777777", b"4755", b"zzz", rng.randbytes(field[1] - field[0]), b""])
     return compress(_edit_header(base, rng, _set(*field, value)))
 
 
-def tar_checksum(base, rng, scratch):
+def tar_checksum(base, rng, case_dir):
     value = rng.choice([b"0000000", b"9999999", b"       ", rng.randbytes(8)])
     return compress(_edit_header(base, rng, _set(148, 156, value), fix_checksum=False))
 
 
-def tar_random_header_bytes(base, rng, scratch):
+def tar_random_header_bytes(base, rng, case_dir):
     def edit(header: bytearray) -> None:
         for _ in range(rng.randint(1, 6)):
             header[rng.randrange(BLOCK)] = rng.randrange(256)
     return compress(_edit_header(base, rng, edit, fix_checksum=rng.random() < 0.8))
 
 
-def tar_random_bytes(base, rng, scratch):
+def tar_random_bytes(base, rng, case_dir):
     tar = bytearray(base.tar)
     for _ in range(rng.randint(1, 6)):
         tar[rng.randrange(len(tar))] = rng.randrange(256)
     return compress(bytes(tar))
 
 
-def tar_pax(base, rng, scratch):
+def tar_pax(base, rng, case_dir):
     offset = rng.choice(base.members)[0]
     choice = rng.randrange(8)
     if choice == 0:  # the pax header's own size: 100 GiB, data: a few bytes
@@ -281,14 +271,14 @@ def tar_pax(base, rng, scratch):
     elif choice == 5:
         pax = _pax(rng.choice([b"99999 path=x\n", b"5 x\n", b"abc", rng.randbytes(40), b"0 =\n"]))
     elif choice == 6:
-        pax = _pax({"path": rng.choice(["../pax-escaped", str(scratch / "pax-escaped"), "fuzz-student/\udcff",
+        pax = _pax({"path": rng.choice(["../pax-escaped", str(case_dir / "pax-escaped"), "fuzz-student/\udcff",
                                         "fuzz-student/" + "p" * 300, "other/x"])})
     else:
         pax = _pax({"hdrcharset": "BINARY", "path": "fuzz-student/\udcfe\udcff"})
     return compress(base.tar[:offset] + pax + base.tar[offset:])
 
 
-def tar_header_chains(base, rng, scratch):
+def tar_header_chains(base, rng, case_dir):
     offset = rng.choice(base.members)[0]
     if rng.random() < 0.5:
         chain = _pax({"comment": "x"}) * 1500
@@ -297,7 +287,7 @@ def tar_header_chains(base, rng, scratch):
     return compress(base.tar[:offset] + chain + base.tar[offset:])
 
 
-def tar_members(base, rng, scratch):
+def tar_members(base, rng, case_dir):
     start, end = _first_member(base)
     first = base.tar[start:end]
     choice = rng.randrange(8)
@@ -324,7 +314,7 @@ def tar_members(base, rng, scratch):
     return compress(tar)
 
 
-def tar_bomb(base, rng, scratch):
+def tar_bomb(base, rng, case_dir):
     size = 32 << 20
     manifest = json.loads(json.dumps(base.manifest))
     manifest["files"]["zeros.bin"] = {"bytes": size, "sha256": _zeros_sha256(size)}
@@ -349,18 +339,18 @@ def _with_manifest(base: Base, manifest) -> bytes:
     return compress(base.pack(data))
 
 
-def manifest_not_json(base, rng, scratch):
+def manifest_not_json(base, rng, case_dir):
     text = json.dumps(base.manifest).encode()
     return _with_manifest(base, rng.choice([b"", rng.randbytes(50), text[: rng.randrange(len(text))],
                                             b"\xff\xfe" + text, b"[" * 100_000, b'{"a": ' + b"9" * 5000 + b"}",
                                             b"{" + b" " * (17 << 20) + b"}", b"NaN"]))
 
 
-def manifest_type(base, rng, scratch):
+def manifest_type(base, rng, case_dir):
     return _with_manifest(base, rng.choice([[], [base.manifest], "manifest", 1, None, True]))
 
 
-def manifest_keys(base, rng, scratch):
+def manifest_keys(base, rng, case_dir):
     manifest = json.loads(json.dumps(base.manifest))
     key = rng.choice(["format", "format_version", "name", "files", "run", "artifacts", "edgedistill_version"])
     if rng.random() < 0.3:
@@ -371,7 +361,7 @@ def manifest_keys(base, rng, scratch):
     return _with_manifest(base, manifest)
 
 
-def manifest_entry(base, rng, scratch):
+def manifest_entry(base, rng, case_dir):
     manifest = json.loads(json.dumps(base.manifest))
     path = rng.choice(sorted(manifest["files"]))
     entry = manifest["files"][path]
@@ -388,9 +378,9 @@ def manifest_entry(base, rng, scratch):
     return _with_manifest(base, manifest)
 
 
-def manifest_paths(base, rng, scratch):
+def manifest_paths(base, rng, case_dir):
     manifest = json.loads(json.dumps(base.manifest))
-    path = rng.choice(["../x", "/abs", str(scratch / "manifest-escaped"), "a/../b", "", "x/", "manifest.json",
+    path = rng.choice(["../x", "/abs", str(case_dir / "manifest-escaped"), "a/../b", "", "x/", "manifest.json",
                        "a\nb", ".", "dir/./x", "student-q4_k_m.gguf/x", "C:/x", "a\\b", "n" * 300,
                        "extra.bin", "\udcff"])
     entry = {"bytes": 5, "sha256": hashlib.sha256(b"extra").hexdigest()}
@@ -406,189 +396,42 @@ MUTATIONS = [gz_flip_bits, gz_overwrite, gz_truncate, gz_append, tar_size, tar_n
              tar_bomb, manifest_not_json, manifest_type, manifest_keys, manifest_entry, manifest_paths]
 
 
-def build_case(base: Base, seed: int, index: int, scratch: Path) -> tuple[str, bytes]:
-    rng = random.Random(f"{seed}/{index}")
+# ---- the harness's side: the base per scratch root, one case, the worker's run of it
+
+_BASES: dict[Path, Base] = {}
+
+
+def setup(root: Path) -> dict:
+    """The valid bundle every case starts from, in root/base."""
+    base = _BASES[root] = Base(root)
+    return {"base": {"name": base.top, "files": len(base.files), "bytes": len(base.gz)}}
+
+
+def make_case(index: int, rng: random.Random, case_dir: Path) -> Case:
     mutation = rng.choice(MUTATIONS)
-    return mutation.__name__, mutation(base, rng, scratch)
-
-
-# ---- the worker: verify_bundle on each case it is sent
-
-def worker() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (WORKER_ADDRESS_SPACE_BYTES, WORKER_ADDRESS_SPACE_BYTES))
-    for line in sys.stdin:
-        request = json.loads(line)
-        started = time.perf_counter()
-        try:
-            verify_bundle(Path(request["bundle"]), extract_to=Path(request["out"]))
-            result = {"outcome": "ok"}
-        except EdgedistillError as exc:
-            result = {"outcome": "clear", "message": str(exc)}
-        except BaseException as exc:  # noqa: BLE001 - every other exception is what the fuzzer hunts
-            result = {"outcome": "raw_traceback", "type": type(exc).__name__, "message": str(exc)[:300],
-                      "traceback": traceback.format_exc()[-2000:]}
-        result["seconds"] = time.perf_counter() - started
-        print(json.dumps(result), flush=True)
-
-
-class Worker:
-    def __init__(self, cwd: Path, log: Path):
-        self.log = open(log, "a")
-        self.process = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self.log, cwd=cwd, text=True)
-
-    def run(self, bundle: Path, out: Path) -> dict | None:
-        """The worker's result, or None when it did not answer within CASE_TIMEOUT_S."""
-        try:
-            self.process.stdin.write(json.dumps({"bundle": str(bundle), "out": str(out)}) + "\n")
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            return {"outcome": "crash", "message": f"the worker died (exit {self.process.wait()})"}
-        ready, _, _ = select.select([self.process.stdout], [], [], CASE_TIMEOUT_S)
-        if not ready:
-            return None
-        line = self.process.stdout.readline()
-        if not line:
-            return {"outcome": "crash", "message": f"the worker died (exit {self.process.wait()})"}
-        return json.loads(line)
-
-    def peak_rss_mb(self) -> float:
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except FileNotFoundError:  # the worker died and was reaped
-            return 0.0
-        return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        self.log.close()
-
-
-def _tree(root: Path) -> set[str]:
-    paths = set()
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            paths.add(os.path.relpath(os.path.join(folder, name), root))
-    return paths
-
-
-def _judge(result: dict | None, case_dir: Path, cases: Path, before: set[str], top: str) -> dict:
-    """The case's outcome: writes outside case_i/out and leftovers count before the worker's answer.
-    Paths written outside are removed, so that the next case starts from the same tree."""
-    result = {"outcome": "hang", "message": f"no answer in {CASE_TIMEOUT_S} s"} if result is None else result
+    bundle = case_dir / f"case-{index:05d}.tar.gz"
+    bundle.write_bytes(mutation(_BASES[case_dir.parent], rng, case_dir))
     out = case_dir / "out"
-    inside = os.path.relpath(out, cases)
-    outside = sorted(path for path in _tree(cases) - before
-                     if path != inside and not path.startswith(inside + os.sep))
-    for path in outside:
-        path = cases / path
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    if outside:
-        return {**result, "outcome": "outside_write", "message": f"new paths {outside[:5]}; was: "
-                f"{result['outcome']}: {result.get('message', '')[:200]}"}
+    line = json.dumps({"bundle": str(bundle), "out": str(out), "top": _BASES[case_dir.parent].top})
+    return Case(line, [mutation.__name__], may_write=[out])
+
+
+def run_case(line: str) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft > WORKER_ADDRESS_SPACE_BYTES:
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_ADDRESS_SPACE_BYTES, hard))
+    case = json.loads(line)
+    out = Path(case["out"])
+    result = classify(lambda: verify_bundle(Path(case["bundle"]), extract_to=out))
+    # verify_bundle promises a failed extract leaves the target as it was (here: absent)
     left = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    if result["outcome"] == "ok" and left != [top] or result["outcome"] != "ok" and left:
-        return {**result, "outcome": "left_files" if result["outcome"] in ("ok", "clear") else result["outcome"],
-                "left": left}
+    wanted = [case["top"]] if result["outcome"] == "ok" else []
+    if left != wanted and result["outcome"] in ("ok", "clear"):
+        return {"outcome": "failed_check", "error_type": "leftover_files", "left": left[:10],
+                "message": f"{out} holds {left[:5]} after {result['outcome']}: {result.get('message', '')}"[:400]}
     return result
 
 
-def fuzz(cases: int, seed: int, scratch: Path) -> dict:
-    base = Base(scratch)
-    case_root = scratch / "cases"
-    case_root.mkdir()
-    counts, by_mutation = Counter(), defaultdict(Counter)
-    examples, clear_samples = defaultdict(list), {}
-    peak_rss_mb, max_case_s, slowest = 0.0, 0.0, None
-    worker_process = Worker(case_root, scratch / "worker.log")
-    started = time.perf_counter()
-    try:
-        for index in range(cases):
-            mutation, data = build_case(base, seed, index, case_root)
-            case_dir = case_root / f"case_{index}"
-            case_dir.mkdir()
-            bundle = case_dir / "bundle.tar.gz"
-            bundle.write_bytes(data)
-            before = _tree(case_root)
-            sent = time.perf_counter()
-            result = worker_process.run(bundle, case_dir / "out")
-            seconds = time.perf_counter() - sent
-            if result is None:
-                worker_process.stop()
-            rss_mb = worker_process.peak_rss_mb() if result is not None else 0.0
-            result = _judge(result, case_dir, case_root, before, base.top)
-            if rss_mb > RSS_LIMIT_MB:
-                result = {**result, "outcome": "rss_over", "message": f"VmHWM {rss_mb:.0f} MB after this case"}
-            if result["outcome"] in ("hang", "rss_over", "crash"):
-                if result["outcome"] != "hang":
-                    worker_process.stop()
-                worker_process = Worker(case_root, scratch / "worker.log")
-            peak_rss_mb, outcome = max(peak_rss_mb, rss_mb), result["outcome"]
-            if seconds > max_case_s:
-                max_case_s, slowest = seconds, {"case": index, "mutation": mutation}
-            counts[outcome] += 1
-            by_mutation[mutation][outcome] += 1
-            if outcome in BAD_OUTCOMES and len(examples[outcome]) < EXAMPLES_PER_OUTCOME:
-                examples[outcome].append({"case": index, "mutation": mutation,
-                                          **{key: value for key, value in result.items() if key != "outcome"}})
-            if outcome == "clear" and mutation not in clear_samples:
-                clear_samples[mutation] = {"case": index, "message": result["message"]}
-            shutil.rmtree(case_dir)
-    finally:
-        worker_process.stop()
-    return {"cases": cases, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-            "counts": dict(counts), "bad": sum(counts[outcome] for outcome in BAD_OUTCOMES),
-            "peak_rss_mb": round(peak_rss_mb, 1), "max_case_seconds": round(max_case_s, 3),
-            "slowest_case": slowest, "by_mutation": {name: dict(value) for name, value in sorted(by_mutation.items())},
-            "examples": dict(examples), "clear_message_per_mutation": clear_samples}
-
-
-def rerun(seed: int, index: int, scratch: Path) -> None:
-    """Rebuild case `index` and verify it in this process, traceback and all."""
-    base = Base(scratch)
-    mutation, data = build_case(base, seed, index, scratch / "cases")
-    bundle = scratch / "case.tar.gz"
-    bundle.write_bytes(data)
-    print(f"case {index} (seed {seed}): {mutation}, {len(data)} bytes at {bundle}")
-    print(verify_bundle(bundle, extract_to=scratch / "out"))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write the results here (JSON)")
-    parser.add_argument("--case", type=int, help="rerun this one case in this process")
-    parser.add_argument("--scratch", type=Path, help="work here (default: a new temporary folder, removed after)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker()
-        return 0
-    scratch = Path(tempfile.mkdtemp(prefix="fzb", dir=args.scratch))
-    try:
-        if args.case is not None:
-            rerun(args.seed, args.case, scratch)
-            return 0
-        result = fuzz(args.cases, args.seed, scratch)
-    finally:
-        if args.case is None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(json.dumps({key: result[key] for key in ("cases", "seed", "seconds", "counts", "peak_rss_mb",
-                                                   "max_case_seconds")}))
-    for outcome, found in result["examples"].items():
-        for example in found[:3]:
-            print(f"{outcome}: case {example['case']} ({example['mutation']}): {example.get('type', '')} "
-                  f"{example.get('message', '')[:200]}")
-    return 1 if result["bad"] else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness_main("fuzz_bundle", Path(__file__).resolve(), make_case, run_case, default_cases=2000,
+                          description=__doc__.splitlines()[0], setup=setup))

@@ -12,7 +12,9 @@ do not pay thousands of interpreter starts.
 Outcomes per case: ok, clear (EdgedistillError: the message a user would see), raw_traceback (any
 other exception), hang (no answer within the timeout), rss_over (the worker's resident memory past
 the limit: polled while the case runs, and its VmHWM, reset per case, read after it), crash (the
-worker died). Outside writes: the worker runs in an empty folder with HOME and TMPDIR pointed at
+worker died), failed_check (the call ended as it should, but a check the fuzzer's run_case makes
+after it did not pass, e.g. files left behind; run_case returns it with an error_type naming the
+check). Outside writes: the worker runs in an empty folder with HOME and TMPDIR pointed at
 another, and any file appearing outside the case's allowed folders is recorded. Every case's
 random choices come from (seed, index), so `--replay INDEX` rebuilds one case and runs it here
 with its whole traceback.
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BAD_OUTCOMES = ("raw_traceback", "hang", "rss_over", "crash")
+BAD_OUTCOMES = ("raw_traceback", "hang", "rss_over", "crash", "failed_check")
 MAX_EXAMPLES = 20
 
 
