@@ -9,6 +9,7 @@ and edgedistill.targets can both use it without importing each other.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 # (a pasted dataset, a billion-laughs alias bomb) before it costs memory or time.
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest run of open [ and { (quotes not parsed: an upper bound on YAML's flow nesting)."""
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", text):
+        depth = depth + 1 if bracket in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
@@ -65,6 +76,9 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     except UnicodeDecodeError as exc:
         raise EdgedistillError(f"{path} is not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r})",
                                "save the file as UTF-8") from None
+    if _bracket_depth(text) > MAX_YAML_DEPTH:  # PyYAML recurses per level: refused before it spends seconds
+        raise EdgedistillError(f"{path} nests lists or mappings too deeply to be a config file (over "
+                               f"{MAX_YAML_DEPTH} brackets deep)", "check the file for runaway brackets")
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
