@@ -213,16 +213,21 @@ def _meta_model(path: Path, config: dict, trust_remote_code: bool):
 
     model_type = config.get("model_type")
     if not config.get("auto_map"):
-        families = ", ".join(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+        # the families a user most likely meant, and where the full list is
+        common = [name for name in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "gpt2")
+                  if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+        families = (f"{', '.join(common)} and {len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - len(common)} more (python -c "
+                    "\"from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as m; "
+                    "print(sorted(m))\")")
         if model_type not in CONFIG_MAPPING_NAMES:
             problem = ("has no model_type" if model_type is None
                        else f"has model_type {model_type!r}, which transformers {__version__} does not know")
             raise EdgedistillError(f"{path / HF_CONFIG} {problem}",
-                                   f"set model_type to the model's family; the causal language models transformers "
-                                   f"{__version__} knows: {families}")
+                                   f"set model_type to the model's family; transformers {__version__} knows these "
+                                   f"causal language models: {families}")
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise EdgedistillError(f"{path / HF_CONFIG} has model_type {model_type!r}, which is not a causal "
-                                   "language model", f"edgedistill distills text generators: {families}")
+                                   "language model", f"edgedistill distills text generators such as {families}")
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         with torch.device("meta"):
