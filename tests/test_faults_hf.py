@@ -100,7 +100,7 @@ def test_unknown_model_type(tiny_llama_dir, tmp_path):
     folder = damaged_copy(tiny_llama_dir, tmp_path / "m", model_type="lama")
     with pytest.raises(EdgedistillError, match="model_type 'lama', which transformers .* does not know") as error:
         resolve_source(str(folder))
-    assert "llama" in error.value.hint.split(", ")
+    assert "(did you mean 'llama'?)" in error.value.problem and "llama, qwen2" in error.value.hint
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ shapes with the files'.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import struct
@@ -222,6 +223,9 @@ def _meta_model(path: Path, config: dict, trust_remote_code: bool):
         if model_type not in CONFIG_MAPPING_NAMES:
             problem = ("has no model_type" if model_type is None
                        else f"has model_type {model_type!r}, which transformers {__version__} does not know")
+            close = difflib.get_close_matches(str(model_type), MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, n=1)
+            if close:
+                problem += f" (did you mean {close[0]!r}?)"
             raise EdgedistillError(f"{path / HF_CONFIG} {problem}",
                                    f"set model_type to the model's family; transformers {__version__} knows these "
                                    f"causal language models: {families}")
