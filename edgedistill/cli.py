@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from edgedistill.data.prompts import check_data
     from edgedistill.stages import stages_for
 
-    recipe = load_recipe(args.recipe or default_recipe())
+    recipe = load_recipe(args.recipe or default_recipe(), allow_code=args.allow_recipe_code)
     check_data(recipe)
     out = args.out or Path("runs") / recipe.name
     results = Pipeline(stages_for(recipe), recipe, out).run(force=args.force, from_stage=args.from_stage,
@@ -112,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     reference = resolve_artifact(args.reference) if args.reference else None
     report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
                       max_new_tokens=args.max_new_tokens, score_records=args.score_records,
-                      device=args.device, dtype=args.dtype)
+                      device=args.device, dtype=args.dtype, allow_code=args.allow_recipe_code)
     print(format_eval(report))
     _write_json(args.json, report.to_dict())
 

@@ -34,6 +34,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", type=Path, help="YAML recipe (default: recipes/default.yaml)")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.add_argument("--allow-recipe-code", action="store_true",
+                     help="let the recipe run its own Python code (a custom scorer); recipes are data people "
+                          "share, so it does not by default")
     run.add_argument("--verify", action="store_true",
                      help="re-hash every finished stage's files against its manifest (not only sizes); "
                           "a stage whose files changed runs again")
@@ -112,6 +115,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     evaluate.add_argument("--score-records", type=int, default=64, metavar="N",
                           help="score the reference's answers to the first N held-out records in every model "
                                "(perplexity, KL, top-1; needs --reference; 0: task score only)")
+    evaluate.add_argument("--allow-recipe-code", action="store_true",
+                          help="run a custom scorer named in the task.json beside --data (recipe code)")
 
     verify = add("verify-export", "compare a GGUF (llama.cpp) or ONNX export (ONNX Runtime) with its HF model in "
                  "PyTorch, within per-type bounds",

@@ -36,7 +36,10 @@ REPORT = "report"
 
 # generate/
 TRAIN_JSONL = "train.jsonl"  # the teacher's answers, chat rows, the training set
-HELDOUT_JSONL = "heldout.jsonl"  # held-out prompts with their gold labels
+HELDOUT_JSONL = "heldout.jsonl"  # held-out prompts with their gold labels or references
+# the task's kind, scorers and schema, for eval; not written for a classification task with the
+# default scorer, whose held-out records carry their label choices (so older runs keep their key)
+TASK_JSON = "task.json"
 ANSWERS_PARTIAL_JSONL = "answers.partial.jsonl"  # answers so far, while the stage is at work
 
 # logits/

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
@@ -39,6 +39,17 @@ def is_loopback(host: str) -> bool:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields added after runs were made, with their defaults: while a field holds its default it is
+    # left out of the dump (a stage's cache key hashes it), so adding one leaves finished runs cached.
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _without_added_defaults(self, handler):
+        dumped = handler(self)
+        for name, default in self.ADDED_DEFAULTS.items():
+            if getattr(self, name) == default:
+                dumped.pop(name, None)
+        return dumped
 
 
 class RandomModelConfig(Section):
@@ -80,26 +91,80 @@ class TeacherConfig(Section):
         return self
 
 
-class TaskConfig(Section):
-    """A classification task: the prompt asks for one of `labels`; the score is accuracy."""
+# the scorers of edgedistill.evaluate.scorers (a test checks the two lists agree; this module stays
+# at the bottom of the imports, so it cannot import that one)
+SCORER_NAMES = ("label", "exact_match", "regex", "chrf", "rouge_l", "json_parse", "json_schema", "json_fields",
+                "custom")
+TASK_KINDS = ("classification", "generation", "extraction")
 
-    kind: Literal["classification"] = "classification"
-    labels: Annotated[list[str], Field(min_length=2)]
-    # The user message; {text} is replaced by the example's text.
-    prompt: str
-    system: str | None = None
+
+class ScorerConfig(Section):
+    """One scorer of the eval stage: a name, or a mapping with its options."""
+
+    name: Literal[SCORER_NAMES]  # type: ignore[valid-type]
+    pattern: str | None = None  # regex: one capture group, compared with the reference
+    function: str | None = None  # custom: "module:function", run only with --allow-recipe-code
+    normalize: bool = True  # exact_match, regex, json_fields: case, spaces and quotes do not count
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _prompt_has_text(self) -> TaskConfig:
-        if "{text}" not in self.prompt:
-            raise ValueError("prompt must contain {text}, where the example's text goes")
+    def _options_fit(self) -> ScorerConfig:
+        if (self.pattern is not None) != (self.name == "regex"):
+            raise ValueError("pattern is the regex scorer's option, and the regex scorer needs it")
+        if (self.function is not None) != (self.name == "custom"):
+            raise ValueError("function is the custom scorer's option, and the custom scorer needs it")
+        return self
+
+
+class TaskConfig(Section):
+    """What the student learns to do. `classification`: answer with one of `labels` (scored by
+    `label`); `generation`: free text; `extraction`: JSON following `schema`. `prompt` and `system`
+    are templates over the example's fields (`{question}`, `{context}`, ...; `{{` for a brace)."""
+
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"output_schema": None, "scorers": None}
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    kind: Literal[TASK_KINDS] = "classification"  # type: ignore[valid-type]
+    labels: Annotated[list[str], Field(min_length=2)] | None = None
+    # The user message; None when every example is already chat messages (data.messages_field).
+    prompt: str | None = None
+    system: str | None = None
+    # extraction: the JSON Schema answers must follow, inline or a .json file relative to the recipe
+    output_schema: dict[str, Any] | Path | None = Field(None, alias="schema")
+    # None: the kind's defaults (edgedistill.evaluate.scorers.default_scorers)
+    scorers: list[ScorerConfig] | None = None
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> TaskConfig:
+        if self.kind == "classification" and self.labels is None:
+            raise ValueError("a classification task needs labels: the answers it chooses from")
+        if self.kind != "classification" and self.labels is not None:
+            raise ValueError(f"labels only apply to kind classification (this task is {self.kind})")
+        if self.kind == "extraction" and self.output_schema is None:
+            raise ValueError("an extraction task needs schema: the JSON Schema its answers follow")
+        if self.kind != "extraction" and self.output_schema is not None:
+            raise ValueError(f"schema only applies to kind extraction (this task is {self.kind})")
+        names = [scorer.name for scorer in self.scorers or []]
+        if len(names) != len(set(names)):
+            raise ValueError(f"a scorer is listed twice: {names}")
         return self
 
 
 class DataConfig(Section):
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"reference_field": "answer", "messages_field": "messages"}
+
+    # JSONL, CSV, Parquet, .txt (one prompt a line, as text_field) or a `datasets.save_to_disk` folder
     prompts: Path
     text_field: str = "text"
-    label_field: str = "label"
+    label_field: str = "label"  # classification: the gold label
+    # generation, extraction: the gold answer (text, or the JSON object of gold fields), if any
+    reference_field: str = "answer"
+    # rows that are already a chat ([{"role", "content"}, ...]; a last assistant turn is the gold answer)
+    messages_field: str = "messages"
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     limit: Annotated[int, Field(gt=0)] | None = None
 
@@ -289,6 +354,9 @@ class ExportConfig(Section):
 
 
 class BenchConfig(Section):
+    # Without a target the section dumps as before targets existed (the bench stage's key).
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"target": None}
+
     prompt_tokens: Annotated[int, Field(gt=0)] = 128
     gen_tokens: Annotated[int, Field(gt=0)] = 64
     repetitions: Annotated[int, Field(gt=0)] = 3
@@ -297,15 +365,6 @@ class BenchConfig(Section):
     # recipe): every bench row is checked against its budgets, and `edgedistill run` estimates
     # before the long stages whether the student fits its memory (edgedistill.preflight).
     target: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_unset_target(self, handler):
-        # Without a target the section dumps as before targets existed, so the bench stage's cache
-        # key, which hashes this dump, stays that of runs made earlier.
-        dumped = handler(self)
-        if self.target is None:
-            dumped.pop("target", None)
-        return dumped
 
 
 class EvalConfig(Section):
@@ -332,6 +391,9 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     # Where the recipe came from; relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
+    # Whether the person running it allows the recipe's own code (a custom scorer): a command-line
+    # flag (--allow-recipe-code), never a recipe key, since recipes are data people share.
+    allow_code: bool = False
 
     @field_validator("name")
     @classmethod
@@ -371,16 +433,18 @@ def default_recipe() -> Path:
                            "run from the edgedistill checkout or pass a recipe: edgedistill run RECIPE.yaml")
 
 
-def load_recipe(path: Path | str) -> Recipe:
+def load_recipe(path: Path | str, *, allow_code: bool = False) -> Recipe:
     """Reads and validates a recipe; every problem is an EdgedistillError naming file and field."""
     path = Path(path)
     if not path.is_file():
         raise EdgedistillError(f"recipe {path} does not exist", "pass the path of a YAML recipe, e.g. recipes/default.yaml")
     raw = read_yaml_mapping(path, "sections")
-    if "base_dir" in raw:
-        raise EdgedistillError(f"{path}: 'base_dir' is set from the recipe's location and cannot be given")
+    for key, why in (("base_dir", "is set from the recipe's location"),
+                     ("allow_code", "is the command line's --allow-recipe-code, not the recipe's to give")):
+        if key in raw:
+            raise EdgedistillError(f"{path}: '{key}' {why} and cannot be given")
     try:
-        recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent, "allow_code": allow_code})
     except ValidationError as exc:
         raise EdgedistillError("invalid recipe\n  " + "\n  ".join(validation_problems(path, exc)),
                                "see the recipe format in README.md") from None

@@ -146,6 +146,20 @@ class EvalReference(TaskScore):
     scored_tokens: int | None = None
 
 
+def score_basis(row: dict[str, Any]) -> str:
+    """How a row's task score was counted, for a sentence: "5/10" (labelled records answered right),
+    else the scorer it is the mean of and over how many examples, as in "chrf over 6"."""
+    if row.get("correct") is not None:
+        return f"{row['correct']}/{row.get('examples')}"
+    scores = row.get("scores") or {}
+    name = next(iter(scores), "score")
+    return f"{name} over {scores.get(name, {}).get('n', row.get('examples'))}"
+
+
+def format_score(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 class EvalRow(TaskScore):
     """One artifact's task score, its share of the reference's, and how it scores the reference's answers."""
 

@@ -48,7 +48,10 @@ def teacher_files(recipe: Recipe) -> dict[str, Path]:
 
 
 def prompt_files(recipe: Recipe) -> dict[str, Path]:
-    return {"prompts": recipe.resolve(recipe.data.prompts)}
+    """The data file and, for an extraction task, its schema file: the generate stage's key covers their content."""
+    schema = recipe.task.output_schema
+    return {"prompts": recipe.resolve(recipe.data.prompts),
+            **({"schema": recipe.resolve(Path(schema))} if isinstance(schema, (str, Path)) else {})}
 
 
 def soft_label_files(recipe: Recipe) -> dict[str, Path]:
@@ -169,7 +172,8 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         Stage(TEACHER_GGUF, export_teacher, inputs=(TEACHER,), sections=("name", "export.teacher_quants"), version=2),
         Stage(BENCH, bench_stage, inputs=(TEACHER_GGUF, EXPORT, *onnx), sections=("bench",),
               external=recipe_target_files),
-        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, TEACHER_GGUF, EXPORT, *onnx), sections=("eval",)),
+        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, TEACHER_GGUF, EXPORT, *onnx), sections=("eval",),
+              unkeyed_sections=("allow_code",)),  # a permission to run a custom scorer, not a setting
         # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
         Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,
                                             TEACHER_GGUF, BENCH, EVAL),

@@ -104,7 +104,7 @@ def test_safe_endpoints_pass(tmp_path, endpoint):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("prompts, problem", [
-    (b"", "holds no prompts"),
+    (b"", "holds no examples"),
     (b'{"text": "fine", "label": "positive"}\n{"text": "broken\n', "line 2"),
     (b'{"text": "fine", "label": "positive"}\n{"text": "meh", "label": "neutral"}\n', "has label 'neutral'"),
 ], ids=["empty", "cut-line", "unknown-label"])

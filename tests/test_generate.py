@@ -30,6 +30,7 @@ from edgedistill.data import remote
 from edgedistill.data.generate import (PARTIAL_ANSWERS, SeededSampler, _fits, build_rows, generate, is_repeated,
                                        split_reasoning)
 from edgedistill.data.prompts import Example, load_examples, named_label, read_prompt_file, split_examples
+from edgedistill.data.templates import render
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import EndpointConfig, load_recipe
 from edgedistill.stages import teacher_stage
@@ -85,10 +86,16 @@ def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 
 
+def example(recipe, id: int, text: str, label: str) -> Example:
+    """An example of the recipe's template, as load_examples makes it."""
+    return Example(id, [{"role": "user", "content": render(recipe.task.prompt, {"text": text}, "test")}], label=label)
+
+
 @pytest.mark.unit
 def test_filters_count_every_reason(tmp_path):
     recipe = make_recipe(tmp_path, generate="{reasoning: true, samples: 3, temperature: 0.7}")
-    train = [Example(0, "a", "positive"), Example(1, "b", "negative"), Example(2, "c", "positive")]
+    train = [example(recipe, 0, "a", "positive"), example(recipe, 1, "b", "negative"),
+             example(recipe, 2, "c", "positive")]
     answers = {
         (0, 0): ("Good.\nAnswer: positive", True),
         (0, 1): ("Good.\nAnswer: positive", True),   # duplicate of sample 0
@@ -120,7 +127,7 @@ def test_filters_count_every_reason(tmp_path):
 def test_plain_mode_keeps_off_label_and_truncated_answers_but_counts_them(tmp_path):
     recipe = make_recipe(tmp_path)
     done = {(0, 0): {"answer": "Hmm, hard to say", "finished": False}}
-    rows, counts = build_rows(recipe, [Example(0, "a", "positive")], done)
+    rows, counts = build_rows(recipe, [example(recipe, 0, "a", "positive")], done)
     assert len(rows) == 1 and "trace" not in rows[0]
     assert dict(counts) == {"truncated_answers": 1, "answers_naming_no_label": 1}
 
@@ -154,7 +161,8 @@ def test_prompts_from_csv_jsonl_and_txt(tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('review,sentiment\n"Great, really great",positive\nAwful,negative\n')
     recipe = make_recipe(tmp_path / "csv", prompts=str(csv_file))
-    with pytest.raises(EdgedistillError, match="no column 'text'"):
+    with pytest.raises(EdgedistillError, match=r"2 of 2 examples cannot fill task.prompt:\n  p.csv:2: the prompt uses "
+                                               r"\{text\}, which this example does not have \(it has: review, sentiment\)"):
         load_examples(recipe)
     assert read_prompt_file(csv_file, "review", "sentiment") == [("Great, really great", "positive"),
                                                                ("Awful", "negative")]
@@ -166,14 +174,14 @@ def test_prompts_from_csv_jsonl_and_txt(tmp_path):
     assert "classification task needs a gold label" in str(info.value)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(EdgedistillError, match="holds no prompts"):
+    with pytest.raises(EdgedistillError, match="holds no examples"):
         load_examples(make_recipe(tmp_path / "empty", prompts=str(empty)))
 
 
 @pytest.mark.integration
 def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, teacher):
     recipe = make_recipe(tmp_path)
-    train = [Example(0, "short review", "positive"), Example(1, "word " * 2100, "negative")]
+    train = [example(recipe, 0, "short review", "positive"), example(recipe, 1, "word " * 2100, "negative")]
     fits, skipped = _fits(recipe, teacher, train)
     assert [ex.id for ex in fits] == [0] and skipped == 1
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgedistill.data.prompts import numbered_jsonl, utf8_lines
+from edgedistill.data.readers import numbered_jsonl, utf8_lines
 from edgedistill.errors import EdgedistillError
 
 # llama-imatrix's default context: activations are collected over chunks this many tokens long

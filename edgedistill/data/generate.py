@@ -27,8 +27,9 @@ Quality filters, applied when train.jsonl is written (counts in the stage result
 - truncated: hit max_new_tokens without EOS (finish_reason "length"). Always counted; dropped in
   reasoning mode only, where a cut trace lacks its conclusion. A short plain answer cut off is
   still the teacher's text token by token, which is what distillation learns from.
-- failed_format: reasoning mode only: no parseable `Answer:` line, or (classification) an answer
-  naming none of task.labels. Plain answers naming no label are kept and counted
+- failed_format: reasoning mode: no parseable `Answer:` line, or (classification) an answer
+  naming none of task.labels; extraction, in both modes: an answer that is not JSON following
+  task.schema (the student learns only the format it is scored on). Plain answers naming no label are kept and counted
   (`answers_naming_no_label`): the recipe's own prompt sets their format, not this stage.
 - duplicate: the same answer text as an earlier sample of the same prompt.
 """
@@ -45,10 +46,12 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from edgedistill.data.prompts import Example, load_examples, named_label, prompt_messages, split_examples, write_jsonl
+from edgedistill.data.answers import follows_schema, schema_validator
+from edgedistill.data.prompts import (Example, heldout_record, load_examples, named_label, prompt_messages, split_examples,
+                                      task_schema, write_jsonl, write_task)
 from edgedistill.data.remote import Request, answer_remote, describe_skips
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TRAIN_JSONL
+from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TASK_JSON, TRAIN_JSONL
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
 
@@ -170,20 +173,21 @@ def _fits(recipe: Recipe, teacher: Path, examples: list[Example], *,
         return examples, 0
     tokenizer = load_tokenizer(teacher)
     fits = [ex for ex in examples
-            if len(tokenizer.apply_chat_template(prompt_messages(recipe, ex.text, reasoning=reasoning),
+            if len(tokenizer.apply_chat_template(prompt_messages(recipe, ex, reasoning=reasoning),
                                                  add_generation_prompt=True, tokenize=True))
             + recipe.generate.max_new_tokens <= context]
     return fits, len(examples) - len(fits)
 
 
-def judge(recipe: Recipe, answer: str, finished: bool) -> tuple[str | None, dict]:
+def judge(recipe: Recipe, answer: str, finished: bool, validator=None) -> tuple[str | None, dict]:
     """(drop reason or None, extra row fields) for one answer, by the filters in the module docstring."""
     if not answer:
         return "empty", {}
     if is_repeated(answer):
         return "repeated", {}
     if not recipe.generate.reasoning:
-        return None, {}
+        # an extraction answer is learned only when it is the JSON the schema asks for
+        return ("failed_format", {}) if validator is not None and not follows_schema(answer, validator) else (None, {})
     if not finished:
         return "truncated", {}
     parsed = split_reasoning(answer)
@@ -195,6 +199,8 @@ def judge(recipe: Recipe, answer: str, finished: bool) -> tuple[str | None, dict
         if label is None:
             return "failed_format", {}
         final = label
+    if validator is not None and not follows_schema(final, validator):
+        return "failed_format", {}
     return None, {"trace": trace, "answer": final}
 
 
@@ -202,6 +208,8 @@ def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int],
     """train.jsonl rows and the filter counts, from the answers of every (example, sample)."""
     counts = Counter()
     rows = []
+    schema = task_schema(recipe)
+    validator = schema_validator(schema) if schema is not None else None
     for ex in train:
         seen, seen_finals = set(), set()
         for sample in range(recipe.generate.samples):
@@ -209,16 +217,17 @@ def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int],
                 continue  # skipped prompt or endpoint failure, counted where it happened
             answer, finished = done[ex.id, sample]["answer"], done[ex.id, sample]["finished"]
             counts["truncated_answers"] += not finished
-            reason, extra = judge(recipe, answer, finished)
+            reason, extra = judge(recipe, answer, finished, validator)
             if reason is None and answer in seen:
                 reason = "duplicate"
             if reason is not None:
                 counts[f"dropped_{reason}"] += 1
                 continue
             seen.add(answer)
-            if not recipe.generate.reasoning and named_label(answer, recipe.task.labels) is None:
+            if (not recipe.generate.reasoning and recipe.task.kind == "classification"
+                    and named_label(answer, recipe.task.labels) is None):
                 counts["answers_naming_no_label"] += 1
-            messages = prompt_messages(recipe, ex.text) + [{"role": "assistant", "content": answer}]
+            messages = prompt_messages(recipe, ex) + [{"role": "assistant", "content": answer}]
             if not recipe.generate.reasoning:
                 rows.append({"id": ex.id, "sample": sample, "messages": messages, "label": ex.label})
                 continue
@@ -227,7 +236,7 @@ def build_rows(recipe: Recipe, train: list[Example], done: dict[tuple[int, int],
             if extra["answer"] not in seen_finals:
                 # One label row per distinct final answer: samples that agree would only repeat it.
                 seen_finals.add(extra["answer"])
-                plain = prompt_messages(recipe, ex.text, reasoning=False)
+                plain = prompt_messages(recipe, ex, reasoning=False)
                 rows.append({"id": ex.id, "sample": sample, "task": "label", "label": ex.label,
                              "messages": plain + [{"role": "assistant", "content": extra["answer"]}]})
     return rows, counts
@@ -249,7 +258,7 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     done = _answered(partial)
     # Rewrite without a possibly cut last line before appending to it.
     write_jsonl(partial, [done[k] for k in sorted(done)])
-    requests = [Request((ex.id, s), prompt_messages(recipe, ex.text), sample_seed(recipe.seed, ex.id, s))
+    requests = [Request((ex.id, s), prompt_messages(recipe, ex), sample_seed(recipe.seed, ex.id, s))
                 for ex in train_fit for s in range(cfg.samples) if (ex.id, s) not in done]
     skipped_endpoint = []
     if requests:
@@ -298,10 +307,8 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
             "'Answer: <label>' (a larger or remote teacher, or generate.reasoning: false); or lower "
             "generate.min_kept to train on them anyway (the answers are kept: the rerun does not ask again)")
     write_jsonl(out / TRAIN_JSONL, rows)
-    write_jsonl(out / HELDOUT_JSONL, [
-        {"id": ex.id, "messages": prompt_messages(recipe, ex.text, reasoning=False), "label": ex.label,
-         "choices": recipe.task.labels}
-        for ex in heldout_fit])
+    write_jsonl(out / HELDOUT_JSONL, [heldout_record(recipe, ex) for ex in heldout_fit])
+    write_task(out / TASK_JSON, recipe)
     partial.unlink()
     result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),
               "samples_per_prompt": cfg.samples, "answers": answered, "kept_answers": kept,

@@ -15,13 +15,61 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgedistill.data.prompts import numbered_jsonl, utf8_lines
 from edgedistill.errors import EdgedistillError
 
 SUPPORTED = ".jsonl, .csv, .parquet, .txt (one prompt a line) or a folder written by datasets' save_to_disk"
 # Arrow record batches are turned into Python rows this many at a time: the Arrow side stays
 # memory-mapped, so a large file costs its Python rows, never a second whole copy.
 BATCH_ROWS = 4096
+
+
+JSON_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array",
+              type(None): "null"}
+
+
+def utf8_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text with its line ending) per line of a UTF-8 file; a byte that is not UTF-8
+    is an EdgedistillError naming its line and byte offset (a UTF-8 byte-order mark is dropped)."""
+    if not path.is_file():
+        raise EdgedistillError(f"{path} does not exist", "check the path (relative paths in a recipe are "
+                                                         "relative to the recipe's folder)")
+    lines = []
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise EdgedistillError(
+                    f"{path}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start})",
+                    f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})"
+                ) from None
+            lines.append((line_no, text.removeprefix("\ufeff") if line_no == 1 else text))
+            offset += len(raw)
+    return lines
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file of user data: every reader of
+    such a file goes through here, so that a bad line is an EdgedistillError naming the file, the
+    line and what is wrong (not UTF-8, not valid JSON, not a JSON object)."""
+    rows = []
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        fix = f"each line must be one whole JSON object ({{...}}): fix or delete line {line_no}"
+        try:
+            row = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as exc:
+            # "Unterminated string starting at", "Expecting value": then where
+            raise EdgedistillError(f"{path}:{line_no}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                                   f"{exc.colno})", fix) from None
+        if not isinstance(row, dict):
+            shown = line.strip() if len(line.strip()) <= 40 else line.strip()[:37] + "..."
+            raise EdgedistillError(f"{path}:{line_no}: not a JSON object (got {JSON_KINDS[type(row)]}: {shown})",
+                                   fix)
+        rows.append((line_no, row))
+    return rows
 
 
 @dataclass(frozen=True)

@@ -2,49 +2,18 @@
 the task's JSON Schema (json_schema), which of the reference object's fields does it get right
 (json_fields, and json_field:<name> per field). Built by edgedistill.evaluate.scorers.build_scorers.
 
-    python -c 'from edgedistill.evaluate.json_scorers import parse_json_answer as p; print(p("Hi {\"a\": 1} ok"))'
+    python -c 'from edgedistill.evaluate.json_scorers import JsonParse, ScoreInput; print(JsonParse()(ScoreInput("Hi {\"a\": 1} ok", None)))'
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from edgedistill.errors import EdgedistillError
-from edgedistill.evaluate.scorer_base import Outcome, ScoreInput, Scorer, normalize_text, require_package
+from edgedistill.data.answers import parse_json_answer, schema_validator
+from edgedistill.evaluate.scorer_base import Outcome, ScoreInput, Scorer, normalize_text
 
 FIELD_PREFIX = "json_field:"
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_FENCE = re.compile(r"```[ \t]*(?:json\b)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
-
-
-def parse_json_answer(text: str) -> tuple[bool, Any]:
-    """(found, value): the JSON value an answer holds, looked for in this order: the whole answer
-    (surrounding whitespace stripped); the first fenced block opened by ``` or ```json (any case);
-    the first "{" or "[" in the answer from which a whole JSON value decodes, trying each in turn
-    (text after that value is ignored). NaN and Infinity are not JSON."""
-    decoder = json.JSONDecoder(parse_constant=_no_constant)
-    candidates = [text.strip()]
-    fence = _FENCE.search(text)
-    if fence:
-        candidates.append(fence.group(1).strip())
-    for candidate in candidates:
-        try:
-            return True, decoder.decode(candidate)
-        except ValueError:
-            pass
-    for match in re.finditer(r"[\[{]", text):
-        try:
-            return True, decoder.raw_decode(text, match.start())[0]
-        except ValueError:
-            pass
-    return False, None
 
 
 class JsonParse(Scorer):
@@ -60,16 +29,7 @@ class JsonSchema(Scorer):
     needs_reference = False
 
     def __init__(self, schema: dict):
-        jsonschema = require_package("jsonschema", "jsonschema", self.name)
-        validator_class = jsonschema.validators.validator_for(schema)
-        try:
-            validator_class.check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            at = "/".join(str(part) for part in exc.absolute_path) or "(top level)"
-            raise EdgedistillError(
-                f"the task's JSON Schema is not valid at {at}: {exc.message}",
-                "fix the schema (it is checked against its own $schema, by default 2020-12)") from exc
-        self.validator = validator_class(schema)
+        self.validator = schema_validator(schema)
 
     def __call__(self, item: ScoreInput) -> float:
         found, value = parse_json_answer(item.prediction)

@@ -28,18 +28,22 @@ is refused with its line number (edgedistill.data.prompts.numbered_jsonl).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgedistill.data.generate import split_reasoning
-from edgedistill.data.prompts import named_label, numbered_jsonl
+from edgedistill.data.prompts import named_label
+from edgedistill.data.readers import numbered_jsonl
 from edgedistill import layout
 from edgedistill.errors import EdgedistillError
+from edgedistill.evaluate.intervals import bootstrap_ratio, within_noise
+from edgedistill.evaluate.scorers import ScoreInput, Scorer, ScorerSpec, build_scorers, default_scorers, score_all
 from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
 from edgedistill.recipe import EvalConfig, Recipe
-from edgedistill.records import EvalReference, EvalReport, EvalRow
+from edgedistill.records import EvalReference, EvalReport, EvalRow, format_score, score_basis
 from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
 
 SCORE_RECORDS = EvalConfig().score_records
@@ -56,14 +60,31 @@ def _numbered_heldout(path: Path) -> list[tuple[int, dict]]:
     numbered = numbered_jsonl(path)
     for line_no, row in numbered:
         messages, choices = row.get("messages"), row.get("choices")
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
-                and isinstance(choices, list) and choices and "label" in row):
-            raise EdgedistillError(f"{path}:{line_no}: a held-out record needs messages (a list of chat messages), "
-                                   "label and choices (a list of labels)",
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise EdgedistillError(f"{path}:{line_no}: a held-out record needs messages (a list of chat messages)",
                                    "use the heldout.jsonl written by the generate stage")
+        if "choices" in row and not (isinstance(choices, list) and choices and "label" in row):
+            raise EdgedistillError(f"{path}:{line_no}: a classification record needs label and choices (a list "
+                                   "of labels)", "use the heldout.jsonl written by the generate stage")
     if not numbered:
         raise EdgedistillError(f"{path} holds no held-out records", "use the heldout.jsonl written by the generate stage")
     return numbered
+
+
+def task_scorers(data: Path, rows: list[dict], *, allow_code: bool = False) -> list[Scorer]:
+    """The scorers of the task `data` was written for: its generate stage's task.json beside it, or
+    for records with label choices the label scorer alone, else generation's defaults."""
+    task_path = data.parent / layout.TASK_JSON
+    if task_path.is_file():
+        task = json.loads(task_path.read_text(encoding="utf-8"))
+        specs = task["scorers"] if task.get("scorers") is not None else default_scorers(task["kind"])
+        specs = [ScorerSpec(**spec) if isinstance(spec, dict) else spec for spec in specs]
+        return build_scorers(specs, base_dir=Path(task.get("base_dir") or "."), allow_code=allow_code,
+                             schema=task.get("schema"), labels=task.get("labels"))
+    if all("choices" in row for row in rows):
+        return build_scorers(["label"], base_dir=Path("."), allow_code=False, schema=None,
+                             labels=rows[0]["choices"])
+    return build_scorers(default_scorers("generation"), base_dir=Path("."), allow_code=False, schema=None, labels=None)
 
 
 def load_heldout(path: Path) -> list[dict]:
@@ -88,22 +109,48 @@ def artifact_name(artifact: Path) -> str:
     return artifact.name if artifact.is_file() else artifact.name + "/"
 
 
+def final_answer(answer: str) -> str:
+    """What is scored of an answer: the part after its last "Answer:" line when it reasons, else all of it."""
+    reasoned = split_reasoning(answer)
+    return reasoned[1] if reasoned else answer
+
+
 def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16,
-               model: Runtime | None = None) -> EvalRow:
-    """The artifact's greedy answers to `rows` and their score; `model`: the artifact already open."""
+               model: Runtime | None = None, scorers: list[Scorer] | None = None) -> tuple[EvalRow, dict]:
+    """The artifact's greedy answers to `rows`, their score and every scorer's result by name;
+    `model`: the artifact already open. The task score is the first scorer's mean (for label
+    choices: the share answered right, as `correct` counts it)."""
     model = model or open_runtime(artifact)
+    scorers = scorers if scorers is not None else build_scorers(["label"], base_dir=Path("."), allow_code=False,
+                                                                 schema=None, labels=rows[0]["choices"])
     correct = unparsed = 0
-    answers_out = []
+    answers_out, items = [], []
     for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {artifact.name}", unit="batch"):
         batch = rows[start:start + batch_size]
         answers = model.generate([row["messages"] for row in batch], max_new_tokens)
         for row, (answer, _) in zip(batch, answers):
-            label = parse_label(answer, row["choices"])
-            unparsed += label is None
-            correct += label == row["label"]
-            answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
-    return EvalRow(artifact=artifact_name(artifact), path=str(artifact), examples=len(rows), correct=correct,
-                   unparsed=unparsed, task_score=round(correct / len(rows), 4), answers=answers_out)
+            items.append(ScoreInput(final_answer(answer), row.get("reference"), row))
+            if "choices" in row:
+                label = parse_label(answer, row["choices"])
+                unparsed += label is None
+                correct += label == row["label"]
+                answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
+            else:
+                answers_out.append({"id": row.get("id"), "answer": answer, "reference": row.get("reference")})
+    results = score_all(scorers, items)
+    primary = results[scorers[0].name]
+    labelled = all("choices" in row for row in rows)
+    score = round(correct / len(rows), 4) if labelled else (
+        round(primary.mean, 4) if primary.mean is not None else None)
+    row = EvalRow(artifact=artifact_name(artifact), path=str(artifact), examples=len(rows),
+                  **({"correct": correct, "unparsed": unparsed} if labelled else {}),
+                  task_score=score, answers=answers_out)
+    row.update({"scores": {name: _rounded(result.as_dict()) for name, result in results.items()}})
+    return row, results
+
+
+def _rounded(values: dict) -> dict:
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in values.items()}
 
 
 def _open(artifact: Path, device: str, dtype: str) -> Runtime:
@@ -114,7 +161,8 @@ def _open(artifact: Path, device: str, dtype: str) -> Runtime:
 
 
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
-             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32") -> EvalReport:
+             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
+             allow_code: bool = False) -> EvalReport:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not).
     HF folders (the reference too) run in PyTorch on `device` in `dtype`."""
@@ -125,6 +173,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
 
         require_device(device)  # before hours of CPU work, not after
     numbered = _numbered_heldout(data)
+    scorers = task_scorers(data, [row for _, row in numbered], allow_code=allow_code)  # before any model work
     order = ([reference] if reference is not None else []) + artifacts
     skipped: dict[int, str] = {}
     held = None
@@ -141,10 +190,11 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
                                    "shorten the prompts or lower --max-new-tokens (eval.max_new_tokens in a recipe)")
         print(f"eval: skipping {len(skipped)} of {len(numbered)} held-out records whose prompt does not fit the "
               f"context: {listed}{more}", file=sys.stderr, flush=True)
-    ref = records = None
+    ref = records = ref_results = None
     if reference is not None:
         model, held = held, None
-        ref = EvalReference(**task_score(reference, rows, max_new_tokens=max_new_tokens, model=model).to_dict())
+        ref_row, ref_results = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
+        ref = EvalReference(**ref_row.to_dict())
         if score_records:
             scored = rows[:score_records]
             records = score_reference(model, ref.artifact, [row["messages"] for row in scored],
@@ -156,9 +206,11 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         model, held = held if held is not None else _open(artifact, device, dtype), None
         if records is not None:
             check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
-        result = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model)
+        result, scored = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
         if ref is not None:
-            result.share_of_reference = round(result.task_score / ref.task_score, 4) if ref.task_score else None
+            result.share_of_reference = (round(result.task_score / ref.task_score, 4)
+                                         if ref.task_score and result.task_score is not None else None)
+            result.update(_against_reference(scored, ref_results, scorers[0].name))
         if records is not None:
             result.update(score_against(model, result.artifact, records))
         del model
@@ -171,6 +223,19 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     return report
 
 
+def _against_reference(results: dict, ref_results: dict, primary: str) -> dict:
+    """The share of the reference's score with its 95% interval (examples resampled in pairs, since
+    both answered the same ones), and whether the two differ by more than that noise."""
+    mine, theirs = results[primary].values, ref_results[primary].values
+    paired = [(a, b) for a, b in zip(mine, theirs) if a is not None and b is not None]
+    if len(paired) < 2:
+        return {}
+    a, b = [p[0] for p in paired], [p[1] for p in paired]
+    share = bootstrap_ratio(a, b)
+    return {"share_of_reference_interval": [round(share.low, 4), round(share.high, 4)] if share.low is not None else None,
+            "within_noise_of_reference": within_noise(a, b)}
+
+
 def format_eval(report: EvalReport) -> str:
     """What `edgedistill eval` prints: the reference's task score, then each artifact's."""
     lines = []
@@ -178,13 +243,13 @@ def format_eval(report: EvalReport) -> str:
     if ref:
         scored = (f"; perplexity {ref.perplexity:.4g} on its answers ({ref.scored_tokens} tokens of "
                   f"{report.scored_records} records)") if ref.perplexity is not None else ""
-        lines.append(f"reference {ref.artifact}: task score {ref.task_score:.3f} ({ref.correct}/{ref.examples})"
-                     + scored)
+        lines.append(f"reference {ref.artifact}: task score {format_score(ref.task_score)} "
+                     f"({score_basis(ref.to_dict())})" + scored)
     for r in report.artifacts:
         share = f", {100 * r.share_of_reference:.1f}% of reference" if r.share_of_reference is not None else ""
         scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}, "
                   f"top-1 {r.top1_agreement:.3f}") if r.perplexity is not None else ""
-        lines.append(f"{r.artifact}: task score {r.task_score:.3f} ({r.correct}/{r.examples}){share}{scored}")
+        lines.append(f"{r.artifact}: task score {format_score(r.task_score)} ({score_basis(r.to_dict())}){share}{scored}")
     return "\n".join(lines)
 
 
@@ -194,7 +259,8 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
 
     artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
-                      max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records)
+                      max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records,
+                      allow_code=recipe.allow_code)
     (out / layout.EVAL_JSON).write_text(report.to_json())
     return {"reference_task_score": report.reference.task_score,
             "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgedistill.records import score_basis
 from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, RunData, column_sources, fmt, pareto_front
 from edgedistill.targets import any_failed, completed_checks
 
@@ -39,7 +40,7 @@ def summary(data: RunData) -> list[str]:
     reference = data.reference
     if reference and reference.get("task_score") is not None:
         lines.append(f"Held-out task score of the teacher (PyTorch fp32, reference): **{reference['task_score']:.3f}** "
-                     f"({reference.get('correct')}/{reference.get('examples')}).")
+                     f"({score_basis(reference)}).")
     return lines
 
 
