@@ -125,7 +125,7 @@ class TaskConfig(Section):
     `label`); `generation`: free text; `extraction`: JSON following `schema`. `prompt` and `system`
     are templates over the example's fields (`{question}`, `{context}`, ...; `{{` for a brace)."""
 
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"output_schema": None, "scorers": None}
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"output_schema": None, "scorers": None, "answer_separator": None}
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     kind: Literal[TASK_KINDS] = "classification"  # type: ignore[valid-type]
@@ -137,6 +137,9 @@ class TaskConfig(Section):
     output_schema: dict[str, Any] | Path | None = Field(None, alias="schema")
     # None: the kind's defaults (edgedistill.evaluate.scorers.default_scorers)
     scorers: list[ScorerConfig] | None = None
+    # With generate.reasoning: the line that starts the final answer after the trace, e.g. "### Answer";
+    # None: "Answer:" (also "Final answer:", "**Answer:**"). Only what follows it is scored.
+    answer_separator: Annotated[str, Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _kind_fits(self) -> TaskConfig:

@@ -403,3 +403,44 @@ def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teac
     finally:
         server.kill()
         server.wait()
+
+
+# --- reasoning for open-ended tasks -----------------------------------------------------------------
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text, separator, open_ended, expected", [
+    ("Let me think.\n### Answer\ndef f():\n    return 1\n", "### Answer", True, ("Let me think.", "def f():\n    return 1")),
+    ("Steps...\nAnswer: The tower is 330 m tall.\nIt opened in 1889.", None, True,
+     ("Steps...", "The tower is 330 m tall.\nIt opened in 1889.")),
+    ("Steps...\nAnswer: positive.\nMore text", None, False, ("Steps...", "positive")),
+    ("Reasoning\nRESULT: {\"a\": 1}", "RESULT:", True, ("Reasoning", '{"a": 1}')),
+    ("no separator here", "### Answer", True, None),
+    ("Think\n### Answer\n   ", "### Answer", True, None),
+])
+def test_the_recipes_separator_splits_trace_and_answer(text, separator, open_ended, expected):
+    assert split_reasoning(text, separator, open_ended=open_ended) == expected
+
+
+@pytest.mark.unit
+def test_an_open_ended_task_learns_the_trace_and_the_answer_and_only_the_answer_is_scored(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))
+    path = tmp_path / "recipe.yaml"
+    text = random_teacher_recipe(name="qa", prompt="unused", data=f"{{prompts: {data}}}",
+                                 generate="{max_new_tokens: 64, reasoning: true}")
+    start, end = text.index("task:"), text.index("data:")
+    path.write_text(text[:start] + 'task:\n  kind: generation\n  prompt: "Q: {question}"\n'
+                    '  answer_separator: "### Answer"\n' + text[end:])
+    recipe = load_recipe(path)
+    examples = load_examples(recipe)
+    done = {(0, 0): {"answer": "It is asked for a0.\n### Answer\na0, as said.", "finished": True},
+            (1, 0): {"answer": "No separator, so no answer.", "finished": True}}
+    rows, counts = build_rows(recipe, examples[:2], done)
+    assert [(row["id"], row["task"]) for row in rows] == [(0, "rationale"), (0, "label")]
+    assert rows[0]["trace"] == "It is asked for a0." and rows[0]["answer"] == "a0, as said."
+    assert '"### Answer" on a line of its own' in rows[0]["messages"][-2]["content"]
+    assert rows[1]["messages"] == [{"role": "user", "content": "Q: q0"}, {"role": "assistant", "content": "a0, as said."}]
+    assert counts["dropped_failed_format"] == 1
+    from edgedistill.data.prompts import task_file
+
+    assert task_file(recipe)["answer_separator"] == "### Answer"

@@ -88,19 +88,30 @@ def is_repeated(text: str) -> bool:
     return loop >= 20 and loop >= CHAR_LOOP_MIN_SHARE * len(text)
 
 
-def split_reasoning(text: str) -> tuple[str, str] | None:
+def split_reasoning(text: str, separator: str | None = None, *, open_ended: bool = False) -> tuple[str, str] | None:
     """(trace, final answer) from "...reasoning...\\nAnswer: X"; None when there is no answer line.
 
-    The last `Answer:` line counts (a model may restate the question's format earlier).
+    The last answer line counts (a model may restate the question's format earlier). `separator`:
+    the recipe's own marker, matched literally at a line's start; None: "Answer:" as small models
+    write it. Open-ended answers (generation, extraction) are everything after the marker, kept as
+    written; a label is the rest of its line, without decoration.
     """
-    matches = list(ANSWER_LINE.finditer(text))
-    if not matches:
+    if separator is None:
+        matches = list(ANSWER_LINE.finditer(text))
+        starts = [(m.start(), m.start(1)) for m in matches]
+    else:
+        matches = list(re.finditer(rf"^[ \t]*{re.escape(separator)}[ \t]*", text, re.MULTILINE))
+        starts = [(m.start(), m.end()) for m in matches]
+    if not starts:
         return None
-    last = matches[-1]
-    answer = last.group(1).strip().strip("*_`\"'.").strip()
+    line_start, answer_start = starts[-1]
+    if open_ended:
+        answer = text[answer_start:].strip()
+    else:
+        answer = text[answer_start:].split("\n", 1)[0].strip().strip("*_`\"'.").strip()
     if not answer:
         return None
-    return text[:last.start()].strip(), answer
+    return text[:line_start].strip(), answer
 
 
 def sample_seed(seed: int, example_id: int, sample: int) -> int:
@@ -190,7 +201,7 @@ def judge(recipe: Recipe, answer: str, finished: bool, validator=None) -> tuple[
         return ("failed_format", {}) if validator is not None and not follows_schema(answer, validator) else (None, {})
     if not finished:
         return "truncated", {}
-    parsed = split_reasoning(answer)
+    parsed = split_reasoning(answer, recipe.task.answer_separator, open_ended=recipe.task.kind != "classification")
     if parsed is None:
         return "failed_format", {}
     trace, final = parsed

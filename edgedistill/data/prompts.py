@@ -148,11 +148,12 @@ def heldout_record(recipe: Recipe, example: Example) -> dict:
 def task_file(recipe: Recipe) -> dict | None:
     """task.json's content, or None for a classification task scored by its label alone (its
     held-out records carry their choices, as before task.json existed)."""
-    if recipe.task.kind == "classification" and recipe.task.scorers is None:
+    if recipe.task.kind == "classification" and recipe.task.scorers is None and recipe.task.answer_separator is None:
         return None
     scorers = recipe.task.scorers
     return {"kind": recipe.task.kind, "labels": recipe.task.labels, "schema": task_schema(recipe),
             "scorers": [scorer.model_dump(mode="json") for scorer in scorers] if scorers is not None else None,
+            "answer_separator": recipe.task.answer_separator,
             # a custom scorer's module is looked for beside the recipe
             **({"base_dir": str(recipe.base_dir)} if any(s.name == "custom" for s in scorers or []) else {})}
 
@@ -181,14 +182,15 @@ def split_examples(recipe: Recipe, examples: list[Example]) -> tuple[list[Exampl
     return order[n_heldout:], order[:n_heldout]
 
 
-def reasoning_instruction(labels: list[str] | None) -> str:
+def reasoning_instruction(labels: list[str] | None, separator: str | None = None) -> str:
     """Appended to the user turn, not sent as a system turn: small instruct models (SmolLM2-135M)
     follow an instruction at the end of the user message far more often than a system prompt."""
+    marker = separator or "Answer:"
     if not labels:
-        return ("\n\nThink step by step and explain your reasoning briefly. Then write \"Answer:\" on a line of "
-                "its own, followed by your final answer.")
+        return ("\n\nThink step by step and explain your reasoning briefly. Then write \"" + marker + "\" on a line "
+                "of its own, followed by your final answer.")
     return ("\n\nThink step by step and explain your reasoning briefly. Then write your final answer on the "
-            f"last line as \"Answer: <label>\", where <label> is one of: {', '.join(labels)}.")
+            f"last line as \"{marker} <label>\", where <label> is one of: {', '.join(labels)}.")
 
 
 def prompt_messages(recipe: Recipe, example: Example, *, reasoning: bool | None = None) -> list[dict[str, str]]:
@@ -196,7 +198,7 @@ def prompt_messages(recipe: Recipe, example: Example, *, reasoning: bool | None 
     last user turn asks for a trace and an `Answer:` line."""
     messages = [dict(message) for message in example.messages]
     if recipe.generate.reasoning if reasoning is None else reasoning:
-        messages[-1]["content"] += reasoning_instruction(recipe.task.labels)
+        messages[-1]["content"] += reasoning_instruction(recipe.task.labels, recipe.task.answer_separator)
     return messages
 
 
