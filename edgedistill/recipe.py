@@ -91,10 +91,41 @@ class TeacherConfig(Section):
         return self
 
 
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat endpoint (vLLM, llama.cpp's server, TGI) that answers as the teacher."""
+
+    url: str  # base URL, e.g. http://127.0.0.1:8000/v1
+    model: str = "teacher"
+    api_key_env: str | None = None  # name of the environment variable holding the key, if any
+    concurrency: Annotated[int, Field(gt=0, le=256)] = 4
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    retries: Annotated[int, Field(ge=0)] = 3
+
+    @model_validator(mode="after")
+    def _key_goes_only_where_safe(self) -> EndpointConfig:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1 "
+                             f"(got {self.url!r})")
+        if self.api_key_env is None:
+            return self
+        # A recipe is shared like a script: it must not be able to send any secret of the person
+        # running it anywhere. So the key travels only under a name that says it is an API key,
+        # and only encrypted or to this machine.
+        if not API_KEY_ENV.fullmatch(self.api_key_env):
+            raise ValueError(f"api_key_env {self.api_key_env!r}: the variable's name must contain API_KEY "
+                             "(e.g. VLLM_API_KEY), so a recipe cannot send other secrets such as "
+                             "AWS_SECRET_ACCESS_KEY; export the key under such a name")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(f"api_key_env is set but {self.url} is plain http to another machine, which would "
+                             "send the key unencrypted: use https://, or drop api_key_env")
+        return self
+
+
 # the scorers of edgedistill.evaluate.scorers (a test checks the two lists agree; this module stays
 # at the bottom of the imports, so it cannot import that one)
 SCORER_NAMES = ("label", "exact_match", "regex", "chrf", "rouge_l", "json_parse", "json_schema", "json_fields",
-                "custom")
+                "custom", "judge")
 TASK_KINDS = ("classification", "generation", "extraction")
 
 
@@ -105,6 +136,11 @@ class ScorerConfig(Section):
     pattern: str | None = None  # regex: one capture group, compared with the reference
     function: str | None = None  # custom: "module:function", run only with --allow-recipe-code
     normalize: bool = True  # exact_match, regex, json_fields: case, spaces and quotes do not count
+    # judge: the rubric prompt over {prompt}, {answer}, {reference}; the scale its score is on; the
+    # model asked (an OpenAI-compatible endpoint; None: the teacher)
+    rubric: str | None = None
+    scale: tuple[float, float] = (1, 5)
+    endpoint: EndpointConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +153,8 @@ class ScorerConfig(Section):
             raise ValueError("pattern is the regex scorer's option, and the regex scorer needs it")
         if (self.function is not None) != (self.name == "custom"):
             raise ValueError("function is the custom scorer's option, and the custom scorer needs it")
+        if (self.rubric is not None) != (self.name == "judge") or (self.endpoint is not None and self.name != "judge"):
+            raise ValueError("rubric and endpoint are the judge scorer's options, and the judge needs a rubric")
         return self
 
 
@@ -170,37 +208,6 @@ class DataConfig(Section):
     messages_field: str = "messages"
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     limit: Annotated[int, Field(gt=0)] | None = None
-
-
-class EndpointConfig(Section):
-    """An OpenAI-compatible chat endpoint (vLLM, llama.cpp's server, TGI) that answers as the teacher."""
-
-    url: str  # base URL, e.g. http://127.0.0.1:8000/v1
-    model: str = "teacher"
-    api_key_env: str | None = None  # name of the environment variable holding the key, if any
-    concurrency: Annotated[int, Field(gt=0, le=256)] = 4
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    retries: Annotated[int, Field(ge=0)] = 3
-
-    @model_validator(mode="after")
-    def _key_goes_only_where_safe(self) -> EndpointConfig:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1 "
-                             f"(got {self.url!r})")
-        if self.api_key_env is None:
-            return self
-        # A recipe is shared like a script: it must not be able to send any secret of the person
-        # running it anywhere. So the key travels only under a name that says it is an API key,
-        # and only encrypted or to this machine.
-        if not API_KEY_ENV.fullmatch(self.api_key_env):
-            raise ValueError(f"api_key_env {self.api_key_env!r}: the variable's name must contain API_KEY "
-                             "(e.g. VLLM_API_KEY), so a recipe cannot send other secrets such as "
-                             "AWS_SECRET_ACCESS_KEY; export the key under such a name")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            raise ValueError(f"api_key_env is set but {self.url} is plain http to another machine, which would "
-                             "send the key unencrypted: use https://, or drop api_key_env")
-        return self
 
 
 class GenerateConfig(Section):

@@ -29,6 +29,9 @@ class ScorerSpec:
     pattern: str | None = None
     function: str | None = None
     normalize: bool = True
+    rubric: str | None = None
+    scale: tuple[float, float] = (1, 5)
+    endpoint: Any = None  # an EndpointConfig, or its dict as task.json holds it
 
 
 Outcome = float | bool | Exception  # what a scorer gave for one example, before score_all checks it

@@ -53,6 +53,7 @@ from typing import Any
 from edgedistill.data.prompts import named_label
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.intervals import Interval, bootstrap_mean
+from edgedistill.evaluate.judge import Chat, JudgeScorer, endpoint_chat
 from edgedistill.evaluate.json_scorers import FIELD_PREFIX, JsonFields, JsonParse, JsonSchema, parse_json_answer
 from edgedistill.evaluate.scorer_base import (Outcome, ScoreInput, Scorer, ScorerSpec, normalize_text, reference_text,
                                               require_package)
@@ -60,7 +61,8 @@ from edgedistill.evaluate.scorer_base import (Outcome, ScoreInput, Scorer, Score
 __all__ = ["FIELD_PREFIX", "NAMES", "ScoreInput", "Scorer", "ScorerResult", "ScorerSpec", "build_scorers",
            "default_scorers", "load_function", "normalize_text", "parse_json_answer", "score_all"]
 
-NAMES = ("label", "exact_match", "regex", "chrf", "rouge_l", "json_parse", "json_schema", "json_fields", "custom")
+NAMES = ("label", "exact_match", "regex", "chrf", "rouge_l", "json_parse", "json_schema", "json_fields", "custom",
+         "judge")
 DEFAULTS = {"classification": ["label"], "generation": ["chrf", "rouge_l", "exact_match"],
             "extraction": ["json_parse", "json_schema", "json_fields"]}
 
@@ -216,7 +218,8 @@ def default_scorers(kind: str) -> list[str]:
 
 
 def build_scorers(specs: Sequence[Any], *, base_dir: Path, allow_code: bool, schema: dict | None,
-                  labels: list[str] | None) -> list[Scorer]:
+                  labels: list[str] | None, judge_chat: Chat | None = None, judge_cache: Path | None = None
+                  ) -> list[Scorer]:
     """Scorers for a recipe's list: ScorerSpec-like objects (name, pattern, function, normalize) or
     bare names. Every requirement is checked here, before any answer is generated."""
     scorers: list[Scorer] = []
@@ -250,6 +253,8 @@ def build_scorers(specs: Sequence[Any], *, base_dir: Path, allow_code: bool, sch
             if not spec.function:
                 raise EdgedistillError("the custom scorer needs a function", "give it function: module:function")
             scorers.append(CustomScorer(spec.function, Path(base_dir), allow_code))
+        elif name == "judge":
+            scorers.append(_judge(spec, judge_chat, judge_cache))
         else:
             raise EdgedistillError(f"unknown scorer {name!r}", f"use one of {', '.join(NAMES)}")
     seen: set[str] = set()
@@ -258,6 +263,22 @@ def build_scorers(specs: Sequence[Any], *, base_dir: Path, allow_code: bool, sch
             raise EdgedistillError(f"the scorer {scorer.name} is listed twice", "list each scorer once")
         seen.add(scorer.name)
     return scorers
+
+
+def _judge(spec: Any, chat: Chat | None, cache: Path | None) -> Scorer:
+    """The judge of `spec`: asking its endpoint, else `chat` (the teacher eval holds)."""
+    if not getattr(spec, "rubric", None):
+        raise EdgedistillError("the judge scorer needs a rubric", "give it rubric: a prompt over {prompt}, {answer}, "
+                               "{reference} that asks for \"Score: N\"")
+    endpoint = getattr(spec, "endpoint", None)
+    if endpoint is not None:
+        from edgedistill.recipe import EndpointConfig
+
+        chat = endpoint_chat(endpoint if isinstance(endpoint, EndpointConfig) else EndpointConfig(**endpoint))
+    if chat is None:
+        raise EdgedistillError("the judge scorer has no model to ask",
+                               "give eval a reference model (the teacher judges), or the scorer an endpoint")
+    return JudgeScorer(spec.rubric, getattr(spec, "scale", (1, 5)), chat, cache)
 
 
 @dataclass(frozen=True)
@@ -322,6 +343,8 @@ def score_all(scorers: Sequence[Scorer], items: list[ScoreInput], *, seed: int =
             outcomes: list[Outcome] = scorer.score_batch(batch)
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{scorer.name} gave {len(outcomes)} scores for {len(batch)} examples")
+        except EdgedistillError:
+            raise  # the user must act (a judge endpoint that is down): stop, what was scored is kept
         except Exception as exc:  # the whole batch failed: each of its examples counts the error
             outcomes = [exc] * len(batch)
         placed: list[Outcome | None] = [None] * len(items)
