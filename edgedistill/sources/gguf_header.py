@@ -77,6 +77,16 @@ class _HeaderWalker:
         except UnicodeDecodeError:
             raise self.fail(f"{what}'s name at byte {at:#x} is not UTF-8: {raw[:40]!r}", truncated=False) from None
 
+    def unique_name(self, kind: str, index: int, seen: set[str]) -> tuple[str, str]:
+        """The name of key or tensor `index`, and how messages call it; one seen before is damage."""
+        at = self.offset
+        name = self.name(f"{kind} {index}")
+        what = f"{kind} {index} ({_shown(name)})"
+        if name in seen:
+            raise self.fail(f"{what} at byte {at:#x} appears twice", truncated=False)
+        seen.add(name)
+        return name, what
+
     def value(self, value_type: int, what: str, at: int, depth: int = 0) -> None:
         if value_type in _SCALAR_BYTES:
             self.fits(_SCALAR_BYTES[value_type], f"{what} needs {_SCALAR_BYTES[value_type]} bytes", at)
@@ -139,12 +149,7 @@ class _HeaderWalker:
                   f"{_MIN_KV_BYTES} and {_MIN_TENSOR_INFO_BYTES} bytes each)", 0x8)
         alignment, keys = gguf.GGUF_DEFAULT_ALIGNMENT, set()
         for index in range(kv_count):
-            at = self.offset
-            key = self.name(f"key {index}")
-            what = f"key {index} ({_shown(key)})"
-            if key in keys:
-                raise self.fail(f"{what} at byte {at:#x} appears twice", truncated=False)
-            keys.add(key)
+            key, what = self.unique_name("key", index, keys)
             at = self.offset
             value_type = self.read(self.u32, f"{what}'s value type")
             if key == "general.alignment":
@@ -156,11 +161,7 @@ class _HeaderWalker:
         tensor_ends, names = [], set()
         for index in range(tensor_count):
             at = self.offset
-            name = self.name(f"tensor {index}")
-            what = f"tensor {index} ({_shown(name)})"
-            if name in names:
-                raise self.fail(f"{what} at byte {at:#x} appears twice", truncated=False)
-            names.add(name)
+            _, what = self.unique_name("tensor", index, names)
             n_dims = self.read(self.u32, f"{what}'s dimension count")
             if n_dims > GGML_MAX_DIMS:
                 raise self.fail(f"{what} declares {n_dims} dimensions at byte {at:#x}; GGUF allows at most "
