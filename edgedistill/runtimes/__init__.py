@@ -5,7 +5,8 @@ folder (ONNX Runtime, GenAI for builder exports) or an HF folder (PyTorch).
 
 Every runtime greedily answers chat conversations (`generate`, `stream`) and scores token ids
 (`score`): log-probs, not logits, so that runtimes whose logits differ by a constant per position
-compare directly, and a caller never normalizes twice.
+compare directly, and a caller never normalizes twice. Plain text outside a chat (the prompts of
+lm-evaluation-harness tasks) goes through `encode`, `decode` and `greedy_ids`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from edgedistill.runtimes.common import DEVICES, DTYPES
 class Runtime(Protocol):
     vocab_size: int  # the width of a row of score(): the model's output rows, padding included
     context_length: int | None  # tokens one conversation may take, prompt and answer; None: no stated limit
+    bos_id: int | None  # the tokenizer's beginning-of-text token; None: it has none
+    eos_id: int  # the tokenizer's end-of-text token (is_end accepts it)
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
         """Greedy answers, each with whether it ended by itself (False: cut at max_new_tokens)."""
@@ -37,6 +40,18 @@ class Runtime(Protocol):
 
     def is_end(self, token: int) -> bool:
         """Whether `token` ends an answer (generation stops there)."""
+
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        """Plain text (no chat template) tokenized by the artifact's tokenizer, special-token strings in
+        it becoming their tokens; add_special: also the tokens the tokenizer's own config puts around a
+        text (a BOS), as transformers' add_special_tokens=True does."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens left out."""
+
+    def greedy_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
+        """The greedy continuation of the token ids `prompt`, one id at a time; an end token, when one
+        comes, is the last yielded."""
 
     def score(self, ids: list[int], *, last: int | None = None) -> np.ndarray:
         """float32 [positions, vocab_size] log-probs of the token after each position of `ids`, in one

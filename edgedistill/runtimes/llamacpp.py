@@ -71,6 +71,7 @@ class LlamaCppChatModel:
         bos_token = self.llm.detokenize([bos_id], special=True).decode() if bos_id >= 0 else ""
         self.formatters = {add: Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=bos_token,
                                                     add_generation_prompt=add) for add in (True, False)}
+        self.bos_id, self.eos_id = (bos_id if bos_id >= 0 else None), eos_id
         self.vocab_size = self.llm.n_vocab()
         self.context_length = self.llm.n_ctx()  # past it llama_decode fails
 
@@ -83,6 +84,13 @@ class LlamaCppChatModel:
         import llama_cpp
 
         return llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(self.llm.model), token)
+
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        # llama_tokenize adds the BOS only where the GGUF's tokenizer.ggml.add_bos_token says so
+        return self.llm.tokenize(text.encode(), add_bos=add_special, special=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return detokenize(self.llm, ids)
 
     def greedy_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
         """The greedy continuation of `prompt`, one token id at a time, stopping after an end token."""

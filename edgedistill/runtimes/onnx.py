@@ -160,6 +160,7 @@ class OnnxChatModel:
                         for key, value in special.items() if key in ("bos_token", "eos_token")}
         self.genai = (self.folder / GENAI_CONFIG).is_file()
         self.decoder: OnnxDecoder | None = None
+        self.text_tokenizers: dict[bool, object] = {}  # onnxruntime-genai tokenizers for encode(add_special=)
         if self.genai:
             self._open_genai()
         else:
@@ -178,6 +179,7 @@ class OnnxChatModel:
         genai_config = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]
         eos = genai_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.bos_id, self.eos_id = genai_config.get("bos_token_id"), (eos[0] if isinstance(eos, list) else eos)
         self.context_length = genai_config.get("context_length") or 2048
         self.vocab_size = genai_config["vocab_size"]
 
@@ -195,13 +197,24 @@ class OnnxChatModel:
         if eos is not None and self.hf_tokenizer.token_to_id(eos) is not None:
             ids.append(self.hf_tokenizer.token_to_id(eos))
         self.eos_ids = set(ids)
+        self.eos_id = ids[-1] if ids else None  # the tokenizer's own end token, else the config's
+        bos = self.special.get("bos_token")
+        self.bos_id = self.hf_tokenizer.token_to_id(bos) if bos is not None else config.get("bos_token_id")
         self.context_length = config.get("max_position_embeddings")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids as the export's tokenizer gives them, special tokens (a bos) added as its config says."""
+    def encode(self, text: str, *, add_special: bool | None = None) -> list[int]:
+        """Token ids as the export's tokenizer gives them; add_special: whether the tokens its config
+        puts around a text (a bos) are added (None: the tokenizer's default, which chat prompts use)."""
         if self.genai:
-            return [int(t) for t in self.tokenizer.encode(text)]
-        return self.hf_tokenizer.encode(text).ids
+            tokenizer = self.tokenizer
+            if add_special is not None:
+                # the option stays set on a tokenizer: one of its own per setting leaves the default as it was
+                if add_special not in self.text_tokenizers:
+                    self.text_tokenizers[add_special] = self.og.Tokenizer(self.model)
+                    self.text_tokenizers[add_special].update_options(add_special_tokens=str(add_special).lower())
+                tokenizer = self.text_tokenizers[add_special]
+            return [int(t) for t in tokenizer.encode(text)]
+        return self.hf_tokenizer.encode(text, add_special_tokens=add_special is not False).ids
 
     def decode(self, ids: list[int]) -> str:
         if self.genai:

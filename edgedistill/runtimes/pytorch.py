@@ -65,6 +65,7 @@ class TorchChatModel:
         self.tokenizer = load_tokenizer(folder)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -74,6 +75,12 @@ class TorchChatModel:
 
     def is_end(self, token: int) -> bool:
         return token == self.tokenizer.eos_token_id
+
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.inference_mode()
     def score(self, ids: list[int], *, last: int | None = None) -> np.ndarray:
