@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _write_json(args.json, report.to_dict())
 
 
+def cmd_harness(args: argparse.Namespace) -> None:
+    # before datasets is imported, which reads them once: a task that would download fails at once
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    from edgedistill.evaluate.harness import format_harness, run_harness
+
+    tasks = [name for given in args.tasks for name in given.split(",") if name]
+    entries = run_harness(args.models, tasks, include_path=args.include_path, limit=args.limit,
+                          device=args.device, dtype=args.dtype)
+    print(format_harness(entries))
+    _write_json(args.json, entries)
+
+
 def cmd_verify_export(args: argparse.Namespace) -> None:
     from edgedistill.export.verify import read_texts
     from edgedistill.runtimes import artifact_kind, resolve_artifact
@@ -171,7 +184,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     print(model.generate([[{"role": "user", "content": args.prompt}]], args.max_new_tokens)[0][0])
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval,
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval, "harness": cmd_harness,
             "verify-export": cmd_verify_export, "bundle": cmd_bundle, "verify": cmd_verify_bundle,
             "report": cmd_report, "chat": cmd_chat}
 

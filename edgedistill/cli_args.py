@@ -118,6 +118,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     evaluate.add_argument("--allow-recipe-code", action="store_true",
                           help="run a custom scorer named in the task.json beside --data (recipe code)")
 
+    harness = add("harness", "lm-evaluation-harness tasks (multiple choice, perplexity, generation) on GGUF files, "
+                  "ONNX exports and HF folders, each in its own runtime; nothing is downloaded, so tasks must read "
+                  "local data (needs `pip install 'edgedistill[lm-eval]'`)",
+                  "edgedistill harness model.gguf runs/tiny/distill --tasks tiny_task tiny_task_gen "
+                  "--include-path tests/fixtures/harness --json harness.json")
+    add_models(harness, "where HF folders run in PyTorch; GGUF and ONNX run on the CPU",
+               "the precision HF folders run in (default: fp32)")
+    harness.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
+                         help="lm-eval task, group or tag names (spaces or commas between them): from --include-path, "
+                              "or lm-eval's own when their dataset is already in the datasets cache")
+    harness.add_argument("--include-path", type=Path, metavar="DIR",
+                         help="a folder of task YAML files (dataset_path: json with local data_files, paths "
+                              "relative to the working directory)")
+    harness.add_argument("--limit", type=int, metavar="N", help="only the first N examples of each task")
+
     verify = add("verify-export", "compare a GGUF (llama.cpp) or ONNX export (ONNX Runtime) with its HF model in "
                  "PyTorch, within per-type bounds",
                  "edgedistill verify-export runs/tiny/export/student-q4_k_m.gguf --reference runs/tiny/distill")
