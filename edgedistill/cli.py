@@ -107,15 +107,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from edgedistill.evaluate.task import evaluate, format_eval
+    from edgedistill.evaluate.task import MAX_NEW_TOKENS, build_reference_set, evaluate, format_built, format_eval
+    from edgedistill.recipe import load_recipe
     from edgedistill.runtimes import resolve_artifact
 
-    reference = resolve_artifact(args.reference) if args.reference else None
-    report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
-                      max_new_tokens=args.max_new_tokens, score_records=args.score_records,
-                      device=args.device, dtype=args.dtype, allow_code=args.allow_recipe_code)
-    print(format_eval(report))
-    _write_json(args.json, report.to_dict())
+    if args.build_references is None:
+        given = [flag for flag, value in (("--save", args.save), ("--recipe", args.recipe)) if value is not None]
+        if given:
+            raise EdgedistillError(f"{', '.join(given)} only apply to --build-references",
+                                   "score models with --data, or build a set with --build-references PROMPTS")
+        if not args.models:
+            raise EdgedistillError("no model to evaluate", "name one or more: edgedistill eval MODEL --data FILE")
+        reference = resolve_artifact(args.reference) if args.reference else None
+        report = evaluate([resolve_artifact(m) for m in args.models], args.data, reference,
+                          max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+                          score_records=args.score_records,
+                          device=args.device, dtype=args.dtype, allow_code=args.allow_recipe_code)
+        print(format_eval(report))
+        _write_json(args.json, report.to_dict())
+        return
+    if args.models:
+        raise EdgedistillError("--build-references builds and saves a held-out set; it scores no model",
+                               f"score models on it afterwards: edgedistill eval MODEL --data {args.save or 'FILE'}")
+    missing = [flag for flag, value in (("--reference", args.reference), ("--save", args.save)) if value is None]
+    if missing:
+        raise EdgedistillError(f"--build-references needs {' and '.join(missing)}",
+                               "--reference: the teacher whose answers become the references; --save: the .jsonl "
+                               "to write")
+    recipe = load_recipe(args.recipe, allow_code=args.allow_recipe_code) if args.recipe is not None else None
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (
+        recipe.eval.max_new_tokens if recipe is not None else MAX_NEW_TOKENS)
+    built = build_reference_set(args.build_references, resolve_artifact(args.reference), args.save, recipe=recipe,
+                                max_new_tokens=max_new_tokens, device=args.device, dtype=args.dtype,
+                                allow_code=args.allow_recipe_code)
+    print(format_built(built))
+    _write_json(args.json, built)
 
 
 def cmd_harness(args: argparse.Namespace) -> None:

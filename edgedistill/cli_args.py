@@ -22,9 +22,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def add_models(command: argparse.ArgumentParser, device_help: str, dtype_help: str) -> None:
+    def add_models(command: argparse.ArgumentParser, device_help: str, dtype_help: str,
+                   models_help: str = "GGUF files, ONNX export folders, HF folders or built-in names",
+                   models_nargs: str = "+") -> None:
         """The arguments bench and eval share: the artifacts, and how PyTorch runs HF folders."""
-        command.add_argument("models", nargs="+", help="GGUF files, ONNX export folders, HF folders or built-in names")
+        command.add_argument("models", nargs=models_nargs, help=models_help)
         command.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help=device_help)
         command.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help=dtype_help)
         command.add_argument("--json", type=Path, help="write the results here")
@@ -104,19 +106,38 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                        help="eval.json of `edgedistill eval --json`, for the profile's quality budget")
     bench.add_argument("--strict", action="store_true", help="exit with status 3 when a budget fails")
 
-    evaluate = add("eval", "task score on held-out prompts and its share of a reference's; perplexity, KL to the "
-                   "reference and top-1 agreement on the reference's answers",
-                   "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher")
+    evaluate = add("eval", "task score on held-out prompts, with 95% intervals, and its share of a reference's; "
+                   "perplexity, KL to the reference and top-1 agreement on the reference's answers; or build a "
+                   "held-out set whose references are the teacher's answers",
+                   "edgedistill eval model.gguf --data runs/tiny/generate/heldout.jsonl --reference runs/tiny/teacher\n"
+                   "  edgedistill eval --build-references questions.txt --reference runs/qa/teacher "
+                   "--save qa/heldout.jsonl\n"
+                   "  edgedistill eval model.gguf --data qa/heldout.jsonl")
     add_models(evaluate, "where HF folders (the reference too) run in PyTorch; GGUF and ONNX run on the CPU",
-               "the precision HF folders run in (default: fp32)")
-    evaluate.add_argument("--data", type=Path, required=True, help="heldout.jsonl of a run's generate stage")
-    evaluate.add_argument("--reference", help="the teacher (HF folder, GGUF or built-in name) to compare with")
-    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+               "the precision HF folders run in (default: fp32)",
+               models_help="GGUF files, ONNX export folders, HF folders or built-in names (none with "
+                           "--build-references)", models_nargs="*")
+    data = evaluate.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, help="heldout.jsonl of a run's generate stage, or one --save wrote")
+    data.add_argument("--build-references", type=Path, metavar="PROMPTS",
+                      help="instead of scoring models: turn this prompt file (.jsonl, .csv, .parquet, .txt or a "
+                           "datasets folder) into held-out records, the --reference's answers as the references "
+                           "of those without a gold answer (field 'answer'), and write them to --save")
+    evaluate.add_argument("--reference", help="the teacher (HF folder, GGUF or built-in name) to compare with; "
+                                              "its answers are the references of held-out records without gold")
+    evaluate.add_argument("--save", type=Path, metavar="FILE",
+                          help="with --build-references: the .jsonl to write (task.json is written beside it)")
+    evaluate.add_argument("--recipe", type=Path,
+                          help="with --build-references: turn the rows into prompts as this recipe's task says "
+                               "(template, system prompt, fields, kind, schema, scorers); default: each row's "
+                               "'text' as the prompt, a generation task")
+    evaluate.add_argument("--max-new-tokens", type=int,
+                          help="default: 16, or the recipe's eval.max_new_tokens with --recipe")
     evaluate.add_argument("--score-records", type=int, default=64, metavar="N",
                           help="score the reference's answers to the first N held-out records in every model "
                                "(perplexity, KL, top-1; needs --reference; 0: task score only)")
     evaluate.add_argument("--allow-recipe-code", action="store_true",
-                          help="run a custom scorer named in the task.json beside --data (recipe code)")
+                          help="run a custom scorer named in the task.json beside --data, or in --recipe (recipe code)")
 
     harness = add("harness", "lm-evaluation-harness tasks (multiple choice, perplexity, generation) on GGUF files, "
                   "ONNX exports and HF folders, each in its own runtime; nothing is downloaded, so tasks must read "

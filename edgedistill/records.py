@@ -136,6 +136,10 @@ class TaskScore(Record):
     correct: int | None = None
     unparsed: int | None = None
     task_score: Number | None = None
+    task_score_interval: list[Number] | None = None  # [low, high], 95% bootstrap over the examples
+    # per scorer: mean, low, high, n, errors, first_error, skipped_no_reference; with teacher-built
+    # references also n_gold and n_teacher_built (edgedistill.evaluate.references)
+    scores: dict[str, dict[str, Any]] | None = None
     answers: list[dict[str, Any]] = []  # {"id", "answer", "predicted", "label"} per held-out record
 
 
@@ -144,6 +148,8 @@ class EvalReference(TaskScore):
 
     perplexity: Number | None = None
     scored_tokens: int | None = None
+    # with teacher-built references: per comparing scorer, its mean, low, high and n over the gold ones
+    agreement_with_gold: dict[str, dict[str, Any]] | None = None
 
 
 def score_basis(row: dict[str, Any]) -> str:
@@ -156,14 +162,28 @@ def score_basis(row: dict[str, Any]) -> str:
     return f"{name} over {scores.get(name, {}).get('n', row.get('examples'))}"
 
 
+# the eval stage's row of the trained student in PyTorch fp32 (the distill or merge stage's HF folder)
+STUDENT_ROW = "student (PyTorch)/"
+
+
 def format_score(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def format_interval(interval: Any, *, scale: float = 1, digits: int = 2) -> str:
+    """" [0.74, 0.87]" for a [low, high] pair (times `scale`), "" when there is none."""
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2 or any(v is None for v in interval):
+        return ""
+    low, high = (scale * value for value in interval)
+    return f" [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 class EvalRow(TaskScore):
     """One artifact's task score, its share of the reference's, and how it scores the reference's answers."""
 
     share_of_reference: Number | None = None  # None (written as null) when the reference scores 0
+    share_of_reference_interval: list[Number] | None = None  # [low, high], examples resampled in pairs
+    within_noise_of_reference: bool | None = None  # the paired difference's interval holds 0
     perplexity: Number | None = None
     perplexity_ratio: Number | None = None
     kl_to_reference: Number | None = None
@@ -183,6 +203,10 @@ class EvalReport(Record):
     artifacts: list[EvalRow]
     scored_records: int | None = None  # with a reference's answers scored only
     scored_text: str | None = None
+    skipped_too_long: int | None = None
+    # held-out records scored against the teacher's answers, having no gold one
+    teacher_built_references: int | None = None
+    unusable_teacher_answers: int | None = None  # records left without a reference: the answer could not be one
 
 
 def read_bench(path: Path | str) -> list[BenchRow]:

@@ -172,7 +172,8 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         Stage(TEACHER_GGUF, export_teacher, inputs=(TEACHER,), sections=("name", "export.teacher_quants"), version=2),
         Stage(BENCH, bench_stage, inputs=(TEACHER_GGUF, EXPORT, *onnx), sections=("bench",),
               external=recipe_target_files),
-        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, TEACHER_GGUF, EXPORT, *onnx), sections=("eval",),
+        # the trained student (tuned[-1]: distill, or merge) is a row too, in PyTorch fp32
+        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF, EXPORT, *onnx), sections=("eval",),
               unkeyed_sections=("allow_code",)),  # a permission to run a custom scorer, not a setting
         # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
         Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,

@@ -290,3 +290,86 @@ def test_html_renders_in_headless_chromium(tmp_path):
     front = tuple(int(FRONT_COLOR[i:i + 2], 16) for i in (1, 3, 5))
     painted = sum(count for count, rgb in colors if all(abs(a - b) <= 8 for a, b in zip(rgb, front)))
     assert painted > 100, f"{painted} pixels of the Pareto front colour {FRONT_COLOR}"
+
+
+def scored(mean: float, low: float, high: float, **extra) -> dict:
+    return {"mean": mean, "low": low, "high": high, "n": 40, "errors": 0, "first_error": None,
+            "skipped_no_reference": 0, **extra}
+
+
+def make_generation_run(root: Path) -> Path:
+    """make_run's folder as a generation task with teacher-built references, intervals and the
+    PyTorch student (an eval row without a bench row) leaves it."""
+    run = make_run(root)
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    for row, within in zip(evaluation["artifacts"], (True, True, False, False, False)):
+        score = row["task_score"]
+        row.pop("correct"), row.pop("unparsed")
+        row.update(task_score_interval=[round(score - 0.1, 4), round(score + 0.05, 4)],
+                   share_of_reference_interval=[round(row["share_of_reference"] - 0.12, 4),
+                                                round(row["share_of_reference"] + 0.08, 4)],
+                   within_noise_of_reference=within,
+                   scores={"chrf": scored(score, score - 0.1, score + 0.05, n_gold=20, n_teacher_built=20),
+                           "rouge_l": scored(0.5, 0.41, 0.6, n_gold=20, n_teacher_built=20),
+                           "exact_match": scored(0.25, 0.125, 0.4, n_gold=20, n_teacher_built=20)})
+    evaluation["artifacts"].insert(1, {**evaluation["artifacts"][0], "artifact": "student (PyTorch)/",
+                                       "path": "run/distill"})
+    agreement = {"chrf": {"mean": 0.62, "low": 0.55, "high": 0.69, "n": 20},
+                 "rouge_l": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 20},
+                 "exact_match": {"mean": 0.3, "low": 0.1, "high": 0.5, "n": 20}}
+    evaluation["reference"].update(examples=40, task_score=0.62, task_score_interval=[0.55, 0.69],
+                                   scores={name: scored(**{k: v for k, v in entry.items() if k != "n"})
+                                           for name, entry in agreement.items()},
+                                   agreement_with_gold=agreement)
+    evaluation["reference"].pop("correct")
+    evaluation["teacher_built_references"] = 20
+    (run / "eval" / "eval.json").write_text(json.dumps(evaluation))
+    return run
+
+
+@pytest.mark.unit
+def test_scores_show_their_intervals_the_noise_and_the_teacher_built_references(tmp_path):
+    data = load_run(make_generation_run(tmp_path))
+    report = render_markdown(data)
+    header = header_of(report)
+    row = row_of(report, "student-f16.gguf")
+    assert row[header.index("task score")] == "0.667 [0.57, 0.72]"
+    assert row[header.index("% of teacher")] == "88.9 [76.9, 96.9]"  # share 0.8889, interval ×100
+    assert ("eval/eval.json: task_score, task_score_interval, share_of_reference (×100), "
+            "share_of_reference_interval (×100)") in report
+    assert "In brackets: the 95% bootstrap interval" in report
+    # the student in PyTorch: an eval row without speed, said so under the table
+    student = row_of(report, "student (PyTorch)/")
+    assert student[header.index("decode tok/s")] == "–" and student[header.index("task score")] == "0.750 [0.65, 0.80]"
+    assert "`student (PyTorch)/` is the trained student in PyTorch fp32" in report
+    assert ("within the noise of it, `teacher-f16.gguf`, `student (PyTorch)/`, `student-f16.gguf` (the 95% interval "
+            "of the paired difference holds 0") in report
+    assert "further from it than the noise, `student-q8_0.gguf`, `student-q4_k_m.gguf`, `student-int4/`." in report
+    # generation: a column per scorer, the teacher first
+    scorers = report.split("## Scores by scorer")[1].split("## ")[0]
+    assert "| artifact | chrf | rouge_l | exact_match |" in scorers
+    assert ("| `teacher/` (teacher, reference, on the gold examples) | 0.620 [0.55, 0.69] | 0.500 [0.40, 0.60] "
+            "| 0.300 [0.10, 0.50] |") in scorers
+    assert "| `student-f16.gguf` | 0.667 [0.57, 0.72] | 0.500 [0.41, 0.60] | 0.250 [0.12, 0.40] |" in scorers
+    # the teacher-built part and how far to trust it
+    assert "**0.620** [0.55, 0.69] (chrf over 40)" in report
+    assert ("**Teacher-built references:** 20 of 40 held-out examples have no gold answer and are scored against "
+            "the teacher's own answer") in report
+    assert "the teacher agrees with it: chrf 0.620 [0.55, 0.69], rouge_l 0.500 [0.40, 0.60], exact_match 0.300" in report
+    page = render_html(data)
+    assert '<table id="scorers">' in page and "<td>0.667 [0.57, 0.72]</td>" in page
+    assert "<strong>Teacher-built references:</strong> 20 of 40" in page and "further from it than the noise" in page
+
+
+@pytest.mark.unit
+def test_a_classification_report_has_no_scorer_table_and_no_teacher_built_line(tmp_path):
+    run = make_run(tmp_path)
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    for row in evaluation["artifacts"]:
+        row.update(task_score_interval=[0.5, 0.8], scores={"label": scored(row["task_score"], 0.5, 0.8)})
+    (run / "eval" / "eval.json").write_text(json.dumps(evaluation))
+    report = render_markdown(load_run(run))
+    assert "## Scores by scorer" not in report and "Teacher-built" not in report
+    assert "Compared with the teacher" not in report  # no within_noise_of_reference in this file
+    assert row_of(report, "student-f16.gguf")[header_of(report).index("task score")] == "0.667 [0.50, 0.80]"
+    assert row_of(report, "student-f16.gguf")[header_of(report).index("% of teacher")] == "88.9"  # no interval given

@@ -75,7 +75,10 @@ def test_report_has_a_row_per_artifact_with_the_measured_numbers(tiny_run):
     report = (tiny_run / "report" / "report.md").read_text()
     bench = json.loads((tiny_run / "bench" / "bench.json").read_text())
     evaluation = json.loads((tiny_run / "eval" / "eval.json").read_text())
-    assert len(bench) == len(evaluation["artifacts"]) == 6  # 5 GGUF files and the int4 ONNX folder
+    assert len(bench) == 6  # 5 GGUF files and the int4 ONNX folder
+    # and the distilled student in PyTorch, evaluated but not benchmarked
+    assert [row["artifact"] for row in evaluation["artifacts"]] == [row["artifact"] for row in bench[:2]] + [
+        "student (PyTorch)/"] + [row["artifact"] for row in bench[2:]]
     for row in bench:
         line = next(line for line in report.splitlines() if line.startswith(f"| `{row['artifact']}`"))
         assert f"{row['decode_tokens_per_s']:.1f}" in line and f"{row['file_mb']:.1f}" in line

@@ -1,5 +1,7 @@
 """Task kinds beyond labels (issue 14): examples from templates over any field, chat rows and
-references; the generate stage's extraction filter; eval's scorers with intervals.
+references; the generate stage's extraction filter; eval's scorers with intervals; teacher-built
+references (in eval, and built from a prompt file by `edgedistill eval --build-references`); the
+PyTorch student's eval row.
 
     python -m pytest -q tests/test_tasks.py
 """
@@ -189,4 +191,174 @@ def test_a_generation_recipe_runs_end_to_end(tmp_path, capsys):
     for row in [report["reference"], *report["artifacts"]]:
         assert set(row["scores"]) == {"chrf", "rouge_l", "exact_match"} and row["scores"]["chrf"]["n"] == 4
         assert row["task_score"] == row["scores"]["chrf"]["mean"] and "correct" not in row
-    assert "(chrf over 4)" in (run / "report" / "report.md").read_text()
+    # the distilled student in PyTorch is a row of its own, before its exports
+    names = [row["artifact"] for row in report["artifacts"]]
+    assert names == ["teacher-f16.gguf", "teacher-q4_k_m.gguf", "student (PyTorch)/", "student-f16.gguf",
+                     "student-q8_0.gguf"]
+    assert report["artifacts"][2]["path"] == str(run / "distill")
+    markdown = (run / "report" / "report.md").read_text()
+    assert "(chrf over 4)" in markdown and "## Scores by scorer" in markdown
+    for row in report["artifacts"]:
+        low, high = row["task_score_interval"]
+        cell = f"{row['task_score']:.3f} [{low:.2f}, {high:.2f}]"  # the task score with its interval
+        assert cell in next(line for line in markdown.splitlines() if line.startswith(f"| `{row['artifact']}` |"))
+
+
+def heldout_file(folder: Path, records: list[dict], task_json: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / layout.HELDOUT_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if task_json is not None:
+        (folder / layout.TASK_JSON).write_text(json.dumps(task_json))
+    return folder / layout.HELDOUT_JSONL
+
+
+GENERATION_TASK = {"kind": "generation", "labels": None, "schema": None, "scorers": None}
+# q0..q19 carry gold, q20..q39 none; the teacher gets half the gold right and answers every prompt
+HALF_GOLD = [{"id": i, "messages": [{"role": "user", "content": f"q{i}"}],
+              **({"reference": f"the answer is {i}"} if i < 20 else {})} for i in range(40)]
+HALF_RIGHT_TEACHER = {f"q{i}": f"the answer is {i}" if i % 2 or i >= 20 else f"maybe {i}" for i in range(40)}
+
+
+@pytest.mark.unit
+def test_the_teachers_answers_become_references_where_there_is_no_gold(tmp_path, monkeypatch):
+    data = heldout_file(tmp_path / "generate", HALF_GOLD, GENERATION_TASK)
+    teacher = ScriptedRuntime(HALF_RIGHT_TEACHER)
+    student = ScriptedRuntime({f"q{i}": f"the answer is {i}" for i in range(40)})  # gold-perfect, teacher-like
+    monkeypatch.setattr(task, "_open", lambda artifact, device, dtype: teacher if artifact.name == "teacher" else student)
+    report = task.evaluate([tmp_path / "student"], data, tmp_path / "teacher", max_new_tokens=8,
+                           score_records=0).to_dict()
+    ref, row = report["reference"], report["artifacts"][0]
+    assert report["teacher_built_references"] == 20 and "unusable_teacher_answers" not in report
+    # the reference is scored on the gold half alone: its agreement with gold, not with itself
+    assert ref["scores"]["exact_match"]["n"] == 20 and ref["scores"]["exact_match"]["mean"] == 0.5
+    assert ref["agreement_with_gold"]["exact_match"]["mean"] == 0.5 and ref["agreement_with_gold"]["chrf"]["n"] == 20
+    assert set(ref["agreement_with_gold"]) == {"chrf", "rouge_l", "exact_match"}
+    # the student is scored on all 40: 20 against gold, 20 against the teacher's answers
+    exact = row["scores"]["exact_match"]
+    assert (exact["n"], exact["n_gold"], exact["n_teacher_built"], exact["mean"]) == (40, 20, 20, 1.0)
+    # its share of the teacher over the 20 examples both are scored on: 1.0 / 0.5 on exact match, and
+    # on chrf (the task score) above 1 with an interval around it
+    assert row["share_of_reference"] > 1 and row["share_of_reference_interval"][0] <= row["share_of_reference"]
+    assert row["answers"][25] == {"id": 25, "answer": "the answer is 25", "reference": "the answer is 25",
+                                  "reference_source": "teacher"}
+    assert row["answers"][5] == {"id": 5, "answer": "the answer is 5", "reference": "the answer is 5"}
+    assert "teacher-built references: 20 of 40" in task.format_eval(task.EvalReport.from_dict(report))
+
+
+@pytest.mark.unit
+def test_without_a_reference_records_without_gold_are_skipped(tmp_path, monkeypatch):
+    data = heldout_file(tmp_path / "generate", HALF_GOLD, GENERATION_TASK)
+    monkeypatch.setattr(task, "_open", lambda artifact, device, dtype: ScriptedRuntime(HALF_RIGHT_TEACHER))
+    report = task.evaluate([tmp_path / "m"], data, None, max_new_tokens=8).to_dict()
+    exact = report["artifacts"][0]["scores"]["exact_match"]
+    assert (exact["n"], exact["skipped_no_reference"], exact["mean"]) == (20, 20, 0.5)
+    assert "n_gold" not in exact and "teacher_built_references" not in report
+    assert report["artifacts"][0]["task_score_interval"][0] < report["artifacts"][0]["task_score"]
+
+
+@pytest.mark.unit
+def test_an_extraction_reference_is_the_teachers_json_when_it_follows_the_schema(tmp_path, monkeypatch):
+    records = [{"id": i, "messages": [{"role": "user", "content": f"e{i}"}]} for i in range(3)]
+    data = heldout_file(tmp_path / "generate", records, {"kind": "extraction", "labels": None, "schema": SCHEMA,
+                                                         "scorers": None})
+    teacher = ScriptedRuntime({"e0": 'Here: {"city": "Paris", "year": 1889}', "e1": '{"city": "Rome"}', "e2": ""})
+    student = ScriptedRuntime({"e0": '{"city": "paris", "year": 1889}', "e1": '{"city": "Rome", "year": 1}'})
+    monkeypatch.setattr(task, "_open", lambda artifact, device, dtype: teacher if artifact.name == "teacher" else student)
+    report = task.evaluate([tmp_path / "student"], data, tmp_path / "teacher", max_new_tokens=8,
+                           score_records=0).to_dict()
+    row = report["artifacts"][0]
+    assert report["teacher_built_references"] == 1 and report["unusable_teacher_answers"] == 2
+    assert row["answers"][0]["reference"] == {"city": "Paris", "year": 1889}  # the JSON value, not the text
+    assert row["scores"]["json_fields"]["mean"] == 1.0 and row["scores"]["json_fields"]["n_teacher_built"] == 1
+    assert row["scores"]["json_parse"]["n"] == 3  # a scorer that needs no reference scores every example
+    assert "agreement_with_gold" not in report["reference"]  # no gold to agree with
+
+
+def scripted_models(monkeypatch, tables: dict[str, dict[str, str]]) -> None:
+    """`_open` gives each artifact, by its name, the scripted answers of `tables`."""
+    monkeypatch.setattr(task, "_open", lambda artifact, device, dtype: ScriptedRuntime(tables[artifact.name]))
+
+
+@pytest.mark.unit
+def test_eval_builds_a_reference_set_from_prompts_alone_and_scores_models_on_it_later(tmp_path, monkeypatch, capsys):
+    from edgedistill.cli import main
+
+    prompts = write(tmp_path, "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in [
+        {"text": "q0", "answer": "the answer is 0"}, {"text": "q1", "answer": "the answer is 1"},
+        {"text": "q2"}, {"text": "q3"}, {"text": "q4"}]))
+    for model in ("teacher", "student"):
+        (tmp_path / model).mkdir()
+    scripted_models(monkeypatch, {"teacher": {"q0": "the answer is 0", "q1": "no", "q2": "two", "q3": "", "q4": "four"},
+                                  "student": {"q0": "the answer is 0", "q2": "two", "q4": "five"}})
+    saved, summary = tmp_path / "set" / "heldout.jsonl", tmp_path / "built.json"
+    assert main(["eval", "--build-references", str(prompts), "--reference", str(tmp_path / "teacher"),
+                 "--save", str(saved), "--json", str(summary)]) == 0
+    printed = capsys.readouterr().out
+    assert "5 held-out records, 2 with a gold reference, 2 with teacher/'s answer as theirs" in printed
+    assert "1 without a reference" in printed and "agreement with the 2 gold references" in printed
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert records[0] == {"id": 0, "messages": [{"role": "user", "content": "q0"}], "reference": "the answer is 0"}
+    assert records[2]["reference"] == "two" and records[2]["reference_source"] == "teacher"
+    assert "reference" not in records[3]  # the teacher's empty answer is no reference
+    assert json.loads((saved.parent / layout.TASK_JSON).read_text())["kind"] == "generation"
+    built = json.loads(summary.read_text())
+    assert built["teacher_built_references"] == 2 and built["agreement_with_gold"]["exact_match"]["mean"] == 0.5
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "student"), "--data", str(saved), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    exact = report["artifacts"][0]["scores"]["exact_match"]
+    assert report["teacher_built_references"] == 2
+    assert (exact["n_gold"], exact["n_teacher_built"], exact["skipped_no_reference"]) == (2, 2, 1)
+    # with the teacher again as reference: it is scored on the gold records only, the saved references stay
+    assert main(["eval", str(tmp_path / "student"), "--data", str(saved), "--reference", str(tmp_path / "teacher"),
+                 "--score-records", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["reference"]["scores"]["exact_match"]["n"] == 2 and report["teacher_built_references"] == 2
+    assert report["unusable_teacher_answers"] == 1  # q3: the teacher answers it empty again
+    assert report["reference"]["agreement_with_gold"]["exact_match"] == {"mean": 0.5, "low": 0.0, "high": 1.0, "n": 2}
+
+
+@pytest.mark.unit
+def test_building_references_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys):
+    from edgedistill.cli import main
+
+    prompts = write(tmp_path, "prompts.txt", "q0\nq1\n")
+    (tmp_path / "teacher").mkdir()
+    scripted_models(monkeypatch, {"teacher": {"q0": "zero", "q1": "one"}})
+    base = ["eval", "--build-references", str(prompts), "--reference", str(tmp_path / "teacher")]
+    cases = [(base, "needs --save"),
+             (base + ["--save", str(prompts)], "exists"),
+             (base + ["--save", str(tmp_path / "set.json")], "a held-out set is a .jsonl file"),
+             (base + [str(tmp_path / "teacher"), "--save", str(tmp_path / "x.jsonl")], "it scores no model"),
+             (base + ["--save", str(tmp_path / "x.jsonl"), "--recipe", str(ROOT / "recipes" / "default.yaml")],
+              "a classification task is scored against gold labels"),
+             (["eval", str(tmp_path / "teacher"), "--data", str(prompts), "--save", str(tmp_path / "y.jsonl")],
+              "--save only apply to --build-references")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "x.jsonl").exists()
+    assert main(base + ["--save", str(tmp_path / "x.jsonl")]) == 0  # a .txt line is a {text} prompt
+    saved = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert [record["reference"] for record in saved] == ["zero", "one"]
+
+
+@pytest.mark.unit
+def test_references_built_through_a_recipe_use_its_template_and_schema(tmp_path, monkeypatch):
+    from edgedistill.cli import main
+
+    path = recipe_with(tmp_path, f'task:\n  kind: extraction\n  prompt: "Extract: {{text}}"\n  schema: {json.dumps(SCHEMA)}\n',
+                       [{"text": "unused"}, {"text": "unused"}])
+    prompts = rows_file(tmp_path / "new", [{"text": "a"}, {"text": "b", "answer": {"city": "Oslo", "year": 1048}}])
+    (tmp_path / "teacher").mkdir()
+    scripted_models(monkeypatch, {"teacher": {"Extract: a": '{"city": "Rome", "year": 2000}',
+                                              "Extract: b": '{"city": "Oslo", "year": 1048}'}})
+    saved = tmp_path / "set" / "heldout.jsonl"
+    assert main(["eval", "--build-references", str(prompts), "--reference", str(tmp_path / "teacher"),
+                 "--save", str(saved), "--recipe", str(path)]) == 0
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert records[0]["messages"] == [{"role": "user", "content": "Extract: a"}]
+    assert records[0]["reference"] == {"city": "Rome", "year": 2000} and records[0]["reference_source"] == "teacher"
+    assert records[1]["reference"] == {"city": "Oslo", "year": 1048} and "reference_source" not in records[1]
+    assert json.loads((saved.parent / layout.TASK_JSON).read_text())["schema"] == SCHEMA

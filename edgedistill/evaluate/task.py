@@ -14,7 +14,17 @@ eval.json (edgedistill.records.EvalReport): "reference" (task score, and "perple
 "scored_tokens" on its own answers), "artifacts" (per artifact: task score, "share_of_reference",
 "perplexity", "perplexity_ratio", "kl_to_reference", "top1_agreement", "scored_tokens"),
 "scored_records" (how many held-out records were scored, the first ones) and "scored_text" (what
-was scored, in words). `format_eval` is what `edgedistill eval` prints.
+was scored, in words). Every row's "scores" holds each scorer's mean with its 95% bootstrap
+interval, and "task_score_interval" the task score's; an artifact's "share_of_reference_interval"
+and "within_noise_of_reference" compare it with the reference on the same examples. `format_eval`
+is what `edgedistill eval` prints.
+
+Open-ended records without a gold answer take the reference's answer as theirs
+(edgedistill.evaluate.references): eval.json then counts them ("teacher_built_references"), each
+artifact's scores say how many examples were scored against gold ("n_gold") and against the
+teacher's answers ("n_teacher_built"), the reference's row is scored on the gold examples alone and
+carries that as "agreement_with_gold", and shares of the reference are taken over the gold examples,
+the only ones both are scored on. `build_reference_set` makes such a set from a prompt file alone.
 
 Prompts too long are skipped, as the generate stage skips them: before any answer is generated,
 every artifact (and the reference) is opened once to count each record's prompt tokens, and a
@@ -40,13 +50,18 @@ from edgedistill.data.readers import numbered_jsonl
 from edgedistill import layout
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.intervals import bootstrap_ratio, within_noise
+from edgedistill.evaluate.references import (GOLD, TEACHER_BUILT, agreement_with_gold, answer_validator, check_save,
+                                             fill_references, gold_only, prompt_records, reference_source,
+                                             save_reference_set, with_sources)
 from edgedistill.evaluate.scorers import ScoreInput, Scorer, ScorerSpec, build_scorers, default_scorers, score_all
 from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, reference_row, score_against, score_reference
 from edgedistill.recipe import EvalConfig, Recipe
-from edgedistill.records import EvalReference, EvalReport, EvalRow, format_score, score_basis
+from edgedistill.records import (STUDENT_ROW, EvalReference, EvalReport, EvalRow, format_interval, format_score,
+                                 score_basis)
 from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
 
 SCORE_RECORDS = EvalConfig().score_records
+MAX_NEW_TOKENS = EvalConfig().max_new_tokens
 
 
 def parse_label(answer: str, choices: list[str]) -> str | None:
@@ -66,21 +81,36 @@ def _numbered_heldout(path: Path) -> list[tuple[int, dict]]:
         if "choices" in row and not (isinstance(choices, list) and choices and "label" in row):
             raise EdgedistillError(f"{path}:{line_no}: a classification record needs label and choices (a list "
                                    "of labels)", "use the heldout.jsonl written by the generate stage")
+        if "reference_source" in row and (row["reference_source"] not in (GOLD, TEACHER_BUILT)
+                                          or row.get("reference") is None):
+            raise EdgedistillError(f"{path}:{line_no}: reference_source is {row['reference_source']!r}: it is "
+                                   f"\"{TEACHER_BUILT}\" or \"{GOLD}\", beside a reference",
+                                   "use the file that `edgedistill eval --build-references` saved")
     if not numbered:
         raise EdgedistillError(f"{path} holds no held-out records", "use the heldout.jsonl written by the generate stage")
     return numbered
 
 
+def read_task(data: Path) -> dict | None:
+    """The task.json beside a held-out file (its generate stage's, or --build-references'), if any."""
+    task_path = data.parent / layout.TASK_JSON
+    return json.loads(task_path.read_text(encoding="utf-8")) if task_path.is_file() else None
+
+
+def scorers_of(task: dict, *, allow_code: bool) -> list[Scorer]:
+    """The scorers a task.json names, else its kind's defaults."""
+    specs = task["scorers"] if task.get("scorers") is not None else default_scorers(task["kind"])
+    specs = [ScorerSpec(**spec) if isinstance(spec, dict) else spec for spec in specs]
+    return build_scorers(specs, base_dir=Path(task.get("base_dir") or "."), allow_code=allow_code,
+                         schema=task.get("schema"), labels=task.get("labels"))
+
+
 def task_scorers(data: Path, rows: list[dict], *, allow_code: bool = False) -> list[Scorer]:
     """The scorers of the task `data` was written for: its generate stage's task.json beside it, or
     for records with label choices the label scorer alone, else generation's defaults."""
-    task_path = data.parent / layout.TASK_JSON
-    if task_path.is_file():
-        task = json.loads(task_path.read_text(encoding="utf-8"))
-        specs = task["scorers"] if task.get("scorers") is not None else default_scorers(task["kind"])
-        specs = [ScorerSpec(**spec) if isinstance(spec, dict) else spec for spec in specs]
-        return build_scorers(specs, base_dir=Path(task.get("base_dir") or "."), allow_code=allow_code,
-                             schema=task.get("schema"), labels=task.get("labels"))
+    task = read_task(data)
+    if task is not None:
+        return scorers_of(task, allow_code=allow_code)
     if all("choices" in row for row in rows):
         return build_scorers(["label"], base_dir=Path("."), allow_code=False, schema=None,
                              labels=rows[0]["choices"])
@@ -116,16 +146,18 @@ def final_answer(answer: str) -> str:
 
 
 def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16,
-               model: Runtime | None = None, scorers: list[Scorer] | None = None) -> tuple[EvalRow, dict]:
+               model: Runtime | None = None, scorers: list[Scorer] | None = None,
+               name: str | None = None) -> tuple[EvalRow, dict]:
     """The artifact's greedy answers to `rows`, their score and every scorer's result by name;
-    `model`: the artifact already open. The task score is the first scorer's mean (for label
-    choices: the share answered right, as `correct` counts it)."""
+    `model`: the artifact already open; `name`: its row's name (default: the file or folder name).
+    The task score is the first scorer's mean (for label choices: the share answered right, as
+    `correct` counts it), with that scorer's interval."""
     model = model or open_runtime(artifact)
     scorers = scorers if scorers is not None else build_scorers(["label"], base_dir=Path("."), allow_code=False,
                                                                  schema=None, labels=rows[0]["choices"])
     correct = unparsed = 0
     answers_out, items = [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {artifact.name}", unit="batch"):
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"eval {name or artifact.name}", unit="batch"):
         batch = rows[start:start + batch_size]
         answers = model.generate([row["messages"] for row in batch], max_new_tokens)
         for row, (answer, _) in zip(batch, answers):
@@ -136,16 +168,20 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
                 correct += label == row["label"]
                 answers_out.append({"id": row.get("id"), "answer": answer, "predicted": label, "label": row["label"]})
             else:
-                answers_out.append({"id": row.get("id"), "answer": answer, "reference": row.get("reference")})
+                answers_out.append({"id": row.get("id"), "answer": answer, "reference": row.get("reference"),
+                                    **({"reference_source": TEACHER_BUILT}
+                                       if reference_source(row) == TEACHER_BUILT else {})})
     results = score_all(scorers, items)
     primary = results[scorers[0].name]
     labelled = all("choices" in row for row in rows)
     score = round(correct / len(rows), 4) if labelled else (
         round(primary.mean, 4) if primary.mean is not None else None)
-    row = EvalRow(artifact=artifact_name(artifact), path=str(artifact), examples=len(rows),
+    row = EvalRow(artifact=name or artifact_name(artifact), path=str(artifact), examples=len(rows),
                   **({"correct": correct, "unparsed": unparsed} if labelled else {}),
-                  task_score=score, answers=answers_out)
-    row.update({"scores": {name: _rounded(result.as_dict()) for name, result in results.items()}})
+                  task_score=score, answers=answers_out,
+                  scores={scorer: _rounded(result.as_dict()) for scorer, result in results.items()})
+    if primary.summary.low is not None:
+        row.task_score_interval = [round(primary.summary.low, 4), round(primary.summary.high, 4)]
     return row, results
 
 
@@ -160,27 +196,15 @@ def _open(artifact: Path, device: str, dtype: str) -> Runtime:
     return open_runtime(artifact)
 
 
-def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
-             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
-             allow_code: bool = False) -> EvalReport:
-    """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
-    reference, the first `score_records` records' reference answers are scored too (0: not).
-    HF folders (the reference too) run in PyTorch on `device` in `dtype`."""
-    if score_records < 0:
-        raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
+def _check_device(device: str) -> None:
     if device != "cpu":
         from edgedistill.runtimes.torch_decode import require_device
 
         require_device(device)  # before hours of CPU work, not after
-    numbered = _numbered_heldout(data)
-    scorers = task_scorers(data, [row for _, row in numbered], allow_code=allow_code)  # before any model work
-    order = ([reference] if reference is not None else []) + artifacts
-    skipped: dict[int, str] = {}
-    held = None
-    for path in reversed(order):  # the last one checked is the first used: it stays open
-        held = None  # one model in memory at a time
-        held = _open(path, device, dtype)
-        skipped = too_long(held, artifact_name(path), numbered, max_new_tokens) | skipped
+
+
+def _fitting(numbered: list[tuple[int, dict]], skipped: dict[int, str], data: Path) -> list[dict]:
+    """The records not in `skipped`, saying on stderr which were left out; none left is an error."""
     rows = [row for line_no, row in numbered if line_no not in skipped]
     if skipped:
         listed = "; ".join(f"{data}:{line_no} ({why})" for line_no, why in sorted(skipped.items())[:5])
@@ -190,10 +214,45 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
                                    "shorten the prompts or lower --max-new-tokens (eval.max_new_tokens in a recipe)")
         print(f"eval: skipping {len(skipped)} of {len(numbered)} held-out records whose prompt does not fit the "
               f"context: {listed}{more}", file=sys.stderr, flush=True)
+    return rows
+
+
+def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
+             score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
+             allow_code: bool = False, names: dict[Path, str] | None = None) -> EvalReport:
+    """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
+    reference, the first `score_records` records' reference answers are scored too (0: not), and
+    its answers become the references of records that have none (edgedistill.evaluate.references).
+    HF folders (the reference too) run in PyTorch on `device` in `dtype`. `names`: rows named
+    otherwise than after their file or folder."""
+    if score_records < 0:
+        raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
+    _check_device(device)
+    numbered = _numbered_heldout(data)
+    task = read_task(data)
+    scorers = task_scorers(data, [row for _, row in numbered], allow_code=allow_code)  # before any model work
+    validator = answer_validator(task) if reference is not None else None
+
+    names = names or {}
+
+    def name_of(path: Path) -> str:
+        return names.get(path) or artifact_name(path)
+
+    order = ([reference] if reference is not None else []) + artifacts
+    skipped: dict[int, str] = {}
+    held = None
+    for path in reversed(order):  # the last one checked is the first used: it stays open
+        held = None  # one model in memory at a time
+        held = _open(path, device, dtype)
+        skipped = too_long(held, name_of(path), numbered, max_new_tokens) | skipped
+    rows = _fitting(numbered, skipped, data)
     ref = records = ref_results = None
+    unusable = 0
     if reference is not None:
         model, held = held, None
-        ref_row, ref_results = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
+        # scored against gold alone: against references built from its own answers it would agree with itself
+        ref_row, ref_results = task_score(reference, gold_only(rows), max_new_tokens=max_new_tokens, model=model,
+                                          scorers=scorers, name=names.get(reference))
         ref = EvalReference(**ref_row.to_dict())
         if score_records:
             scored = rows[:score_records]
@@ -201,16 +260,23 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
                                       [answer["answer"] for answer in ref.answers[:len(scored)]])
             ref.update(reference_row(records))
         del model  # one model in memory at a time
+        rows, unusable = fill_references(rows, [final_answer(answer["answer"]) for answer in ref.answers], validator)
+    teacher_built = sum(reference_source(row) == TEACHER_BUILT for row in rows)
+    if ref is not None and teacher_built and any(reference_source(row) == GOLD for row in rows):
+        ref.agreement_with_gold = agreement_with_gold(ref_results, rows, scorers)
     results = []
     for artifact in artifacts:
         model, held = held if held is not None else _open(artifact, device, dtype), None
         if records is not None:
-            check_vocabulary(model, artifact_name(artifact), records)  # before the work, not after it
-        result, scored = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
+            check_vocabulary(model, name_of(artifact), records)  # before the work, not after it
+        result, scored = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers,
+                                    name=names.get(artifact))
+        if teacher_built:
+            result.scores = with_sources(result.scores, scored, rows)
         if ref is not None:
             result.share_of_reference = (round(result.task_score / ref.task_score, 4)
                                          if ref.task_score and result.task_score is not None else None)
-            result.update(_against_reference(scored, ref_results, scorers[0].name))
+            result.update(_against_reference(scored, ref_results, scorers[0].name, over_pairs=bool(teacher_built)))
         if records is not None:
             result.update(score_against(model, result.artifact, records))
         del model
@@ -220,47 +286,114 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         report.update({"scored_records": len(records.ids), "scored_text": SCORED_TEXT})
     if skipped:
         report.update({"skipped_too_long": len(skipped)})
+    if teacher_built:
+        report.teacher_built_references = teacher_built
+    if unusable:
+        report.unusable_teacher_answers = unusable
     return report
 
 
-def _against_reference(results: dict, ref_results: dict, primary: str) -> dict:
+def _against_reference(results: dict, ref_results: dict, primary: str, *, over_pairs: bool = False) -> dict:
     """The share of the reference's score with its 95% interval (examples resampled in pairs, since
-    both answered the same ones), and whether the two differ by more than that noise."""
+    both answered the same ones), and whether the two differ by more than that noise. `over_pairs`:
+    the share itself over the examples both were scored on too (with teacher-built references, the
+    reference is scored on the gold ones only)."""
     mine, theirs = results[primary].values, ref_results[primary].values
     paired = [(a, b) for a, b in zip(mine, theirs) if a is not None and b is not None]
-    if len(paired) < 2:
-        return {}
     a, b = [p[0] for p in paired], [p[1] for p in paired]
     share = bootstrap_ratio(a, b)
-    return {"share_of_reference_interval": [round(share.low, 4), round(share.high, 4)] if share.low is not None else None,
-            "within_noise_of_reference": within_noise(a, b)}
+    found = {"share_of_reference": round(share.mean, 4) if share.mean is not None else None} if over_pairs else {}
+    if len(paired) < 2:
+        return found
+    return found | {"share_of_reference_interval": [round(share.low, 4), round(share.high, 4)]
+                    if share.low is not None else None, "within_noise_of_reference": within_noise(a, b)}
+
+
+def _scorer_means(scores: dict[str, dict]) -> str:
+    return ", ".join(f"{name} {format_score(entry.get('mean'))}{format_interval([entry.get('low'), entry.get('high')])}"
+                     for name, entry in scores.items())
 
 
 def format_eval(report: EvalReport) -> str:
-    """What `edgedistill eval` prints: the reference's task score, then each artifact's."""
+    """What `edgedistill eval` prints: the reference's task score, then each artifact's, each with its interval."""
     lines = []
     ref = report.reference
     if ref:
         scored = (f"; perplexity {ref.perplexity:.4g} on its answers ({ref.scored_tokens} tokens of "
                   f"{report.scored_records} records)") if ref.perplexity is not None else ""
-        lines.append(f"reference {ref.artifact}: task score {format_score(ref.task_score)} "
-                     f"({score_basis(ref.to_dict())})" + scored)
+        lines.append(f"reference {ref.artifact}: task score {format_score(ref.task_score)}"
+                     f"{format_interval(ref.task_score_interval)} ({score_basis(ref.to_dict())})" + scored)
+    if report.teacher_built_references:
+        examples = report.artifacts[0].examples if report.artifacts else None
+        agreement = (f"; the reference's agreement with the gold ones: {_scorer_means(ref.agreement_with_gold)}"
+                     if ref and ref.agreement_with_gold else "")
+        lines.append(f"teacher-built references: {report.teacher_built_references} of {examples} held-out "
+                     f"examples are scored against the teacher's answers{agreement}")
     for r in report.artifacts:
-        share = f", {100 * r.share_of_reference:.1f}% of reference" if r.share_of_reference is not None else ""
+        share = (f", {100 * r.share_of_reference:.1f}%"
+                 f"{format_interval(r.share_of_reference_interval, scale=100, digits=1)} of reference"
+                 + (" (within the noise)" if r.within_noise_of_reference else "")
+                 if r.share_of_reference is not None else "")
         scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}, "
                   f"top-1 {r.top1_agreement:.3f}") if r.perplexity is not None else ""
-        lines.append(f"{r.artifact}: task score {format_score(r.task_score)} ({score_basis(r.to_dict())}){share}{scored}")
+        lines.append(f"{r.artifact}: task score {format_score(r.task_score)}{format_interval(r.task_score_interval)} "
+                     f"({score_basis(r.to_dict())}){share}{scored}")
+    return "\n".join(lines)
+
+
+def build_reference_set(prompts: Path, reference: Path, save: Path, *, recipe: Recipe | None = None,
+                        max_new_tokens: int = MAX_NEW_TOKENS, device: str = "cpu", dtype: str = "fp32",
+                        allow_code: bool = False) -> dict:
+    """Held-out records from a prompt file (through the recipe's task, else a plain {text} prompt),
+    the reference's answers as the references of those without gold, saved to `save` with the
+    task.json that scores them; returns what was built and the reference's agreement with the gold
+    references the file had."""
+    _check_device(device)
+    records, task = prompt_records(prompts, recipe)
+    check_save(save, task)
+    scorers = scorers_of(task, allow_code=allow_code)  # before any model work
+    validator = answer_validator(task)
+    model = _open(reference, device, dtype)
+    name = artifact_name(reference)
+    numbered = list(enumerate(records, 1))
+    rows = _fitting(numbered, too_long(model, name, numbered, max_new_tokens), prompts)
+    row, results = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
+    del model
+    built, unusable = fill_references(rows, [final_answer(answer["answer"]) for answer in row.answers], validator)
+    save_reference_set(save, built, task)
+    gold = sum(reference_source(record) == GOLD for record in rows)
+    return {"saved": str(save), "records": len(built), "gold_references": gold,
+            "teacher_built_references": sum(reference_source(record) == TEACHER_BUILT for record in built),
+            "unusable_teacher_answers": unusable, "skipped_too_long": len(numbered) - len(rows),
+            "reference": name, "agreement_with_gold": agreement_with_gold(results, rows, scorers) if gold else {}}
+
+
+def format_built(built: dict) -> str:
+    """What `edgedistill eval --build-references` prints."""
+    lines = [f"wrote {built['saved']} ({layout.TASK_JSON} beside it): {built['records']} held-out records, "
+             f"{built['gold_references']} with a gold reference, {built['teacher_built_references']} with "
+             f"{built['reference']}'s answer as theirs (reference_source: {TEACHER_BUILT})"
+             + (f", {built['unusable_teacher_answers']} without a reference (the teacher's answer was empty, or "
+                "not JSON following the schema)" if built["unusable_teacher_answers"] else "")
+             + (f"; {built['skipped_too_long']} prompts too long, left out" if built["skipped_too_long"] else "")]
+    if built["agreement_with_gold"]:
+        lines.append(f"{built['reference']}'s agreement with the {built['gold_references']} gold references, "
+                     f"how far its references can be trusted: {_scorer_means(built['agreement_with_gold'])}")
     return "\n".join(lines)
 
 
 def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teacher_gguf: Path, export: Path,
-               export_onnx: Path | None = None) -> dict:
+               distill: Path | None = None, merge: Path | None = None, export_onnx: Path | None = None) -> dict:
     from edgedistill.runtimes.onnx import onnx_artifacts
 
-    artifacts = gguf_artifacts(teacher_gguf, export) + (onnx_artifacts(export_onnx) if export_onnx else [])
+    # the model the exports were made from, run in PyTorch fp32 like the reference: what quantization
+    # and export cost is the distance from its row to theirs
+    student = merge if merge is not None else distill
+    artifacts = [*gguf_artifacts(teacher_gguf), student, *gguf_artifacts(export),
+                 *(onnx_artifacts(export_onnx) if export_onnx else [])]
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
                       max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records,
-                      allow_code=recipe.allow_code)
+                      allow_code=recipe.allow_code, names={student: STUDENT_ROW})
     (out / layout.EVAL_JSON).write_text(report.to_json())
     return {"reference_task_score": report.reference.task_score,
             "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.records import BenchRow, EvalReport
+from edgedistill.records import BenchRow, EvalReport, format_interval
 from edgedistill.layout import (BENCH, BENCH_JSON, EVAL, EVAL_JSON, MANIFEST, PARTIAL, PREFLIGHT, PREFLIGHT_JSON,
                                 REPORT, TEACHER)
 
@@ -29,7 +29,9 @@ PREFLIGHT_SOURCE = f"{PREFLIGHT}/{PREFLIGHT_JSON}"
 @dataclass(frozen=True)
 class Column:
     """One column of the artifact table: the JSON key it shows and the file it is read from.
-    `optional` columns are shown only when some row has the key (newer bench/eval versions)."""
+    `optional` columns are shown only when some row has the key (newer bench/eval versions).
+    `interval`: the key of the value's 95% interval, [low, high], shown after it in brackets with
+    one digit less ("0.812 [0.74, 0.87]") when some row has it."""
 
     key: str
     header: str
@@ -37,11 +39,16 @@ class Column:
     digits: int = 1
     percent: bool = False  # a 0..1 share shown as a percentage
     optional: bool = False
+    interval: str | None = None
 
     def format(self, row: dict[str, Any]) -> str:
         value = row.get(self.key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and self.percent:
-            value = 100 * value
+        scale = 100 if self.percent else 1
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = scale * value
+            if self.interval:
+                return fmt(value, self.digits) + format_interval(row.get(self.interval), scale=scale,
+                                                                 digits=max(self.digits - 1, 1))
         return fmt(value, self.digits)
 
 
@@ -55,8 +62,8 @@ COLUMNS = (
     Column("peak_rss_mb", "peak RSS MB", BENCH_SOURCE),
     Column("peak_gpu_mb", "peak GPU MB", BENCH_SOURCE, optional=True),
     Column("bandwidth_efficiency", "bandwidth efficiency %", BENCH_SOURCE, percent=True, optional=True),
-    Column("task_score", "task score", EVAL_SOURCE, digits=3),
-    Column("share_of_reference", "% of teacher", EVAL_SOURCE, percent=True),
+    Column("task_score", "task score", EVAL_SOURCE, digits=3, interval="task_score_interval"),
+    Column("share_of_reference", "% of teacher", EVAL_SOURCE, percent=True, interval="share_of_reference_interval"),
     Column("perplexity", "perplexity", EVAL_SOURCE, digits=2, optional=True),
     Column("perplexity_ratio", "perplexity ratio", EVAL_SOURCE, digits=3, optional=True),
     Column("kl_to_reference", "KL to teacher", EVAL_SOURCE, digits=4, optional=True),
@@ -74,7 +81,8 @@ def column_sources(columns: list[Column]) -> str:
     """'from bench/bench.json: file_mb, ...; eval/eval.json: task_score, ...' for a table's columns."""
     by_file: dict[str, list[str]] = {}
     for column in columns:
-        by_file.setdefault(column.source, []).append(column.key + (" (×100)" if column.percent else ""))
+        for key in (column.key, column.interval) if column.interval else (column.key,):
+            by_file.setdefault(column.source, []).append(key + (" (×100)" if column.percent else ""))
     return "from " + "; ".join(f"{file}: {', '.join(keys)}" for file, keys in by_file.items())
 
 
@@ -95,10 +103,15 @@ class RunData:
     manifests: dict[str, dict[str, Any]]  # stage name -> manifest, in stage order
     sources: list[Source] = field(default_factory=list)
     preflight: dict[str, Any] | None = None
+    # eval.json's own keys (teacher_built_references, ...), without the reference and the artifacts
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[Column]:
-        return [c for c in COLUMNS if not c.optional or any(row.get(c.key) is not None for row in self.rows)]
+        shown = [c for c in COLUMNS if not c.optional or any(row.get(c.key) is not None for row in self.rows)]
+        # an eval.json written before intervals existed has none to show
+        return [c if not c.interval or any(row.get(c.interval) for row in self.rows) else replace(c, interval=None)
+                for c in shown]
 
     @property
     def stage_seconds(self) -> list[tuple[str, float]]:
@@ -199,6 +212,7 @@ def load_stages(folders: dict[str, Path], *, name: str | None = None, teacher_so
         teacher_source=teacher_source or teacher.get("source"),
         rows=_merge_rows(report, bench_rows),
         reference={k: v for k, v in report.reference.to_dict().items() if k != "answers"} if report.reference else None,
+        evaluation={k: v for k, v in report.to_dict().items() if k not in ("reference", "artifacts")},
         bench_rows=bench,
         manifests=manifests,
         sources=reader.sources,

@@ -13,8 +13,9 @@ import re
 
 from edgedistill.report.data import RunData
 from edgedistill.report.plots import all_plots
-from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, pareto_note, sources_table,
-                                       stage_table, summary, target_note, target_table, training_tables)
+from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, noise_note, pareto_note,
+                                       scorer_table, sources_table, stage_table, summary, target_note, target_table,
+                                       training_tables)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 72rem; margin: 2rem auto;
@@ -60,7 +61,10 @@ def render_html(data: RunData) -> str:
              f"<title>{html.escape(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
              f"<h1>{html.escape(title)}</h1>"]
     lines += [f"<p>{inline(sentence)}</p>" for sentence in summary(data)]
-    lines += _section(artifact_table(data), measurement_note(data), pareto_note(data))
+    lines += _section(artifact_table(data), measurement_note(data), noise_note(data), pareto_note(data))
+    scorers = scorer_table(data)
+    if scorers is not None:
+        lines += _section(scorers)
     target = target_table(data)
     if target is not None:
         lines += _section(target, target_note(data))

@@ -11,8 +11,9 @@ report.html (report/html.py), which shows the same tables.
 from __future__ import annotations
 
 from edgedistill.report.data import RunData
-from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, pareto_note, sources_table,
-                                       stage_table, summary, target_note, target_table, training_tables)
+from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, noise_note, pareto_note,
+                                       scorer_table, sources_table, stage_table, summary, target_note, target_table,
+                                       training_tables)
 
 
 def markdown_table(table: Table) -> list[str]:
@@ -28,8 +29,11 @@ def _section(table: Table, *notes: str) -> list[str]:
 def render_markdown(data: RunData) -> str:
     lines = [f"# edgedistill report: {data.name}", ""]
     lines += [line for sentence in summary(data) for line in (sentence, "")]
-    lines += _section(artifact_table(data), measurement_note(data), pareto_note(data),
+    lines += _section(artifact_table(data), measurement_note(data), noise_note(data), pareto_note(data),
                       "Plots of quality against file size and decode speed, and of the stage times: `report.html`.")
+    scorers = scorer_table(data)
+    if scorers is not None:
+        lines += _section(scorers)
     target = target_table(data)
     if target is not None:
         lines += _section(target, target_note(data))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgedistill.records import score_basis
+from edgedistill.evaluate.json_scorers import FIELD_PREFIX
+from edgedistill.records import STUDENT_ROW, format_interval, format_score, score_basis
 from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, RunData, column_sources, fmt, pareto_front
 from edgedistill.targets import any_failed, completed_checks
 
@@ -39,9 +40,34 @@ def summary(data: RunData) -> list[str]:
         lines.append(f"Teacher `{data.teacher_source}`.")
     reference = data.reference
     if reference and reference.get("task_score") is not None:
-        lines.append(f"Held-out task score of the teacher (PyTorch fp32, reference): **{reference['task_score']:.3f}** "
-                     f"({score_basis(reference)}).")
-    return lines
+        lines.append(f"Held-out task score of the teacher (PyTorch fp32, reference): **{reference['task_score']:.3f}**"
+                     f"{format_interval(reference.get('task_score_interval'))} ({score_basis(reference)}).")
+    built = teacher_built_note(data)
+    return lines + ([built] if built else [])
+
+
+def _means(scores: dict[str, dict]) -> str:
+    return ", ".join(f"{name} {format_score(entry.get('mean'))}{format_interval([entry.get('low'), entry.get('high')])}"
+                     for name, entry in scores.items())
+
+
+def teacher_built_note(data: RunData) -> str:
+    """How many held-out references are the teacher's own answers, and how well the teacher agrees
+    with the gold ones: how far the teacher-built part of the scores can be trusted."""
+    built = data.evaluation.get("teacher_built_references")
+    if not built:
+        return ""
+    examples = (data.reference or {}).get("examples") or next((r.get("examples") for r in data.rows
+                                                               if r.get("examples")), None)
+    agreement = (data.reference or {}).get("agreement_with_gold")
+    trust = (f" On the held-out examples with a gold answer the teacher agrees with it: {_means(agreement)} "
+             "(`reference.agreement_with_gold`); the teacher-built part is as trustworthy as that, and the shares of "
+             "the teacher are taken over the gold examples." if agreement else
+             " The teacher's agreement with gold was not measured: this eval had no reference model, or no "
+             "example with a gold answer.")
+    return (f"**Teacher-built references:** {built} of {examples} held-out examples have no gold answer and are "
+            f"scored against the teacher's own answer (from `{EVAL_SOURCE}`: teacher_built_references; per scorer "
+            f"n_gold, n_teacher_built).{trust}")
 
 
 def artifact_table(data: RunData) -> Table:
@@ -56,10 +82,58 @@ def measurement_note(data: RunData) -> str:
     runtimes = list(dict.fromkeys(RUNTIME_NAMES.get(r.get("runtime"), str(r.get("runtime"))) for r in data.bench_rows))
     examples = (data.reference or {}).get("examples") or next((r.get("examples") for r in data.rows
                                                                if r.get("examples")), None)
+    intervals = (" In brackets: the 95% bootstrap interval over the held-out examples (2000 resamples; a share of "
+                 "the teacher resamples the artifact's and the teacher's scores on the same examples together)."
+                 if any(c.interval for c in data.columns) else "")
+    student = (f" `{STUDENT_ROW}` is the trained student in PyTorch fp32, the model the exports were made from; it "
+               "is evaluated, not benchmarked." if any(r["artifact"] == STUDENT_ROW for r in data.rows) else "")
     return (f"Speed: {' and '.join(runtimes) or 'not measured'}, {first.get('threads')} threads, prompt "
             f"{first.get('prompt_tokens')} tokens, {first.get('gen_tokens')} generated, median of "
             f"{first.get('repetitions')} (from `{BENCH_SOURCE}`). Quality: greedy answers on {examples} held-out "
-            f"prompts (from `{EVAL_SOURCE}`).")
+            f"prompts (from `{EVAL_SOURCE}`).{intervals}{student}")
+
+
+def noise_note(data: RunData) -> str:
+    """Which artifacts score like the teacher within the noise, and which differ from it by more."""
+    judged = [r for r in data.rows if r.get("within_noise_of_reference") is not None]
+    if not judged:
+        return ""
+    within = [f"`{r['artifact']}`" for r in judged if r["within_noise_of_reference"]]
+    beyond = [f"`{r['artifact']}`" for r in judged if not r["within_noise_of_reference"]]
+    parts = ([f"within the noise of it, {', '.join(within)} (the 95% interval of the paired difference holds 0: "
+              "these held-out examples cannot tell them from the teacher)"] if within else [])
+    parts += [f"further from it than the noise, {', '.join(beyond)}"] if beyond else []
+    return f"Compared with the teacher (from `{EVAL_SOURCE}`: within_noise_of_reference): {'; '.join(parts)}."
+
+
+def _scorer_names(data: RunData) -> list[str]:
+    """The scorers of the eval rows, first (the task score's) first; per-field parts left out."""
+    rows = ([data.reference] if data.reference else []) + data.rows
+    names = dict.fromkeys(name for row in rows for name in (row.get("scores") or {}))
+    return [name for name in names if not name.startswith(FIELD_PREFIX)]
+
+
+def scorer_table(data: RunData) -> Table | None:
+    """Each scorer's mean with its interval, per row (the teacher's first), when the task has
+    several scorers (generation, extraction); None for a single one (its mean is the task score)."""
+    names = _scorer_names(data)
+    if len(names) < 2:
+        return None
+    # with teacher-built references the teacher is scored on the gold examples alone
+    scope = ", on the gold examples" if data.evaluation.get("teacher_built_references") else ""
+    rows = ([(f"`{data.reference['artifact']}` (teacher, reference{scope})", data.reference)] if data.reference else [])
+    rows += [(f"`{row['artifact']}`", row) for row in data.rows if row.get("scores")]
+
+    def cell(row: dict, name: str) -> str:
+        entry = (row.get("scores") or {}).get(name)
+        if not entry:
+            return "–"
+        return f"{format_score(entry.get('mean'))}{format_interval([entry.get('low'), entry.get('high')])}"
+
+    return Table("scorers", "Scores by scorer", ["artifact", *names],
+                 [[label, *(cell(row, name) for name in names)] for label, row in rows],
+                 f"from {EVAL_SOURCE}: reference and artifacts[]: scores.<scorer>.mean, low, high (the first scorer's "
+                 "mean is the task score; per-field json_field:<name> scores are in the file)")
 
 
 BUDGET_HEADERS = {"max_memory_mb": "peak RSS MB", "max_file_mb": "file MB", "max_ttft_ms": "TTFT ms",
