@@ -54,6 +54,8 @@ def logits_shard_name(index: int) -> str:
 PREFLIGHT_JSON = "preflight.json"
 BENCH_JSON = "bench.json"
 EVAL_JSON = "eval.json"
+# the judge scorer's verdicts, kept as they arrive so a killed eval asks again only the rest
+JUDGE_JSONL = "judge_verdicts.jsonl"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 

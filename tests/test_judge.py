@@ -131,9 +131,65 @@ def test_an_endpoint_judges_and_a_dead_one_stops_with_its_verdicts_kept(judge_se
     [judge] = build_scorers([spec], base_dir=".", allow_code=False, schema=None, labels=None, judge_cache=cache)
     result = score_all([judge], [item(i) for i in range(3)])["judge"]
     assert result.values == [0.75, 0.75, 0.75] and len(state["prompts"]) == 3
-    assert "Question: Capital 0?" in state["prompts"][0]
+    assert sorted(p.split("\n")[0] for p in state["prompts"]) == [f"Question: Capital {i}?" for i in range(3)]
     state["fail"] = True
     with pytest.raises(EdgedistillError) as info:
         score_all([judge], [item(i) for i in range(5)])  # 3 cached, 2 asked of a dead server
     assert url in str(info.value)
     assert len(cache.read_text().splitlines()) == 3
+
+
+class Teacher:
+    """A scripted runtime: answers the task's prompts from a table and, asked as a judge, gives
+    Score: 5 when the answer shown equals the reference shown, else Score: 1."""
+
+    context_length = None
+
+    def __init__(self, answers):
+        self.answers, self.judged = answers, 0
+
+    def prompt_ids(self, messages, *, add_generation_prompt=True):
+        return [0]
+
+    def generate(self, conversations, max_new_tokens):
+        out = []
+        for conversation in conversations:
+            text = conversation[-1]["content"]
+            if text.startswith("Question:"):
+                self.judged += 1
+                reference = text.split("Reference: ")[1].split("\n")[0]
+                answer = text.split("Answer: ")[1].split("\n")[0]
+                out.append((f"Score: {5 if answer == reference else 1}", True))
+            else:
+                out.append((self.answers.get(text, ""), True))
+        return out
+
+
+@pytest.mark.unit
+def test_the_teacher_judges_in_eval_and_only_the_answer_after_the_separator_is_scored(tmp_path, monkeypatch):
+    from edgedistill import layout
+    from edgedistill.evaluate import task
+
+    data = tmp_path / layout.HELDOUT_JSONL
+    records = [{"id": i, "messages": [{"role": "user", "content": f"Capital {i}?"}], "reference": f"City{i}"}
+               for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / layout.TASK_JSON).write_text(json.dumps({
+        "kind": "generation", "labels": None, "schema": None, "answer_separator": "### Answer",
+        "scorers": [{"name": "judge", "rubric": RUBRIC}, {"name": "exact_match"}]}))
+    teacher = Teacher({f"Capital {i}?": f"Thinking.\n### Answer\nCity{i}" for i in range(6)})
+    student = Teacher({f"Capital {i}?": f"Hmm.\n### Answer\nCity{i if i < 3 else 0}" for i in range(6)})
+    monkeypatch.setattr(task, "_open", lambda artifact, device, dtype: teacher if artifact.name == "teacher" else student)
+    cache = tmp_path / layout.JUDGE_JSONL
+    report = task.evaluate([tmp_path / "student"], data, tmp_path / "teacher", max_new_tokens=8, score_records=0,
+                           judge_cache=cache).to_dict()
+    ref, row = report["reference"], report["artifacts"][0]
+    assert ref["scores"]["judge"]["mean"] == 1.0 and ref["scores"]["exact_match"]["mean"] == 1.0
+    assert row["scores"]["judge"]["mean"] == 0.5 and row["scores"]["exact_match"]["mean"] == 0.5
+    # 6 verdicts on its own answers, 3 on the student's wrong ones; its right ones read like the teacher's (cached)
+    assert row["task_score"] == 0.5 and teacher.judged == 9 and student.judged == 0
+    assert len(cache.read_text().splitlines()) == 9
+    teacher.judged = 0
+    task.evaluate([tmp_path / "student"], data, tmp_path / "teacher", max_new_tokens=8, score_records=0,
+                  judge_cache=cache)
+    assert teacher.judged == 0, "every verdict came from the cache"

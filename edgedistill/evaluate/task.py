@@ -44,12 +44,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from edgedistill import layout
 from edgedistill.data.generate import split_reasoning
 from edgedistill.data.prompts import named_label
 from edgedistill.data.readers import numbered_jsonl
-from edgedistill import layout
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.intervals import bootstrap_ratio, within_noise
+from edgedistill.evaluate.judge import Chat, JudgeScorer, runtime_chat
 from edgedistill.evaluate.references import (GOLD, TEACHER_BUILT, agreement_with_gold, answer_validator, check_save,
                                              fill_references, gold_only, prompt_records, reference_source,
                                              save_reference_set, with_sources)
@@ -97,20 +98,24 @@ def read_task(data: Path) -> dict | None:
     return json.loads(task_path.read_text(encoding="utf-8")) if task_path.is_file() else None
 
 
-def scorers_of(task: dict, *, allow_code: bool) -> list[Scorer]:
-    """The scorers a task.json names, else its kind's defaults."""
+def scorers_of(task: dict, *, allow_code: bool, judge_chat: Chat | None = None,
+               judge_cache: Path | None = None) -> list[Scorer]:
+    """The scorers a task.json names, else its kind's defaults; a judge without an endpoint asks
+    `judge_chat` (the teacher), caching its verdicts in `judge_cache`."""
     specs = task["scorers"] if task.get("scorers") is not None else default_scorers(task["kind"])
     specs = [ScorerSpec(**spec) if isinstance(spec, dict) else spec for spec in specs]
     return build_scorers(specs, base_dir=Path(task.get("base_dir") or "."), allow_code=allow_code,
-                         schema=task.get("schema"), labels=task.get("labels"))
+                         schema=task.get("schema"), labels=task.get("labels"), judge_chat=judge_chat,
+                         judge_cache=judge_cache)
 
 
-def task_scorers(data: Path, rows: list[dict], *, allow_code: bool = False) -> list[Scorer]:
+def task_scorers(data: Path, rows: list[dict], *, allow_code: bool = False, judge_chat: Chat | None = None,
+                 judge_cache: Path | None = None) -> list[Scorer]:
     """The scorers of the task `data` was written for: its generate stage's task.json beside it, or
     for records with label choices the label scorer alone, else generation's defaults."""
     task = read_task(data)
     if task is not None:
-        return scorers_of(task, allow_code=allow_code)
+        return scorers_of(task, allow_code=allow_code, judge_chat=judge_chat, judge_cache=judge_cache)
     if all("choices" in row for row in rows):
         return build_scorers(["label"], base_dir=Path("."), allow_code=False, schema=None,
                              labels=rows[0]["choices"])
@@ -139,15 +144,18 @@ def artifact_name(artifact: Path) -> str:
     return artifact.name if artifact.is_file() else artifact.name + "/"
 
 
-def final_answer(answer: str) -> str:
-    """What is scored of an answer: the part after its last "Answer:" line when it reasons, else all of it."""
-    reasoned = split_reasoning(answer)
+def final_answer(answer: str, task: dict | None = None) -> str:
+    """What is scored of an answer: the part after its last "Answer:" line (task.answer_separator)
+    when it reasons, all of it for an open-ended task; else the whole answer."""
+    task = task or {}
+    reasoned = split_reasoning(answer, task.get("answer_separator"),
+                               open_ended=task.get("kind", "classification") != "classification")
     return reasoned[1] if reasoned else answer
 
 
 def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16,
                model: Runtime | None = None, scorers: list[Scorer] | None = None,
-               name: str | None = None) -> tuple[EvalRow, dict]:
+               name: str | None = None, task: dict | None = None) -> tuple[EvalRow, dict]:
     """The artifact's greedy answers to `rows`, their score and every scorer's result by name;
     `model`: the artifact already open; `name`: its row's name (default: the file or folder name).
     The task score is the first scorer's mean (for label choices: the share answered right, as
@@ -161,7 +169,7 @@ def task_score(artifact: Path, rows: list[dict], *, max_new_tokens: int, batch_s
         batch = rows[start:start + batch_size]
         answers = model.generate([row["messages"] for row in batch], max_new_tokens)
         for row, (answer, _) in zip(batch, answers):
-            items.append(ScoreInput(final_answer(answer), row.get("reference"), row))
+            items.append(ScoreInput(final_answer(answer, task), row.get("reference"), row))
             if "choices" in row:
                 label = parse_label(answer, row["choices"])
                 unparsed += label is None
@@ -219,18 +227,26 @@ def _fitting(numbered: list[tuple[int, dict]], skipped: dict[int, str], data: Pa
 
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
              score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
-             allow_code: bool = False, names: dict[Path, str] | None = None) -> EvalReport:
+             allow_code: bool = False, names: dict[Path, str] | None = None,
+             judge_cache: Path | None = None) -> EvalReport:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not), and
     its answers become the references of records that have none (edgedistill.evaluate.references).
     HF folders (the reference too) run in PyTorch on `device` in `dtype`. `names`: rows named
-    otherwise than after their file or folder."""
+    otherwise than after their file or folder. A judge scorer without an endpoint asks the
+    reference, which then stays open while the artifacts are scored; its verdicts are cached in
+    `judge_cache` so a killed eval asks again only what was not answered."""
     if score_records < 0:
         raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
     _check_device(device)
     numbered = _numbered_heldout(data)
     task = read_task(data)
-    scorers = task_scorers(data, [row for _, row in numbered], allow_code=allow_code)  # before any model work
+    judge: dict[str, Runtime] = {}  # the reference, once open, for a judge scorer without an endpoint
+    judge_chat = (lambda conversations, on_reply: runtime_chat(judge["model"])(conversations, on_reply)
+                  ) if reference is not None else None
+    scorers = task_scorers(data, [row for _, row in numbered], allow_code=allow_code,  # before any model work
+                           judge_chat=judge_chat, judge_cache=judge_cache)
+    asks_reference = any(isinstance(s, JudgeScorer) and s.chat is judge_chat for s in scorers)
     validator = answer_validator(task) if reference is not None else None
 
     names = names or {}
@@ -251,16 +267,20 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     if reference is not None:
         model, held = held, None
         # scored against gold alone: against references built from its own answers it would agree with itself
+        judge["model"] = model
         ref_row, ref_results = task_score(reference, gold_only(rows), max_new_tokens=max_new_tokens, model=model,
-                                          scorers=scorers, name=names.get(reference))
+                                          scorers=scorers, name=names.get(reference), task=task)
         ref = EvalReference(**ref_row.to_dict())
         if score_records:
             scored = rows[:score_records]
             records = score_reference(model, ref.artifact, [row["messages"] for row in scored],
                                       [answer["answer"] for answer in ref.answers[:len(scored)]])
             ref.update(reference_row(records))
-        del model  # one model in memory at a time
-        rows, unusable = fill_references(rows, [final_answer(answer["answer"]) for answer in ref.answers], validator)
+        del model  # one model in memory at a time (but a judge's, which keeps the reference)
+        if not asks_reference:
+            judge.clear()
+        rows, unusable = fill_references(rows, [final_answer(answer["answer"], task) for answer in ref.answers],
+                                         validator)
     teacher_built = sum(reference_source(row) == TEACHER_BUILT for row in rows)
     if ref is not None and teacher_built and any(reference_source(row) == GOLD for row in rows):
         ref.agreement_with_gold = agreement_with_gold(ref_results, rows, scorers)
@@ -270,7 +290,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         if records is not None:
             check_vocabulary(model, name_of(artifact), records)  # before the work, not after it
         result, scored = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers,
-                                    name=names.get(artifact))
+                                    name=names.get(artifact), task=task)
         if teacher_built:
             result.scores = with_sources(result.scores, scored, rows)
         if ref is not None:
@@ -357,9 +377,9 @@ def build_reference_set(prompts: Path, reference: Path, save: Path, *, recipe: R
     name = artifact_name(reference)
     numbered = list(enumerate(records, 1))
     rows = _fitting(numbered, too_long(model, name, numbered, max_new_tokens), prompts)
-    row, results = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers)
+    row, results = task_score(reference, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers, task=task)
     del model
-    built, unusable = fill_references(rows, [final_answer(answer["answer"]) for answer in row.answers], validator)
+    built, unusable = fill_references(rows, [final_answer(answer["answer"], task) for answer in row.answers], validator)
     save_reference_set(save, built, task)
     gold = sum(reference_source(record) == GOLD for record in rows)
     return {"saved": str(save), "records": len(built), "gold_references": gold,
@@ -393,7 +413,7 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
                  *(onnx_artifacts(export_onnx) if export_onnx else [])]
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
                       max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records,
-                      allow_code=recipe.allow_code, names={student: STUDENT_ROW})
+                      allow_code=recipe.allow_code, names={student: STUDENT_ROW}, judge_cache=out / layout.JUDGE_JSONL)
     (out / layout.EVAL_JSON).write_text(report.to_json())
     return {"reference_task_score": report.reference.task_score,
             "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}
