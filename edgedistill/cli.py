@@ -20,10 +20,10 @@ from edgedistill.cli_args import build_parser
 from edgedistill.errors import EdgedistillError
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from edgedistill.data.prompts import check_data
     from edgedistill.layout import REPORT, REPORT_HTML, REPORT_MD
     from edgedistill.pipeline import Pipeline, launched
     from edgedistill.recipe import default_recipe, load_recipe
-    from edgedistill.data.prompts import check_data
     from edgedistill.stages import stages_for
 
     recipe = load_recipe(args.recipe or default_recipe(), allow_code=args.allow_recipe_code)

@@ -51,7 +51,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def read_prompt_file(path: Path, text_field: str, label_field: str) -> list[tuple[str, str | None]]:
     """(text, label or None) per row of any data file (edgedistill.data.readers.read_rows)."""
-    return [(row.fields.get(text_field), row.fields.get(label_field) or None) for row in read_rows(path, text_field=text_field)]
+    return [(row.fields.get(text_field), row.fields.get(label_field) or None)
+            for row in read_rows(path, text_field=text_field)]
 
 
 def _stripped(fields: dict) -> dict:
@@ -81,7 +82,7 @@ def _example(recipe: Recipe, index: int, row: Row) -> Example:
         return Example(index, messages, label=label, where=row.where)
     if isinstance(reference, str) and not reference:
         raise EdgedistillError(f"{row.where}: the reference answer ('{data.reference_field}') is empty",
-                               f"remove the field where there is no gold answer, or fill it")
+                               "remove the field where there is no gold answer, or fill it")
     return Example(index, messages, reference=reference, where=row.where)
 
 
