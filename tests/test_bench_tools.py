@@ -29,6 +29,7 @@ def _tool(name: str):
 bench_export = _tool("bench_export")
 bench_overhead = _tool("bench_overhead")
 bench_quant_types = _tool("bench_quant_types")
+bench_task_recipes = _tool("bench_task_recipes")
 
 
 @pytest.mark.integration
@@ -112,3 +113,37 @@ def test_overhead_bare_loop_decodes_a_tiny_gguf(tmp_path):
     gguf_file = write_gguf(make_tiny_model(tmp_path / "hf"), tmp_path / "tiny.gguf")
     result = bench_overhead.bare(str(gguf_file), prompt_tokens=8, gen_tokens=4, repetitions=1, threads=1)
     assert result["decode_tokens_per_s"] > 0
+
+
+def _blocks_folder(folder: Path, n_layers: int) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tensors = {"model.embed_tokens.weight": torch.zeros(50, 4)}
+    tensors |= {f"model.layers.{i}.mlp.up_proj.weight": torch.zeros(8, 4) for i in range(n_layers)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.unit
+def test_task_recipe_targets_count_block_parameters_and_the_q4_share(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    _blocks_folder(run / "teacher", 30)
+    _blocks_folder(run / "distill", 10)
+    scores = {"exact_match": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 100, "errors": 0, "first_error": None}}
+    artifact = {"artifact": "student-q4_k_m.gguf", "task_score": 0.46, "task_score_interval": [0.36, 0.56],
+                "scores": scores, "share_of_reference": 0.92, "share_of_reference_interval": [0.8, 1.04],
+                "within_noise_of_reference": True}
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "reference": {"artifact": "teacher", "examples": 100, "task_score": 0.5, "scores": scores},
+        "artifacts": [artifact | {"artifact": "teacher-q4_k_m.gguf", "share_of_reference": 0.5}, artifact]}))
+    found = bench_task_recipes.summarize(run)
+    blocks, q4 = found["targets"]["block_parameters"], found["targets"]["q4_k_m_share_of_teacher"]
+    assert (blocks["teacher"], blocks["student"], blocks["target_met"]) == (30 * 32, 10 * 32, True)
+    assert q4["artifact"] == "student-q4_k_m.gguf" and q4["target_met"] and not q4["target_met_at_interval_low"]
+    assert [row["model"] for row in found["rows"]] == ["teacher", "teacher-q4_k_m.gguf", "student-q4_k_m.gguf"]
+    assert found["rows"][0]["share_of_teacher"] == 1.0 and "first_error" not in found["rows"][0]["scores"]["exact_match"]
+    assert found["teacher_agreement_with_gold"] == scores
