@@ -20,11 +20,14 @@ plain prompt, so the traces cost nothing at inference. The teacher is the local 
 prompt, sampled at `generate.temperature` with per-example seeds) or an OpenAI-compatible endpoint
 (`generate.endpoint`, see data/remote.py). Every answer is appended to `answers.partial.jsonl` as
 it is finished, so a killed run or a dead endpoint resumes at the first unanswered (prompt, sample).
+An answer ends at the first token that ends the teacher's turn (edgedistill.runtimes.common.declared_stop_tokens:
+its eos, its chat template's end-of-turn token, generation_config.json's eos list), and no such token
+is kept in it, nor the text of one an endpoint leaves at its end.
 
 Quality filters, applied when train.jsonl is written (counts in the stage result):
 - empty: nothing left after stripping whitespace.
 - repeated: degenerate loops, see `is_repeated`.
-- truncated: hit max_new_tokens without EOS (finish_reason "length"). Always counted; dropped in
+- truncated: hit max_new_tokens without an end-of-turn token (finish_reason "length"). Always counted; dropped in
   reasoning mode only, where a cut trace lacks its conclusion. A short plain answer cut off is
   still the teacher's text token by token, which is what distillation learns from.
 - failed_format: reasoning mode: no parseable `Answer:` line, or (classification) an answer
@@ -49,10 +52,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from edgedistill.data.answers import follows_schema, schema_validator
 from edgedistill.data.prompts import (Example, heldout_record, load_examples, named_label, prompt_messages, split_examples,
                                       task_schema, write_jsonl, write_task)
-from edgedistill.data.remote import Request, answer_remote, describe_skips
+from edgedistill.data.remote import Request, answer_remote, describe_skips, without_end_tokens
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TASK_JSON, TRAIN_JSONL
 from edgedistill.recipe import Recipe
+from edgedistill.runtimes.common import declared_stop_tokens
 from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
 
 PARTIAL_ANSWERS = ANSWERS_PARTIAL_JSONL
@@ -287,8 +291,11 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
                     bar.update(1)
 
             if cfg.endpoint is not None:
+                end_texts = [text for text in declared_stop_tokens(teacher).values() if text]
                 answer_remote(cfg.endpoint, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              on_answer=record, on_skip=lambda request, error: skipped_endpoint.append(error))
+                              on_answer=lambda request, answer, finished: record(
+                                  request, without_end_tokens(answer, end_texts), finished),
+                              on_skip=lambda request, error: skipped_endpoint.append(error))
             else:
                 chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
                 _generate_local(recipe, chat, requests, record)

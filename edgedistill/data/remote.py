@@ -190,6 +190,15 @@ def parse_completion(body: bytes) -> tuple[str, bool]:
     return (content or "").strip(), choice.get("finish_reason") != "length"
 
 
+def without_end_tokens(answer: str, end_texts: list[str]) -> str:
+    """`answer` without the end-of-turn tokens (their texts, `end_texts`) a server left at its end:
+    one that detokenizes special tokens, or stops only at its own eos, hands them back as text."""
+    answer = answer.strip()
+    while ending := next((text for text in end_texts if text and answer.endswith(text)), None):
+        answer = answer[: -len(ending)].rstrip()
+    return answer
+
+
 def _timed_out(endpoint: EndpointConfig) -> EndpointDown:
     return EndpointDown(
         f"no complete response within generate.endpoint.timeout_s = {endpoint.timeout_s:g} s "

@@ -27,7 +27,7 @@ class Runtime(Protocol):
     vocab_size: int  # the width of a row of score(): the model's output rows, padding included
     context_length: int | None  # tokens one conversation may take, prompt and answer; None: no stated limit
     bos_id: int | None  # the tokenizer's beginning-of-text token; None: it has none
-    eos_id: int  # the tokenizer's end-of-text token (is_end accepts it)
+    eos_id: int  # the tokenizer's end-of-text token (is_end accepts it, and every other id that ends a turn)
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[tuple[str, bool]]:
         """Greedy answers, each with whether it ended by itself (False: cut at max_new_tokens)."""

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import (CHAT_TEMPLATE, GENAI_CONFIG, HF_CONFIG, ONNX_MANIFEST, ONNX_MODEL, SPECIAL_TOKENS_MAP,
-                                TOKENIZER_CONFIG, TOKENIZER_JSON)
-from edgedistill.runtimes.common import log_softmax, scored_positions, stream_pieces
+from edgedistill.layout import GENAI_CONFIG, HF_CONFIG, ONNX_MANIFEST, ONNX_MODEL, SPECIAL_TOKENS_MAP, TOKENIZER_JSON
+from edgedistill.runtimes.common import (declared_stop_tokens, log_softmax, read_chat_template, render_chat,
+                                         scored_positions, stream_pieces)
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -123,29 +123,6 @@ class OnnxDecoder:
             ids = [int(logits.argmax())]
 
 
-def read_chat_template(folder: Path) -> str | None:
-    config = folder / TOKENIZER_CONFIG
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    jinja = folder / CHAT_TEMPLATE
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template
-
-
-def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str],
-                add_generation_prompt: bool = True) -> str:
-    """The prompt text, rendered as transformers' apply_chat_template renders it."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-
-
 class OnnxChatModel:
     """Greedy chat generation, streaming and scoring with an ONNX export; the Runtime interface of
     edgedistill.runtimes."""
@@ -178,8 +155,10 @@ class OnnxChatModel:
         self.tokenizer = og.Tokenizer(self.model)
         genai_config = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]
         eos = genai_config.get("eos_token_id")
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.bos_id, self.eos_id = genai_config.get("bos_token_id"), (eos[0] if isinstance(eos, list) else eos)
+        eos = eos if isinstance(eos, list) else [eos]
+        # the export's own files as well: a folder exported before genai_config carried every stop id
+        self.eos_ids = set(eos) | set(declared_stop_tokens(self.folder))
+        self.bos_id, self.eos_id = genai_config.get("bos_token_id"), eos[0]
         self.context_length = genai_config.get("context_length") or 2048
         self.vocab_size = genai_config["vocab_size"]
 
@@ -189,15 +168,11 @@ class OnnxChatModel:
         self.decoder = OnnxDecoder(self.folder, threads=self.threads)
         self.vocab_size = self.decoder.vocab_size
         self.hf_tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_JSON))
-        eos = self.special.get("eos_token")
         config_file = self.folder / HF_CONFIG
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        eos_id = config.get("eos_token_id")
-        ids = eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else []
-        if eos is not None and self.hf_tokenizer.token_to_id(eos) is not None:
-            ids.append(self.hf_tokenizer.token_to_id(eos))
+        ids = list(declared_stop_tokens(self.folder))  # the tokenizer's own end token first
         self.eos_ids = set(ids)
-        self.eos_id = ids[-1] if ids else None  # the tokenizer's own end token, else the config's
+        self.eos_id = ids[0] if ids else None
         bos = self.special.get("bos_token")
         self.bos_id = self.hf_tokenizer.token_to_id(bos) if bos is not None else config.get("bos_token_id")
         self.context_length = config.get("max_position_embeddings")

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.runtimes.common import DEVICES, DTYPES, log_softmax, scored_positions, stream_pieces
+from edgedistill.runtimes.common import (DEVICES, DTYPES, declared_stop_tokens, log_softmax, scored_positions,
+                                         stream_pieces)
 from edgedistill.sources.hf import check_hf_folder
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
@@ -66,6 +67,8 @@ class TorchChatModel:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        # every id that ends a turn, the tokenizer's eos first (a folder may declare it only in code)
+        self.stop_ids = [i for i in dict.fromkeys([self.eos_id, *declared_stop_tokens(folder)]) if i is not None]
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -74,7 +77,7 @@ class TorchChatModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
 
     def is_end(self, token: int) -> bool:
-        return token == self.tokenizer.eos_token_id
+        return token in self.stop_ids
 
     def encode(self, text: str, *, add_special: bool) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special)
@@ -120,13 +123,14 @@ class TorchChatModel:
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
         output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      logits_processor=logits_processor,
-                                     eos_token_id=self.tokenizer.eos_token_id,
+                                     eos_token_id=self.stop_ids or None,
                                      pad_token_id=self.tokenizer.pad_token_id)
         answers = []
         for row in output[:, batch["input_ids"].shape[1]:].tolist():
-            finished = self.tokenizer.eos_token_id in row
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
+            finished = end is not None
             if finished:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
+                row = row[:end]
             answers.append((self.tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
         return answers
 

@@ -20,6 +20,13 @@ Two vocabulary kinds are written:
   express: a Metaspace pre-tokenizer (prepend_scheme "first", Mistral's layout) adds no "▁" to text
   that already starts with a space, or after a special token; llama.cpp does.
 
+llama.cpp ends generation at its end-of-generation (EOG) tokens: the eos, eot and eom ids the GGUF
+names, and tokens whose text it knows (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`, ...). The
+other ids that end the model's turn (edgedistill.runtimes.common.declared_stop_tokens: the chat
+template's end-of-turn token, generation_config.json's eos list) go into `tokenizer.ggml.eot_token_id`
+and `tokenizer.ggml.eom_token_id`, in that order, so that a turn ending in a token llama.cpp does
+not know by name still stops; GGUF has no key for a third.
+
     meta = read_tokenizer(Path("runs/x/merged"), vocab_size=49152)
     add_tokenizer_metadata(gguf_writer, meta)
 """
@@ -37,6 +44,7 @@ from gguf import TokenType
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import CHAT_TEMPLATE, TOKENIZER_CONFIG, TOKENIZER_JSON
+from edgedistill.runtimes.common import declared_stop_tokens
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
@@ -93,6 +101,8 @@ class TokenizerMetadata:
     chat_template: str | list[dict[str, str]] | None
     scores: list[float] | None = None  # SentencePiece merge priorities
     add_space_prefix: bool | None = None  # SentencePiece: "▁" before the text
+    eot_id: int | None = None  # the first id other than eos that ends a turn (the chat template's end token)
+    eom_id: int | None = None  # the second such id (one from generation_config.json's eos list)
 
 
 def _read_json(path: Path) -> dict:
@@ -289,6 +299,8 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
     add_eos = tokenizer_config.get("add_eos_token")
     if add_eos is None:
         add_eos = _post_processor_adds(post_processor, eos_token, -1)
+    eos_id = special_id("eos_token")
+    other_stops = [i for i in declared_stop_tokens(hf_dir) if i != eos_id and 0 <= i < n_tokens] + [None, None]
 
     return TokenizerMetadata(
         model="llama" if sentencepiece else "gpt2",
@@ -298,7 +310,7 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
         # llama.cpp's SentencePiece tokenizer ranks by scores and ignores merges
         merges=[] if sentencepiece else merges,
         bos_id=special_id("bos_token"),
-        eos_id=special_id("eos_token"),
+        eos_id=eos_id,
         pad_id=special_id("pad_token"),
         unk_id=special_id("unk_token"),
         add_bos=bool(add_bos),
@@ -306,6 +318,8 @@ def read_tokenizer(hf_dir: Path, *, vocab_size: int | None = None) -> TokenizerM
         chat_template=_chat_template(hf_dir, tokenizer_config),
         scores=_merge_scores(n_tokens, token_to_id, merges) if sentencepiece else None,
         add_space_prefix=add_space_prefix,
+        eot_id=other_stops[0],
+        eom_id=other_stops[1],
     )
 
 
@@ -327,6 +341,8 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, meta: TokenizerMetadata) -> 
         (writer.add_eos_token_id, meta.eos_id),
         (writer.add_pad_token_id, meta.pad_id),
         (writer.add_unk_token_id, meta.unk_id),
+        (writer.add_eot_token_id, meta.eot_id),
+        (writer.add_eom_token_id, meta.eom_id),
     ):
         if token_id is not None:
             set_id(token_id)

@@ -38,6 +38,7 @@ from edgedistill.export.onnx.paths import choose_path, run_builder, run_optimum
 from edgedistill.export.onnx.quantize import quantize_onnx
 from edgedistill.export.source import hf_source
 from edgedistill.layout import CHAT_TEMPLATE, HF_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON
+from edgedistill.runtimes.common import declared_stop_tokens
 
 # Written by exporters from a re-saved tokenizer; replaced by the source folder's own files, so the
 # export tokenizes exactly as the model that was trained and verified.
@@ -75,6 +76,19 @@ def _use_source_tokenizer(hf_dir: Path, work: Path) -> list[str]:
             shutil.copyfile(hf_dir / name, work / name)
             copied.append(name)
     return copied
+
+
+def _declare_stop_ids(genai_config: Path, hf_dir: Path) -> None:
+    """Make genai_config.json's eos_token_id list every id that ends the model's turn: the builder
+    writes generation_config.json's alone, without the chat template's end-of-turn token, and
+    onnxruntime-genai stops at these ids only. A file that already names them all is left as written."""
+    config = json.loads(genai_config.read_text(encoding="utf-8"))
+    written = config["model"].get("eos_token_id")
+    written = written if isinstance(written, list) else [written] if written is not None else []
+    stop_ids = list(dict.fromkeys([*written, *declared_stop_tokens(hf_dir)]))
+    if stop_ids != written:
+        config["model"]["eos_token_id"] = stop_ids
+        genai_config.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
 def _resave_external(model_file: Path) -> None:
@@ -143,6 +157,7 @@ def _export(hf_dir: Path, out_dir: Path, options: OnnxExportOptions) -> dict:
             run_builder(hf_dir, work, "fp16" if precision == "fp16" else "fp32", log_file=log_file,
                         timeout_s=options.timeout_s)
             shutil.rmtree(work / ".cache", ignore_errors=True)
+            _declare_stop_ids(work / layout.GENAI_CONFIG, hf_dir)
         else:
             run_optimum(hf_dir, work, log_file=log_file, timeout_s=options.timeout_s)
             if not quantized:
