@@ -96,6 +96,18 @@ class SectionView:
 
 
 @dataclass(frozen=True)
+class Check:
+    """A quick look after a stage, on every run whether the stage ran or was up to date: whether later
+    stages can do what the recipe asks (edgedistill.export.check). `fn(recipe, folder, stages=...)` gets
+    a view of `sections`, the stage's folder and the names of the stages this run goes to (--to); it
+    writes nothing and returns a line for the log, or None. It has no cache key, and its EdgedistillError
+    stops the run before the stages after it."""
+
+    fn: Callable[..., str | None]
+    sections: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of the pipeline: `fn(recipe, out, **inputs)` fills `out` from input stage folders,
     reading only `sections` (in the key) and `unkeyed_sections` (read on purpose, not in the key)
@@ -115,6 +127,8 @@ class Stage:
     # Under a launcher (torchrun, accelerate launch) every process runs this stage's function and
     # takes part (training); other stages run in the first process while the rest wait for them.
     distributed: bool = False
+    # Run after this stage on every run; not part of the key.
+    check: Check | None = None
 
 
 @dataclass
@@ -327,6 +341,8 @@ class Pipeline:
 
     def _run_all(self, force: bool, from_stage: str | None, to_stage: str | None, verify: bool) -> list[StageResult]:
         redo = force
+        names = self.stage_names()
+        reaching = tuple(names[: names.index(to_stage) + 1] if to_stage is not None else names)
         results: list[StageResult] = []
         digests: dict[str, str] = {}
         for stage in self.stages:
@@ -335,6 +351,10 @@ class Pipeline:
             result = self._run_stage(stage, inputs, redo, verify)
             digests[stage.name] = manifest_digest(result.manifest)
             results.append(result)
+            said = None if stage.check is None else stage.check.fn(
+                SectionView(self.stage_recipe(stage), stage.check.sections), result.path, stages=reaching)
+            if said is not None:
+                self.log(f"[{stage.name}] {said}")
             if stage.name == to_stage:
                 break
         reached = {r.name for r in results}

@@ -17,11 +17,12 @@ from edgedistill.data.logits import cache_teacher_logits
 from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
 from edgedistill.evaluate.task import eval_stage
+from edgedistill.export import check as export_check
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
 from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, PREFLIGHT,
                                 REPORT, STUDENT, TEACHER, TEACHER_GGUF)
 from edgedistill.lora import merge_lora, train_lora
-from edgedistill.pipeline import Stage, clear_folder
+from edgedistill.pipeline import Check, Stage, clear_folder
 from edgedistill.preflight import preflight_stage
 from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
@@ -144,7 +145,10 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     onnx = (EXPORT_ONNX,) if recipe.export.onnx else ()
     preflight = (PREFLIGHT,) if recipe.bench.target is not None else ()
     return [
-        Stage(TEACHER, teacher_stage, sections=("seed", "teacher"), external=teacher_files),
+        # the check: whether every export the recipe asks for takes the teacher and the student it will
+        # have, before the long stages (a refusal would otherwise come after training)
+        Stage(TEACHER, teacher_stage, sections=("seed", "teacher"), external=teacher_files,
+              check=Check(export_check.export_check, export_check.SECTIONS)),
         # with a device target, whether the student will fit it, estimated before the long stages
         *([Stage(PREFLIGHT, preflight_stage, inputs=(TEACHER,), external=recipe_target_files,
                  sections=("bench.target", "export.quants", "export.teacher_quants", "student", "progressive",

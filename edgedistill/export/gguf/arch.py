@@ -7,9 +7,10 @@ lays out that architecture's rotary dims. The writer has no per-architecture bra
 architecture is an `ArchSpec` (and a dims function where its config differs) in `ARCHITECTURES`.
 What llama.cpp cannot reproduce (rope scaling, sliding windows it does not implement, Gemma's
 attention scale when it differs from llama.cpp's fixed one) is refused here, naming the field.
+These rules read config.json only, so `edgedistill run` also applies them right after the teacher
+stage to the config the student will have (edgedistill.export.check), before any training.
 
-    spec = spec_for(config, config_file)          # EdgedistillError if unsupported
-    dims = spec.dims(config, config_file)         # {"hidden": 64, "n_head": 4, ...}
+    spec, dims = gguf_layout(config, config_file)  # ConfigRefusal if unsupported; dims: {"hidden": 64, ...}
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys
 
-from edgedistill.errors import EdgedistillError
+from edgedistill.export.refusal import ConfigRefusal
 
 Dims = dict[str, Any]
 
@@ -100,14 +101,16 @@ class ArchSpec:
 
 def _require(config: dict, key: str, config_file: Path) -> Any:
     if key not in config:
-        raise EdgedistillError(f"{config_file}: missing `{key}`", "re-save the model with transformers")
+        raise ConfigRefusal(f"{config_file}: missing `{key}`", "re-save the model with transformers", keys=(key,))
     return config[key]
 
 
-def _refuse(config_file: Path, key: str, value: Any, why: str) -> EdgedistillError:
-    return EdgedistillError(
+def _refuse(config_file: Path, key: str, value: Any, why: str, also: tuple[str, ...] = ()) -> ConfigRefusal:
+    """The refusal of `key`'s value; `also`: the other config keys the rule reads."""
+    return ConfigRefusal(
         f"{config_file}: `{key}` = {value!r} is not supported by the GGUF exporter: {why}",
         "export a model without it, or teach edgedistill/export/gguf/arch.py how llama.cpp expresses it",
+        keys=(key, *also),
     )
 
 
@@ -129,12 +132,14 @@ def _decoder_dims(config: dict, config_file: Path) -> Dims:
     head_dim = config.get("head_dim") or hidden // n_head
     rope_scaling = config.get("rope_scaling")
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise EdgedistillError(
+        raise ConfigRefusal(
             f"{config_file}: rope_scaling {rope_scaling} is not supported by the GGUF exporter yet",
             "export a model without rope scaling, or add the scaling keys to export/gguf/arch.py",
+            keys=("rope_scaling",),
         )
     if head_dim % 2:
-        raise EdgedistillError(f"{config_file}: head_dim {head_dim} is odd; rotary needs it even")
+        raise ConfigRefusal(f"{config_file}: head_dim {head_dim} is odd; rotary needs it even",
+                            keys=("head_dim", "hidden_size", "num_attention_heads"))
     return {
         "vocab": _require(config, "vocab_size", config_file),
         "hidden": hidden,
@@ -177,7 +182,8 @@ def qwen_dims(config: dict, config_file: Path) -> Dims:
     # without layer_types, HF makes the layers from max_window_layers on slide
     sliding = config.get("use_sliding_window") and config.get("sliding_window")
     if sliding and set(config.get("layer_types") or ["sliding_attention"]) != {"full_attention"}:
-        raise _refuse(config_file, "use_sliding_window", True, "llama.cpp's Qwen graphs attend to every position")
+        raise _refuse(config_file, "use_sliding_window", True, "llama.cpp's Qwen graphs attend to every position",
+                      ("sliding_window", "layer_types"))
     return _decoder_dims(config, config_file)
 
 
@@ -185,7 +191,8 @@ def qwen2_dims(config: dict, config_file: Path) -> Dims:
     dims = qwen_dims(config, config_file)
     if dims["q_dim"] != dims["hidden"]:
         raise _refuse(config_file, "head_dim", dims["head_dim"],
-                      "llama.cpp's qwen2 needs num_attention_heads * head_dim == hidden_size")
+                      "llama.cpp's qwen2 needs num_attention_heads * head_dim == hidden_size",
+                      ("num_attention_heads", "hidden_size"))
     return dims
 
 
@@ -212,13 +219,15 @@ def gemma3_dims(config: dict, config_file: Path) -> Dims:
     scale_dim = dims["hidden"] // dims["n_head"] if dims["n_layer"] == 62 else dims["head_dim"]
     if float(config["query_pre_attn_scalar"]) != scale_dim:
         raise _refuse(config_file, "query_pre_attn_scalar", config["query_pre_attn_scalar"],
-                      f"llama.cpp's gemma3 scales queries by 1/sqrt({scale_dim}) for this shape")
+                      f"llama.cpp's gemma3 scales queries by 1/sqrt({scale_dim}) for this shape",
+                      ("head_dim", "num_hidden_layers", "hidden_size", "num_attention_heads"))
     pattern = config["sliding_window_pattern"]
     layer_types = config.get("layer_types") or [
         "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["n_layer"])
     ]
     if len(layer_types) != dims["n_layer"] or not set(layer_types) <= {"sliding_attention", "full_attention"}:
-        raise _refuse(config_file, "layer_types", layer_types, "expected one sliding/full entry per layer")
+        raise _refuse(config_file, "layer_types", layer_types, "expected one sliding/full entry per layer",
+                      ("num_hidden_layers",))
     swa_layers = [kind == "sliding_attention" for kind in layer_types]
     return {
         **dims,
@@ -336,16 +345,25 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 
 
 def spec_for(config: dict, config_file: Path) -> ArchSpec:
-    """The spec for config.json's architecture; EdgedistillError naming the supported ones."""
+    """The spec for config.json's architecture; ConfigRefusal (an EdgedistillError) naming the supported ones."""
     names = config.get("architectures") or []
     by_name = {spec.hf_architecture: spec for spec in ARCHITECTURES}
     for arch_name in names:
         if arch_name in by_name:
             return by_name[arch_name]
-    raise EdgedistillError(
+    raise ConfigRefusal(
         f"{config_file}: architecture {names or 'missing'} is not supported by the GGUF exporter",
         f"supported: {', '.join(sorted(by_name))}",
+        keys=("architectures",),
     )
+
+
+def gguf_layout(config: dict, config_file: Path) -> tuple[ArchSpec, Dims]:
+    """The spec and dims of a config.json, after every rule the GGUF exporter applies to the config:
+    the writer, the LoRA writer and the imatrix read a model through this, and edgedistill.export.check
+    runs it on the run's teacher and future student before the long stages."""
+    spec = spec_for(config, config_file)
+    return spec, spec.dims(config, config_file)
 
 
 def permute_rotary_rows(rows: np.ndarray, n_head: int) -> np.ndarray:

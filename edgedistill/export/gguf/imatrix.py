@@ -42,8 +42,7 @@ class Imatrix:
 def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
     """HF module name → GGUF weight name, for every matrix llama.cpp multiplies activations by."""
     config, config_file = _read_config(Path(hf_dir))
-    spec = arch.spec_for(config, config_file)
-    dims = spec.dims(config, config_file)
+    spec, dims = arch.gguf_layout(config, config_file)
     tied = bool(config.get("tie_word_embeddings", spec.tied_default))
     names = {}
     for rule in spec.tensors:

@@ -26,6 +26,7 @@ from gguf import Keys
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.writer import QUANTIZED_BY, _read_config, gguf_writer_into, open_safetensors
+from edgedistill.export.refusal import ConfigRefusal
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,6 +63,20 @@ def _rules_by_module(spec: arch.ArchSpec, dims: arch.Dims, tied: bool) -> dict[s
     return rules
 
 
+def check_lora_targets(target_modules: list[str], spec: arch.ArchSpec, dims: arch.Dims, tied: bool,
+                       where: Path | str) -> None:
+    """Refuse target module names (PEFT's: a module name or its last parts) that adapt no weight a
+    GGUF LoRA can carry; read from the adapter's config here, and from the recipe's lora section by
+    edgedistill.export.check before any training."""
+    modules = _rules_by_module(spec, dims, tied)
+    refused = [t for t in target_modules if not any(m == t or m.endswith("." + t) for m in modules)]
+    if refused:
+        adaptable = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise ConfigRefusal(f"{where}: target modules {refused} adapt no {spec.hf_architecture} weight a GGUF LoRA "
+                            "can carry (llama.cpp adapts 2-D weights other than the token embedding)",
+                            f"adapt only {', '.join(adaptable)}", keys=("target_modules",))
+
+
 def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_file: Path, *, overwrite: bool = False) -> Path:
     """Write the PEFT adapter in `adapter_dir`, trained on the HF model `base_hf_dir`, as a GGUF LoRA.
 
@@ -76,9 +91,11 @@ def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_file: Path, *, ove
         raise EdgedistillError(f"{out_file.parent} is not a folder", "create the output folder first")
     adapter_config, adapter_config_file = _read_adapter_config(adapter_dir)
     config, config_file = _read_config(base_hf_dir)
-    spec = arch.spec_for(config, config_file)
-    dims = spec.dims(config, config_file)
-    rules = _rules_by_module(spec, dims, bool(config.get("tie_word_embeddings", spec.tied_default)))
+    spec, dims = arch.gguf_layout(config, config_file)
+    tied = bool(config.get("tie_word_embeddings", spec.tied_default))
+    if isinstance(adapter_config.get("target_modules"), list):  # PEFT also takes one regex, checked per tensor below
+        check_lora_targets(adapter_config["target_modules"], spec, dims, tied, adapter_config_file)
+    rules = _rules_by_module(spec, dims, tied)
 
     with open_safetensors(adapter_dir / ADAPTER_FILE, framework="numpy") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}

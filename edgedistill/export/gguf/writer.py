@@ -303,8 +303,7 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
     if not out_file.parent.is_dir():
         raise EdgedistillError(f"{out_file.parent} is not a folder", "create the output folder first")
     config, config_file = _read_config(hf_dir)
-    spec = arch.spec_for(config, config_file)
-    dims = spec.dims(config, config_file)
+    spec, dims = arch.gguf_layout(config, config_file)
     vocab = read_tokenizer(hf_dir, vocab_size=dims["vocab"])
     tied = bool(config.get("tie_word_embeddings", spec.tied_default))
     provenance = Provenance(hub_repo_id(config, hf_dir), read_model_card(hf_dir))

@@ -26,15 +26,8 @@ from edgedistill import layout
 from edgedistill.data.calibration import CHUNK_TOKENS, calibration_texts, token_chunks
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.onnx.calibrate import activation_importance
-from edgedistill.export.onnx.options import (
-    BUILDER_PRECISIONS,
-    DATA_FILE,
-    MANIFEST,
-    MODEL_FILE,
-    OPTIMUM_PRECISIONS,
-    OnnxExportOptions,
-)
-from edgedistill.export.onnx.paths import choose_path, run_builder, run_optimum
+from edgedistill.export.onnx.options import DATA_FILE, MANIFEST, MODEL_FILE, OnnxExportOptions
+from edgedistill.export.onnx.paths import check_path_precision, choose_path, run_builder, run_optimum
 from edgedistill.export.onnx.quantize import quantize_onnx
 from edgedistill.export.source import hf_source
 from edgedistill.layout import CHAT_TEMPLATE, HF_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON
@@ -137,10 +130,7 @@ def _export(hf_dir: Path, out_dir: Path, options: OnnxExportOptions) -> dict:
     calibration = options.calibration
     chunks = (_calibration_chunks(hf_dir, calibration, options.calibration_tokens,
                                   config.get("max_position_embeddings")) if calibration is not None else None)
-    allowed = BUILDER_PRECISIONS if chosen == "builder" else OPTIMUM_PRECISIONS
-    if precision not in allowed:
-        raise EdgedistillError(f"the {chosen} path does not make {precision} exports (it makes {', '.join(allowed)})",
-                               "use path='builder' for fp16" if chosen == "optimum" else "choose another precision")
+    check_path_precision(chosen, precision)
 
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,9 @@ PyTorch model (text-generation-with-past: input_ids, attention_mask, position_id
 in, logits and the present KV out) and covers many more architectures, but its graph is a plain one.
 
 Both run in a child process: the builder prints a line per tensor and keeps the whole model in
-memory, and a crash or a hang in either must not take the caller with it.
+memory, and a crash or a hang in either must not take the caller with it. Which path takes a
+config.json, and which precisions it makes (choose_path, check_path_precision), are read from the
+config alone, so `edgedistill run` also asks them before any training (edgedistill.export.check).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import sys
 from pathlib import Path
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.export.onnx.options import BUILDER_ARCHITECTURES
+from edgedistill.export.onnx.options import BUILDER_ARCHITECTURES, BUILDER_PRECISIONS, OPTIMUM_PRECISIONS
+from edgedistill.export.refusal import ConfigRefusal
 
 OPTIMUM_TASK = "text-generation-with-past"
 
@@ -43,6 +46,7 @@ def _supported() -> str:
 
 def choose_path(config: dict, requested: str, where: Path) -> str:
     """"builder" or "optimum" for this config.json; `requested` "auto" prefers the builder."""
+    keys = ("architectures", "model_type")
     architecture = (config.get("architectures") or ["?"])[0]
     model_type = config.get("model_type", "?")
     in_builder = architecture in BUILDER_ARCHITECTURES
@@ -50,16 +54,26 @@ def choose_path(config: dict, requested: str, where: Path) -> str:
         return "builder"  # without importing optimum (seconds)
     in_optimum = model_type in optimum_model_types()
     if requested == "builder":
-        raise EdgedistillError(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {_supported()}",
-                               "use path='optimum' (--onnx-path optimum)" if in_optimum else
-                               "export to GGUF instead, or convert the model to a supported architecture")
+        raise ConfigRefusal(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {_supported()}",
+                            "use path='optimum' (--onnx-path optimum)" if in_optimum else
+                            "export to GGUF instead, or convert the model to a supported architecture", keys=keys)
     if in_optimum:
         return "optimum"
     if requested == "optimum":
-        raise EdgedistillError(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
-                               f"{_supported()}", "use path='builder'" if in_builder else "export to GGUF instead")
-    raise EdgedistillError(f"{where}: no ONNX export path supports {architecture} (model type {model_type!r}); "
-                           f"{_supported()}", "export to GGUF instead, or use a supported architecture")
+        raise ConfigRefusal(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
+                            f"{_supported()}", "use path='builder'" if in_builder else "export to GGUF instead",
+                            keys=keys)
+    raise ConfigRefusal(f"{where}: no ONNX export path supports {architecture} (model type {model_type!r}); "
+                        f"{_supported()}", "export to GGUF instead, or use a supported architecture", keys=keys)
+
+
+def check_path_precision(path: str, precision: str) -> None:
+    """Refuse a precision the chosen path ("builder" or "optimum") does not make."""
+    allowed = BUILDER_PRECISIONS if path == "builder" else OPTIMUM_PRECISIONS
+    if precision not in allowed:
+        raise ConfigRefusal(f"the {path} path does not make {precision} exports (it makes {', '.join(allowed)})",
+                            "use path='builder' for fp16" if path == "optimum" else "choose another precision",
+                            keys=("architectures", "model_type"))
 
 
 def _run(command: list[str], what: str, log_file: Path, timeout_s: float | None) -> None:
