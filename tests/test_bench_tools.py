@@ -133,12 +133,23 @@ def test_task_recipe_targets_count_block_parameters_and_the_q4_share(tmp_path):
     _blocks_folder(run / "teacher", 30)
     _blocks_folder(run / "distill", 10)
     scores = {"exact_match": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 100, "errors": 0, "first_error": None}}
+    (run / "generate").mkdir()
+    gold = ["She walked.", "He ran.", "They sang.", "We ate."]
+    (run / "generate" / "heldout.jsonl").write_text("".join(
+        json.dumps({"id": i, "messages": [{"role": "user", "content": f"past tense {i}"}], "reference": text}) + "\n"
+        for i, text in enumerate(gold)))
+    (run / "generate" / "task.json").write_text(json.dumps({"kind": "generation", "scorers": ["exact_match"]}))
+
+    def answers(texts):
+        return [{"id": i, "answer": text} for i, text in enumerate(texts)]
+
     artifact = {"artifact": "student-q4_k_m.gguf", "task_score": 0.46, "task_score_interval": [0.36, 0.56],
                 "scores": scores, "share_of_reference": 0.92, "share_of_reference_interval": [0.8, 1.04],
-                "within_noise_of_reference": True}
+                "within_noise_of_reference": True, "answers": answers(["She walked.", "He run.", "They sang.", "x"])}
     (run / "eval").mkdir()
     (run / "eval" / "eval.json").write_text(json.dumps({
-        "reference": {"artifact": "teacher", "examples": 100, "task_score": 0.5, "scores": scores},
+        "reference": {"artifact": "teacher/", "examples": 100, "task_score": 0.5, "scores": scores,
+                      "answers": answers(["She walked.", "He ran.", "They sang.", "x"])},
         "artifacts": [artifact | {"artifact": "teacher-q4_k_m.gguf", "share_of_reference": 0.5}, artifact]}))
     found = bench_task_recipes.summarize(run)
     blocks, q4 = found["targets"]["block_parameters"], found["targets"]["q4_k_m_share_of_teacher"]
@@ -147,3 +158,7 @@ def test_task_recipe_targets_count_block_parameters_and_the_q4_share(tmp_path):
     assert [row["model"] for row in found["rows"]] == ["teacher", "teacher-q4_k_m.gguf", "student-q4_k_m.gguf"]
     assert found["rows"][0]["share_of_teacher"] == 1.0 and "first_error" not in found["rows"][0]["scores"]["exact_match"]
     assert found["teacher_agreement_with_gold"] == scores
+    # the answers rescored: the student gets 2 of the teacher's 3 right, on the same examples
+    share = found["rows"][2]["scorer_share_of_teacher"]["exact_match"]
+    assert (share["share"], share["n"]) == (round(2 / 3, 4), 4) and share["low"] <= share["share"] <= share["high"]
+    assert q4["scorers_below_target"] == {"exact_match": share}

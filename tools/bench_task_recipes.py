@@ -9,7 +9,8 @@ the run's eval.json and the teacher's and student's safetensors headers. The JSO
 recipe, one row per model (the teacher, which is the eval's reference, the distilled student in
 PyTorch, and every GGUF and ONNX artifact): each scorer's mean with its 95% bootstrap interval,
 the task score's share of the teacher's with its paired interval and whether the two differ by less
-than the noise; the teacher's agreement with gold where references are teacher-built; the block
+than the noise, and each scorer's share of the teacher's with its paired interval (the answers in
+eval.json rescored with the run's scorers); the teacher's agreement with gold where references are teacher-built; the block
 parameter counts; and the two targets, each with the figures it was judged on. The share target is
 met by the point estimate; "target_met_at_interval_low" says whether the interval's low end clears
 it too, which on 100 held-out examples it seldom can. Exit status 1 when a target is missed.
@@ -24,6 +25,11 @@ import sys
 from pathlib import Path
 
 from safetensors import safe_open
+
+from edgedistill.evaluate.intervals import bootstrap_ratio
+from edgedistill.evaluate.scorer_base import ScoreInput
+from edgedistill.evaluate.scorers import score_all
+from edgedistill.evaluate.task import final_answer, load_heldout, read_task, task_scorers
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [ROOT / "recipes" / "past-tense.yaml", ROOT / "recipes" / "contacts.yaml"]
@@ -47,6 +53,38 @@ def block_parameters(folder: Path) -> int:
     return total
 
 
+def per_example_scores(run: Path, rows: list[dict]) -> dict[str, dict[str, list]]:
+    """Each row's answers rescored with the run's own scorers, per example (eval.json keeps the
+    answers and each scorer's mean, not the per-example values a paired share needs)."""
+    data = run / "generate" / "heldout.jsonl"
+    heldout = {record["id"]: record for record in load_heldout(data)}
+    task, scorers = read_task(data), task_scorers(data, list(heldout.values()))
+    found = {}
+    for row in rows:
+        items = [ScoreInput(final_answer(a["answer"], task), heldout[a["id"]].get("reference"), heldout[a["id"]])
+                 for a in row.get("answers", [])]
+        found[row["artifact"]] = {"ids": [a["id"] for a in row.get("answers", [])],
+                                  **{name: result.values for name, result in score_all(scorers, items).items()}}
+    return found
+
+
+def scorer_shares(values: dict[str, list], teacher: dict[str, list]) -> dict[str, dict]:
+    """Per scorer, an artifact's mean as a share of the teacher's on the examples both were scored
+    on, with its paired 95% bootstrap interval."""
+    shares = {}
+    position = {example: i for i, example in enumerate(teacher["ids"])}
+    for name, column in values.items():
+        if name == "ids" or name not in teacher:
+            continue
+        pairs = [(value, teacher[name][position[example]]) for example, value in zip(values["ids"], column)
+                 if example in position and value is not None and teacher[name][position[example]] is not None]
+        share = bootstrap_ratio([a for a, _ in pairs], [b for _, b in pairs])
+        shares[name] = {"share": None if share.mean is None else round(share.mean, 4),
+                        "low": None if share.low is None else round(share.low, 4),
+                        "high": None if share.high is None else round(share.high, 4), "n": share.n}
+    return shares
+
+
 def model_row(name: str, row: dict) -> dict:
     return {
         "model": name,
@@ -65,6 +103,9 @@ def summarize(run: Path) -> dict:
     report = json.loads((run / "eval" / "eval.json").read_text())
     reference = report["reference"]
     rows = [model_row("teacher", reference)] + [model_row(r["artifact"], r) for r in report["artifacts"]]
+    values = per_example_scores(run, [reference, *report["artifacts"]])
+    for row, source in zip(rows, [reference, *report["artifacts"]]):
+        row["scorer_share_of_teacher"] = scorer_shares(values[source["artifact"]], values[reference["artifact"]])
     student_folder = run / ("merge" if (run / "merge").is_dir() else "distill")
     teacher_blocks, student_blocks = block_parameters(run / "teacher"), block_parameters(student_folder)
     quantized = [r for r in rows if QUANT in r["model"].lower() and "teacher" not in r["model"].lower()]
@@ -88,6 +129,9 @@ def summarize(run: Path) -> dict:
                 "artifact": q4["model"], "share": share, "interval": interval, "at_least": SCORE_SHARE_TARGET,
                 "target_met": share is not None and share >= SCORE_SHARE_TARGET,
                 "target_met_at_interval_low": bool(interval) and interval[0] >= SCORE_SHARE_TARGET,
+                # the task score is the first scorer's; the others can tell a different story
+                "scorers_below_target": {name: found for name, found in q4["scorer_share_of_teacher"].items()
+                                         if found["share"] is not None and found["share"] < SCORE_SHARE_TARGET},
             },
         },
     }
@@ -122,6 +166,8 @@ def main() -> int:
         print(f"{name}: student blocks {blocks['share']:.1%} of the teacher's; {q4['artifact']} keeps "
               f"{q4['share'] if q4['share'] is None else format(q4['share'], '.1%')} of the teacher's score "
               f"(95% interval {q4['interval']})")
+        for scorer, share in q4["scorers_below_target"].items():
+            print(f"  {scorer}: {share['share']:.1%} [{share['low']:.1%}, {share['high']:.1%}] of the teacher's")
     if missed:
         print("missed: " + "; ".join(missed), file=sys.stderr)
     return 1 if missed else 0
