@@ -22,22 +22,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.sources.gguf_header import DAMAGED_HINT, check_gguf_header
 
-# llama.cpp's `tokenizer.ggml.pre` names -> the HF pre-tokenizer that splits text the same way.
-# smollm: llama.cpp splits every digit on its own (`\p{N}`), then applies the GPT-2 regex.
-PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
-    "smollm": lambda: pre_tokenizers.Sequence(
+# The split regexes llama.cpp runs for Qwen2 and Llama 3 (llama-vocab.cpp). Their tokenizer.json
+# files say `(?i:'s|'t|...)`; llama.cpp spells the contractions out in ASCII, so in "it'ſt" (a long
+# s, which case-folds to "s") it finds no contraction where the tokenizer.json regex splits "'ſ" off.
+QWEN2_SPLIT_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPLIT_REGEX = QWEN2_SPLIT_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+
+
+def _split_then_byte_level(regex: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
+    )
+
+
+def _gpt2_byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+@dataclass(frozen=True)
+class BytePreTokenizer:
+    """How llama.cpp runs byte-level BPE under one `tokenizer.ggml.pre` name (llama-vocab.cpp)."""
+
+    pre_tokenizer: Callable[[], pre_tokenizers.PreTokenizer]  # the HF pre-tokenizer splitting the same way
+    ignore_merges: bool = False  # a whole word that is a token is taken as is, before any merge
+    add_bos: bool = False  # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+    clean_spaces: bool = False  # decoding drops the space before punctuation (" ." -> ".")
+
+
+# llama.cpp's `tokenizer.ggml.pre` names -> how to split text the same way.
+# smollm: llama.cpp splits every digit on its own (`\p{N}`), then applies the GPT-2 regex.
+PRE_TOKENIZERS: dict[str, BytePreTokenizer] = {
+    "smollm": BytePreTokenizer(
+        lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), _gpt2_byte_level()]
+        )
     ),
-    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "gpt2": BytePreTokenizer(_gpt2_byte_level),
+    "gpt-2": BytePreTokenizer(_gpt2_byte_level),
+    "qwen2": BytePreTokenizer(lambda: _split_then_byte_level(QWEN2_SPLIT_REGEX)),  # Qwen2, Qwen2.5, Qwen3
+    "llama-bpe": BytePreTokenizer(  # Llama 3: digits in groups of up to three
+        lambda: _split_then_byte_level(LLAMA3_SPLIT_REGEX), ignore_merges=True, add_bos=True, clean_spaces=True
+    ),
 }
 
 
@@ -136,9 +172,11 @@ def read_tokenizer_metadata(path: Path) -> GgufTokenizerMetadata:
             hint="use a GGUF converted with its tokenizer, or an HF folder",
         )
     architecture = _field(reader, path, "general.architecture", "string", "")
+    pre = _field(reader, path, "tokenizer.ggml.pre", "string")
+    known_pre = PRE_TOKENIZERS.get(pre)
     return GgufTokenizerMetadata(
         model=model,
-        pre=_field(reader, path, "tokenizer.ggml.pre", "string"),
+        pre=pre,
         tokens=_field(reader, path, "tokenizer.ggml.tokens", "array of string", []),
         token_types=_field(reader, path, "tokenizer.ggml.token_type", "array of integer", []),
         merges=_field(reader, path, "tokenizer.ggml.merges", "array of string", []),
@@ -146,8 +184,15 @@ def read_tokenizer_metadata(path: Path) -> GgufTokenizerMetadata:
         eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", "integer"),
         pad_token_id=_field(reader, path, "tokenizer.ggml.padding_token_id", "integer"),
         unk_token_id=_field(reader, path, "tokenizer.ggml.unknown_token_id", "integer"),
-        # llama.cpp's defaults when the keys are absent: bos on for SentencePiece, eos off.
-        add_bos=_field(reader, path, "tokenizer.ggml.add_bos_token", "bool", model == "llama"),
+        # llama.cpp's defaults when the keys are absent: bos on for SentencePiece and for some
+        # pre-tokenizers (llama-bpe), eos off.
+        add_bos=_field(
+            reader,
+            path,
+            "tokenizer.ggml.add_bos_token",
+            "bool",
+            model == "llama" or (model == "gpt2" and known_pre is not None and known_pre.add_bos),
+        ),
         add_eos=_field(reader, path, "tokenizer.ggml.add_eos_token", "bool", False),
         chat_template=_field(reader, path, "tokenizer.chat_template", "string"),
         context_length=_field(reader, path, f"{architecture}.context_length", "integer"),
@@ -196,9 +241,14 @@ def _byte_level_bpe(meta: GgufTokenizerMetadata, path: Path) -> Tokenizer:
     if len(vocab) != len(meta.tokens):
         raise EdgedistillError(f"{path}: tokenizer.ggml.tokens holds duplicate tokens")
     merges = [tuple(merge.split(" ", 1)) for merge in meta.merges]
+    known_pre = PRE_TOKENIZERS[meta.pre]
     # Byte-level BPE covers every byte with its 256 base symbols: no unk token, no byte fallback.
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
-    tokenizer.pre_tokenizer = PRE_TOKENIZERS[meta.pre]()
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=known_pre.ignore_merges
+        )
+    )
+    tokenizer.pre_tokenizer = known_pre.pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
 
     # CONTROL tokens are llama.cpp's specials (parsed in text only when asked, skipped when decoding
@@ -241,8 +291,9 @@ def tokenizer_from_gguf(path: Path):
         pad_token=_token(meta, meta.pad_token_id, "padding_token_id", path),
         unk_token=_token(meta, meta.unk_token_id, "unknown_token_id", path),
         chat_template=meta.chat_template,
-        # Byte-level decoding is exact; the "cleanup" would turn " ." into "." and break round trips.
-        clean_up_tokenization_spaces=False,
+        # Byte-level decoding is exact; the "cleanup" turns " ." into "." and breaks round trips,
+        # so it is on only where llama.cpp does it too.
+        clean_up_tokenization_spaces=PRE_TOKENIZERS[meta.pre].clean_spaces,
         # Ignored by PreTrainedTokenizerFast (the post-processor decides), but saved into
         # tokenizer_config.json, where gguf's SpecialVocab and other exporters read them.
         add_bos_token=meta.add_bos,
