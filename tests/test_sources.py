@@ -155,14 +155,6 @@ def test_tiny_gguf_tokenizer_adds_bos_when_the_gguf_says_so(tmp_path):
 
 
 @pytest.mark.unit
-def test_unknown_pre_tokenizer_lists_known_ones(tmp_path):
-    path = _write_tiny_gguf(tmp_path / "tiny.gguf", pre="qwen2", add_bos=False)
-    with pytest.raises(EdgedistillError, match="qwen2") as error:
-        tokenizer_from_gguf(path)
-    assert "smollm" in error.value.hint and "gpt2" in error.value.hint
-
-
-@pytest.mark.unit
 def test_vocab_only_gguf_has_no_weights_to_materialize(tmp_path):
     source = resolve_source(str(_write_tiny_gguf(tmp_path / "tiny.gguf", pre="gpt2", add_bos=False)))
     assert source == ModelSource("gguf", tmp_path / "tiny.gguf", "tiny")
