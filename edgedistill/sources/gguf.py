@@ -4,8 +4,10 @@
 
 transformers dequantizes GGUF weights well, but the tokenizer it converts from a byte-level BPE GGUF
 is misconfigured (a `LlamaTokenizer` adding bos, eos `<|im_start|>`, a SentencePiece/ByteLevel decoder
-mix) and breaks other runtimes. The GGUF's own `tokenizer.*` metadata is what llama.cpp runs, so
-that is the truth we rebuild the tokenizer from, with the `tokenizers` library directly.
+mix) and breaks other runtimes, and from a SentencePiece GGUF (Gemma 3) it splits words llama.cpp
+keeps whole and writes a 253 MB tokenizer.model. The GGUF's own `tokenizer.*` metadata is what
+llama.cpp runs, so that is the truth we rebuild the tokenizer from, with the `tokenizers` library
+directly: byte-level BPE here, SentencePiece in edgedistill.sources.gguf_sentencepiece.
 
 Every GGUF the package reads is opened by `read_gguf` (or `open_gguf`, its cached form), which first
 walks the header against the file's size (edgedistill.sources.gguf_header): gguf-py's reader trusts
@@ -26,6 +28,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.sources.gguf_header import DAMAGED_HINT, check_gguf_header
+from edgedistill.sources.gguf_sentencepiece import sentencepiece_bpe
 
 # The split regexes llama.cpp runs for Qwen2 and Llama 3 (llama-vocab.cpp). Their tokenizer.json
 # files say `(?i:'s|'t|...)`; llama.cpp spells the contractions out in ASCII, so in "it'ſt" (a long
@@ -77,6 +80,18 @@ PRE_TOKENIZERS: dict[str, BytePreTokenizer] = {
 }
 
 
+# Token texts llama.cpp's vocabulary loader (llama-cpp-python 0.3.36) turns into control tokens
+# whatever their GGUF type: it finds end-of-generation tokens by name (llama-vocab.cpp). So they are
+# matched in text only as specials, and left out when decoding without specials.
+EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+})
+
+TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
+
+
 @dataclass(frozen=True)
 class GgufTokenizerMetadata:
     """The `tokenizer.*` keys of a GGUF file, as plain Python values."""
@@ -86,6 +101,8 @@ class GgufTokenizerMetadata:
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
+    scores: list[float]  # SentencePiece: the merge priority of each token (higher merges first)
+    add_space_prefix: bool  # SentencePiece: "▁" before the text and after each special token
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
@@ -174,24 +191,31 @@ def read_tokenizer_metadata(path: Path) -> GgufTokenizerMetadata:
     architecture = _field(reader, path, "general.architecture", "string", "")
     pre = _field(reader, path, "tokenizer.ggml.pre", "string")
     known_pre = PRE_TOKENIZERS.get(pre)
+    sentencepiece = model == "llama"
+    scores_field = reader.get_field("tokenizer.ggml.scores")
+    # llama.cpp takes float or integer scores, and byte-level BPE does not use them
+    integer_scores = scores_field is not None and _value_kind(scores_field.types) == "array of integer"
     return GgufTokenizerMetadata(
         model=model,
         pre=pre,
         tokens=_field(reader, path, "tokenizer.ggml.tokens", "array of string", []),
         token_types=_field(reader, path, "tokenizer.ggml.token_type", "array of integer", []),
         merges=_field(reader, path, "tokenizer.ggml.merges", "array of string", []),
-        bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", "integer"),
-        eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", "integer"),
+        scores=_field(reader, path, "tokenizer.ggml.scores", f"array of {'integer' if integer_scores else 'float'}", [])
+        if sentencepiece else [],
+        add_space_prefix=_field(reader, path, "tokenizer.ggml.add_space_prefix", "bool", True),
+        bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", "integer", 1 if sentencepiece else None),
+        eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", "integer", 2 if sentencepiece else None),
         pad_token_id=_field(reader, path, "tokenizer.ggml.padding_token_id", "integer"),
-        unk_token_id=_field(reader, path, "tokenizer.ggml.unknown_token_id", "integer"),
+        unk_token_id=_field(reader, path, "tokenizer.ggml.unknown_token_id", "integer", 0 if sentencepiece else None),
         # llama.cpp's defaults when the keys are absent: bos on for SentencePiece and for some
-        # pre-tokenizers (llama-bpe), eos off.
+        # pre-tokenizers (llama-bpe), eos off; SentencePiece's bos/eos/unk ids default to 1/2/0.
         add_bos=_field(
             reader,
             path,
             "tokenizer.ggml.add_bos_token",
             "bool",
-            model == "llama" or (model == "gpt2" and known_pre is not None and known_pre.add_bos),
+            sentencepiece or (model == "gpt2" and known_pre is not None and known_pre.add_bos),
         ),
         add_eos=_field(reader, path, "tokenizer.ggml.add_eos_token", "bool", False),
         chat_template=_field(reader, path, "tokenizer.chat_template", "string"),
@@ -229,37 +253,66 @@ def _bos_eos_post_processor(meta: GgufTokenizerMetadata, path: Path) -> processo
     )
 
 
+def _vocab(meta: GgufTokenizerMetadata, path: Path) -> dict[str, int]:
+    vocab = {token: token_id for token_id, token in enumerate(meta.tokens)}
+    if len(vocab) != len(meta.tokens):
+        raise EdgedistillError(f"{path}: tokenizer.ggml.tokens holds duplicate tokens", hint=DAMAGED_HINT)
+    return vocab
+
+
 def _byte_level_bpe(meta: GgufTokenizerMetadata, path: Path) -> Tokenizer:
-    """A `tokenizers.Tokenizer` equal to llama.cpp's byte-level BPE for this vocabulary."""
+    """A `tokenizers.Tokenizer` equal to llama.cpp's byte-level BPE for this vocabulary (specials aside)."""
     if meta.pre not in PRE_TOKENIZERS:
         raise EdgedistillError(
             f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={meta.pre!r}",
             hint=f"known ones: {', '.join(sorted(PRE_TOKENIZERS))}; add the matching split to "
             "PRE_TOKENIZERS in edgedistill/sources/gguf.py",
         )
-    vocab = {token: token_id for token_id, token in enumerate(meta.tokens)}
-    if len(vocab) != len(meta.tokens):
-        raise EdgedistillError(f"{path}: tokenizer.ggml.tokens holds duplicate tokens")
     merges = [tuple(merge.split(" ", 1)) for merge in meta.merges]
     known_pre = PRE_TOKENIZERS[meta.pre]
     # Byte-level BPE covers every byte with its 256 base symbols: no unk token, no byte fallback.
     tokenizer = Tokenizer(
         models.BPE(
-            vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=known_pre.ignore_merges
+            vocab=_vocab(meta, path), merges=merges, byte_fallback=False, fuse_unk=False,
+            ignore_merges=known_pre.ignore_merges,
         )
     )
     tokenizer.pre_tokenizer = known_pre.pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
 
-    # CONTROL tokens are llama.cpp's specials (parsed in text only when asked, skipped when decoding
-    # with skip_special_tokens); USER_DEFINED ones are always matched as whole tokens.
-    added = [
-        AddedToken(token, special=token_type == gguf.TokenType.CONTROL, normalized=False)
-        for token, token_type in zip(meta.tokens, meta.token_types)
-        if token_type in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
-    ]
+
+def _sentencepiece(meta: GgufTokenizerMetadata, path: Path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` equal to llama.cpp's SentencePiece tokenizer for this vocabulary (specials aside)."""
+    if len(meta.scores) < len(meta.tokens):
+        # without scores llama.cpp merges the leftmost pair first, which no ranked merge list does
+        raise EdgedistillError(
+            f"{path}: a SentencePiece vocabulary of {len(meta.tokens)} tokens with {len(meta.scores)} "
+            "tokenizer.ggml.scores",
+            hint="convert the model again with llama.cpp's convert_hf_to_gguf.py, which writes each token's score",
+        )
+    _vocab(meta, path)  # llama.cpp refuses duplicate tokens; a dict would silently keep the last
+    return sentencepiece_bpe(
+        meta.tokens, meta.scores, unk_token=_token(meta, meta.unk_token_id, "unknown_token_id", path),
+        add_space_prefix=meta.add_space_prefix,
+    )
+
+
+def _add_specials(tokenizer: Tokenizer, meta: GgufTokenizerMetadata, path: Path) -> Tokenizer:
+    """The tokens llama.cpp matches in raw text before tokenizing, and bos/eos where it adds them.
+
+    Specials (CONTROL and UNKNOWN tokens, and the end-of-generation ones llama.cpp makes control) are
+    matched in text only when asked (llama.cpp's parse_special, transformers' split_special_tokens
+    off) and skipped when decoding with skip_special_tokens; USER_DEFINED ones are always matched.
+    Both are matched in the raw text (normalized=False), as llama.cpp does.
+    """
+    special_types = (gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN)
+    added = []
+    for token, token_type in zip(meta.tokens, meta.token_types):
+        special = token_type in special_types or token in EOG_TEXTS
+        if special or token_type == gguf.TokenType.USER_DEFINED:
+            added.append(AddedToken(token, special=special, normalized=False))
     tokenizer.add_tokens(added)
-
     post_processor = _bos_eos_post_processor(meta, path)
     if post_processor is not None:
         tokenizer.post_processor = post_processor
@@ -272,28 +325,23 @@ def tokenizer_from_gguf(path: Path):
 
     path = Path(path)
     meta = read_tokenizer_metadata(path)
-    if meta.model == "llama":
-        from transformers import AutoTokenizer
-
-        # SentencePiece GGUFs: transformers' own conversion is the best we have until we rebuild
-        # those from metadata too; it has not been checked against llama.cpp here.
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    if meta.model != "gpt2":
+    if meta.model not in TOKENIZER_MODELS:
         raise EdgedistillError(
             f"{path}: tokenizer.ggml.model={meta.model!r} is not supported",
-            hint="supported: gpt2 (byte-level BPE) and llama (SentencePiece)",
+            hint="supported: " + ", ".join(f"{name} ({kind})" for name, kind in TOKENIZER_MODELS.items()),
         )
-
+    byte_level = meta.model == "gpt2"
+    tokenizer = _byte_level_bpe(meta, path) if byte_level else _sentencepiece(meta, path)
     return PreTrainedTokenizerFast(
-        tokenizer_object=_byte_level_bpe(meta, path),
+        tokenizer_object=_add_specials(tokenizer, meta, path),
         bos_token=_token(meta, meta.bos_token_id, "bos_token_id", path),
         eos_token=_token(meta, meta.eos_token_id, "eos_token_id", path),
         pad_token=_token(meta, meta.pad_token_id, "padding_token_id", path),
         unk_token=_token(meta, meta.unk_token_id, "unknown_token_id", path),
         chat_template=meta.chat_template,
-        # Byte-level decoding is exact; the "cleanup" turns " ." into "." and breaks round trips,
-        # so it is on only where llama.cpp does it too.
-        clean_up_tokenization_spaces=PRE_TOKENIZERS[meta.pre].clean_spaces,
+        # Decoding is exact; the "cleanup" turns " ." into "." and breaks round trips, so it is on
+        # only where llama.cpp does it too (never for SentencePiece).
+        clean_up_tokenization_spaces=byte_level and PRE_TOKENIZERS[meta.pre].clean_spaces,
         # Ignored by PreTrainedTokenizerFast (the post-processor decides), but saved into
         # tokenizer_config.json, where gguf's SpecialVocab and other exporters read them.
         add_bos_token=meta.add_bos,
