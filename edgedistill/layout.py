@@ -41,6 +41,8 @@ HELDOUT_JSONL = "heldout.jsonl"  # held-out prompts with their gold labels or re
 # default scorer, whose held-out records carry their label choices (so older runs keep their key)
 TASK_JSON = "task.json"
 ANSWERS_PARTIAL_JSONL = "answers.partial.jsonl"  # answers so far, while the stage is at work
+# an endpoint teacher's answer tokens with their top log-probs, the logits stage's input (one row per answer)
+TEACHER_TOKENS_JSONL = "teacher_tokens.jsonl"
 
 # logits/
 LOGITS_META = "meta.json"
@@ -95,6 +97,8 @@ def onnx_folder_name(role: str, precision: str) -> str:
 
 # HF model folders (teacher/, student/, distill/, merge/): the files transformers reads and writes
 HF_CONFIG = "config.json"
+# in a teacher folder: the teacher is served by generate.endpoint, the folder holds its tokenizer and config only
+ENDPOINT_TEACHER = "endpoint_teacher.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from edgedistill.distill.train import finish, train_and_save, training_processes, training_set
+from edgedistill.distill.train import finish, kl_positions_of, train_and_save, training_processes, training_set
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.pytorch import load_model
@@ -43,12 +43,12 @@ def _lora_model(recipe: Recipe, distill: Path):
 
 
 def train_lora(recipe: Recipe, out: Path, *, distill: Path, logits: Path, generate: Path) -> dict:
-    cfg = recipe.lora
+    cfg, note = kl_positions_of(recipe.lora, logits)
     trainable = sum(p.numel() for p in _lora_model(recipe, distill).parameters() if p.requires_grad)
     history, examples = train_and_save(_lora_model, (recipe, distill), cfg, out, logits=logits, student=distill,
                                        generate=generate, topk=recipe.distill.topk, seed=recipe.seed, name="lora")
     return {"epochs": history, "trainable_parameters": trainable, "processes": training_processes(cfg),
-            "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
+            "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs, **note}
 
 
 @torch.inference_mode()

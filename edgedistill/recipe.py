@@ -76,7 +76,9 @@ class RandomModelConfig(Section):
 
 
 class TeacherConfig(Section):
-    # A built-in name, an HF folder or a GGUF file; "random" builds `random` with `tokenizer`.
+    # A built-in name, an HF folder or a GGUF file; "random" builds `random` with `tokenizer`;
+    # "endpoint": the teacher is the model generate.endpoint serves, no weights here, and `tokenizer`
+    # (an HF folder, GGUF file or built-in name) is its tokenizer and config.
     source: str = "smollm2-135m-instruct"
     random: RandomModelConfig | None = None
     tokenizer: str | None = None
@@ -86,6 +88,9 @@ class TeacherConfig(Section):
     def _random_needs_tokenizer(self) -> TeacherConfig:
         if self.source == "random" and (self.random is None or self.tokenizer is None):
             raise ValueError("source 'random' needs both 'random' (a model config) and 'tokenizer' (a source)")
+        if self.source == "endpoint" and self.tokenizer is None:
+            raise ValueError("source 'endpoint' needs 'tokenizer': an HF folder, GGUF file or built-in name with the "
+                             "served model's tokenizer and config (its weights are not read)")
         if self.source != "random" and self.random is not None:
             raise ValueError("'random' is only used with source: random")
         return self
@@ -377,6 +382,17 @@ class BenchConfig(Section):
     target: str | None = None
 
 
+class ComputeConfig(Section):
+    """Where and in what precision the teacher runs: generate, logits, the eval reference (and
+    tools computing importance or an imatrix on it). auto device: cuda when torch sees a GPU, else
+    cpu. auto dtype: bfloat16 on CUDA; on the CPU the dtype the teacher folder stores (config.json),
+    so a float32 teacher runs as it always did and a bfloat16 one is never widened into a copy twice
+    its size (edgedistill.runtimes.compute)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class EvalConfig(Section):
     max_new_tokens: Annotated[int, Field(gt=0)] = 16
     # Held-out records (the first ones) whose teacher answers every artifact scores: perplexity, KL,
@@ -386,6 +402,9 @@ class EvalConfig(Section):
 
 
 class Recipe(Section):
+    # compute: at its default is left out of dumps and stage keys, so runs made before it stay cached
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"compute": ComputeConfig()}
+
     name: str
     seed: int = 0
     teacher: TeacherConfig = TeacherConfig()
@@ -399,6 +418,7 @@ class Recipe(Section):
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
     eval: EvalConfig = EvalConfig()
+    compute: ComputeConfig = ComputeConfig()
     # Where the recipe came from; relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
     # Whether the person running it allows the recipe's own code (a custom scorer): a command-line
@@ -420,6 +440,25 @@ class Recipe(Section):
             raise ValueError("progressive distillation prunes each model from the one before it: "
                              "it needs student.method 'prune' (keep_layers counts the last step's blocks)")
         return self
+
+    @model_validator(mode="after")
+    def _endpoint_teacher_has_no_weights(self) -> Recipe:
+        if self.teacher.source != "endpoint":
+            return self
+        if self.generate.endpoint is None:
+            raise ValueError("teacher.source 'endpoint' needs generate.endpoint (the server that runs the teacher)")
+        if self.student.method == "prune":
+            raise ValueError("teacher.source 'endpoint': the student cannot be pruned from weights that are not "
+                             "here; use student.method 'config' (a fresh model of the teacher's family) or 'given'")
+        if self.distill.soft_labels is not None:
+            raise ValueError("teacher.source 'endpoint': the soft labels come from the endpoint; remove "
+                             "distill.soft_labels")
+        return self
+
+    @property
+    def endpoint_teacher(self) -> bool:
+        """Whether the teacher exists only behind generate.endpoint (no weights on this machine)."""
+        return self.teacher.source == "endpoint"
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
@@ -485,6 +524,8 @@ def section_dump(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
         value: Any = recipe
         for part in name.split("."):
             value = None if value is None else getattr(value, part)
+        if name in recipe.ADDED_DEFAULTS and value == recipe.ADDED_DEFAULTS[name]:
+            continue  # a section added after runs were made, at its default: the key it had before
         dumped[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else (
             str(value) if isinstance(value, Path) else value)
     return dumped

@@ -26,7 +26,10 @@ from edgedistill.pipeline import Check, Stage, clear_folder
 from edgedistill.preflight import preflight_stage
 from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
+from edgedistill.runtimes.compute import require_device
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
+from edgedistill.sources.endpoint import tokenizer_path as endpoint_tokenizer_path
+from edgedistill.sources.endpoint import write_endpoint_teacher
 from edgedistill.sources.random_model import build_random_model
 
 
@@ -37,6 +40,8 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
     if cfg.source == "random":
         build_random_model(cfg.random, tokenizer_source(recipe.source(cfg.tokenizer)), out, seed=recipe.seed)
         return {"source": "random", "tokenizer": cfg.tokenizer}
+    if cfg.source == "endpoint":
+        return write_endpoint_teacher(recipe.source(cfg.tokenizer), out)
     source = resolve_source(recipe.source(cfg.source))
     materialize(source, out, trust_remote_code=cfg.trust_remote_code)
     return {"source": source.kind, "name": source.name}
@@ -45,6 +50,8 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
 def teacher_files(recipe: Recipe) -> dict[str, Path]:
     """The files the teacher is made from, so a changed model file invalidates the cache."""
     cfg = recipe.teacher
+    if cfg.source == "endpoint":
+        return {"source": endpoint_tokenizer_path(recipe.source(cfg.tokenizer))}
     return {"source": resolve_source(recipe.source(cfg.tokenizer if cfg.source == "random" else cfg.source)).path}
 
 
@@ -67,8 +74,10 @@ LOADS_TEACHER = ("teacher.trust_remote_code",)
 # distillation cannot train.
 STUDENT_SECTIONS = ("seed", "student")
 STUDENT_UNKEYED = (*LOADS_TEACHER, "distill.kl_weight")
+# compute: where and in what dtype the teacher runs, which changes its answers and log-probs (in the
+# key of every stage that runs it; left out at its default, so older runs stay cached)
 LOGITS_SECTIONS = ("distill.topk", "distill.max_seq_len", "distill.shard_examples", "distill.soft_labels",
-                   "generate.batch_size")
+                   "generate.batch_size", "compute")
 
 
 def _step_recipe(recipe: Recipe, index: int) -> Recipe:
@@ -123,7 +132,9 @@ def _progressive_stages(recipe: Recipe) -> tuple[list[Stage], str, str]:
 
 def stages_for(recipe: Recipe) -> list[Stage]:
     """The stages a recipe runs, in order: `preflight` with a bench.target, `step*` with a
-    `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx."""
+    `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx.
+    A compute: section that asks for a GPU this machine lacks is refused here, before any stage runs."""
+    require_device(recipe.compute)
     progressive, parent, labels = _progressive_stages(recipe)
 
     def build(recipe, out, **inputs):
@@ -158,7 +169,7 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         # after a stop resumes with the answers kept.
         Stage(GENERATE, generate, inputs=(TEACHER,), external=prompt_files, sections=(
             "seed", "task", "data", "generate.max_new_tokens", "generate.batch_size", "generate.samples",
-            "generate.temperature", "generate.reasoning", "generate.endpoint.model"),
+            "generate.temperature", "generate.reasoning", "generate.endpoint.model", "compute"),
             unkeyed_sections=("generate.endpoint", "generate.min_kept", *LOADS_TEACHER)),
         Stage(LOGITS, cache_teacher_logits, inputs=(TEACHER, GENERATE), external=soft_label_files,
               sections=LOGITS_SECTIONS, unkeyed_sections=LOADS_TEACHER, version=2),
@@ -177,8 +188,10 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         Stage(BENCH, bench_stage, inputs=(TEACHER_GGUF, EXPORT, *onnx), sections=("bench",),
               external=recipe_target_files),
         # the trained student (tuned[-1]: distill, or merge) is a row too, in PyTorch fp32
-        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF, EXPORT, *onnx), sections=("eval",),
-              unkeyed_sections=("allow_code",)),  # a permission to run a custom scorer, not a setting
+        # allow_code: a permission to run a custom scorer, not a setting; generate.endpoint: where an
+        # endpoint teacher answers (its URL, like generate's, is not part of the key)
+        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF, EXPORT, *onnx), sections=("eval", "compute"),
+              unkeyed_sections=("allow_code", "generate.endpoint")),
         # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
         Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,
                                             TEACHER_GGUF, BENCH, EVAL),

@@ -94,7 +94,7 @@ def request(i: int = 0) -> remote.Request:
 def ask(url: str, n: int = 1, **endpoint) -> tuple[list, list]:
     answers, skipped = [], []
     remote.answer_remote(EndpointConfig(url=url, concurrency=1, **endpoint), [request(i) for i in range(n)],
-                         max_new_tokens=8, temperature=0.0, on_answer=lambda r, a, f: answers.append((r.key, a)),
+                         max_new_tokens=8, temperature=0.0, on_answer=lambda r, c: answers.append((r.key, c.text)),
                          on_skip=lambda r, error: skipped.append(error))
     return answers, skipped
 

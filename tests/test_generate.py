@@ -255,7 +255,7 @@ def ask(url: str, n: int = 1, **endpoint):
     answers, skipped = [], []
     requests = [remote.Request((i, 0), [{"role": "user", "content": f"q{i}"}], seed=i) for i in range(n)]
     remote.answer_remote(EndpointConfig(url=url, concurrency=1, **endpoint), requests, max_new_tokens=8,
-                         temperature=0.0, on_answer=lambda r, a, f: answers.append((r.key, a, f)),
+                         temperature=0.0, on_answer=lambda r, c: answers.append((r.key, c.text, c.finished)),
                          on_skip=lambda r, why: skipped.append(r.key))
     return answers, skipped
 
@@ -314,9 +314,9 @@ def teacher_gguf(teacher, tmp_path_factory) -> str:
     return str(write_gguf(teacher, tmp_path_factory.mktemp("gguf") / "teacher-f16.gguf"))
 
 
-def start_llama_server(port: int, model: str) -> subprocess.Popen:
+def start_llama_server(port: int, model: str, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
-               "--host", "127.0.0.1", "--n_ctx", "1024"]
+               "--host", "127.0.0.1", "--n_ctx", "1024", *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:

@@ -50,14 +50,18 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from edgedistill.data.answers import follows_schema, schema_validator
+from edgedistill.data.endpoint_labels import ENDPOINT_TOPK, check_endpoint_tokenizer
 from edgedistill.data.prompts import (Example, heldout_record, load_examples, named_label, prompt_messages, split_examples,
                                       task_schema, write_jsonl, write_task)
 from edgedistill.data.remote import Request, answer_remote, describe_skips, without_end_tokens
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TASK_JSON, TRAIN_JSONL
+from edgedistill.layout import (ANSWERS_PARTIAL_JSONL, HELDOUT_JSONL, HF_CONFIG, TASK_JSON, TEACHER_TOKENS_JSONL,
+                                TRAIN_JSONL)
 from edgedistill.recipe import Recipe
 from edgedistill.runtimes.common import declared_stop_tokens
+from edgedistill.runtimes.compute import resolve_compute
 from edgedistill.runtimes.pytorch import TorchChatModel, load_tokenizer
+from edgedistill.sources.endpoint import is_endpoint_teacher
 
 PARTIAL_ANSWERS = ANSWERS_PARTIAL_JSONL
 
@@ -148,9 +152,10 @@ class SeededSampler(LogitsProcessor):
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        # drawn on the CPU, where the generators are, whatever device the teacher runs on
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
         picked = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        return torch.full_like(scores, float("-inf")).scatter(1, picked, 0.0)
+        return torch.full_like(scores, float("-inf")).scatter(1, picked.to(scores.device), 0.0)
 
 
 def _sample(chat: TorchChatModel, conversations: list[list[dict]], max_new_tokens: int,
@@ -276,13 +281,17 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     requests = [Request((ex.id, s), prompt_messages(recipe, ex), sample_seed(recipe.seed, ex.id, s))
                 for ex in train_fit for s in range(cfg.samples) if (ex.id, s) not in done]
     skipped_endpoint = []
+    # soft labels from an endpoint are ids of teacher.tokenizer's vocabulary: checked before asking
+    tokenizer_check = (check_endpoint_tokenizer(cfg.endpoint, teacher) if requests and is_endpoint_teacher(teacher)
+                       else None)
     if requests:
         lock = threading.Lock()
         total = len(train_fit) * cfg.samples
         with open(partial, "a", encoding="utf-8") as sink, \
                 tqdm(total=total, initial=total - len(requests), desc="generate", unit="answer") as bar:
-            def record(request: Request, answer: str, finished: bool) -> None:
-                row = {"id": request.key[0], "sample": request.key[1], "answer": answer, "finished": finished}
+            def record(request: Request, answer: str, finished: bool, tokens: list[dict] | None = None) -> None:
+                row = {"id": request.key[0], "sample": request.key[1], "answer": answer, "finished": finished,
+                       **({"tokens": tokens} if tokens is not None else {})}
                 # Remote answers arrive from worker threads; one line per answer, whole, flushed at once.
                 with lock:
                     done[request.key] = row
@@ -292,12 +301,17 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
 
             if cfg.endpoint is not None:
                 end_texts = [text for text in declared_stop_tokens(teacher).values() if text]
+                # an endpoint teacher's soft labels are its answer tokens' top log-probs
                 answer_remote(cfg.endpoint, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              on_answer=lambda request, answer, finished: record(
-                                  request, without_end_tokens(answer, end_texts), finished),
-                              on_skip=lambda request, error: skipped_endpoint.append(error))
+                              on_answer=lambda request, completion: record(
+                                  request, without_end_tokens(completion.text, end_texts), completion.finished,
+                                  completion.tokens),
+                              on_skip=lambda request, error: skipped_endpoint.append(error),
+                              top_logprobs=ENDPOINT_TOPK if is_endpoint_teacher(teacher) else 0)
             else:
-                chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
+                compute = resolve_compute(recipe.compute, teacher)
+                chat = TorchChatModel(teacher, trust_remote_code=recipe.teacher.trust_remote_code,
+                                      device=compute.device, dtype=compute.runtime_dtype)
                 _generate_local(recipe, chat, requests, record)
 
     rows, counts = build_rows(recipe, train, done)
@@ -327,12 +341,16 @@ def generate(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
     write_jsonl(out / TRAIN_JSONL, rows)
     write_jsonl(out / HELDOUT_JSONL, [heldout_record(recipe, ex) for ex in heldout_fit])
     write_task(out / TASK_JSON, recipe)
+    if is_endpoint_teacher(teacher):
+        write_jsonl(out / TEACHER_TOKENS_JSONL, [{"id": key[0], "sample": key[1], "tokens": done[key]["tokens"]}
+                                                 for key in sorted(done) if "tokens" in done[key]])
     partial.unlink()
     result = {"teacher": cfg.endpoint.url if cfg.endpoint else "local", "train_prompts": len(train),
               "samples_per_prompt": cfg.samples, "answers": answered, "kept_answers": kept,
               "train_examples": len(rows), "heldout_examples": len(heldout_fit),
               "skipped_too_long": skipped_too_long, "heldout_skipped_too_long": heldout_skipped_too_long,
-              "skipped_endpoint_failures": len(skipped_endpoint)}
+              "skipped_endpoint_failures": len(skipped_endpoint),
+              **({"endpoint_tokenizer": tokenizer_check} if tokenizer_check else {})}
     for key in ("dropped_empty", "dropped_repeated", "dropped_truncated", "dropped_failed_format", "dropped_duplicate",
                 "truncated_answers", "answers_naming_no_label"):
         result[key] = counts[key]

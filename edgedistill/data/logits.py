@@ -44,7 +44,8 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.layout import LOGITS_META, TOKENIZER_JSON, TRAIN_JSONL, logits_shard_name
 from edgedistill.pipeline import manifest_digest, read_manifest, sha256_json
 from edgedistill.recipe import Recipe
-from edgedistill.runtimes.pytorch import load_model, load_tokenizer
+from edgedistill.runtimes.compute import load_on, resolve_compute
+from edgedistill.runtimes.pytorch import load_tokenizer
 
 META = LOGITS_META
 CACHE_FORMAT = 2
@@ -104,6 +105,7 @@ def _shard_tensors(examples: list[tuple[list[int], int]], topk_ids: list, topk_l
 
 
 def _teacher_topk(model, examples: list[tuple[list[int], int]], k: int, pad: int, batch_size: int, bar):
+    """Each example's top-k next tokens and float32 log-probs, in batches on the model's device."""
     topk_ids, topk_logprobs = [None] * len(examples), [None] * len(examples)
     # Batches of similar lengths waste little on padding.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
@@ -116,19 +118,28 @@ def _teacher_topk(model, examples: list[tuple[list[int], int]], k: int, pad: int
             seq = examples[i][0]
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         for row, i in enumerate(index):
             # The logits at position t predict token t + 1; the last position predicts nothing.
-            values, indices = logprobs[row, :len(examples[i][0]) - 1].topk(k, dim=-1)
-            topk_ids[i], topk_logprobs[i] = indices.to(torch.int32), values
+            # float32 log-probs whatever the teacher's dtype, one example at a time: a float32 copy
+            # of the whole batch's logits (batch x length x vocabulary) would outweigh a small teacher.
+            logprobs = torch.log_softmax(logits[row, :len(examples[i][0]) - 1].float(), dim=-1)
+            values, indices = logprobs.topk(k, dim=-1)
+            topk_ids[i], topk_logprobs[i] = indices.to(torch.int32).cpu(), values.cpu()
         bar.update(len(index))
     return topk_ids, topk_logprobs
 
 
 @torch.inference_mode()
 def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: Path) -> dict:
+    from edgedistill.sources.endpoint import is_endpoint_teacher
+
     if recipe.distill.soft_labels is not None:
         return import_cache(recipe, out, teacher=teacher)
+    if is_endpoint_teacher(teacher):
+        from edgedistill.data.endpoint_labels import cache_endpoint_logits
+
+        return cache_endpoint_logits(recipe, out, teacher=teacher, generate=generate)
     tokenizer = load_tokenizer(teacher)
     k, max_len, per_shard = recipe.distill.topk, recipe.distill.max_seq_len, recipe.distill.shard_examples
     examples, skipped = tokenize_train_set(tokenizer, generate / TRAIN_JSONL, max_len)
@@ -136,8 +147,9 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
     starts = list(range(0, len(examples), per_shard)) or [0]
     # Shards a killed attempt finished are kept: the examples and the teacher are the same (same key).
     todo = [i for i in range(len(starts)) if not (out / logits_shard_name(i)).exists()]
+    compute = resolve_compute(recipe.compute, teacher)
     if todo:
-        model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
+        model = load_on(teacher, compute, trust_remote_code=recipe.teacher.trust_remote_code)
         bar = tqdm(total=sum(len(examples[starts[i]:starts[i] + per_shard]) for i in todo), desc="teacher logits",
                    unit="example")
         for index in todo:
@@ -156,7 +168,9 @@ def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: 
             "shards": [{"file": logits_shard_name(i), "examples": len(examples[s:s + per_shard])}
                        for i, s in enumerate(starts)]}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return {key: value for key, value in meta.items() if key != "shards"} | {"shards": len(starts)}
+    # compute in the manifest only: meta.json is an input of distill, whose key must not move with it
+    return {key: value for key, value in meta.items() if key != "shards"} | {"shards": len(starts),
+                                                                              "compute": compute.as_dict()}
 
 
 def import_cache(recipe: Recipe, out: Path, *, teacher: Path) -> dict:

@@ -173,8 +173,24 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
     return headers
 
 
-def parse_completion(body: bytes) -> tuple[str, bool]:
-    """(answer, finished) from a chat-completions response body; finished is False for finish_reason "length"."""
+@dataclass(frozen=True)
+class Completion:
+    """One chat completion: the answer, whether it ended by itself (False for finish_reason "length"),
+    and, when top_logprobs were asked for, its tokens as the server reports them (see parse_logprobs)."""
+
+    text: str
+    finished: bool
+    tokens: list[dict] | None = None
+
+
+NO_LOGPROBS = ("soft labels from an endpoint need the OpenAI API's logprobs/top_logprobs (vLLM has them; "
+               "llama-cpp-python's server needs --logits_all true); or use response distillation, which needs "
+               "only the answers: distill.kl_weight: 0")
+
+
+def parse_completion(body: bytes, *, top_logprobs: int = 0) -> Completion:
+    """The completion in a chat-completions response body; with `top_logprobs`, its tokens too
+    (a server that gives none raises EndpointRefused: no retry brings them)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -187,7 +203,38 @@ def parse_completion(body: bytes) -> tuple[str, bool]:
     if content is not None and not isinstance(content, str):
         raise BadResponse(f"choices[0].message.content is {type(content).__name__}, not text: {body[:200]!r}",
                           NOT_A_CHAT_ENDPOINT)
-    return (content or "").strip(), choice.get("finish_reason") != "length"
+    tokens = parse_logprobs(choice) if top_logprobs else None
+    return Completion((content or "").strip(), choice.get("finish_reason") != "length", tokens)
+
+
+def parse_logprobs(choice: dict) -> list[dict]:
+    """choices[0].logprobs.content as [{"token", "logprob", "bytes", "id", "top": [{"token", "logprob",
+    "bytes", "id"}]}]: "bytes" and "id" where the server gives them (llama.cpp's server gives ids,
+    OpenAI and vLLM bytes, llama-cpp-python's server only the text)."""
+    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not isinstance(content, list) or (content and not isinstance(content[0], dict)):
+        raise EndpointRefused(f"the response has no choices[0].logprobs.content (got {choice.get('logprobs')!r:.120})",
+                              NO_LOGPROBS)
+
+    def entry(item: dict) -> dict:
+        if not isinstance(item, dict) or not isinstance(item.get("logprob"), (int, float)):
+            raise BadResponse(f"a logprobs entry without a numeric logprob: {item!r:.120}", NOT_A_CHAT_ENDPOINT)
+        found = {"token": str(item.get("token", "")), "logprob": float(item["logprob"])}
+        if isinstance(item.get("bytes"), list):
+            found["bytes"] = item["bytes"]
+        if isinstance(item.get("id"), int):
+            found["id"] = item["id"]
+        return found
+
+    tokens = []
+    for item in content:
+        token = entry(item)
+        top = item.get("top_logprobs")
+        if not isinstance(top, list) or not top:
+            raise EndpointRefused(f"a token without top_logprobs: {item!r:.120}", NO_LOGPROBS)
+        token["top"] = [entry(alternative) for alternative in top]
+        tokens.append(token)
+    return tokens
 
 
 def without_end_tokens(answer: str, end_texts: list[str]) -> str:
@@ -208,9 +255,11 @@ def _timed_out(endpoint: EndpointConfig) -> EndpointDown:
 
 
 def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: int,
-                 temperature: float) -> tuple[str, bool]:
+                 temperature: float, top_logprobs: int = 0) -> Completion:
     payload = {"model": endpoint.model, "messages": request.messages, "max_tokens": max_new_tokens,
                "temperature": temperature, "seed": request.seed, "stream": False}
+    if top_logprobs:
+        payload.update(logprobs=True, top_logprobs=top_logprobs)
     post = urllib.request.Request(chat_url(endpoint), data=json.dumps(payload).encode(),
                                   headers=_headers(endpoint), method="POST")
     with _Deadline(endpoint.timeout_s) as deadline:
@@ -221,7 +270,12 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
             with opener.open(post, timeout=endpoint.timeout_s) as response:
                 body = response.read()
         except urllib.error.HTTPError as exc:
-            detail = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+            error_body = exc.read()
+            detail = f"HTTP {exc.code}: {error_body[:200]!r}"
+            if top_logprobs and exc.code < 600 and b"logprob" in error_body.lower():
+                # the server cannot give log-probs (llama-cpp-python without logits_all answers 500):
+                # no retry brings them
+                raise EndpointRefused(detail, NO_LOGPROBS) from None
             if exc.code in SKIP_STATUSES:
                 raise BadResponse(detail, REFUSED_REQUEST) from None
             if 300 <= exc.code < 400:
@@ -240,11 +294,11 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
             raise EndpointDown(f"{type(exc).__name__}: {reason}", SERVER_DOWN) from None
     if deadline.expired:  # a body without Content-Length reads as ended when its socket is shut
         raise _timed_out(endpoint)
-    return parse_completion(body)
+    return parse_completion(body, top_logprobs=top_logprobs)
 
 
 def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Event,
-                  **kwargs) -> tuple[str, bool] | BadResponse | None:
+                  **kwargs) -> Completion | BadResponse | None:
     """The answer; the last BadResponse when the example is skipped; None when stopped.
 
     Raises EndpointDown when the server stays down.
@@ -264,11 +318,12 @@ def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Ev
 
 
 def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_tokens: int, temperature: float,
-                  on_answer: Callable[[Request, str, bool], None],
-                  on_skip: Callable[[Request, BadResponse], None]) -> None:
-    """Answer `requests` with at most endpoint.concurrency in flight.
+                  on_answer: Callable[[Request, Completion], None],
+                  on_skip: Callable[[Request, BadResponse], None], top_logprobs: int = 0) -> None:
+    """Answer `requests` with at most endpoint.concurrency in flight, asking for each answer token's
+    `top_logprobs` alternatives when it is not 0.
 
-    `on_answer(request, answer, finished)` is called from worker threads (the caller locks);
+    `on_answer(request, completion)` is called from worker threads (the caller locks);
     `on_skip(request, error)` for examples whose responses stayed unusable after the retries: str(error)
     says what the server answered, error.hint the fix (`describe_skips` sums them up for a message).
     Raises EdgedistillError naming the URL and the last error when the endpoint stays down; the
@@ -279,12 +334,13 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
 
     def work(request: Request) -> None:
         try:
-            result = _with_retries(endpoint, request, stop, max_new_tokens=max_new_tokens, temperature=temperature)
+            result = _with_retries(endpoint, request, stop, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_logprobs=top_logprobs)
         except BaseException:
             stop.set()  # no new requests to a server that is down; in-flight ones still land
             raise
-        if isinstance(result, tuple):
-            on_answer(request, *result)
+        if isinstance(result, Completion):
+            on_answer(request, result)
         elif result is not None and not stop.is_set():
             on_skip(request, result)
 
@@ -311,3 +367,31 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
 def describe_skips(skips: list[BadResponse]) -> tuple[str, str]:
     """(what the endpoint answered, the fix) for examples skipped after the retries, for the stage's error."""
     return f"{len(skips)}, the last one answered {skips[-1]}", "; ".join(dict.fromkeys(error.hint for error in skips))
+
+
+def _post_json(url: str, payload: dict, endpoint: EndpointConfig) -> object | None:
+    post = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=_headers(endpoint), method="POST")
+    opener = urllib.request.build_opener(_NoRedirect())
+    try:
+        with opener.open(post, timeout=endpoint.timeout_s) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None  # urllib's HTTPError is an OSError: this server has no such route
+
+
+def endpoint_token_ids(endpoint: EndpointConfig, text: str) -> list[int] | None:
+    """`text`'s token ids as the server's own tokenizer gives them, from whichever tokenize route it
+    has (llama.cpp's server and vLLM: /tokenize; llama-cpp-python's: /extras/tokenize); None when it
+    has none. Special-token text counts as special tokens; a server may put its BOS in front."""
+    base = endpoint.url.rstrip("/")
+    for suffix in ("/chat/completions", "/v1"):
+        base = base[: -len(suffix)] if base.endswith(suffix) else base
+    attempts = [(f"{base}/tokenize", {"content": text, "add_special": False, "parse_special": True}),
+                (f"{base}/tokenize", {"model": endpoint.model, "prompt": text, "add_special_tokens": False}),
+                (f"{base}/extras/tokenize", {"input": text})]
+    for url, payload in attempts:
+        found = _post_json(url, payload, endpoint)
+        tokens = found.get("tokens") if isinstance(found, dict) else None
+        if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens):
+            return tokens
+    return None

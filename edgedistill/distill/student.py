@@ -29,6 +29,7 @@ from edgedistill.pipeline import clear_folder
 from edgedistill.recipe import Recipe, WidthConfig
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
+from edgedistill.sources.endpoint import is_endpoint_teacher
 
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, GENERATION_CONFIG)
 # Texts both tokenizers of a given student and its teacher must split identically.
@@ -273,8 +274,14 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | 
     against which the parameter ratio is given.
     """
     cfg = recipe.student
-    teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
-    teacher_params = count_parameters(teacher_model)
+    if is_endpoint_teacher(teacher):
+        # no weights here (the recipe cannot prune then): the served model's size from its config
+        from edgedistill.preflight import meta_model
+
+        teacher_model, teacher_params = None, count_parameters(meta_model(AutoConfig.from_pretrained(teacher)))
+    else:
+        teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
+        teacher_params = count_parameters(teacher_model)
     if cfg.method == "given":
         del teacher_model
         detail = _given_student(recipe, out, teacher)

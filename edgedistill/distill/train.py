@@ -269,9 +269,18 @@ def training_processes(cfg: TrainingConfig) -> int:
     return world if world > 1 else cfg.processes
 
 
+def kl_positions_of(cfg: TrainingConfig, logits: Path) -> tuple[TrainingConfig, dict]:
+    """`cfg` with the divergence on the answer positions when the cache has soft labels there alone
+    (an endpoint teacher's: edgedistill.data.endpoint_labels), and the note that says so."""
+    if cfg.kl_positions == "all" and read_meta(logits).get("soft_label_positions") == "answer":
+        return cfg.model_copy(update={"kl_positions": "answer"}), {
+            "kl_positions": "answer (the soft labels came from an endpoint, which gives none for the prompt)"}
+    return cfg, {}
+
+
 def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path, generate: Path) -> dict:
-    cfg = recipe.distill
+    cfg, note = kl_positions_of(recipe.distill, logits)
     history, examples = train_and_save(load_model, (student,), cfg, out, logits=logits, student=student,
                                        generate=generate, topk=cfg.topk, seed=recipe.seed, name="distill")
     return {"epochs": history, "train_examples": examples, "processes": training_processes(cfg),
-            "soft_labels": cfg.kl_weight > 0, "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs}
+            "soft_labels": cfg.kl_weight > 0, "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs, **note}

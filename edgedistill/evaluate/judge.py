@@ -141,9 +141,9 @@ def endpoint_chat(endpoint) -> Chat:
         replies: list[str | Exception] = [RuntimeError("no reply")] * len(conversations)
         requests = [Request((i, 0), messages, seed=0) for i, messages in enumerate(conversations)]
 
-        def on_answer(request, answer, finished):
-            replies[request.key[0]] = answer
-            on_reply(request.key[0], answer)
+        def on_answer(request, completion):
+            replies[request.key[0]] = completion.text
+            on_reply(request.key[0], completion.text)
 
         def on_skip(request, error):
             replies[request.key[0]] = RuntimeError(f"judge endpoint: {error}")

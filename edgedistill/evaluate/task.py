@@ -60,6 +60,7 @@ from edgedistill.recipe import EvalConfig, Recipe
 from edgedistill.records import (STUDENT_ROW, EvalReference, EvalReport, EvalRow, format_interval, format_score,
                                  score_basis)
 from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
+from edgedistill.sources.endpoint import is_endpoint_teacher
 
 SCORE_RECORDS = EvalConfig().score_records
 MAX_NEW_TOKENS = EvalConfig().max_new_tokens
@@ -228,14 +229,15 @@ def _fitting(numbered: list[tuple[int, dict]], skipped: dict[int, str], data: Pa
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
              score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
              allow_code: bool = False, names: dict[Path, str] | None = None,
-             judge_cache: Path | None = None) -> EvalReport:
+             judge_cache: Path | None = None, runtimes: dict[Path, Runtime] | None = None) -> EvalReport:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not), and
     its answers become the references of records that have none (edgedistill.evaluate.references).
     HF folders (the reference too) run in PyTorch on `device` in `dtype`. `names`: rows named
     otherwise than after their file or folder. A judge scorer without an endpoint asks the
     reference, which then stays open while the artifacts are scored; its verdicts are cached in
-    `judge_cache` so a killed eval asks again only what was not answered."""
+    `judge_cache` so a killed eval asks again only what was not answered. `runtimes`: paths that are
+    not opened but answered by the runtime given (an endpoint teacher's folder)."""
     if score_records < 0:
         raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
     _check_device(device)
@@ -254,12 +256,17 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     def name_of(path: Path) -> str:
         return names.get(path) or artifact_name(path)
 
+    runtimes = runtimes or {}
+
+    def open_one(path: Path) -> Runtime:
+        return runtimes[path] if path in runtimes else _open(path, device, dtype)
+
     order = ([reference] if reference is not None else []) + artifacts
     skipped: dict[int, str] = {}
     held = None
     for path in reversed(order):  # the last one checked is the first used: it stays open
         held = None  # one model in memory at a time
-        held = _open(path, device, dtype)
+        held = open_one(path)
         skipped = too_long(held, name_of(path), numbered, max_new_tokens) | skipped
     rows = _fitting(numbered, skipped, data)
     ref = records = ref_results = None
@@ -286,7 +293,7 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
         ref.agreement_with_gold = agreement_with_gold(ref_results, rows, scorers)
     results = []
     for artifact in artifacts:
-        model, held = held if held is not None else _open(artifact, device, dtype), None
+        model, held = held if held is not None else open_one(artifact), None
         if records is not None:
             check_vocabulary(model, name_of(artifact), records)  # before the work, not after it
         result, scored = task_score(artifact, rows, max_new_tokens=max_new_tokens, model=model, scorers=scorers,
@@ -411,9 +418,16 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
     student = merge if merge is not None else distill
     artifacts = [*gguf_artifacts(teacher_gguf), student, *gguf_artifacts(export),
                  *(onnx_artifacts(export_onnx) if export_onnx else [])]
+    runtimes, score_records = {}, recipe.eval.score_records
+    if is_endpoint_teacher(teacher):
+        from edgedistill.runtimes.endpoint import EndpointRuntime
+
+        # the reference is the endpoint's answers; a chat API cannot score ids, so no KL against it
+        runtimes, score_records = {teacher: EndpointRuntime(recipe.generate.endpoint, teacher)}, 0
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
-                      max_new_tokens=recipe.eval.max_new_tokens, score_records=recipe.eval.score_records,
-                      allow_code=recipe.allow_code, names={student: STUDENT_ROW}, judge_cache=out / layout.JUDGE_JSONL)
+                      max_new_tokens=recipe.eval.max_new_tokens, score_records=score_records,
+                      allow_code=recipe.allow_code, names={student: STUDENT_ROW}, judge_cache=out / layout.JUDGE_JSONL,
+                      runtimes=runtimes)
     (out / layout.EVAL_JSON).write_text(report.to_json())
     return {"reference_task_score": report.reference.task_score,
             "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}

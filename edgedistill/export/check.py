@@ -39,7 +39,7 @@ from edgedistill.preflight import student_config
 from edgedistill.recipe import Recipe
 
 # What the recipe reads: the Check's sections in edgedistill.stages.
-SECTIONS = ("teacher.trust_remote_code", "student", "progressive", "export.onnx", "lora")
+SECTIONS = ("teacher.trust_remote_code", "teacher.source", "student", "progressive", "export.onnx", "lora")
 
 # The config keys depth and width pruning change, and the student field that changes each.
 PRUNED_KEYS = {"num_hidden_layers": "keep_layers", "layer_types": "keep_layers",
@@ -79,8 +79,10 @@ class PlannedExport:
 
 
 def planned_exports(recipe: Recipe) -> list[PlannedExport]:
-    planned = [PlannedExport(layout.TEACHER_GGUF, "teacher", "GGUF", _gguf),
-               PlannedExport(layout.EXPORT, "student", "GGUF", _gguf)]
+    # an endpoint teacher has no weights here to export
+    planned = ([] if recipe.teacher.source == "endpoint" else [PlannedExport(layout.TEACHER_GGUF, "teacher", "GGUF",
+                                                                             _gguf)])
+    planned.append(PlannedExport(layout.EXPORT, "student", "GGUF", _gguf))
     planned += [PlannedExport(layout.EXPORT_ONNX, "student", f"ONNX {p}", _onnx(p), f"{p} from export.onnx")
                 for p in recipe.export.onnx]
     if recipe.lora is not None:

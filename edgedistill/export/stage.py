@@ -99,4 +99,9 @@ def export_lora_pair(base: Path, adapter: Path, merged: Path, out: Path, name: s
 
 
 def export_teacher(recipe: Recipe, out: Path, *, teacher: Path) -> dict:
+    from edgedistill.sources.endpoint import is_endpoint_teacher
+
+    if is_endpoint_teacher(teacher):
+        # bench and eval then have no teacher GGUF rows; eval's reference is the endpoint's answers
+        return {"skipped": "the teacher is served by generate.endpoint: no weights here to export"}
     return export_gguf_set(teacher, out, "teacher", recipe.export.teacher_quants, f"{recipe.name}-teacher")
