@@ -455,11 +455,6 @@ class Recipe(Section):
                              "distill.soft_labels")
         return self
 
-    @property
-    def endpoint_teacher(self) -> bool:
-        """Whether the teacher exists only behind generate.endpoint (no weights on this machine)."""
-        return self.teacher.source == "endpoint"
-
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
