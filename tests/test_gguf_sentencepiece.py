@@ -167,7 +167,7 @@ def teacher(request, tmp_path_factory):
 
 @pytest.mark.integration
 def test_plain_text_gives_llama_cpp_ids_and_round_trips(teacher):
-    name, vocab, _, folder, llm = teacher
+    _, vocab, _, folder, llm = teacher
     hf = AutoTokenizer.from_pretrained(folder)
     for text in PLAIN_TEXTS:
         ids = hf.encode(text, add_special_tokens=False)
