@@ -17,8 +17,8 @@ from edgedistill.export.check import check_exports, planned_exports
 from edgedistill.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+# a rope scaling the GGUF exporter refuses (it writes linear and llama3 ones)
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 # SmolLM2-135M-Instruct's shape, the default recipe's teacher
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0)
@@ -44,11 +44,11 @@ def config_folder(folder: Path, model_type: str = "llama", **overrides) -> Path:
 
 
 @pytest.mark.integration
-def test_a_llama3_rope_teacher_stops_the_run_before_generate(tmp_path):
+def test_a_yarn_rope_teacher_stops_the_run_before_generate(tmp_path):
     from edgedistill.pipeline import Pipeline
     from edgedistill.stages import stages_for
 
-    teacher = make_tiny_model(tmp_path / "llama3", rope_scaling=LLAMA3_ROPE)
+    teacher = make_tiny_model(tmp_path / "yarn", rope_scaling=YARN_ROPE)
     recipe = recipe_with(teacher={"source": str(teacher), "random": None, "tokenizer": None})
     run = tmp_path / "run"
     for attempt in ("running", "up to date"):  # the check also runs when the teacher stage is skipped
@@ -65,8 +65,8 @@ def test_a_llama3_rope_teacher_stops_the_run_before_generate(tmp_path):
 
 @pytest.mark.unit
 def test_only_the_exports_the_run_makes_are_checked(tmp_path):
-    llama3 = config_folder(tmp_path / "llama3", rope_scaling=LLAMA3_ROPE)
-    config = json.loads((llama3 / "config.json").read_text())
+    yarn = config_folder(tmp_path / "yarn", rope_scaling=YARN_ROPE)
+    config = json.loads((yarn / "config.json").read_text())
     recipe = recipe_with(export={"onnx": ["int4", "fp16"]})
     rules = {(e.role, e.format): e.rule for e in planned_exports(recipe)}
     assert list(rules) == [("teacher", "GGUF"), ("student", "GGUF"), ("student", "ONNX int4"), ("student", "ONNX fp16")]
@@ -75,8 +75,8 @@ def test_only_the_exports_the_run_makes_are_checked(tmp_path):
     rules["student", "ONNX int4"](config, "config.json")  # a GGUF-only rule does not hold back an ONNX export
     # a run that goes no further than export_onnx (--to) makes no GGUF file of the teacher
     stages = ("teacher", "generate", "logits", "student", "distill", "export_onnx")
-    assert check_exports(recipe, llama3, stages) == ["export_onnx: student ONNX int4", "export_onnx: student ONNX fp16"]
-    assert check_exports(recipe, llama3, ("teacher", "generate")) == []
+    assert check_exports(recipe, yarn, stages) == ["export_onnx: student ONNX int4", "export_onnx: student ONNX fp16"]
+    assert check_exports(recipe, yarn, ("teacher", "generate")) == []
     # without export.onnx there is no ONNX export to check
     assert [e.format for e in planned_exports(recipe_with(export={"onnx": []}))] == ["GGUF", "GGUF"]
 

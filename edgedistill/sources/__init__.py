@@ -5,9 +5,11 @@ materialize(resolve_source('smollm2-135m-instruct'), __import__('pathlib').Path(
 
 `resolve_source` checks a spec at once, so a typo fails before any slow work (an HF folder's
 config, weights and tokenizer together: edgedistill.sources.hf). `materialize` writes
-config.json, model.safetensors (float32), generation_config.json, tokenizer.json,
-tokenizer_config.json (with the chat template) and special_tokens_map.json; every later stage reads
-only such folders.
+config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json (with
+the chat template) and special_tokens_map.json; every later stage reads only such folders. The
+weights keep the source's dtype: an HF folder's (config.json's torch_dtype, else its weights'), a
+GGUF's F16 or BF16; quantized GGUF weights become float32, which holds them exactly. An HF folder
+is loaded from its memory-mapped safetensors and written back without a second copy in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.layout import HF_CONFIG
 from edgedistill.sources.builtin import BUILTIN_MODELS, builtin_gguf_path, builtin_names
 from edgedistill.sources.gguf import materialize_gguf, open_gguf, tokenizer_from_gguf
-from edgedistill.sources.hf import check_hf_folder
+from edgedistill.sources.hf import check_hf_folder, text_decoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -82,7 +84,7 @@ def _empty_output_folder(out: Path) -> Path:
 def materialize(
     source: ModelSource, out: Path, *, trust_remote_code: bool = False, progress: bool = True
 ) -> Path:
-    """Write `source` as an HF folder (float32 safetensors, fast tokenizer, chat template) into `out`."""
+    """Write `source` as an HF folder (safetensors in the source's dtype, fast tokenizer, chat template) into `out`."""
     out = _empty_output_folder(out)
     if source.kind in ("builtin", "gguf"):
         return materialize_gguf(source.path, out, progress=progress)
@@ -90,7 +92,6 @@ def materialize(
 
 
 def _materialize_hf(path: Path, out: Path, *, trust_remote_code: bool, progress: bool) -> Path:
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = json.loads((path / HF_CONFIG).read_text())
@@ -104,18 +105,23 @@ def _materialize_hf(path: Path, out: Path, *, trust_remote_code: bool, progress:
         check_hf_folder(path, trust_remote_code=True)
     tokenizer = _hf_tokenizer(path, trust_remote_code=trust_remote_code)
     if progress:
-        print(f"loading {path} as float32 ...", file=sys.stderr, flush=True)
+        stored = config.get("torch_dtype") or config.get("dtype") or "the weights' own dtype"
+        print(f"loading {path} as stored ({stored}) ...", file=sys.stderr, flush=True)
     try:
+        # "auto": config.json's torch_dtype, else the weights' dtype. A dtype that matches the file
+        # leaves the weights in the memory-mapped file (no copy); widening bf16 to float32 would
+        # hold a copy twice the file's size, for nothing the later stages need.
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch.float32,
+            dtype="auto",
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
         )
     except (OSError, ValueError, KeyError) as error:
         raise EdgedistillError(f"transformers could not load the model in {path}: {error}") from error
-    model.save_pretrained(out, safe_serialization=True)
+    # a multimodal checkpoint (Gemma 3 4B and up) becomes its text decoder alone
+    text_decoder(model).save_pretrained(out, safe_serialization=True)
     # Chat template in tokenizer_config.json, where every reader looks (see materialize_gguf).
     tokenizer.save_pretrained(out, save_jinja_files=False)
     return out

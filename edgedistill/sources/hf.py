@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON
 
-__all__ = ["HfFolder", "check_hf_folder"]
+__all__ = ["HfFolder", "check_hf_folder", "text_decoder"]
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -283,8 +283,12 @@ def _compare(model, config: dict, files: dict[str, tuple[int, ...]], weights: st
 
 
 def _as_model_names(model, files: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """The file's tensor names as the model names them: transformers adds or strips the base model's
-    prefix ("model.", GPT-2's "transformer.") when a checkpoint was saved from the other class."""
+    """The file's tensor names as the model names them: transformers renames a class's older
+    checkpoint layout (its _checkpoint_conversion_mapping: Gemma 3's language_model.model. ->
+    model.language_model.) and adds or strips the base model's prefix ("model.", GPT-2's
+    "transformer.") when a checkpoint was saved from the other class."""
+    for pattern, replacement in (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items():
+        files = {re.sub(pattern, replacement, n): s for n, s in files.items()}
     prefix = model.base_model_prefix
     if not prefix:
         return files
@@ -377,3 +381,40 @@ def _absent(model, config: dict, key: str) -> str:
         return ""
     return f" (missing from config.json, so transformers' default for {model.config.model_type})"
 
+
+# --- multimodal checkpoints -----------------------------------------------------------------------
+
+# Classes that wrap a text decoder with a vision tower, and the causal LM class of the decoder alone:
+# (the wrapper's attribute path to its decoder body, the text-only class). Gemma 3 4B and up ship
+# as Gemma3ForConditionalGeneration (config model_type "gemma3", text_config + vision_config).
+TEXT_DECODERS = {"Gemma3ForConditionalGeneration": ("model.language_model", "Gemma3ForCausalLM")}
+
+
+def text_decoder(model):
+    """The text-only causal LM inside a multimodal model (TEXT_DECODERS), sharing its weights, with
+    the vision tower and projector left out; any other model as it is.
+
+    Every later stage reads text-only folders: pruning walks model.model.layers and the exporters
+    map a decoder's tensors, so a teacher is written as its text decoder (Gemma3ForCausalLM, model
+    type gemma3_text). The generation settings (eos ids) come along.
+    """
+    import torch
+    import transformers
+
+    entry = TEXT_DECODERS.get(type(model).__name__)
+    if entry is None:
+        return model
+    body_path, text_class = entry
+    body = model.get_submodule(body_path)
+    text_config = model.config.get_text_config()
+    text_config.architectures = [text_class]
+    # the wrapper's config holds what the decoder's lacks: the eos ids, the dtype
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text_config, key, None) is None and getattr(model.config, key, None) is not None:
+            setattr(text_config, key, getattr(model.config, key))
+    with torch.device("meta"):  # no second copy of the weights: the wrapper's modules are moved in
+        text_model = getattr(transformers, text_class)(text_config)
+    text_model.model = body
+    text_model.lm_head = model.get_output_embeddings()
+    text_model.generation_config = model.generation_config
+    return text_model.to(model.dtype).eval()

@@ -5,8 +5,10 @@ GGUF architecture it becomes, how config.json values become GGUF hyperparameters
 becomes which GGUF tensor (with its expected shape and any value transform), and how llama.cpp
 lays out that architecture's rotary dims. The writer has no per-architecture branches: a new
 architecture is an `ArchSpec` (and a dims function where its config differs) in `ARCHITECTURES`.
-What llama.cpp cannot reproduce (rope scaling, sliding windows it does not implement, Gemma's
-attention scale when it differs from llama.cpp's fixed one) is refused here, naming the field.
+What llama.cpp cannot reproduce (rope scaling types other than linear and llama3, sliding windows it
+does not implement, Gemma's attention scale when it differs from llama.cpp's fixed one) is refused
+here, naming the field. Llama 3.1/3.2's rope scaling becomes a tensor computed from config.json
+(`computed_tensors`: rope_freqs.weight, as llama.cpp's own converter writes it).
 These rules read config.json only, so `edgedistill run` also applies them right after the teacher
 stage to the config the student will have (edgedistill.export.check), before any training.
 
@@ -121,8 +123,9 @@ def _expect(config: dict, key: str, allowed: tuple, config_file: Path, why: str)
         raise _refuse(config_file, key, value, why)
 
 
-def _decoder_dims(config: dict, config_file: Path) -> Dims:
-    """Sizes of a llama-style decoder, with LlamaConfig's defaults for keys left out.
+def _decoder_dims(config: dict, config_file: Path, rope_types: tuple[str, ...] = ("linear",)) -> Dims:
+    """Sizes of a llama-style decoder, with LlamaConfig's defaults for keys left out; `rope_types`:
+    the rope_scaling types llama.cpp's graph for the architecture reproduces.
 
     Callers put their own config class's defaults into `config` first.
     """
@@ -130,13 +133,6 @@ def _decoder_dims(config: dict, config_file: Path) -> Dims:
     n_head = _require(config, "num_attention_heads", config_file)
     n_kv_head = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or hidden // n_head
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise ConfigRefusal(
-            f"{config_file}: rope_scaling {rope_scaling} is not supported by the GGUF exporter yet",
-            "export a model without rope scaling, or add the scaling keys to export/gguf/arch.py",
-            keys=("rope_scaling",),
-        )
     if head_dim % 2:
         raise ConfigRefusal(f"{config_file}: head_dim {head_dim} is odd; rotary needs it even",
                             keys=("head_dim", "hidden_size", "num_attention_heads"))
@@ -153,13 +149,74 @@ def _decoder_dims(config: dict, config_file: Path) -> Dims:
         "ctx": config.get("max_position_embeddings", 2048),
         "rope_theta": float(config.get("rope_theta", 10000.0)),
         "rms_eps": float(config.get("rms_norm_eps", 1e-6)),
+        **_rope_scaling(config, config_file, head_dim, rope_types),
     }
+
+
+def _rope_scaling(config: dict, config_file: Path, head_dim: int, allowed: tuple[str, ...]) -> Dims:
+    """config.json's `rope_scaling` as llama.cpp expresses it, or a refusal naming its type.
+
+    linear (positions divided by `factor`): rope.scaling.type "linear" and rope.scaling.factor.
+    llama3 (Llama 3.1/3.2: long wavelengths divided by `factor`, short ones kept, a smooth blend
+    between): one frequency divisor per rotated pair in the tensor rope_freqs.weight, which
+    llama.cpp's llama graph divides each frequency by, with rope.scaling.type "none".
+    """
+    rope = config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    if kind == "default":
+        return {"rope_scaling_type": "none"}
+    if kind not in allowed:
+        supported = f"this architecture's exporter writes {', '.join(allowed)}" if allowed else \
+            "this architecture's exporter writes none"
+        raise ConfigRefusal(
+            f"{config_file}: rope_scaling type {kind!r} ({rope}) is not supported by the GGUF exporter: {supported}",
+            "export a model without that rope scaling, or teach edgedistill/export/gguf/arch.py how llama.cpp "
+            "expresses it", keys=("rope_scaling",))
+    try:
+        factor = float(rope["factor"])
+        if kind == "linear":
+            return {"rope_scaling_type": "linear", "rope_scaling_factor": factor}
+        factors = llama3_rope_factors(head_dim, float(config.get("rope_theta", 10000.0)), factor,
+                                      float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                                      float(rope["original_max_position_embeddings"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        raise ConfigRefusal(f"{config_file}: rope_scaling {rope} is incomplete or invalid for type {kind!r} "
+                            f"({type(error).__name__}: {error})", "re-save the model with transformers",
+                            keys=("rope_scaling",)) from None
+    return {"rope_scaling_type": "none", "rope_freq_factors": factors}
+
+
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_context: float) -> np.ndarray:
+    """What Llama 3's rope scaling divides each rotary frequency by (transformers'
+    _compute_llama3_parameters, expressed as divisors): 1 for wavelengths shorter than
+    original_context / high_freq_factor, `factor` for those longer than original_context /
+    low_freq_factor, and a blend of the two frequencies in between."""
+    if high_freq_factor == low_freq_factor:
+        raise ZeroDivisionError("high_freq_factor equals low_freq_factor")
+    # float32, as transformers computes the frequencies it divides
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelength < original_context / high_freq_factor, 1.0,
+                        np.where(wavelength > original_context / low_freq_factor, factor, blended))
+    return divisors.astype(np.float32)
+
+
+def computed_tensors(dims: Dims) -> dict[str, np.ndarray]:
+    """GGUF tensors that no checkpoint holds, computed from config.json (in `dims`): llama3 rope's
+    rope_freqs.weight. Written after the checkpoint's tensors, in float32."""
+    if "rope_freq_factors" not in dims:
+        return {}
+    return {TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight": np.asarray(dims["rope_freq_factors"], np.float32)}
 
 
 def llama_dims(config: dict, config_file: Path) -> Dims:
     """Sizes of a llama decoder, with the defaults transformers' LlamaConfig uses."""
     _expect(config, "hidden_act", ("silu",), config_file, "llama.cpp's llama MLP is SiLU")
-    return _decoder_dims(config, config_file)
+    # llama.cpp's llama graph reads rope_freqs.weight (its other graphs here do not)
+    return _decoder_dims(config, config_file, ("linear", "llama3"))
 
 
 def mistral_dims(config: dict, config_file: Path) -> Dims:

@@ -75,6 +75,7 @@ class PlannedTensor:
     dtype: type[np.floating]
     rope_heads: int | None  # permute rows for llama.cpp's NORM rope by this many heads
     offset: float = 0.0  # added to every value (TensorRule.weight_offset)
+    values: np.ndarray | None = None  # a tensor computed from config.json (arch.computed_tensors), not read
 
     @property
     def nbytes(self) -> int:
@@ -282,11 +283,10 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: arch.ArchSpec, dims: arch.Dims,
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for hparam in spec.hparams:
         writer.add_key_value(hparam.key.format(arch=spec.gguf_arch_name), dims[hparam.dim], hparam.vtype)
-    scaling_key = Keys.Rope.SCALING_TYPE.format(arch=spec.gguf_arch_name)
-    if all(hparam.key.format(arch=spec.gguf_arch_name) != scaling_key for hparam in spec.hparams):
-        # arch.dims refuses rope scaling, so a spec that writes no scaling keys has none; said
-        # explicitly, as llama.cpp otherwise reports its default, "linear" (with factor 1)
-        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    # always explicit: without the key llama.cpp assumes "linear" (with factor 1)
+    writer.add_rope_scaling_type(gguf.RopeScalingType(dims["rope_scaling_type"]))
+    if "rope_scaling_factor" in dims:
+        writer.add_rope_scaling_factor(dims["rope_scaling_factor"])
 
 
 def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwrite: bool = False,
@@ -317,6 +317,8 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
             for key in f.keys():
                 source_file[key], shapes[key] = path, tuple(f.get_slice(key).get_shape())
     plan = plan_tensors(spec, dims, tied, shapes, hf_dir)
+    plan += [PlannedTensor(f"{HF_CONFIG} (computed)", name, values.shape, np.float32, None, values=values)
+             for name, values in arch.computed_tensors(dims).items()]
     check_room(out_file, sum(p.nbytes for p in plan))
 
     with gguf_writer_into(out_file, spec.gguf_arch_name) as writer:
@@ -330,7 +332,8 @@ def write_gguf(hf_dir: Path, out_file: Path, *, name: str | None = None, overwri
         bar = _progress_bar(sum(p.nbytes for p in plan), out_file.name) if progress else None
         # write_tensor_data takes tensors in the order their infos were added
         for planned in plan:
-            writer.write_tensor_data(_read_converted(source_file[planned.source], planned))
+            writer.write_tensor_data(planned.values if planned.values is not None
+                                     else _read_converted(source_file[planned.source], planned))
             if bar is not None:
                 bar.update(planned.nbytes)
         if bar is not None:

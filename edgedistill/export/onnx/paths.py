@@ -12,6 +12,12 @@ Both run in a child process: the builder prints a line per tensor and keeps the 
 memory, and a crash or a hang in either must not take the caller with it. Which path takes a
 config.json, and which precisions it makes (choose_path, check_path_precision), are read from the
 config alone, so `edgedistill run` also asks them before any training (edgedistill.export.check).
+
+Some configs of architectures the builder takes it exports wrong (measured on tiny models: log-prob
+differences of 4 to 10 against PyTorch): rope scaling of type linear (ignored) or llama3 (its
+original_max_position_embeddings read from the wrong place), and Gemma 3 layers that do not slide
+in the builder's fixed five-sliding-one-full pattern (a pruned student's layer_types). `builder_problem`
+names them; "auto" takes the optimum path for them, which traces the PyTorch model itself.
 """
 
 from __future__ import annotations
@@ -44,21 +50,61 @@ def _supported() -> str:
             f"{', '.join(optimum_model_types())}")
 
 
+# rope_scaling types the builder exports wrong: it ignores linear scaling, and reads llama3's
+# original_max_position_embeddings as an attribute of the rope_scaling dict, so always takes
+# max_position_embeddings instead
+BUILDER_WRONG_ROPE_TYPES = ("linear", "llama3")
+# the builder's Gemma 3 makes layer i slide unless (i + 1) % 6 == 0, whatever layer_types says
+GEMMA3_BUILDER_PATTERN = 6
+
+
+def builder_problem(config: dict) -> tuple[str, tuple[str, ...]] | None:
+    """Why the builder would export this config.json wrong, and the config keys that say so; None
+    when nothing measured says so."""
+    rope = config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in BUILDER_WRONG_ROPE_TYPES:
+        return (f"rope_scaling type {kind!r}, which the onnxruntime-genai builder does not reproduce "
+                "(it ignores linear scaling and misreads llama3's original_max_position_embeddings)",
+                ("rope_scaling",))
+    if (config.get("architectures") or ["?"])[0] == "Gemma3ForCausalLM":
+        n_layers = config.get("num_hidden_layers")
+        pattern = config.get("sliding_window_pattern") or GEMMA3_BUILDER_PATTERN
+        layer_types = config.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers or 0)]
+        builder_types = ["full_attention" if (i + 1) % GEMMA3_BUILDER_PATTERN == 0 else "sliding_attention"
+                         for i in range(len(layer_types))]
+        if layer_types != builder_types:
+            return (f"layer_types {layer_types}, where the onnxruntime-genai builder's Gemma 3 slides every layer "
+                    f"but each {GEMMA3_BUILDER_PATTERN}th", ("layer_types", "num_hidden_layers"))
+    return None
+
+
 def choose_path(config: dict, requested: str, where: Path) -> str:
-    """"builder" or "optimum" for this config.json; `requested` "auto" prefers the builder."""
+    """"builder" or "optimum" for this config.json; `requested` "auto" prefers the builder when it
+    takes the architecture and exports the config right (builder_problem)."""
     keys = ("architectures", "model_type")
     architecture = (config.get("architectures") or ["?"])[0]
     model_type = config.get("model_type", "?")
     in_builder = architecture in BUILDER_ARCHITECTURES
-    if requested in ("auto", "builder") and in_builder:
+    problem = builder_problem(config) if in_builder else None
+    if requested in ("auto", "builder") and in_builder and problem is None:
         return "builder"  # without importing optimum (seconds)
     in_optimum = model_type in optimum_model_types()
+    if requested == "builder" and problem is not None:
+        raise ConfigRefusal(f"{where}: the onnxruntime-genai builder would export {architecture} wrong: {problem[0]}",
+                            "use path='optimum' (--onnx-path optimum)" if in_optimum else "export to GGUF instead",
+                            keys=problem[1])
     if requested == "builder":
         raise ConfigRefusal(f"{where}: the onnxruntime-genai builder cannot export {architecture}; {_supported()}",
                             "use path='optimum' (--onnx-path optimum)" if in_optimum else
                             "export to GGUF instead, or convert the model to a supported architecture", keys=keys)
     if in_optimum:
         return "optimum"
+    if problem is not None:
+        raise ConfigRefusal(f"{where}: the onnxruntime-genai builder would export {architecture} wrong ({problem[0]}) "
+                            f"and optimum does not take model type {model_type!r}", "export to GGUF instead",
+                            keys=problem[1])
     if requested == "optimum":
         raise ConfigRefusal(f"{where}: optimum cannot export model type {model_type!r} for text generation; "
                             f"{_supported()}", "use path='builder'" if in_builder else "export to GGUF instead",
