@@ -60,6 +60,7 @@ from edgedistill.recipe import EvalConfig, Recipe
 from edgedistill.records import (STUDENT_ROW, EvalReference, EvalReport, EvalRow, format_interval, format_score,
                                  score_basis)
 from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
+from edgedistill.runtimes.compute import resolve_compute
 from edgedistill.sources.endpoint import is_endpoint_teacher
 
 SCORE_RECORDS = EvalConfig().score_records
@@ -229,11 +230,13 @@ def _fitting(numbered: list[tuple[int, dict]], skipped: dict[int, str], data: Pa
 def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_new_tokens: int,
              score_records: int = SCORE_RECORDS, device: str = "cpu", dtype: str = "fp32",
              allow_code: bool = False, names: dict[Path, str] | None = None,
-             judge_cache: Path | None = None, runtimes: dict[Path, Runtime] | None = None) -> EvalReport:
+             judge_cache: Path | None = None, runtimes: dict[Path, Runtime] | None = None,
+             reference_compute: tuple[str, str] | None = None) -> EvalReport:
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not), and
     its answers become the references of records that have none (edgedistill.evaluate.references).
-    HF folders (the reference too) run in PyTorch on `device` in `dtype`. `names`: rows named
+    HF folders run in PyTorch on `device` in `dtype`, the reference too unless `reference_compute`
+    (device, dtype) says otherwise. `names`: rows named
     otherwise than after their file or folder. A judge scorer without an endpoint asks the
     reference, which then stays open while the artifacts are scored; its verdicts are cached in
     `judge_cache` so a killed eval asks again only what was not answered. `runtimes`: paths that are
@@ -259,7 +262,9 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     runtimes = runtimes or {}
 
     def open_one(path: Path) -> Runtime:
-        return runtimes[path] if path in runtimes else _open(path, device, dtype)
+        if path in runtimes:
+            return runtimes[path]
+        return _open(path, *(reference_compute if path == reference and reference_compute else (device, dtype)))
 
     order = ([reference] if reference is not None else []) + artifacts
     skipped: dict[int, str] = {}
@@ -413,13 +418,16 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
                distill: Path | None = None, merge: Path | None = None, export_onnx: Path | None = None) -> dict:
     from edgedistill.runtimes.onnx import onnx_artifacts
 
-    # the model the exports were made from, run in PyTorch fp32 like the reference: what quantization
-    # and export cost is the distance from its row to theirs
+    # the model the exports were made from, run in PyTorch fp32: what quantization and export cost is
+    # the distance from its row to theirs
     student = merge if merge is not None else distill
     artifacts = [*gguf_artifacts(teacher_gguf), student, *gguf_artifacts(export),
                  *(onnx_artifacts(export_onnx) if export_onnx else [])]
-    runtimes, score_records = {}, recipe.eval.score_records
-    if is_endpoint_teacher(teacher):
+    runtimes, score_records, compute = {}, recipe.eval.score_records, None
+    if not is_endpoint_teacher(teacher):
+        # the teacher in the recipe's compute: section (its own dtype on the CPU, bf16 on a GPU)
+        compute = resolve_compute(recipe.compute, teacher)
+    else:
         from edgedistill.runtimes.endpoint import EndpointRuntime
 
         # the reference is the endpoint's answers; a chat API cannot score ids, so no KL against it
@@ -427,7 +435,8 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
     report = evaluate(artifacts, generate / layout.HELDOUT_JSONL, teacher,
                       max_new_tokens=recipe.eval.max_new_tokens, score_records=score_records,
                       allow_code=recipe.allow_code, names={student: STUDENT_ROW}, judge_cache=out / layout.JUDGE_JSONL,
-                      runtimes=runtimes)
+                      runtimes=runtimes, reference_compute=compute and (compute.device, compute.runtime_dtype))
     (out / layout.EVAL_JSON).write_text(report.to_json())
     return {"reference_task_score": report.reference.task_score,
-            "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0)}
+            "heldout_skipped_too_long": report.to_dict().get("skipped_too_long", 0),
+            **({"reference_compute": compute.as_dict()} if compute else {})}
