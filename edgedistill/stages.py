@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgedistill.bench.latency import bench_stage
 from edgedistill.data.generate import generate
+from edgedistill.data.endpoint_labels import cache_endpoint_logits
 from edgedistill.data.logits import cache_teacher_logits
 from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
@@ -28,8 +29,8 @@ from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
 from edgedistill.runtimes.compute import require_device
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
+from edgedistill.sources.endpoint import is_endpoint_teacher, write_endpoint_teacher
 from edgedistill.sources.endpoint import tokenizer_path as endpoint_tokenizer_path
-from edgedistill.sources.endpoint import write_endpoint_teacher
 from edgedistill.sources.random_model import build_random_model
 
 
@@ -45,6 +46,13 @@ def teacher_stage(recipe: Recipe, out: Path) -> dict:
     source = resolve_source(recipe.source(cfg.source))
     materialize(source, out, trust_remote_code=cfg.trust_remote_code)
     return {"source": source.kind, "name": source.name}
+
+
+def logits_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path) -> dict:
+    """The teacher's top-k: from its forward passes, or from an endpoint teacher's answer tokens."""
+    if is_endpoint_teacher(teacher):
+        return cache_endpoint_logits(recipe, out, teacher=teacher, generate=generate)
+    return cache_teacher_logits(recipe, out, teacher=teacher, generate=generate)
 
 
 def teacher_files(recipe: Recipe) -> dict[str, Path]:
@@ -171,7 +179,7 @@ def stages_for(recipe: Recipe) -> list[Stage]:
             "seed", "task", "data", "generate.max_new_tokens", "generate.batch_size", "generate.samples",
             "generate.temperature", "generate.reasoning", "generate.endpoint.model", "compute"),
             unkeyed_sections=("generate.endpoint", "generate.min_kept", *LOADS_TEACHER)),
-        Stage(LOGITS, cache_teacher_logits, inputs=(TEACHER, GENERATE), external=soft_label_files,
+        Stage(LOGITS, logits_stage, inputs=(TEACHER, GENERATE), external=soft_label_files,
               sections=LOGITS_SECTIONS, unkeyed_sections=LOADS_TEACHER, version=2),
         *progressive,
         Stage(STUDENT, build, inputs=tuple(dict.fromkeys((parent, GENERATE, TEACHER))), sections=STUDENT_SECTIONS,

@@ -132,14 +132,8 @@ def _teacher_topk(model, examples: list[tuple[list[int], int]], k: int, pad: int
 
 @torch.inference_mode()
 def cache_teacher_logits(recipe: Recipe, out: Path, *, teacher: Path, generate: Path) -> dict:
-    from edgedistill.sources.endpoint import is_endpoint_teacher
-
     if recipe.distill.soft_labels is not None:
         return import_cache(recipe, out, teacher=teacher)
-    if is_endpoint_teacher(teacher):
-        from edgedistill.data.endpoint_labels import cache_endpoint_logits
-
-        return cache_endpoint_logits(recipe, out, teacher=teacher, generate=generate)
     tokenizer = load_tokenizer(teacher)
     k, max_len, per_shard = recipe.distill.topk, recipe.distill.max_seq_len, recipe.distill.shard_examples
     examples, skipped = tokenize_train_set(tokenizer, generate / TRAIN_JSONL, max_len)

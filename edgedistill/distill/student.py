@@ -276,9 +276,9 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | 
     cfg = recipe.student
     if is_endpoint_teacher(teacher):
         # no weights here (the recipe cannot prune then): the served model's size from its config
-        from edgedistill.preflight import meta_model
-
-        teacher_model, teacher_params = None, count_parameters(meta_model(AutoConfig.from_pretrained(teacher)))
+        with torch.device("meta"):
+            teacher_model, teacher_params = None, count_parameters(
+                AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)))
     else:
         teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
         teacher_params = count_parameters(teacher_model)

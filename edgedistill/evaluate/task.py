@@ -428,7 +428,7 @@ def eval_stage(recipe: Recipe, out: Path, *, teacher: Path, generate: Path, teac
         # the teacher in the recipe's compute: section (its own dtype on the CPU, bf16 on a GPU)
         compute = resolve_compute(recipe.compute, teacher)
     else:
-        from edgedistill.runtimes.endpoint import EndpointRuntime
+        from edgedistill.evaluate.endpoint_reference import EndpointRuntime
 
         # the reference is the endpoint's answers; a chat API cannot score ids, so no KL against it
         runtimes, score_records = {teacher: EndpointRuntime(recipe.generate.endpoint, teacher)}, 0

@@ -1,4 +1,4 @@
-"""The teacher behind an OpenAI-compatible endpoint, as eval's reference: it answers, it cannot score.
+"""The teacher behind an OpenAI-compatible endpoint as eval's reference: a Runtime that answers, and cannot score.
 
     # eval of a run whose recipe has teacher: {source: endpoint} and generate.endpoint
     edgedistill run recipe.yaml --out runs/remote --from eval
