@@ -374,7 +374,9 @@ def _transformers_gguf_loader(progress: bool) -> Iterator[None]:
 
 
 def load_gguf_model(path: Path, *, progress: bool = True):
-    """The GGUF's weights, dequantized to float32, as a transformers causal LM."""
+    """The GGUF's weights as a transformers causal LM: in float16 or bfloat16 when every weight matrix
+    is stored so (F16, BF16), else dequantized to float32, which holds every quantized type exactly."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -390,16 +392,29 @@ def load_gguf_model(path: Path, *, progress: bool = True):
             hint=f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; or convert the "
             "model to an HF folder another way",
         )
+    # 1-D tensors (norms) are F32 in every GGUF; the matrices say what the model was stored in
+    matrix_types = {tensor.tensor_type for tensor in reader.tensors if len(tensor.shape) > 1}
+    kept = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+    dtype = kept.get(next(iter(matrix_types))) if len(matrix_types) == 1 else None
     if progress:
-        print(
-            f"loading {path.name}: dequantizing {len(reader.tensors)} tensors to float32 ...",
-            file=sys.stderr,
-            flush=True,
-        )
-    with _transformers_gguf_loader(progress):
-        return AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
-        )
+        how = f"as {str(dtype).removeprefix('torch.')}" if dtype else "dequantizing them to float32"
+        print(f"loading {path.name}: {len(reader.tensors)} tensors, {how} ...", file=sys.stderr, flush=True)
+    dequantize = gguf.dequantize
+
+    def keep_f16(data, qtype):
+        # transformers widens every tensor to a float32 copy before it casts: F16 stays F16 here, so
+        # the load holds one copy of the weights (BF16 has no numpy type and still passes through float32)
+        return data.view(np.float16) if qtype == gguf.GGMLQuantizationType.F16 else dequantize(data, qtype)
+
+    if dtype == torch.float16:
+        gguf.dequantize = keep_f16  # read by name when transformers loads the file
+    try:
+        with _transformers_gguf_loader(progress):
+            return AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype or torch.float32, local_files_only=True
+            )
+    finally:
+        gguf.dequantize = dequantize
 
 
 def materialize_gguf(path: Path, out: Path, *, progress: bool = True) -> Path:
