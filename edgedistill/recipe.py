@@ -299,7 +299,27 @@ class TrainingConfig(Section):
         return self
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation, a stage after the off-policy distill (edgedistill.distill.on_policy):
+    on a `fraction` of the batches (GKD's lambda) the student samples answers to the batch's prompts
+    and the teacher scores every sampled token; the other batches are the teacher's own answers. The
+    loss is `divergence` at T=1 on the answer positions alone."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    # of the student's sampling (top-k and top-p off: the whole distribution)
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    # None: generate.max_new_tokens, the bound the teacher's own answers had
+    max_new_tokens: Annotated[int, Field(gt=0)] | None = None
+    epochs: Annotated[int, Field(gt=0)] = 1
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+
+
 class DistillConfig(TrainingConfig):
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels_from": "cache", "on_policy": None}
+
     max_seq_len: Annotated[int, Field(gt=8)] = 256
     topk: Annotated[int, Field(gt=0, le=1024)] = 32
     # Examples per shard of the logits cache: the stage holds one shard's soft labels in memory and
@@ -308,6 +328,17 @@ class DistillConfig(TrainingConfig):
     # The logits/ folder of a cache made elsewhere (by the same teacher, checked by hash) to train
     # from instead of running the teacher here.
     soft_labels: Path | None = None
+    # cache: the teacher's top-k from the logits stage; online: the teacher's forward pass on every
+    # batch, top-k taken as the cache takes it, and no cache is written or read
+    soft_labels_from: Literal["cache", "online"] = "cache"
+    on_policy: OnPolicyConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_soft_label_source(self) -> DistillConfig:
+        if self.soft_labels is not None and self.soft_labels_from == "online":
+            raise ValueError("soft_labels imports a logits cache, soft_labels_from 'online' reads none: "
+                             "remove one of them")
+        return self
 
 
 class ProgressiveStep(Section):
