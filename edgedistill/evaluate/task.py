@@ -59,7 +59,7 @@ from edgedistill.evaluate.scoring import SCORED_TEXT, check_vocabulary, referenc
 from edgedistill.recipe import EvalConfig, Recipe
 from edgedistill.records import (STUDENT_ROW, EvalReference, EvalReport, EvalRow, format_interval, format_score,
                                  score_basis)
-from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime
+from edgedistill.runtimes import Runtime, artifact_kind, gguf_artifacts, open_runtime, require_device
 from edgedistill.runtimes.compute import resolve_compute
 from edgedistill.sources.endpoint import is_endpoint_teacher
 
@@ -200,17 +200,13 @@ def _rounded(values: dict) -> dict:
 
 
 def _open(artifact: Path, device: str, dtype: str) -> Runtime:
-    """`device` and `dtype` choose how PyTorch runs an HF folder; GGUF and ONNX files run on the CPU as stored."""
-    if artifact_kind(artifact) == "hf":
-        return open_runtime(artifact, device=device, dtype=dtype)
-    return open_runtime(artifact)
+    """`artifact` on `device`; `dtype` chooses how PyTorch runs an HF folder (GGUF and ONNX run as stored)."""
+    return open_runtime(artifact, device=device, dtype=dtype if artifact_kind(artifact) == "hf" else "fp32")
 
 
-def _check_device(device: str) -> None:
-    if device != "cpu":
-        from edgedistill.runtimes.torch_decode import require_device
-
-        require_device(device)  # before hours of CPU work, not after
+def _check_device(device: str, paths: list[Path]) -> None:
+    for path in paths:
+        require_device(path, device)  # each artifact's runtime, before hours of work, not after
 
 
 def _fitting(numbered: list[tuple[int, dict]], skipped: dict[int, str], data: Path) -> list[dict]:
@@ -235,15 +231,15 @@ def evaluate(artifacts: list[Path], data: Path, reference: Path | None, *, max_n
     """Task scores of `artifacts` (and `reference`) on the held-out records in `data`; with a
     reference, the first `score_records` records' reference answers are scored too (0: not), and
     its answers become the references of records that have none (edgedistill.evaluate.references).
-    HF folders run in PyTorch on `device` in `dtype`, the reference too unless `reference_compute`
-    (device, dtype) says otherwise. `names`: rows named
+    Every artifact runs on `device`, HF folders in PyTorch in `dtype`, the reference too unless
+    `reference_compute` (device, dtype) says otherwise. `names`: rows named
     otherwise than after their file or folder. A judge scorer without an endpoint asks the
     reference, which then stays open while the artifacts are scored; its verdicts are cached in
     `judge_cache` so a killed eval asks again only what was not answered. `runtimes`: paths that are
     not opened but answered by the runtime given (an endpoint teacher's folder)."""
     if score_records < 0:
         raise EdgedistillError(f"score_records is {score_records}", "pass 0 (task score only) or more records")
-    _check_device(device)
+    _check_device(device, artifacts + ([reference] if reference is not None and not reference_compute else []))
     numbered = _numbered_heldout(data)
     task = read_task(data)
     judge: dict[str, Runtime] = {}  # the reference, once open, for a judge scorer without an endpoint
@@ -380,7 +376,7 @@ def build_reference_set(prompts: Path, reference: Path, save: Path, *, recipe: R
     the reference's answers as the references of those without gold, saved to `save` with the
     task.json that scores them; returns what was built and the reference's agreement with the gold
     references the file had."""
-    _check_device(device)
+    _check_device(device, [reference])
     records, task = prompt_records(prompts, recipe)
     check_save(save, task)
     scorers = scorers_of(task, allow_code=allow_code)  # before any model work

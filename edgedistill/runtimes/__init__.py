@@ -7,6 +7,11 @@ Every runtime greedily answers chat conversations (`generate`, `stream`) and sco
 (`score`): log-probs, not logits, so that runtimes whose logits differ by a constant per position
 compare directly, and a caller never normalizes twice. Plain text outside a chat (the prompts of
 lm-evaluation-harness tasks) goes through `encode`, `decode` and `greedy_ids`.
+
+Every runtime runs on the CPU (the default) or a CUDA GPU: llama.cpp with every layer offloaded,
+ONNX Runtime (GenAI) with its CUDA provider, PyTorch. The GPU builds of llama.cpp and ONNX Runtime
+are installed by hand (README, "GPU runtimes"); `require_device` refuses a device an artifact's
+runtime cannot use here, with the install command, before anything loads.
 """
 
 from __future__ import annotations
@@ -92,25 +97,44 @@ def resolve_artifact(spec: Path | str) -> Path:
     return path
 
 
+def require_device(path: Path, device: str) -> None:
+    """Refuses `device` ("cpu" or "cuda") when the runtime of the artifact at `path` cannot run there,
+    naming what to install; cheap, nothing is loaded (bench and eval check every artifact first)."""
+    if device not in DEVICES:
+        raise EdgedistillError(f"unknown device {device!r}", f"use a device in {', '.join(DEVICES)}")
+    if device == "cpu":
+        return
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        from edgedistill.runtimes.llamacpp import gpu_layers
+        gpu_layers(device)
+    elif kind == "onnx":
+        from edgedistill.runtimes.onnx import require_cuda
+        require_cuda(path)
+    else:
+        from edgedistill.runtimes.torch_decode import require_device as require_torch_device
+        require_torch_device(device)
+
+
 def open_runtime(spec: Path | str, *, threads: int | None = None, device: str = "cpu", dtype: str = "fp32") -> Runtime:
-    """The artifact `spec` (path or built-in name) in its runtime. `device` and `dtype` choose how
-    PyTorch runs an HF folder; llama.cpp and ONNX Runtime run their files on the CPU as stored, with
+    """The artifact `spec` (path or built-in name) in its runtime on `device`. `dtype` chooses how
+    PyTorch runs an HF folder; llama.cpp and ONNX Runtime run their files in the precision stored, with
     `threads` (default: all cores; PyTorch keeps its process-wide setting)."""
     if device not in DEVICES or dtype not in DTYPES:
         raise EdgedistillError(f"unknown device {device!r} or dtype {dtype!r}",
                                f"use a device in {', '.join(DEVICES)} and a dtype in {', '.join(DTYPES)}")
     path = resolve_artifact(spec)
     kind = artifact_kind(path)
-    if kind != "hf" and (device, dtype) != ("cpu", "fp32"):
-        raise EdgedistillError(f"{path} is a {kind} artifact: device and dtype choose how PyTorch runs an HF folder",
-                               f"leave out device={device!r} and dtype={dtype!r}; the {kind} file's own "
-                               "precision is what runs")
+    if kind != "hf" and dtype != "fp32":
+        raise EdgedistillError(f"dtype={dtype!r} for {path}, a {kind} artifact: device and dtype choose how PyTorch "
+                               f"runs an HF folder, and a {kind} file runs in the precision it stores",
+                               f"leave out dtype={dtype!r} (device={device!r} still applies)")
     if kind == "gguf":
         from edgedistill.runtimes.llamacpp import LlamaCppChatModel
-        return LlamaCppChatModel(path, threads=threads)
+        return LlamaCppChatModel(path, threads=threads, device=device)
     if kind == "onnx":
         from edgedistill.runtimes.onnx import OnnxChatModel
-        return OnnxChatModel(path, threads=threads)
+        return OnnxChatModel(path, threads=threads, device=device)
     from edgedistill.runtimes.pytorch import TorchChatModel
     return TorchChatModel(path, device=device, dtype=dtype)
 

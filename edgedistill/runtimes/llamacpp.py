@@ -2,6 +2,7 @@
 stream, and score token ids.
 
     python -m edgedistill.runtimes.llamacpp runs/sentiment/export/student-q4_k_m.gguf "Hello!"
+    python -m edgedistill.runtimes.llamacpp runs/sentiment/export/student-q4_k_m.gguf "Hello!" --device cuda
 
 The prompt is rendered with the chat template stored in the GGUF and tokenized by llama.cpp, so
 what is measured here is what a llama.cpp user of the file gets. Decoding is greedy (argmax of the
@@ -12,13 +13,16 @@ every token longer than its fixed 32-byte buffer (0.3.36), as merged CJK tokens 
 Scoring decodes its own llama_batch that asks for logits at the scored positions only: Llama's
 `logits_all` would compute the output layer at every position of every prompt and keep an
 [n_ctx, vocab] array (400 MB for a 49k vocabulary at 2048 tokens).
+
+On device "cuda" every layer is offloaded to the GPU (n_gpu_layers=-1), which needs a llama-cpp-python
+built with a GPU backend: PyPI has its source only, and pip builds it for the CPU unless CMAKE_ARGS
+asks for CUDA (`cuda_install_command` says how; a build without offload is refused, not run on the CPU).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,34 @@ import numpy as np
 from edgedistill.errors import EdgedistillError
 from edgedistill.runtimes.common import log_softmax, scored_positions, stream_pieces
 from edgedistill.sources.gguf import open_gguf
+
+
+def cuda_install_command() -> str:
+    """The command that rebuilds this llama-cpp-python version with CUDA (llama-cpp-python's README:
+    GGML_CUDA through CMAKE_ARGS); --no-cache-dir so pip does not reuse its cached CPU wheel, --no-deps
+    so nothing else is reinstalled."""
+    from importlib.metadata import version
+
+    return ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir --no-deps '
+            f"llama-cpp-python=={version('llama-cpp-python')}")
+
+
+def gpu_layers(device: str) -> int:
+    """llama.cpp's n_gpu_layers for `device`: none on "cpu", all (-1) on "cuda", refused with the fix
+    when this llama-cpp-python has no GPU offload (a CPU build, or no GPU that its backend finds)."""
+    import llama_cpp
+
+    if device == "cpu":
+        return 0
+    if device != "cuda":
+        raise EdgedistillError(f"unknown device {device!r}", "use device 'cpu' or 'cuda'")
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise EdgedistillError(
+            f"device 'cuda' asked for, but this llama-cpp-python ({llama_cpp.__version__}) has no GPU offload: "
+            "it was built for the CPU, or its GPU backend finds no GPU",
+            f"on a machine with an NVIDIA GPU and the CUDA toolkit, rebuild it: {cuda_install_command()}; "
+            "or run GGUF files on device 'cpu'")
+    return -1
 
 
 def check_gguf(path: Path) -> None:
@@ -54,15 +86,17 @@ def detokenize(llm, ids: list[int]) -> str:
 
 class LlamaCppChatModel:
     """Greedy chat generation, streaming and scoring with a GGUF in llama.cpp; the Runtime interface
-    of edgedistill.runtimes."""
+    of edgedistill.runtimes. `device` "cuda" offloads every layer to the GPU (gpu_layers)."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int | None = None, device: str = "cpu"):
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        n_gpu_layers = gpu_layers(device)  # before the load: a CPU build is refused, not run on the CPU
         check_gguf(path)
+        self.device = device
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                         n_gpu_layers=0, verbose=False)
+                         n_gpu_layers=n_gpu_layers, verbose=False)
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
             raise EdgedistillError(f"{path} has no tokenizer.chat_template", "export it again with edgedistill")
@@ -152,6 +186,17 @@ class LlamaCppChatModel:
         return log_softmax(np.stack(rows))
 
 
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("prompt")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    model = LlamaCppChatModel(args.gguf, device=args.device)
+    print(model.generate([[{"role": "user", "content": args.prompt}]], max_new_tokens=128)[0][0])
+
+
 if __name__ == "__main__":
-    model = LlamaCppChatModel(Path(sys.argv[1]))
-    print(model.generate([[{"role": "user", "content": sys.argv[2]}]], max_new_tokens=128)[0][0])
+    main()

@@ -1,12 +1,18 @@
 """ONNX Runtime: an export folder from edgedistill.export.onnx, greedy chat with a KV cache, streamed.
 
     python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 "What is the capital of France?"
+    python -m edgedistill.runtimes.onnx runs/sentiment/export_onnx/student-int4 "Hi" --device cuda
 
 Builder exports (with genai_config.json) run in onnxruntime-genai: its fused attention keeps the KV
 cache in one preallocated buffer, and its tokenizer is what a user of the export gets, so what is
 measured here is what they run. Other exports (optimum's graph) run in a plain onnxruntime session
 that feeds each step's present KV back as the next step's past (`OnnxDecoder`), tokenized by the
 export's tokenizer.json. Chat prompts are rendered from the export's own chat template.
+
+On device "cuda" both run with ONNX Runtime's CUDA provider: the GenAI model with its "cuda" provider,
+the plain session with CUDAExecutionProvider. The PyPI packages this project pins are CPU builds;
+`require_cuda` refuses a folder whose runtime has no CUDA provider and names the packages to install
+instead (`cuda_install_command`), and a session that fell back to the CPU is refused too.
 
 This module imports neither torch nor transformers, so the peak RSS that edgedistill.bench.onnx_worker
 measures in a process of its own is the model's.
@@ -28,6 +34,11 @@ from edgedistill.runtimes.common import (declared_stop_tokens, log_softmax, read
                                          scored_positions, stream_pieces)
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# onnxruntime-gpu is the same `onnxruntime` module with the CUDA provider; it has no 1.32.0 on PyPI
+# (newest: 1.31.1, 2026-10), so the pinned onnxruntime 1.32.0 is replaced by 1.31.1, which runs
+# onnxruntime-genai 0.12 as well. Only one of onnxruntime and onnxruntime-gpu may be installed.
+ONNXRUNTIME_GPU_VERSION = "1.31.1"
 
 
 def onnx_artifacts(*folders: Path) -> list[Path]:
@@ -47,6 +58,40 @@ def check_onnx_folder(folder: Path) -> Path:
     return folder
 
 
+def cuda_install_command(genai: bool) -> str:
+    """The packages that give this project's ONNX runtime (GenAI when `genai`) its CUDA provider."""
+    if not genai:
+        return f"pip uninstall -y onnxruntime && pip install onnxruntime-gpu=={ONNXRUNTIME_GPU_VERSION}"
+    import onnxruntime_genai as og  # the same version, whichever of its two packages is installed
+
+    return ("pip uninstall -y onnxruntime onnxruntime-genai && pip install "
+            f"onnxruntime-gpu=={ONNXRUNTIME_GPU_VERSION} onnxruntime-genai-cuda=={og.__version__}")
+
+
+def _no_cuda(what: str, genai: bool) -> EdgedistillError:
+    return EdgedistillError(f"device 'cuda' asked for, but {what}",
+                            "on a machine with an NVIDIA GPU and the CUDA and cuDNN libraries onnxruntime-gpu needs, "
+                            f"install the CUDA builds: {cuda_install_command(genai)}; or run ONNX exports on "
+                            "device 'cpu'")
+
+
+def require_cuda(folder: Path) -> None:
+    """Refuses device "cuda" for the export `folder` when its runtime (onnxruntime-genai for a builder
+    export, which scores in plain onnxruntime too) has no CUDA provider here, with the packages to install."""
+    import onnxruntime as ort
+
+    genai = (Path(folder) / GENAI_CONFIG).is_file()
+    if genai:
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            raise _no_cuda(f"onnxruntime-genai {og.__version__} is a build without CUDA (the onnxruntime-genai "
+                           "package; onnxruntime-genai-cuda has it)", genai)
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        raise _no_cuda(f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (providers: "
+                       f"{', '.join(ort.get_available_providers())})", genai)
+
+
 def session_options(threads: int | None):
     import onnxruntime as ort
 
@@ -59,14 +104,23 @@ def session_options(threads: int | None):
 
 class OnnxDecoder:
     """A decoder graph with past/present KV in a plain onnxruntime session: full-sequence logits and
-    KV-cached steps, for any export (the builder's GroupQueryAttention graph or optimum's)."""
+    KV-cached steps, for any export (the builder's GroupQueryAttention graph or optimum's). On device
+    "cuda" the session runs with CUDAExecutionProvider (the CPU's takes only what CUDA has no kernel for)."""
 
-    def __init__(self, folder: Path, *, threads: int | None = None, model_file: str = ONNX_MODEL):
+    def __init__(self, folder: Path, *, threads: int | None = None, model_file: str = ONNX_MODEL,
+                 device: str = "cpu"):
         import onnxruntime as ort
 
         folder = check_onnx_folder(folder)
-        self.session = ort.InferenceSession(str(folder / model_file), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            require_cuda(folder)
+            providers.insert(0, CUDA_PROVIDER)
+        self.session = ort.InferenceSession(str(folder / model_file), session_options(threads), providers=providers)
+        if self.session.get_providers()[0] != providers[0]:
+            # onnxruntime falls back to the CPU with a warning when the CUDA libraries do not load
+            raise _no_cuda(f"onnxruntime could not start {CUDA_PROVIDER} (CUDA or cuDNN libraries missing?): the "
+                           f"session runs on {', '.join(self.session.get_providers())}", False)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in self.inputs if name.startswith("past_key_values.")]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -125,10 +179,15 @@ class OnnxDecoder:
 
 class OnnxChatModel:
     """Greedy chat generation, streaming and scoring with an ONNX export; the Runtime interface of
-    edgedistill.runtimes."""
+    edgedistill.runtimes. `device` "cuda" runs it with ONNX Runtime's CUDA provider (require_cuda)."""
 
-    def __init__(self, folder: Path, *, threads: int | None = None):
+    def __init__(self, folder: Path, *, threads: int | None = None, device: str = "cpu"):
+        if device not in ("cpu", "cuda"):
+            raise EdgedistillError(f"unknown device {device!r}", "use device 'cpu' or 'cuda'")
         self.folder = check_onnx_folder(folder)
+        self.device = device
+        if device == "cuda":
+            require_cuda(self.folder)  # before anything loads
         self.threads = threads or os.cpu_count() or 1
         self.template = read_chat_template(self.folder)
         special_map = self.folder / SPECIAL_TOKENS_MAP
@@ -147,11 +206,21 @@ class OnnxChatModel:
         import onnxruntime_genai as og
 
         config = og.Config(str(self.folder))
-        config.clear_providers()  # CPU
+        config.clear_providers()  # none left: the CPU
+        if self.device == "cuda":
+            config.append_provider("cuda")
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
         self.og = og
-        self.model = og.Model(config)
+        try:
+            self.model = og.Model(config)
+        except RuntimeError as exc:
+            if self.device == "cpu":
+                raise
+            raise _no_cuda(f"onnxruntime-genai could not load {self.folder} with its CUDA provider ({exc})",
+                           True) from None
+        if self.device == "cuda" and self.model.device_type == "CPU":
+            raise _no_cuda(f"onnxruntime-genai loaded {self.folder} on the CPU", True)
         self.tokenizer = og.Tokenizer(self.model)
         genai_config = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]
         eos = genai_config.get("eos_token_id")
@@ -165,7 +234,7 @@ class OnnxChatModel:
     def _open_plain(self) -> None:
         from tokenizers import Tokenizer
 
-        self.decoder = OnnxDecoder(self.folder, threads=self.threads)
+        self.decoder = OnnxDecoder(self.folder, threads=self.threads, device=self.device)
         self.vocab_size = self.decoder.vocab_size
         self.hf_tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_JSON))
         config_file = self.folder / HF_CONFIG
@@ -239,7 +308,7 @@ class OnnxChatModel:
         """The plain onnxruntime session that scores: onnxruntime-genai gives no full-sequence logits,
         so a builder export opens its graph a second time (once, on first use)."""
         if self.decoder is None:
-            self.decoder = OnnxDecoder(self.folder, threads=self.threads)
+            self.decoder = OnnxDecoder(self.folder, threads=self.threads, device=self.device)
         return self.decoder
 
     def score(self, ids: list[int], *, last: int | None = None) -> np.ndarray:
@@ -268,8 +337,9 @@ def main() -> None:
     parser.add_argument("prompt")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    chat = OnnxChatModel(args.folder, threads=args.threads)
+    chat = OnnxChatModel(args.folder, threads=args.threads, device=args.device)
     for piece in chat.stream([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)
     print()

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks in one go. On the GPU machine, from the repo root, with .whl and tools/gpu/tokenizer carried
 # (made here by tools/gpu/prepare.sh):
-#   bash tools/gpu/check_cuda.sh                  # all three parts, about 4-6 minutes on an H200
-#   bash tools/gpu/check_cuda.sh bench tests      # some of: distill bench tests
+#   bash tools/gpu/check_cuda.sh                  # all four parts, about 4-6 minutes on an H200
+#   bash tools/gpu/check_cuda.sh bench tests      # some of: distill bench tests runtimes
 # Installs the carried wheels (transformers 4.57.6 and what it needs; the machine has 5.x) into /tmp/site, then
 #   distill: tools/gpu/check_cuda.py, does `edgedistill run` train on CUDA             -> $OUT/cuda_check.json
 #   bench:   tools/gpu/check_bench.py, bench of an HF folder on CUDA in fp32/fp16/bf16,
 #            torch_decode (static cache + CUDA graph) against plain generate           -> $OUT/bench_check.json
 #   tests:   the CUDA tests of tests/test_bench.py (they skip, with the reason, without a GPU) -> $OUT/tests.log
+#   runtimes: tests/test_gpu_runtimes.py, GGUF in llama.cpp with every layer offloaded and ONNX with the
+#            CUDA provider against the CPU; they run only where CUDA builds of llama-cpp-python and
+#            onnxruntime-gpu / onnxruntime-genai-cuda are installed (README: GPU runtimes), else skip
+#            with the reason, which gpu_check.json lists                                -> $OUT/runtimes.log
 # and prints one JSON of all parts ($OUT/gpu_check.json); each part's log is in $OUT. Exit 0 when every part ran ok.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-check-out}
 mkdir -p "$OUT"
-parts=${*:-distill bench tests}
+parts=${*:-distill bench tests runtimes}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; echo "wheel install failed: run tools/gpu/prepare.sh here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -35,7 +39,10 @@ for part in $parts; do
     tests)
       timeout 200 python3 -m pytest -q -rs tests/test_bench.py -k cuda >"$OUT/tests.log" 2>&1
       status[tests]=$?; [ "${status[tests]}" -ne 0 ] && show_log "$OUT/tests.log" "${status[tests]}" ;;
-    *) echo "unknown part $part (distill, bench, tests)"; exit 2 ;;
+    runtimes)
+      timeout 200 python3 -m pytest -q -rs tests/test_gpu_runtimes.py >"$OUT/runtimes.log" 2>&1
+      status[runtimes]=$?; [ "${status[runtimes]}" -ne 0 ] && show_log "$OUT/runtimes.log" "${status[runtimes]}" ;;
+    *) echo "unknown part $part (distill, bench, tests, runtimes)"; exit 2 ;;
   esac
 done
 
@@ -52,8 +59,8 @@ for item in sys.argv[2:]:
     result = {"distill": "cuda_check.json", "bench": "bench_check.json"}.get(part)
     if result and (out / result).is_file():
         entry["result"] = json.loads((out / result).read_text())
-    if part == "tests":
-        lines = [l for l in (out / "tests.log").read_text().splitlines() if l.strip()]
+    if part in ("tests", "runtimes"):
+        lines = [l for l in (out / f"{part}.log").read_text().splitlines() if l.strip()]
         entry["summary"] = next((l for l in reversed(lines) if " in " in l and any(
             word in l for word in ("passed", "failed", "skipped", "error", "deselected"))), "")
         entry["skipped"] = [l for l in lines if l.startswith("SKIPPED")]
