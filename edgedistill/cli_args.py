@@ -25,7 +25,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     def add_models(command: argparse.ArgumentParser, device_help: str, dtype_help: str,
                    models_help: str = "GGUF files, ONNX export folders, HF folders or built-in names",
                    models_nargs: str = "+") -> None:
-        """The arguments bench and eval share: the artifacts, and how PyTorch runs HF folders."""
+        """The arguments bench and eval share: the artifacts, where they run, how PyTorch runs HF folders."""
         command.add_argument("models", nargs=models_nargs, help=models_help)
         command.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help=device_help)
         command.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help=dtype_help)
@@ -94,8 +94,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                 "peak memory, in llama.cpp, ONNX Runtime or PyTorch",
                 "edgedistill bench model.gguf --json bench.json\n"
                 "  edgedistill bench model.gguf --target phone-8gb --eval eval.json --strict\n"
-                "  edgedistill bench runs/tiny/distill --device cuda --dtype bf16")
-    add_models(bench, "where HF folders run (GGUF and ONNX always run on the CPU)", "HF folders' weights")
+                "  edgedistill bench runs/tiny/distill --device cuda --dtype bf16\n"
+                "  edgedistill bench model.gguf student-int4/ --device cuda")
+    add_models(bench, "where every artifact runs; cuda: GGUF with every layer offloaded and ONNX with the CUDA "
+                      "provider need GPU builds of llama-cpp-python and ONNX Runtime (README: GPU runtimes)",
+               "HF folders' weights")
     for flag, default in (("--prompt-tokens", 128), ("--gen-tokens", 64), ("--repetitions", 3)):
         bench.add_argument(flag, type=int, default=default)
     bench.add_argument("--threads", type=int)
@@ -113,7 +116,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "  edgedistill eval --build-references questions.txt --reference runs/qa/teacher "
                    "--save qa/heldout.jsonl\n"
                    "  edgedistill eval model.gguf --data qa/heldout.jsonl")
-    add_models(evaluate, "where HF folders (the reference too) run in PyTorch; GGUF and ONNX run on the CPU",
+    add_models(evaluate, "where every model (the reference too) runs; cuda: GGUF with every layer offloaded and "
+                         "ONNX with the CUDA provider need GPU builds of llama-cpp-python and ONNX Runtime (README: "
+                         "GPU runtimes)",
                "the precision HF folders run in (default: fp32)",
                models_help="GGUF files, ONNX export folders, HF folders or built-in names (none with "
                            "--build-references)", models_nargs="*")
