@@ -254,16 +254,16 @@ def tiny_hf_folder(repaired_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-def test_hf_folder_materializes_to_float32(tiny_hf_folder, repaired_tokenizer, tmp_path):
+def test_hf_folder_materializes_in_its_stored_dtype(tiny_hf_folder, repaired_tokenizer, tmp_path):
     source = resolve_source(str(tiny_hf_folder))
     assert source.kind == "hf" and source.path == tiny_hf_folder
     out = materialize(source, tmp_path / "out", progress=False)
     assert {p.name for p in out.iterdir()} == HF_FOLDER_FILES
-    model = AutoModelForCausalLM.from_pretrained(out)
-    original = AutoModelForCausalLM.from_pretrained(tiny_hf_folder)
-    assert model.dtype == torch.float32
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    original = AutoModelForCausalLM.from_pretrained(tiny_hf_folder, dtype="auto")
+    assert model.dtype == original.dtype == torch.bfloat16  # as stored, not widened to float32
     for (name, tensor), (_, reference) in zip(model.state_dict().items(), original.state_dict().items()):
-        assert torch.equal(tensor, reference.float()), name
+        assert torch.equal(tensor, reference), name
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == repaired_tokenizer.chat_template
     assert tokenizer_source(str(out)).encode(TEXTS["chat"]) == repaired_tokenizer.encode(TEXTS["chat"])

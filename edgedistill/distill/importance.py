@@ -8,7 +8,9 @@ One pass of the teacher over the calibration sequences, with forward hooks, meas
 - per MLP channel, the mean |act(gate) * up| (the input of down_proj), as in Minitron;
 - per attention head, the mean L2 norm of the head's output before o_proj (Minitron).
 Padding positions are excluded from every mean. The student stage uses these scores to choose
-which blocks, channels and heads to keep (edgedistill.distill.student).
+which blocks, channels and heads to keep (edgedistill.distill.student). The pass runs wherever the
+model is, in its dtype (the command runs the teacher as a recipe's compute: auto would); the sums are
+float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
     n_heads = model.config.num_attention_heads
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // n_heads
     # float64 sums: thousands of tokens of float32 terms lose digits that rank close channels.
+    device = model.device
     block_sum = torch.zeros(len(layers), dtype=torch.float64)
     channel_sum = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
     head_sum = [torch.zeros(n_heads, dtype=torch.float64) for _ in layers]
@@ -86,18 +89,18 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
         def hook(module, args, kwargs, output):
             before, after = _hidden_in(args, kwargs), _hidden_out(output)
             cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)
-            block_sum[index] += ((1 - cosine) * state["mask"]).sum()
+            block_sum[index] += ((1 - cosine) * state["mask"]).sum().cpu()
         return hook
 
     def channel_hook(index: int):
         def hook(module, args):
-            channel_sum[index] += (args[0].double().abs() * state["mask"][..., None]).sum(dim=(0, 1))
+            channel_sum[index] += (args[0].double().abs() * state["mask"][..., None]).sum(dim=(0, 1)).cpu()
         return hook
 
     def head_hook(index: int):
         def hook(module, args):
             per_head = args[0].double().unflatten(-1, (n_heads, head_dim)).norm(dim=-1)
-            head_sum[index] += (per_head * state["mask"][..., None]).sum(dim=(0, 1))
+            head_sum[index] += (per_head * state["mask"][..., None]).sum(dim=(0, 1)).cpu()
         return hook
 
     handles = []
@@ -115,8 +118,8 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
             # their positions stay 0..len-1 as without padding; the mask drops pads from the sums.
             input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in batch])
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
-            state["mask"] = mask.double()
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            state["mask"] = mask.double().to(device)
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -132,11 +135,13 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
 
 
 if __name__ == "__main__":
-    from edgedistill.runtimes.pytorch import load_model, load_tokenizer
+    from edgedistill.runtimes.compute import load_on, resolve_compute
+    from edgedistill.runtimes.pytorch import load_tokenizer
 
     teacher = Path(sys.argv[1])
     tokenizer = load_tokenizer(teacher)
-    scores = compute_importance(load_model(teacher), calibration_sequences(tokenizer, Path(sys.argv[2]), 64),
+    model = load_on(teacher, resolve_compute(None, teacher))
+    scores = compute_importance(model, calibration_sequences(tokenizer, Path(sys.argv[2]), 64),
                                 pad_id=tokenizer.pad_token_id or 0)
     for index, block in enumerate(scores.blocks):
         print(f"block {index:3d}  influence {block:.4f}  heads {[round(h, 2) for h in scores.heads[index].tolist()]}")

@@ -4,7 +4,9 @@ llama.cpp's quantizers weigh each weight column's rounding error by how large th
 activations are (the mean of x² over calibration tokens, per linear layer): an "imatrix". llama.cpp
 computes it with its `llama-imatrix` tool on generic text; here it is computed on the distillation
 data (prompts and teacher answers, in the chat template the student was trained on), so the bits go
-where this task's activations are, in fp32 on the exact weights being exported.
+where this task's activations are, on the exact weights being exported: in the dtype the folder
+stores them in (float32 for a student), batches of chunks at a time; `compute` (a recipe's compute:
+section) runs it elsewhere, on a GPU say, for a large teacher.
 
 The file is written in llama.cpp's GGUF imatrix format (`<tensor>.in_sum2` / `<tensor>.counts`
 tensors, `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size` keys), so it also works
@@ -27,7 +29,12 @@ from edgedistill.data.calibration import calibration_texts, token_chunks
 from edgedistill.errors import EdgedistillError
 from edgedistill.export.gguf import arch
 from edgedistill.export.gguf.writer import _read_config, gguf_writer_into
+from edgedistill.recipe import ComputeConfig
+from edgedistill.runtimes.compute import load_on, resolve_compute
 from edgedistill.sources.gguf import read_gguf
+
+# chunks of edgedistill.data.calibration.CHUNK_TOKENS tokens per forward pass
+BATCH_CHUNKS = 4
 
 @dataclass(frozen=True)
 class Imatrix:
@@ -60,13 +67,12 @@ def linear_tensor_names(hf_dir: Path) -> dict[str, str]:
 
 @torch.inference_mode()
 def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: str,
-                    max_tokens: int = 65536, overwrite: bool = False) -> Path:
+                    max_tokens: int = 65536, overwrite: bool = False, compute: ComputeConfig | None = None) -> Path:
     """Run the HF model over `texts` (packed into edgedistill.data.calibration.CHUNK_TOKENS-token
-    chunks, at most `max_tokens` tokens) and write the imatrix of every linear layer's input to `out_file`."""
+    chunks, at most `max_tokens` tokens) and write the imatrix of every linear layer's input to `out_file`.
+    `compute`: where and in what dtype the model runs (default: the CPU, in the folder's stored dtype)."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    from edgedistill.runtimes.pytorch import load_model
 
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if out_file.exists() and not overwrite:
@@ -74,7 +80,7 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
     names = linear_tensor_names(hf_dir)
     chunks = token_chunks(AutoTokenizer.from_pretrained(hf_dir), texts, max_tokens)
 
-    model = load_model(hf_dir)
+    model = load_on(hf_dir, resolve_compute(compute or ComputeConfig(device="cpu"), hf_dir))
     modules = dict(model.named_modules())
     missing = sorted(set(names) - set(modules))
     if missing:
@@ -86,14 +92,15 @@ def compute_imatrix(hf_dir: Path, texts: list[str], out_file: Path, *, dataset: 
     def collect(gguf_name: str):
         def hook(_module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0)
+            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0).cpu()
             counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
         return hook
 
     handles = [modules[hf].register_forward_pre_hook(collect(g)) for hf, g in names.items()]
     try:
-        for chunk in tqdm(chunks, desc=f"imatrix {hf_dir.name}", unit="chunk"):
-            model(torch.tensor([chunk]))
+        # chunks are all one length (or there is one), so a batch needs no padding
+        for start in tqdm(range(0, len(chunks), BATCH_CHUNKS), desc=f"imatrix {hf_dir.name}", unit="batch"):
+            model(torch.tensor(chunks[start:start + BATCH_CHUNKS], device=model.device))
     finally:
         for handle in handles:
             handle.remove()
