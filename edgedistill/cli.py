@@ -210,9 +210,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
     print(model.generate([[{"role": "user", "content": args.prompt}]], args.max_new_tokens)[0][0])
 
 
+def cmd_route(args: argparse.Namespace) -> None:
+    from edgedistill.route import format_route, route_command
+
+    out = route_command(args.run, artifact=args.artifact, target=args.target, out=args.json)
+    print(format_route(json.loads(out.read_text())))
+    print(f"wrote {out}")
+
+
 COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval, "harness": cmd_harness,
             "verify-export": cmd_verify_export, "bundle": cmd_bundle, "verify": cmd_verify_bundle,
-            "report": cmd_report, "chat": cmd_chat}
+            "report": cmd_report, "route": cmd_route, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

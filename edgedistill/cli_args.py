@@ -192,6 +192,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     report.add_argument("run", type=Path, help="run folder written by `edgedistill run`")
     report.add_argument("--out", type=Path, metavar="DIR", help="write the two files here (default: RUN)")
 
+    route = add("route", "calibrate routing: which requests a served student should hand to the teacher, from the "
+                "student's confidence on the held-out split (writes RUN/route/route.json)",
+                "edgedistill route runs/sentiment --target 0.99")
+    route.add_argument("run", type=Path, help="run folder written by `edgedistill run` (its eval stage finished)")
+    route.add_argument("--artifact", help="the eval row to route from (default: the student's Q4_K_M GGUF)")
+    route.add_argument("--target", type=float, default=0.99,
+                       help="share of the teacher's task score to reach with the fewest teacher calls")
+    route.add_argument("--json", type=Path, help="write route.json here (default: RUN/route/route.json)")
+
     chat = add("chat", "one greedy chat answer from a GGUF, an ONNX export or an HF folder",
                'edgedistill chat model.gguf "What is the capital of France?"')
     chat.add_argument("model", help="GGUF file, HF folder or built-in name")

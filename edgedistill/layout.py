@@ -33,6 +33,7 @@ TEACHER_GGUF = "teacher_gguf"
 BENCH = "bench"
 EVAL = "eval"
 REPORT = "report"
+ROUTE = "route"  # `edgedistill route RUN`: when a served student defers to the teacher
 
 # generate/
 TRAIN_JSONL = "train.jsonl"  # the teacher's answers, chat rows, the training set
@@ -56,6 +57,7 @@ def logits_shard_name(index: int) -> str:
 PREFLIGHT_JSON = "preflight.json"
 BENCH_JSON = "bench.json"
 EVAL_JSON = "eval.json"
+ROUTE_JSON = "route.json"
 # the judge scorer's verdicts, kept as they arrive so a killed eval asks again only the rest
 JUDGE_JSONL = "judge_verdicts.jsonl"
 REPORT_MD = "report.md"

@@ -1,0 +1,199 @@
+"""Routing calibration: when should a served student hand a request to the teacher?
+
+    edgedistill route runs/sentiment                       # writes runs/sentiment/route/route.json
+    edgedistill route runs/sentiment --artifact student-int4/ --target 0.99
+
+The student answers every held-out prompt first (its answers and the teacher's are those of the
+run's eval stage, eval/eval.json, scored again per example with the task's scorers); a confidence
+computed from the student's own token log-probs decides which answers are kept and which requests
+go to the teacher:
+
+- classification (held-out records with label choices): the margin between the log-likelihoods
+  of the best and the second-best label as the whole answer (`margin`);
+- open-ended answers: a quantile of the per-token log-probs of the student's own answer (`min`,
+  `p10`, `p25`, `mean`), since one unsure token is what a wrong answer usually shows, and a
+  whole-sequence probability punishes long answers that are right.
+
+Sending the least confident examples to the teacher first, each number of teacher calls k gives a
+point of the curve: the routed score (teacher's answers on the k, the student's on the rest) as a
+share of the teacher's own score, with a 95% bootstrap interval (examples resampled in pairs).
+route.json holds the curve of each rule, the rule and threshold that reach `target` (default
+0.99 of the teacher's score) with the fewest teacher calls, and what random routing would give at
+that share of calls. `edgedistill serve --route route.json` applies the threshold: an answer whose
+confidence is below it goes to the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgedistill import layout
+from edgedistill.errors import EdgedistillError
+from edgedistill.evaluate.intervals import bootstrap_ratio
+from edgedistill.evaluate.scorers import ScoreInput, score_all
+from edgedistill.evaluate.task import final_answer, load_heldout, read_task, task_scorers
+from edgedistill.records import STUDENT_ROW, read_eval
+from edgedistill.runtimes import Runtime, open_runtime
+
+ROUTE_FORMAT = 1
+DEFAULT_TARGET = 0.99
+OPEN_ENDED_RULES = ("min", "p10", "p25", "mean")
+CLASSIFICATION_RULES = ("margin",)
+QUANTILES = {"min": 0.0, "p10": 0.10, "p25": 0.25}
+# finite, so route.json stays plain JSON: below any log-prob a model gives
+LEAST_CONFIDENT = -1e9
+
+
+@dataclass(frozen=True)
+class RoutePoint:
+    threshold: float | None  # answers with a confidence below it go to the teacher (None: none go)
+    teacher_calls: int
+    teacher_call_share: float
+    share_of_teacher: float | None
+    low: float | None
+    high: float | None
+
+
+def token_confidence(logprobs: list[float], rule: str) -> float:
+    """An open-ended answer's confidence from its tokens' log-probs, by `rule`."""
+    if not logprobs:
+        return LEAST_CONFIDENT  # an empty answer is the least trusted
+    if rule == "mean":
+        return float(np.mean(logprobs))
+    if rule not in QUANTILES:
+        raise EdgedistillError(f"unknown confidence rule {rule!r}", f"use one of {', '.join(OPEN_ENDED_RULES)}")
+    return float(np.quantile(logprobs, QUANTILES[rule]))
+
+
+def answer_logprobs(runtime: Runtime, messages: list[dict[str, str]], answer: str) -> list[float]:
+    """The log-prob the runtime gives each token of `answer` after the chat prompt `messages`."""
+    prompt = runtime.prompt_ids(messages)
+    tokens = runtime.encode(answer, add_special=False)
+    if not tokens:
+        return []
+    scored = runtime.score(prompt + tokens[:-1] if len(tokens) > 1 else prompt, last=len(tokens))
+    return [float(scored[i, token]) for i, token in enumerate(tokens)]
+
+
+def label_margin(runtime: Runtime, messages: list[dict[str, str]], choices: list[str]) -> float:
+    """Best minus second-best label log-likelihood, each label taken as the whole answer."""
+    totals = sorted((sum(answer_logprobs(runtime, messages, choice)) for choice in choices), reverse=True)
+    return totals[0] - totals[1] if len(totals) > 1 else float("inf")
+
+
+def confidence(runtime: Runtime, messages: list[dict[str, str]], answer: str, rule: str,
+               choices: list[str] | None = None) -> float:
+    """The student's confidence in `answer` to `messages` (the serve-time rule as calibrated)."""
+    if rule == "margin":
+        if not choices:
+            raise EdgedistillError("the margin rule needs the task's label choices",
+                                   "use an open-ended rule (min, p10, p25, mean) for this task")
+        return label_margin(runtime, messages, choices)
+    return token_confidence(answer_logprobs(runtime, messages, answer), rule)
+
+
+def routing_curve(student: list[float], teacher: list[float], confidences: list[float]) -> list[RoutePoint]:
+    """One point per number of teacher calls, the least confident examples routed first."""
+    n = len(student)
+    order = np.argsort(np.asarray(confidences, dtype=float), kind="stable")
+    sorted_conf = np.asarray(confidences, dtype=float)[order]
+    routed = np.asarray(student, dtype=float).copy()
+    points = []
+    for k in range(n + 1):
+        if k:
+            routed[order[k - 1]] = teacher[order[k - 1]]
+        share = bootstrap_ratio(routed.tolist(), teacher)
+        # "below the (k+1)-th confidence" sends exactly the k least confident (ties go together)
+        threshold = None if k == 0 else float(sorted_conf[k]) if k < n else float(sorted_conf[-1]) + 1.0
+        points.append(RoutePoint(threshold, k, round(k / n, 4), None if share.mean is None else round(share.mean, 4),
+                                 None if share.low is None else round(share.low, 4),
+                                 None if share.high is None else round(share.high, 4)))
+    return points
+
+
+def _cheapest(points: list[RoutePoint], target: float) -> RoutePoint | None:
+    return next((p for p in points if p.share_of_teacher is not None and p.share_of_teacher >= target), None)
+
+
+def _per_example(run: Path, answers: list[dict], heldout: dict, scorers, task) -> dict:
+    items = [ScoreInput(final_answer(a["answer"], task), heldout[a["id"]].get("reference"), heldout[a["id"]])
+             for a in answers]
+    primary = score_all(scorers, items)[scorers[0].name]
+    return {a["id"]: v for a, v in zip(answers, primary.values)}
+
+
+def calibrate(run: Path, *, artifact: str | None = None, target: float = DEFAULT_TARGET,
+              rules: tuple[str, ...] | None = None) -> dict:
+    """route.json's content for the run folder `run` (module docstring)."""
+    run = Path(run)
+    data = run / layout.GENERATE / layout.HELDOUT_JSONL
+    report = read_eval(run / layout.EVAL / layout.EVAL_JSON)
+    if report.reference is None:
+        raise EdgedistillError(f"{run}/eval/eval.json has no reference (teacher) row",
+                               "run the eval stage with the teacher: edgedistill run RECIPE --from eval")
+    rows = {row.artifact: row for row in report.artifacts}
+    name = artifact or next((n for n in rows if n.endswith("q4_k_m.gguf") and "student" in n),
+                            next((n for n in rows if n != STUDENT_ROW and "teacher" not in n), None))
+    if name not in rows:
+        raise EdgedistillError(f"no eval row named {name!r} in {run}/eval/eval.json",
+                               f"choose --artifact among: {', '.join(rows)}")
+    row = rows[name]
+    records = load_heldout(data)
+    heldout = {record["id"]: record for record in records}
+    task, scorers = read_task(data), task_scorers(data, records)
+    student = _per_example(run, row.answers, heldout, scorers, task)
+    teacher = _per_example(run, report.reference.answers, heldout, scorers, task)
+    ids = [i for i in student if i in teacher and student[i] is not None and teacher[i] is not None]
+    if len(ids) < 2:
+        raise EdgedistillError(f"only {len(ids)} held-out examples have both a student and a teacher score",
+                               "routing needs the held-out split scored for both: check eval/eval.json")
+    labelled = all("choices" in heldout[i] for i in ids)
+    rules = rules or (CLASSIFICATION_RULES if labelled else OPEN_ENDED_RULES)
+    answers = {a["id"]: a["answer"] for a in row.answers}
+    runtime = open_runtime(row.path)
+    confidences = {rule: [confidence(runtime, heldout[i]["messages"], answers[i], rule, heldout[i].get("choices"))
+                          for i in ids] for rule in rules}
+    del runtime
+    s, t = [student[i] for i in ids], [teacher[i] for i in ids]
+    curves = {rule: routing_curve(s, t, values) for rule, values in confidences.items()}
+    best = {rule: _cheapest(points, target) for rule, points in curves.items()}
+    reached = [rule for rule in rules if best[rule] is not None]
+    rule = min(reached, key=lambda r: best[r].teacher_calls) if reached else rules[0]
+    chosen = best[rule] or curves[rule][-1]
+    student_mean, teacher_mean = float(np.mean(s)), float(np.mean(t))
+    random_share = ((student_mean + chosen.teacher_call_share * (teacher_mean - student_mean)) / teacher_mean
+                    if teacher_mean else None)
+    return {"format": ROUTE_FORMAT, "artifact": name, "path": row.path, "examples": len(ids),
+            "scorer": scorers[0].name, "target": target, "student_score": round(student_mean, 4),
+            "teacher_score": round(teacher_mean, 4), "rule": rule,
+            "threshold": chosen.threshold, "reached": best[rule] is not None,
+            "teacher_call_share": chosen.teacher_call_share, "share_of_teacher": chosen.share_of_teacher,
+            "share_interval": [chosen.low, chosen.high],
+            "random_routing_share_of_teacher": None if random_share is None else round(random_share, 4),
+            "curves": {r: [p.__dict__ for p in points] for r, points in curves.items()}}
+
+
+def route_command(run: Path, *, artifact: str | None, target: float, out: Path | None) -> Path:
+    result = calibrate(run, artifact=artifact, target=target)
+    out = out or Path(run) / layout.ROUTE / layout.ROUTE_JSON
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def format_route(result: dict) -> str:
+    head = (f"{result['artifact']} on {result['examples']} held-out examples ({result['scorer']}): student "
+            f"{result['student_score']:.3f}, teacher {result['teacher_score']:.3f}. ")
+    if result["share_of_teacher"] is None:
+        return head + "The teacher scores 0 here: there is no share of its score to reach, so no threshold is chosen"
+    verdict = "reaches" if result["reached"] else "does not reach"
+    low, high = result["share_interval"]
+    interval = f" [{low:.1%}, {high:.1%}]" if low is not None else ""
+    return head + (f"Rule {result['rule']}, threshold {result['threshold']:.4g}: {result['teacher_call_share']:.0%} "
+                   f"of requests to the teacher give {result['share_of_teacher']:.1%}{interval} of its score, "
+                   f"{verdict} the target {result['target']:.0%} (random routing at that share of calls: "
+                   f"{result['random_routing_share_of_teacher']:.1%})")
