@@ -218,9 +218,22 @@ def cmd_route(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from edgedistill.serve.app import ServeSettings
+    from edgedistill.serve.server import serve
+
+    for flag, value in (("--queue", args.queue), ("--max-tokens", args.max_tokens), ("--timeout-s", args.timeout_s)):
+        if value <= 0:
+            raise EdgedistillError(f"{flag} {value:g} must be positive", f"pass {flag} with a number above 0")
+    serve(args.artifact, host=args.host, port=args.port, teacher=args.teacher, teacher_model=args.teacher_model,
+          route=args.route, settings=ServeSettings(max_waiting=args.queue, max_tokens=args.max_tokens,
+                                                   timeout_s=args.timeout_s),
+          threads=args.threads, device=args.device, dtype=args.dtype)
+
+
 COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval, "harness": cmd_harness,
             "verify-export": cmd_verify_export, "bundle": cmd_bundle, "verify": cmd_verify_bundle,
-            "report": cmd_report, "route": cmd_route, "chat": cmd_chat}
+            "report": cmd_report, "route": cmd_route, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,4 +206,35 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     chat.add_argument("model", help="GGUF file, HF folder or built-in name")
     chat.add_argument("prompt")
     chat.add_argument("--max-new-tokens", type=int, default=128)
+
+    serve = add("serve", "an OpenAI-compatible HTTP service over a GGUF, ONNX export or HF folder: /v1/chat/completions "
+                "(streamed or whole), /v1/models and /health, one answer at a time per model behind a bounded queue; "
+                "with --teacher, requests that name the teacher go to it, and to the student (marked degraded) when "
+                "it cannot answer",
+                "edgedistill serve runs/sentiment/export/student-q4_k_m.gguf --port 8000\n"
+                "  edgedistill serve model.gguf --teacher http://gpu-box:8000/v1\n"
+                "  EDGEDISTILL_API_KEY=$(openssl rand -hex 24) edgedistill serve model.gguf --host 0.0.0.0")
+    serve.add_argument("artifact", help="GGUF file, ONNX export folder, HF folder or built-in name")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1); any other than loopback needs "
+                            "EDGEDISTILL_API_KEY set, which clients then send as their API key")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--teacher", metavar="URL_OR_MODEL",
+                       help="an OpenAI-compatible base URL (http://host:8000/v1; its key, if any, in "
+                            "EDGEDISTILL_TEACHER_API_KEY) or a local model, answering requests for model \"teacher\"")
+    serve.add_argument("--teacher-model", metavar="NAME",
+                       help="the model name the teacher endpoint serves (default: the one its /models lists)")
+    serve.add_argument("--route", type=Path, metavar="FILE",
+                       help="route.json of `edgedistill route` (confidence routing; not built yet)")
+    serve.add_argument("--queue", type=int, default=32, metavar="N",
+                       help="requests that may wait while the model answers another; more are answered 503 "
+                            "(default: 32)")
+    serve.add_argument("--timeout-s", type=float, default=120.0,
+                       help="per request, queue wait and answer; past it 504 (default: 120)")
+    serve.add_argument("--max-tokens", type=int, default=1024,
+                       help="the most completion tokens a request may ask for (default: 1024)")
+    serve.add_argument("--threads", type=int, help="llama.cpp / ONNX Runtime threads (default: all cores)")
+    serve.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run")
+    serve.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                       help="the precision HF folders run in (default: fp32)")
     return parser
