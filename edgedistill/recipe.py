@@ -432,9 +432,21 @@ class EvalConfig(Section):
     score_records: Annotated[int, Field(ge=0)] = 64
 
 
+class RouteConfig(Section):
+    """A `route` stage after eval (edgedistill.route): when a served student hands a request to the
+    teacher, calibrated on the held-out split; it writes route/route.json for `edgedistill serve --route`."""
+
+    # the share of the teacher's task score that routing must keep, with the fewest teacher calls
+    target: Annotated[float, Field(gt=0, le=1)] = 0.99
+    # the eval row routed from, as eval.json names it (student-q8_0.gguf, student-int4/); None: the
+    # student's Q4_K_M GGUF
+    artifact: Annotated[str, Field(min_length=1)] | None = None
+
+
 class Recipe(Section):
-    # compute: at its default is left out of dumps and stage keys, so runs made before it stay cached
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"compute": ComputeConfig()}
+    # compute: at its default and an absent route: are left out of dumps and stage keys, so runs made
+    # before them stay cached
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"compute": ComputeConfig(), "route": None}
 
     name: str
     seed: int = 0
@@ -450,6 +462,7 @@ class Recipe(Section):
     bench: BenchConfig = BenchConfig()
     eval: EvalConfig = EvalConfig()
     compute: ComputeConfig = ComputeConfig()
+    route: RouteConfig | None = None
     # Where the recipe came from; relative paths inside it are resolved against this folder.
     base_dir: Path = Path(".")
     # Whether the person running it allows the recipe's own code (a custom scorer): a command-line
