@@ -21,6 +21,9 @@ route.json holds the curve of each rule, the rule and threshold that reach `targ
 0.99 of the teacher's score) with the fewest teacher calls, and what random routing would give at
 that share of calls. `edgedistill serve --route route.json` applies the threshold: an answer whose
 confidence is below it goes to the teacher.
+
+With a `route:` section in the recipe, the `route` stage of `edgedistill run` (route_stage) does the
+same after eval and writes RUN/route/route.json, reading the artifact from the run's export folders.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.intervals import bootstrap_ratio
 from edgedistill.evaluate.scorers import ScoreInput, score_all
 from edgedistill.evaluate.task import final_answer, load_heldout, read_task, task_scorers
+from edgedistill.recipe import Recipe
 from edgedistill.records import STUDENT_ROW, read_eval
 from edgedistill.runtimes import Runtime, open_runtime
 
@@ -119,7 +123,7 @@ def _cheapest(points: list[RoutePoint], target: float) -> RoutePoint | None:
     return next((p for p in points if p.share_of_teacher is not None and p.share_of_teacher >= target), None)
 
 
-def _per_example(run: Path, answers: list[dict], heldout: dict, scorers, task) -> dict:
+def _per_example(answers: list[dict], heldout: dict, scorers, task) -> dict:
     items = [ScoreInput(final_answer(a["answer"], task), heldout[a["id"]].get("reference"), heldout[a["id"]])
              for a in answers]
     primary = score_all(scorers, items)[scorers[0].name]
@@ -130,23 +134,44 @@ def calibrate(run: Path, *, artifact: str | None = None, target: float = DEFAULT
               rules: tuple[str, ...] | None = None) -> dict:
     """route.json's content for the run folder `run` (module docstring)."""
     run = Path(run)
-    data = run / layout.GENERATE / layout.HELDOUT_JSONL
-    report = read_eval(run / layout.EVAL / layout.EVAL_JSON)
+    return calibrate_files(run / layout.EVAL / layout.EVAL_JSON, run / layout.GENERATE / layout.HELDOUT_JSONL,
+                           artifact=artifact, target=target, rules=rules)
+
+
+def _artifact_in(folders: tuple[Path, ...], name: str) -> Path:
+    """The file or folder of eval row `name` in one of `folders` (a stage's export inputs)."""
+    found = next((folder / name.rstrip("/") for folder in folders if (folder / name.rstrip("/")).exists()), None)
+    if found is None:
+        raise EdgedistillError(f"route.artifact {name!r} is not in {' or '.join(str(f) for f in folders)}",
+                               "name a student GGUF of export/ (e.g. student-q4_k_m.gguf) or an ONNX folder of "
+                               "export_onnx/ (e.g. student-int4/), as eval/eval.json names its rows")
+    return found
+
+
+def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | None = None,
+                    target: float = DEFAULT_TARGET, rules: tuple[str, ...] | None = None,
+                    folders: tuple[Path, ...] = ()) -> dict:
+    """route.json's content from an eval stage's eval.json and the generate stage's heldout.jsonl.
+    The artifact is run from where eval.json says it ran, or, with `folders`, from the one of them
+    that holds it (the route stage's export inputs, which its cache key covers)."""
+    data = Path(heldout_jsonl)
+    report = read_eval(eval_json)
     if report.reference is None:
-        raise EdgedistillError(f"{run}/eval/eval.json has no reference (teacher) row",
+        raise EdgedistillError(f"{eval_json} has no reference (teacher) row",
                                "run the eval stage with the teacher: edgedistill run RECIPE --from eval")
     rows = {row.artifact: row for row in report.artifacts}
     name = artifact or next((n for n in rows if n.endswith("q4_k_m.gguf") and "student" in n),
                             next((n for n in rows if n != STUDENT_ROW and "teacher" not in n), None))
     if name not in rows:
-        raise EdgedistillError(f"no eval row named {name!r} in {run}/eval/eval.json",
-                               f"choose --artifact among: {', '.join(rows)}")
+        raise EdgedistillError(f"no eval row named {name!r} in {eval_json}",
+                               f"choose --artifact (route.artifact in a recipe) among: {', '.join(rows)}")
     row = rows[name]
+    path = str(_artifact_in(folders, name)) if folders else row.path
     records = load_heldout(data)
     heldout = {record["id"]: record for record in records}
     task, scorers = read_task(data), task_scorers(data, records)
-    student = _per_example(run, row.answers, heldout, scorers, task)
-    teacher = _per_example(run, report.reference.answers, heldout, scorers, task)
+    student = _per_example(row.answers, heldout, scorers, task)
+    teacher = _per_example(report.reference.answers, heldout, scorers, task)
     ids = [i for i in student if i in teacher and student[i] is not None and teacher[i] is not None]
     if len(ids) < 2:
         raise EdgedistillError(f"only {len(ids)} held-out examples have both a student and a teacher score",
@@ -154,7 +179,7 @@ def calibrate(run: Path, *, artifact: str | None = None, target: float = DEFAULT
     labelled = all("choices" in heldout[i] for i in ids)
     rules = rules or (CLASSIFICATION_RULES if labelled else OPEN_ENDED_RULES)
     answers = {a["id"]: a["answer"] for a in row.answers}
-    runtime = open_runtime(row.path)
+    runtime = open_runtime(path)
     confidences = {rule: [confidence(runtime, heldout[i]["messages"], answers[i], rule, heldout[i].get("choices"))
                           for i in ids] for rule in rules}
     del runtime
@@ -167,7 +192,7 @@ def calibrate(run: Path, *, artifact: str | None = None, target: float = DEFAULT
     student_mean, teacher_mean = float(np.mean(s)), float(np.mean(t))
     random_share = ((student_mean + chosen.teacher_call_share * (teacher_mean - student_mean)) / teacher_mean
                     if teacher_mean else None)
-    return {"format": ROUTE_FORMAT, "artifact": name, "path": row.path, "examples": len(ids),
+    return {"format": ROUTE_FORMAT, "artifact": name, "path": path, "examples": len(ids),
             "scorer": scorers[0].name, "target": target, "student_score": round(student_mean, 4),
             "teacher_score": round(teacher_mean, 4), "rule": rule,
             "threshold": chosen.threshold, "reached": best[rule] is not None,
@@ -183,6 +208,18 @@ def route_command(run: Path, *, artifact: str | None, target: float, out: Path |
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
+
+
+def route_stage(recipe: Recipe, out: Path, *, generate: Path, eval: Path, export: Path,
+                export_onnx: Path | None = None) -> dict:
+    """The route stage (a recipe with a `route:` section): route/route.json for route.artifact (None:
+    the student's Q4_K_M GGUF row) and route.target, the artifact read from the export folders."""
+    cfg = recipe.route
+    result = calibrate_files(eval / layout.EVAL_JSON, generate / layout.HELDOUT_JSONL, artifact=cfg.artifact,
+                             target=cfg.target, folders=(export, *((export_onnx,) if export_onnx else ())))
+    (out / layout.ROUTE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    return {key: result[key] for key in ("artifact", "rule", "threshold", "teacher_call_share", "share_of_teacher",
+                                         "reached")}
 
 
 def format_route(result: dict) -> str:

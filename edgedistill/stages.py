@@ -21,12 +21,13 @@ from edgedistill.evaluate.task import eval_stage
 from edgedistill.export import check as export_check
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
 from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, PREFLIGHT,
-                                REPORT, STUDENT, TEACHER, TEACHER_GGUF)
+                                REPORT, ROUTE, STUDENT, TEACHER, TEACHER_GGUF)
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Check, Stage, clear_folder
 from edgedistill.preflight import preflight_stage
 from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
+from edgedistill.route import route_stage
 from edgedistill.runtimes.compute import require_device
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher, write_endpoint_teacher
@@ -140,7 +141,8 @@ def _progressive_stages(recipe: Recipe) -> tuple[list[Stage], str, str]:
 
 def stages_for(recipe: Recipe) -> list[Stage]:
     """The stages a recipe runs, in order: `preflight` with a bench.target, `step*` with a
-    `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx.
+    `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx,
+    `route` (after eval) with a `route:` section.
     A compute: section that asks for a GPU this machine lacks is refused here, before any stage runs."""
     require_device(recipe.compute)
     progressive, parent, labels = _progressive_stages(recipe)
@@ -163,6 +165,7 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     trained = [*(s.name for s in progressive), STUDENT, DISTILL, *(s.name for s in lora_stages)]
     onnx = (EXPORT_ONNX,) if recipe.export.onnx else ()
     preflight = (PREFLIGHT,) if recipe.bench.target is not None else ()
+    route = (ROUTE,) if recipe.route is not None else ()
     return [
         # the check: whether every export the recipe asks for takes the teacher and the student it will
         # have, before the long stages (a refusal would otherwise come after training)
@@ -200,8 +203,11 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         # endpoint teacher answers (its URL, like generate's, is not part of the key)
         Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF, EXPORT, *onnx), sections=("eval", "compute"),
               unkeyed_sections=("allow_code", "generate.endpoint")),
+        # when a served student hands a request to the teacher (edgedistill.route): eval's answers of the
+        # student artifact and the teacher, that artifact's confidence, from the export folder holding it
+        *([Stage(ROUTE, route_stage, inputs=(GENERATE, EVAL, EXPORT, *onnx), sections=("route",))] if route else []),
         # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
         Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,
-                                            TEACHER_GGUF, BENCH, EVAL),
+                                            TEACHER_GGUF, BENCH, EVAL, *route),
               sections=("name", "teacher"), version=3),
     ]
