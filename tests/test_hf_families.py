@@ -492,17 +492,9 @@ def test_teacher_stage_export_check_and_gguf_tokenizer(family_folder, teacher_di
     assert logits["argmax_agreement"] >= 0.95
 
 
-# Their chat templates write bos_token and their tokenizers add one too (add_bos_token): apply_chat_template
-# tokenizes without adding it, while LlamaCppChatModel.prompt_ids tokenizes the rendered text with
-# add_bos, so the prompt starts with two BOS (edgedistill/runtimes/llamacpp.py; seen on every id after).
-TEMPLATE_WRITES_BOS = {"llama3", "gemma3", "gemma3-mm", "mistral"}
-
-
 @pytest.mark.integration
-def test_llama_cpp_chat_prompts_equal_the_hf_tokenizers(family_folder, teacher_dir, tmp_path, request):
-    if family_folder[0].name in TEMPLATE_WRITES_BOS:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason="LlamaCppChatModel.prompt_ids adds a second BOS"))
+def test_llama_cpp_chat_prompts_equal_the_hf_tokenizers(family_folder, teacher_dir, tmp_path):
+    # Llama 3, Gemma 3 and Mistral templates write the BOS themselves: llama.cpp must not add a second
     parity = token_parity(teacher_dir, write_gguf(teacher_dir, tmp_path / "f16.gguf"))
     for got, want in parity["chats"].values():
         assert got == want
@@ -563,8 +555,6 @@ def test_edgedistill_run_end_to_end(family_folder, tmp_path, request):
         assert main(["run", str(recipe), "--out", str(run), "--to", "export"]) == 0  # the GGUF export included
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
             "onnxruntime-genai's tokenizer adds no BOS for this tokenizer.json: export_onnx's verification fails")))
-    # to bench first: eval scores the GGUF files' prompts against the teacher's, which the second BOS
-    # of LlamaCppChatModel.prompt_ids stops for TEMPLATE_WRITES_BOS (the last step below)
     assert main(["run", str(recipe), "--out", str(run), "--to", "bench"]) == 0
     for stage in STAGES[:-2]:
         assert is_complete(run / stage), stage
@@ -593,9 +583,6 @@ def test_edgedistill_run_end_to_end(family_folder, tmp_path, request):
     print(json.dumps(figures))
     assert figures["student_f16"]["tokenization_identical"] and figures["teacher_f16"]["tokenization_identical"]
 
-    if family.name in TEMPLATE_WRITES_BOS:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason="LlamaCppChatModel.prompt_ids adds a second BOS"))
     assert main(["run", str(recipe), "--out", str(run)]) == 0
     assert is_complete(run / "eval") and is_complete(run / "report")
     evaluation = json.loads((run / "eval" / "eval.json").read_text())

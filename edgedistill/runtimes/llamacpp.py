@@ -111,8 +111,11 @@ class LlamaCppChatModel:
 
     def prompt_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         prompt = self.formatters[add_generation_prompt](messages=messages).prompt
-        return self.llm.tokenize(prompt.encode(), add_bos=self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                                 special=True)
+        ids = self.llm.tokenize(prompt.encode(), add_bos=self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                                special=True)
+        # a template that writes the BOS itself (Llama 3, Gemma, Mistral) would get a second one from
+        # add_bos; llama.cpp's own chat code drops it too, and transformers never adds it
+        return ids[1:] if len(ids) > 1 and ids[0] == ids[1] == self.llm.token_bos() else ids
 
     def is_end(self, token: int) -> bool:
         import llama_cpp
