@@ -9,7 +9,9 @@ print(verify_bundle(Path('sentiment-student.tar.gz'), extract_to=Path('deploy'))
 The archive holds one folder named after the file (`sentiment-student/`): the chosen artifacts
 (by default the smallest GGUF that passed verification and every ONNX folder), the tokenizer
 files, `chat_template.jinja`, a model card `README.md` (teacher, data, measured results, how to
-run it), an Ollama `Modelfile` per GGUF, and `manifest.json` with every file's size and sha256.
+run it), an Ollama `Modelfile` per GGUF, `route.json` when the run has route/route.json (when the
+student hands a request to the teacher; the card shows the `edgedistill serve --route` command),
+and `manifest.json` with every file's size and sha256.
 
 A run trusts a finished stage on its files' sizes, so a same-size corruption would be bundled with
 a fresh hash: every file packed from a stage folder is hashed as it is packed and compared with
@@ -140,9 +142,52 @@ def _training_examples(run_dir: Path, generate: dict) -> int | None:
     return examples
 
 
+def _read_route(run_dir: Path) -> dict | None:
+    """route/route.json (edgedistill.route) when the run has one."""
+    path = run_dir / layout.ROUTE / layout.ROUTE_JSON
+    if not path.is_file():
+        return None
+    try:
+        route = json.loads(path.read_text())
+    except ValueError as exc:
+        raise EdgedistillError(f"{path} is not valid JSON ({exc})",
+                               f"write it again: edgedistill route {run_dir}") from None
+    if not isinstance(route, dict) or not isinstance(route.get("artifact"), str):
+        raise EdgedistillError(f"{path} is not what `edgedistill route` writes (no artifact)",
+                               f"write it again: edgedistill route {run_dir}")
+    return route
+
+
+def _route_lines(route: dict, artifacts: list[str]) -> list[str]:
+    """The model card's routing part: what route.json decided on the held-out split, and the serve command."""
+    artifact = route["artifact"]
+    lines = ["## Route hard requests to the teacher", ""]
+    if route.get("share_of_teacher") is not None:
+        low, high = route.get("share_interval") or [None, None]
+        interval = f" [{_fmt(100 * low)}, {_fmt(100 * high)}]" if low is not None and high is not None else ""
+        threshold = ("no threshold (the student alone reaches the target)" if route.get("threshold") is None
+                     else f"threshold {route['threshold']:.4g}")
+        random = route.get("random_routing_share_of_teacher")
+        lines += [f"route.json (from route/route.json): the student answers first, and a request goes to the teacher "
+                  f"when the student's confidence in its answer (rule `{route.get('rule')}`) is below the threshold. "
+                  f"On {_fmt(route.get('examples'))} held-out examples, {threshold} sent "
+                  f"{_fmt(100 * route['teacher_call_share'])}% of requests to the teacher and kept "
+                  f"{_fmt(100 * route['share_of_teacher'])}%{interval} of its task score "
+                  f"({'reaching' if route.get('reached') else 'short of'} the target {_fmt(100 * route['target'])}%"
+                  + (f"; random routing at that share of calls: {_fmt(100 * random)}%" if random is not None else "")
+                  + ").", ""]
+    if artifact.rstrip("/") not in {name.rstrip("/") for name in artifacts}:
+        lines += [f"route.json was calibrated on `{artifact}`, which this bundle does not hold: its threshold fits "
+                  f"that artifact only (bundle it with `--artifact {artifact}`).", ""]
+    lines += ["Serve the student, with the teacher's OpenAI-compatible endpoint at URL "
+              "(e.g. http://127.0.0.1:8080/v1):", "",
+              f"    edgedistill serve {artifact.rstrip('/')} --route route.json --teacher URL", ""]
+    return lines
+
+
 def _model_card(run_dir: Path, name: str, run_name: str, artifacts: list[str],
                 modelfiles: dict[str, tuple[str, str]],
-                has_template: bool) -> str:
+                has_template: bool, route: dict | None = None) -> str:
     manifests = {stage: _read_json(run_dir / stage / layout.MANIFEST) or {}
                  for stage in (layout.TEACHER, layout.STUDENT, layout.GENERATE, layout.DISTILL)}
     teacher = (manifests["teacher"].get("config") or {}).get("teacher") or {}
@@ -212,6 +257,8 @@ def _model_card(run_dir: Path, name: str, run_name: str, artifacts: list[str],
                       "    while not generator.is_done():",
                       "        generator.generate_next_token()",
                       "    print(tokenizer.decode(generator.get_sequence(0)))", ""]
+    if route is not None:
+        lines += _route_lines(route, artifacts)
     lines += ["Check the archive before deploying it: `edgedistill verify <file>.tar.gz` "
               "(sizes and sha256 of every file are in manifest.json)."]
     return "\n".join(lines) + "\n"
@@ -310,7 +357,10 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
     elif isinstance(tokenizer_config.get("chat_template"), str):
         generated[layout.CHAT_TEMPLATE] = tokenizer_config["chat_template"]
     has_template = layout.CHAT_TEMPLATE in sources or layout.CHAT_TEMPLATE in generated
-    generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, has_template)
+    route = _read_route(run_dir)
+    if route is not None:
+        sources[layout.ROUTE_JSON] = run_dir / layout.ROUTE / layout.ROUTE_JSON
+    generated["README.md"] = _model_card(run_dir, name, run_name, list(chosen), modelfiles, has_template, route)
     recorded = _stage_records(run_dir, sources)
 
     created = int(time.time())
@@ -325,10 +375,12 @@ def make_bundle(run_dir: Path, out_file: Path, *, artifacts: list[str] | None = 
                     _check_unchanged(run_dir, path, *recorded[relpath], files[relpath]["sha256"])
             for relpath, text in generated.items():
                 files[relpath] = _add_bytes(tar, f"{name}/{relpath}", text.encode(), created)
+            # "route": the routing file, only when there is one (bundles without it stay as they were)
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "run": run_name,
                         "edgedistill_version": __version__,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created)),
-                        "artifacts": list(chosen), "files": files}
+                        "artifacts": list(chosen), **({"route": layout.ROUTE_JSON} if route is not None else {}),
+                        "files": files}
             _add_bytes(tar, f"{name}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), created)
         os.replace(tmp, out_file)
     finally:

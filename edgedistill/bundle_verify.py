@@ -22,8 +22,8 @@ First pass, nothing written:
   what the headers declare plus their own blocks;
 - gzip's CRC and a cut anywhere: "truncated or damaged ... copy it again";
 - the manifest: JSON, an object of this `format` and `format_version`, `name` the top folder,
-  `files` an object {relative path: {"bytes": int >= 0, "sha256": 64 lowercase hex}}; a bad field
-  is named. The archive's files are exactly the manifest's (and manifest.json), each of the size
+  `files` an object {relative path: {"bytes": int >= 0, "sha256": 64 lowercase hex}}, `route`
+  (when present) one of those files; a bad field is named. The archive's files are exactly the manifest's (and manifest.json), each of the size
   the manifest says.
 Then with `extract_to`, its filesystem must have the files' bytes free plus a 4 KiB block per
 file and a 64 MiB margin (FREE_SPACE_MARGIN_BYTES).
@@ -304,6 +304,9 @@ def _parse_manifest(file: Path, top: str, data: bytes) -> dict:
             raise EdgedistillError(_bad_field(field, entry, "bytes", "a whole number of bytes"), _REBUILD)
         if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
             raise EdgedistillError(_bad_field(field, entry, "sha256", "64 lowercase hex digits"), _REBUILD)
+    # route: the routing file for `edgedistill serve --route` (edgedistill.route), when the run had one
+    if "route" in manifest and (not isinstance(manifest["route"], str) or manifest["route"] not in files):
+        raise EdgedistillError(f"{where}: route is {str(manifest['route'])[:100]}, not one of the files", _REBUILD)
     return manifest
 
 
@@ -429,5 +432,6 @@ def verify_bundle(file: Path, *, extract_to: Path | None = None, max_bytes: int 
     manifest = contents.manifest
     return {"file": str(file), "name": contents.top, "run": manifest.get("run"),
             "edgedistill_version": manifest.get("edgedistill_version"), "artifacts": manifest.get("artifacts", []),
+            "route": manifest.get("route"),
             "files": len(manifest["files"]), "bytes": sum(entry["bytes"] for entry in manifest["files"].values()),
             "extracted_to": extracted}

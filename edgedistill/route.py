@@ -183,17 +183,23 @@ def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | Non
     confidences = {rule: [confidence(runtime, heldout[i]["messages"], answers[i], rule, heldout[i].get("choices"))
                           for i in ids] for rule in rules}
     del runtime
-    s, t = [student[i] for i in ids], [teacher[i] for i in ids]
-    curves = {rule: routing_curve(s, t, values) for rule, values in confidences.items()}
+    return {"format": ROUTE_FORMAT, "artifact": name, "path": path, "examples": len(ids), "scorer": scorers[0].name,
+            **choose_route([student[i] for i in ids], [teacher[i] for i in ids], confidences, target)}
+
+
+def choose_route(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
+                 target: float) -> dict:
+    """route.json's target, scores, curves and choice from per-example scores of the student and the
+    teacher and each rule's confidences in the student's answers (the first rule when none reaches)."""
+    curves = {rule: routing_curve(student, teacher, values) for rule, values in confidences.items()}
     best = {rule: _cheapest(points, target) for rule, points in curves.items()}
-    reached = [rule for rule in rules if best[rule] is not None]
-    rule = min(reached, key=lambda r: best[r].teacher_calls) if reached else rules[0]
+    reached = [rule for rule in curves if best[rule] is not None]
+    rule = min(reached, key=lambda r: best[r].teacher_calls) if reached else next(iter(curves))
     chosen = best[rule] or curves[rule][-1]
-    student_mean, teacher_mean = float(np.mean(s)), float(np.mean(t))
+    student_mean, teacher_mean = float(np.mean(student)), float(np.mean(teacher))
     random_share = ((student_mean + chosen.teacher_call_share * (teacher_mean - student_mean)) / teacher_mean
                     if teacher_mean else None)
-    return {"format": ROUTE_FORMAT, "artifact": name, "path": path, "examples": len(ids),
-            "scorer": scorers[0].name, "target": target, "student_score": round(student_mean, 4),
+    return {"target": target, "student_score": round(student_mean, 4),
             "teacher_score": round(teacher_mean, 4), "rule": rule,
             "threshold": chosen.threshold, "reached": best[rule] is not None,
             "teacher_call_share": chosen.teacher_call_share, "share_of_teacher": chosen.share_of_teacher,
@@ -230,7 +236,9 @@ def format_route(result: dict) -> str:
     verdict = "reaches" if result["reached"] else "does not reach"
     low, high = result["share_interval"]
     interval = f" [{low:.1%}, {high:.1%}]" if low is not None else ""
-    return head + (f"Rule {result['rule']}, threshold {result['threshold']:.4g}: {result['teacher_call_share']:.0%} "
+    # no threshold: the student alone reaches the target
+    threshold = "none" if result["threshold"] is None else f"{result['threshold']:.4g}"
+    return head + (f"Rule {result['rule']}, threshold {threshold}: {result['teacher_call_share']:.0%} "
                    f"of requests to the teacher give {result['share_of_teacher']:.1%}{interval} of its score, "
                    f"{verdict} the target {result['target']:.0%} (random routing at that share of calls: "
                    f"{result['random_routing_share_of_teacher']:.1%})")

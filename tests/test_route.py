@@ -1,5 +1,7 @@
 """Routing calibration (edgedistill.route): the curve of teacher calls against share of the teacher's
-score, the confidence rules, and `edgedistill route` on a run folder whose student is a real GGUF.
+score, the confidence rules, `edgedistill route` on a run folder whose student is a real GGUF, the
+route stage of a recipe with `route:` (through the stage runner), the report's Routing section and
+plot, and the bundle's route.json with the serve command on its model card.
 
     .venv/bin/python -m pytest -q tests/test_route.py
 """
@@ -7,13 +9,28 @@ score, the confidence rules, and `edgedistill route` on a run folder whose stude
 from __future__ import annotations
 
 import json
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import make_tiny_model
+from test_bundle import _fake_run as fake_bundle_run
+from test_bundle import _members, _rewrite
+from test_report import make_run as fake_report_run
 
+from edgedistill.bundle import make_bundle, verify_bundle
 from edgedistill.cli import main
-from edgedistill.route import LEAST_CONFIDENT, calibrate, routing_curve, token_confidence
+from edgedistill.errors import EdgedistillError
+from edgedistill.pipeline import Pipeline, Stage
+from edgedistill.recipe import RouteConfig, load_recipe
+from edgedistill.report.data import load_run
+from edgedistill.report.html import render_html
+from edgedistill.report.markdown import render_markdown
+from edgedistill.route import LEAST_CONFIDENT, calibrate, choose_route, routing_curve, token_confidence
+from edgedistill.stages import stages_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.unit
@@ -49,7 +66,8 @@ def routed_run(tmp_path_factory) -> Path:
     from edgedistill.export.gguf import write_gguf
 
     root = tmp_path_factory.mktemp("route")
-    gguf = write_gguf(make_tiny_model(root / "student"), root / "student-q4_k_m.gguf")
+    (root / "export").mkdir()
+    gguf = write_gguf(make_tiny_model(root / "student"), root / "export" / "student-q4_k_m.gguf")
     (root / "generate").mkdir()
     (root / "eval").mkdir()
     prompts = ["kaka lomi", "tuna rapo", "mine deva", "quzé ñuør", "sipo kalo", "nemi tura"]
@@ -88,3 +106,155 @@ def test_route_calibrates_a_run_and_writes_route_json(routed_run, capsys):
 @pytest.mark.integration
 def test_route_names_the_rows_it_can_use(routed_run):
     assert main(["route", str(routed_run), "--artifact", "nonesuch.gguf"]) == 2
+
+
+# --- the route stage --------------------------------------------------------------------------------
+
+
+def _with_route(**route) -> object:
+    return load_recipe(ROOT / "recipes" / "tiny.yaml").model_copy(update={"route": RouteConfig(**route)})
+
+
+def _keys(recipe) -> dict[str, str]:
+    stages = stages_for(recipe)
+    pipeline = Pipeline(stages, recipe, Path("unused"))
+    return {s.name: pipeline.key(dataclasses.replace(s, external=None), {name: "input" for name in s.inputs})[0]
+            for s in stages}
+
+
+@pytest.mark.unit
+def test_a_route_section_adds_the_route_stage_after_eval_and_changes_no_other_key():
+    plain, routed = load_recipe(ROOT / "recipes" / "tiny.yaml"), _with_route()
+    names = [s.name for s in stages_for(routed)]
+    assert "route" not in [s.name for s in stages_for(plain)]
+    assert names.index("route") == names.index("eval") + 1 and names[-1] == "report"
+    route = next(s for s in stages_for(routed) if s.name == "route")
+    assert route.inputs == ("generate", "eval", "export", "export_onnx") and route.sections == ("route",)
+    before, after = _keys(plain), _keys(routed)
+    # the report reads route/ too; every other stage is what it was
+    assert {n for n in before if before[n] != after[n]} == {"report"}
+    assert _keys(_with_route(target=0.95))["route"] != after["route"]
+
+
+@pytest.mark.integration
+def test_route_stage_runs_through_the_stage_runner_from_the_export_folder(routed_run, tmp_path):
+    recipe = _with_route(target=0.9)
+    recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"onnx": []})})
+    route = next(s for s in stages_for(recipe) if s.name == "route")
+
+    def copy(name: str):
+        def stage(recipe, out):
+            shutil.copytree(routed_run / name, out, dirs_exist_ok=True)
+        return stage
+
+    # eval.json's rows point elsewhere: the stage runs the GGUF of its export input, which its key covers
+    eval_json = json.loads((routed_run / "eval" / "eval.json").read_text())
+    eval_json["artifacts"][0]["path"] = str(tmp_path / "moved" / "student-q4_k_m.gguf")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps(eval_json))
+    stages = [Stage("generate", copy("generate")), Stage("export", copy("export")),
+              Stage("eval", lambda recipe, out: shutil.copy(tmp_path / "eval" / "eval.json", out)), route]
+    run = tmp_path / "run"
+    results = Pipeline(stages, recipe, run, log=lambda _: None).run()
+    assert sorted(p.name for p in (run / "route").iterdir()) == ["manifest.json", "route.json"]
+    written = json.loads((run / "route" / "route.json").read_text())
+    assert written["target"] == 0.9 and written["artifact"] == "student-q4_k_m.gguf"
+    assert written["path"] == str(run / "export" / "student-q4_k_m.gguf")
+    assert written["curves"] == calibrate(routed_run, target=0.9)["curves"]
+    assert results[-1].manifest["result"]["rule"] == written["rule"] == "margin"
+    again = Pipeline(stages, recipe, run, log=lambda _: None).run()
+    assert again[-1].cached and (run / "route" / "route.json").read_text() == json.dumps(written, indent=2) + "\n"
+    with pytest.raises(EdgedistillError, match="route.artifact 'student-q8_0.gguf' is not in"):
+        eval_json["artifacts"][0]["artifact"] = "student-q8_0.gguf"
+        (run / "eval" / "eval.json").write_text(json.dumps(eval_json))
+        route.fn(_with_route(artifact="student-q8_0.gguf"), tmp_path, generate=run / "generate", eval=run / "eval",
+                 export=run / "export")
+
+
+# --- the report and the bundle ----------------------------------------------------------------------
+
+
+def _route_json() -> dict:
+    """route.json of 8 examples: the student misses 2 that the teacher gets; rule min finds both first."""
+    student, teacher = [1, 0, 1, 1, 0, 1, 1, 1], [1] * 8
+    confidences = {"min": [-0.1, -3.0, -0.2, -0.3, -2.5, -0.4, -0.5, -0.6],
+                   "mean": [-0.1, -1.0, -3.0, -0.3, -2.5, -0.4, -0.5, -0.6]}
+    return {"format": 1, "artifact": "student-q4_k_m.gguf", "path": "/elsewhere/student-q4_k_m.gguf", "examples": 8,
+            "scorer": "label", **choose_route(student, teacher, confidences, 0.99)}
+
+
+@pytest.mark.unit
+def test_the_chosen_route_is_the_rule_with_the_fewest_teacher_calls():
+    route = _route_json()
+    assert route["rule"] == "min" and route["threshold"] == -0.6 and route["teacher_call_share"] == 0.25
+    assert route["share_of_teacher"] == 1.0 and route["reached"]
+    assert route["random_routing_share_of_teacher"] == 0.8125  # 0.75 + 0.25 of the 0.25 the student misses
+
+
+@pytest.mark.unit
+def test_report_shows_the_routing_section_and_plot_when_the_run_has_route_json(tmp_path):
+    run = fake_report_run(tmp_path)
+    assert "## Routing" not in render_markdown(load_run(run))
+    (run / "route").mkdir()
+    (run / "route" / "route.json").write_text(json.dumps(_route_json()))  # as `edgedistill route RUN` leaves it
+    data = load_run(run)
+    report = render_markdown(data)
+    section = report.split("## Routing: when the student hands a request to the teacher")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["min (chosen)"] == "| **min (chosen)** | -0.6 | 25.0 (2 of 8) | 100.0 [100.0, 100.0] | yes |"
+    # rule mean sends one right answer first: its fewest calls that reach 99% are 3
+    assert rows["mean"] == "| mean | -0.6 | 37.5 (3 of 8) | 100.0 [100.0, 100.0] | yes |"
+    assert rows["random (same calls as chosen)"] == "| random (same calls as chosen) | – | 25.0 (2 of 8) | 81.2 | no |"
+    assert "reaches 99%" in section and "Source: from route/route.json: rule, threshold" in section
+    assert "`edgedistill serve student-q4_k_m.gguf --route route/route.json --teacher URL`" in section
+    assert "`route/route.json`" in report.split("## Sources")[1]
+    page = render_html(data)
+    assert page.count("<svg") == 4 and '<table id="routing">' in page
+    plot = page.split('<svg id="plot-routing"')[1].split("</svg>")[0]
+    for text in ("rule min (chosen)", "rule mean", "random routing (expected)", "target: 99% of the teacher",
+                 "chosen: min below -0.6, 25.0% of requests, 100.0%"):
+        assert text in plot
+    assert render_html(load_run(run)) == page  # the same bytes every time
+
+
+@pytest.mark.unit
+def test_bundle_holds_route_json_and_the_card_shows_the_serve_command(tmp_path):
+    run = fake_bundle_run(tmp_path)
+    plain = make_bundle(run, tmp_path / "plain.tar.gz")
+    assert "route" not in plain and "route.json" not in plain["files"]
+    (run / "route").mkdir()
+    (run / "route" / "route.json").write_text(json.dumps(_route_json()))
+    out = tmp_path / "tiny-routed.tar.gz"
+    manifest = make_bundle(run, out)
+    members = _members(out)
+    assert manifest["route"] == "route.json"
+    assert members["tiny-routed/route.json"] == (run / "route" / "route.json").read_bytes()
+    card = members["tiny-routed/README.md"].decode()
+    assert "    edgedistill serve student-q4_k_m.gguf --route route.json --teacher URL\n" in card
+    assert "sent 25.0% of requests to the teacher and kept 100.0% [100.0, 100.0] of its task score" in card
+    assert "does not hold" not in card
+    summary = verify_bundle(out, extract_to=tmp_path / "deploy")
+    assert summary["route"] == "route.json" and (tmp_path / "deploy" / "tiny-routed" / "route.json").is_file()
+    # calibrated on an artifact the bundle leaves out: said, with the fix
+    other = make_bundle(run, tmp_path / "other.tar.gz", artifacts=["student-q8_0.gguf"])
+    card = _members(tmp_path / "other.tar.gz")["other/README.md"].decode()
+    assert other["route"] == "route.json" and "`student-q4_k_m.gguf`, which this bundle does not hold" in card
+
+
+@pytest.mark.unit
+def test_verify_refuses_a_route_that_is_not_one_of_the_files(tmp_path):
+    run = fake_bundle_run(tmp_path)
+    (run / "route").mkdir()
+    (run / "route" / "route.json").write_text(json.dumps(_route_json()))
+    out = tmp_path / "tiny.tar.gz"
+    make_bundle(run, out)
+    members = _members(out)
+    manifest = json.loads(members["tiny/manifest.json"])
+    manifest["route"] = "missing.json"
+    members["tiny/manifest.json"] = json.dumps(manifest).encode()
+    _rewrite(out, members)
+    with pytest.raises(EdgedistillError, match="route is missing.json, not one of the files"):
+        verify_bundle(out)
+    (run / "route" / "route.json").write_text("{not json")
+    with pytest.raises(EdgedistillError, match="route.json is not valid JSON"):
+        make_bundle(run, tmp_path / "again.tar.gz")

@@ -18,12 +18,13 @@ from typing import Any
 from edgedistill.errors import EdgedistillError
 from edgedistill.records import BenchRow, EvalReport, format_interval
 from edgedistill.layout import (BENCH, BENCH_JSON, EVAL, EVAL_JSON, MANIFEST, PARTIAL, PREFLIGHT, PREFLIGHT_JSON,
-                                REPORT, TEACHER)
+                                REPORT, ROUTE, ROUTE_JSON, TEACHER)
 
 # where each number of a table comes from, as the report names it
 BENCH_SOURCE = f"{BENCH}/{BENCH_JSON}"
 EVAL_SOURCE = f"{EVAL}/{EVAL_JSON}"
 PREFLIGHT_SOURCE = f"{PREFLIGHT}/{PREFLIGHT_JSON}"
+ROUTE_SOURCE = f"{ROUTE}/{ROUTE_JSON}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class RunData:
     preflight: dict[str, Any] | None = None
     # eval.json's own keys (teacher_built_references, ...), without the reference and the artifacts
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # route/route.json (edgedistill.route) when the run has one: when the student defers to the teacher
+    route: dict[str, Any] | None = None
 
     @property
     def columns(self) -> list[Column]:
@@ -177,7 +180,11 @@ def load_run(run_dir: Path | str) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EdgedistillError(f"run folder {run_dir} does not exist", _fix(run_dir))
-    return load_stages({stage: run_dir / stage for stage in _stage_order(run_dir)}, fix=_fix(run_dir))
+    folders = {stage: run_dir / stage for stage in _stage_order(run_dir)}
+    # `edgedistill route RUN` writes route.json after the run, with no stage manifest
+    if (run_dir / ROUTE / ROUTE_JSON).is_file():
+        folders.setdefault(ROUTE, run_dir / ROUTE)
+    return load_stages(folders, fix=_fix(run_dir))
 
 
 def _fix(run_dir: Path) -> str:
@@ -207,6 +214,7 @@ def load_stages(folders: dict[str, Path], *, name: str | None = None, teacher_so
     # only beside bench rows checked against a target, which the device target table shows it with
     preflight = (reader.read(PREFLIGHT, PREFLIGHT_JSON) if any(isinstance(r, dict) and "target" in r for r in bench)
                  and PREFLIGHT in folders and (folders[PREFLIGHT] / PREFLIGHT_JSON).is_file() else None)
+    route = reader.read(ROUTE, ROUTE_JSON) if ROUTE in folders and (folders[ROUTE] / ROUTE_JSON).is_file() else None
     return RunData(
         name=name or config.get("name") or folders[BENCH].resolve().parent.name,
         teacher_source=teacher_source or teacher.get("source"),
@@ -217,6 +225,7 @@ def load_stages(folders: dict[str, Path], *, name: str | None = None, teacher_so
         manifests=manifests,
         sources=reader.sources,
         preflight=preflight,
+        route=route,
     )
 
 

@@ -1,4 +1,4 @@
-"""report.html: report.md's tables plus three plots, in one self-contained file.
+"""report.html: report.md's tables plus three plots (four with the routing curve), in one self-contained file.
 
     edgedistill report runs/tiny && chromium runs/tiny/report.html
 
@@ -14,8 +14,8 @@ import re
 from edgedistill.report.data import RunData
 from edgedistill.report.plots import all_plots
 from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, noise_note, pareto_note,
-                                       scorer_table, sources_table, stage_table, summary, target_note, target_table,
-                                       training_tables)
+                                       route_note, route_table, scorer_table, sources_table, stage_table, summary,
+                                       target_note, target_table, training_tables)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 72rem; margin: 2rem auto;
@@ -68,6 +68,9 @@ def render_html(data: RunData) -> str:
     target = target_table(data)
     if target is not None:
         lines += _section(target, target_note(data))
+    routing = route_table(data)
+    if routing is not None:
+        lines += _section(routing, route_note(data))
     lines += ['<h2 id="plots-title">Plots</h2>']
     for plot_id, (plot_title, source, svg) in all_plots(data).items():
         lines += [f'<figure id="{plot_id}">', f"<figcaption>{inline(plot_title)}</figcaption>", svg,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from edgedistill.report.data import RunData
 from edgedistill.report.tables import (Table, artifact_table, measurement_note, merge_note, noise_note, pareto_note,
-                                       scorer_table, sources_table, stage_table, summary, target_note, target_table,
-                                       training_tables)
+                                       route_note, route_table, scorer_table, sources_table, stage_table, summary,
+                                       target_note, target_table, training_tables)
 
 
 def markdown_table(table: Table) -> list[str]:
@@ -37,6 +37,9 @@ def render_markdown(data: RunData) -> str:
     target = target_table(data)
     if target is not None:
         lines += _section(target, target_note(data))
+    routing = route_table(data)
+    if routing is not None:
+        lines += _section(routing, route_note(data))
     for table in training_tables(data):
         lines += _section(table)
     note = merge_note(data)

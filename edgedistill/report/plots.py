@@ -1,5 +1,5 @@
 """The report's plots as SVG text, to inline in report.html: quality vs size, quality vs speed
-with the Pareto front, and seconds per stage.
+with the Pareto front, seconds per stage, and, when the run has route/route.json, the routing curve.
 
     python -c "from edgedistill.report.data import load_run; from edgedistill.report.plots import *; \
 print(stage_times_svg(load_run('runs/tiny'))[:200])"
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import io
 import re
-from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, RunData, pareto_front
+from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, ROUTE_SOURCE, RunData, pareto_front
 
 FRONT_COLOR = "#d62728"
 POINT_COLOR = "#1f77b4"
 MUTED_COLOR = "#7f7f7f"
+# one line per confidence rule of the routing plot
+RULE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 
 # plot id -> (title, the JSON files and keys it is drawn from), for its caption
 PLOTS = {
@@ -28,6 +30,9 @@ PLOTS = {
                          f"from {BENCH_SOURCE}: decode_tokens_per_s; {EVAL_SOURCE}: task_score, share_of_reference, "
                          "reference.task_score"),
     "stage-times": ("Seconds per stage", "from each stage's manifest.json: seconds"),
+    "routing": ("Routing: share of the teacher's score against requests sent to the teacher",
+                f"from {ROUTE_SOURCE}: curves.<rule>[].teacher_call_share, share_of_teacher, low, high; target; rule, "
+                "teacher_call_share, share_of_teacher; student_score, teacher_score"),
 }
 
 
@@ -144,8 +149,44 @@ def stage_times_svg(data: RunData) -> str:
     return _svg(fig, "stage-times")
 
 
+def routing_svg(data: RunData) -> str:
+    """Per confidence rule, the share of the teacher's score against the share of requests sent to it
+    (the chosen rule with its 95% band), random routing's line, the target and the chosen point."""
+    route = data.route or {}
+    fig, ax = _figure()
+    ax.set_xlabel("requests sent to the teacher, % (route.json teacher_call_share)")
+    ax.set_ylabel("% of the teacher's task score (share_of_teacher)")
+    ax.grid(True, alpha=0.3)
+    for color, (rule, curve) in zip(RULE_COLORS * 4, route.get("curves", {}).items()):
+        points = [p for p in curve if p["share_of_teacher"] is not None]
+        xs = [100 * p["teacher_call_share"] for p in points]
+        chosen = rule == route["rule"]
+        ax.plot(xs, [100 * p["share_of_teacher"] for p in points], color=color, linewidth=2 if chosen else 1.2,
+                label=f"rule {rule}" + (" (chosen)" if chosen else ""), zorder=3 if chosen else 2)
+        if chosen and all(p["low"] is not None for p in points):
+            ax.fill_between(xs, [100 * p["low"] for p in points], [100 * p["high"] for p in points], color=color,
+                            alpha=0.15, linewidth=0, label=f"rule {rule}: 95% interval")
+    if route.get("teacher_score"):
+        # random routing: each teacher call replaces an average student answer by an average teacher one
+        ax.plot([0, 100], [100 * route["student_score"] / route["teacher_score"], 100], color=MUTED_COLOR,
+                linestyle="--", linewidth=1, label="random routing (expected)")
+    if route.get("target") is not None:
+        ax.axhline(100 * route["target"], color=MUTED_COLOR, linestyle=":", linewidth=1.2,
+                   label=f"target: {100 * route['target']:g}% of the teacher's score")
+    if route.get("share_of_teacher") is not None:
+        x, y = 100 * route["teacher_call_share"], 100 * route["share_of_teacher"]
+        below = "none" if route["threshold"] is None else f"below {route['threshold']:.3g}"
+        ax.scatter([x], [y], marker="*", s=160, color=FRONT_COLOR, zorder=4,
+                   label=f"chosen: {route['rule']} {below}, {x:.1f}% of requests, {y:.1f}%")
+        _legend(fig, ax)
+    else:
+        ax.text(0.5, 0.5, "the teacher scores 0: no share of its score to plot", ha="center", va="center",
+                transform=ax.transAxes)
+    return _svg(fig, "routing")
+
+
 def all_plots(data: RunData) -> dict[str, tuple[str, str, str]]:
     """Plot id -> (title, source line, SVG text), in the order the report shows them."""
     svgs = {"quality-vs-size": quality_vs_size_svg(data), "quality-vs-speed": quality_vs_speed_svg(data),
-            "stage-times": stage_times_svg(data)}
+            "stage-times": stage_times_svg(data), **({"routing": routing_svg(data)} if data.route else {})}
     return {plot_id: (*PLOTS[plot_id], svg) for plot_id, svg in svgs.items()}

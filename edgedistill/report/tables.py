@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from edgedistill.evaluate.json_scorers import FIELD_PREFIX
 from edgedistill.records import STUDENT_ROW, format_interval, format_score, score_basis
-from edgedistill.report.data import BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, RunData, column_sources, fmt, pareto_front
+from edgedistill.report.data import (BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, ROUTE_SOURCE, RunData,
+                                     column_sources, fmt, pareto_front)
 from edgedistill.targets import any_failed, completed_checks
 
 RUNTIME_NAMES = {"llama.cpp": "llama.cpp (GGUF)", "onnxruntime-genai": "ONNX Runtime GenAI (ONNX folders)",
@@ -199,6 +200,64 @@ def pareto_note(data: RunData) -> str:
     return ("Pareto front of task score and decode tokens/s (no other artifact is both at least as fast and at "
             f"least as good, and better in one): {', '.join(f'`{n}`' for n in names)} "
             f"(from `{BENCH_SOURCE}`: decode_tokens_per_s; `{EVAL_SOURCE}`: task_score).")
+
+
+def _percent(share: float | None, interval: list | None = None) -> str:
+    if share is None:
+        return "–"
+    return f"{100 * share:.1f}{format_interval(interval, scale=100, digits=1)}"
+
+
+def _calls(share: float, examples: int) -> str:
+    return f"{100 * share:.1f} ({round(share * examples)} of {examples})"
+
+
+def route_table(data: RunData) -> Table | None:
+    """route/route.json: per confidence rule the fewest teacher calls that reach the target share of
+    the teacher's score (the chosen rule's row from route.json's own keys), and random routing at the
+    chosen share of calls; None when the run has no route.json."""
+    route = data.route
+    if not route:
+        return None
+    target, examples = route["target"], route["examples"]
+    rows = []
+    for rule, curve in route["curves"].items():
+        if rule == route["rule"]:
+            point = {"threshold": route["threshold"], "teacher_call_share": route["teacher_call_share"],
+                     "share_of_teacher": route["share_of_teacher"], "low": route["share_interval"][0],
+                     "high": route["share_interval"][1]}
+            reached, label = route["reached"], f"**{rule} (chosen)**"
+        else:
+            point = next((p for p in curve if p["share_of_teacher"] is not None and p["share_of_teacher"] >= target),
+                         None)
+            reached, label = point is not None, f"{rule}"
+            point = point or curve[-1]
+        threshold = point["threshold"]
+        rows.append([label, "– (none)" if threshold is None else f"{threshold:.4g}",
+                     _calls(point["teacher_call_share"], examples),
+                     _percent(point["share_of_teacher"], [point["low"], point["high"]]), "yes" if reached else "no"])
+    random_share = route.get("random_routing_share_of_teacher")
+    rows.append(["random (same calls as chosen)", "–", _calls(route["teacher_call_share"], examples),
+                 _percent(random_share), "–" if random_share is None else "yes" if random_share >= target else "no"])
+    header = ["confidence rule", "threshold", "teacher calls %", "% of teacher's score", f"reaches {100 * target:g}%"]
+    return Table("routing", "Routing: when the student hands a request to the teacher", header, rows,
+                 f"from {ROUTE_SOURCE}: rule, threshold, teacher_call_share, share_of_teacher, share_interval, "
+                 "reached, random_routing_share_of_teacher (×100); the other rules: curves.<rule>[], their first "
+                 "point at or above target")
+
+
+def route_note(data: RunData) -> str:
+    route = data.route
+    if not route:
+        return ""
+    return (f"Calibrated on {route['examples']} held-out examples with `{route['artifact']}` (task score "
+            f"{route['student_score']:.3f} by {route['scorer']}) and the teacher ({route['teacher_score']:.3f}), from "
+            "eval's answers: the student answers first and a request goes to the teacher when the student's "
+            "confidence in its answer is below the threshold (the least confident first). The chosen rule and "
+            f"threshold keep {100 * route['target']:g}% of the teacher's score with the fewest teacher calls. In "
+            "brackets: the 95% bootstrap interval (examples resampled in pairs). Random routing sends the same share "
+            "of requests at random (expected share). The curve of every rule: `report.html`; serve with "
+            f"`edgedistill serve {route['artifact'].rstrip('/')} --route {ROUTE_SOURCE} --teacher URL`.")
 
 
 def training_tables(data: RunData) -> list[Table]:
