@@ -15,8 +15,10 @@ from edgedistill.bench.latency import bench_stage
 from edgedistill.data.generate import generate
 from edgedistill.data.endpoint_labels import cache_endpoint_logits
 from edgedistill.data.logits import cache_teacher_logits
+from edgedistill.distill.on_policy import on_policy_stage
 from edgedistill.distill.student import build_student
 from edgedistill.distill.train import distill
+from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export import check as export_check
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
@@ -33,6 +35,9 @@ from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher, write_endpoint_teacher
 from edgedistill.sources.endpoint import tokenizer_path as endpoint_tokenizer_path
 from edgedistill.sources.random_model import build_random_model
+
+# the on-policy stage's folder (a recipe with distill.on_policy), beside edgedistill.layout's stage names
+ON_POLICY = "on_policy"
 
 
 def teacher_stage(recipe: Recipe, out: Path) -> dict:
@@ -95,8 +100,39 @@ def _step_recipe(recipe: Recipe, index: int) -> Recipe:
     student = recipe.student.model_copy(update={"keep_layers": step.keep_layers, "layer_selection":
                                                 step.layer_selection, "width": step.width})
     distill_cfg = recipe.distill.model_copy(update={"epochs": step.epochs or recipe.distill.epochs,
-                                                    "soft_labels": None})
+                                                    "soft_labels": None, "on_policy": None})
     return recipe.model_copy(update={"student": student, "distill": distill_cfg})
+
+
+def _off_policy(recipe: Recipe) -> Recipe:
+    """The distill stage's recipe: distill.on_policy is the on_policy stage's, not in distill's key."""
+    return recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"on_policy": None})})
+
+
+def _reading_as_distill(fn, folder: str):
+    """`fn`, which takes the trained student as its `distill` input, given stage `folder`'s instead
+    (on_policy's); `fn` itself for distill and merge, which it takes by their own names."""
+    if folder != ON_POLICY:
+        return fn
+
+    def stage(recipe, out, **inputs):
+        return fn(recipe, out, **{DISTILL: inputs.pop(folder)}, **inputs)
+
+    return stage
+
+
+def _refuse_unsupported(recipe: Recipe) -> None:
+    """Combinations of distill.soft_labels_from / distill.on_policy with other sections that do not run yet."""
+    online, on_policy = recipe.distill.soft_labels_from == "online", recipe.distill.on_policy is not None
+    if recipe.teacher.source == "endpoint" and (online or on_policy):
+        field = "distill.on_policy" if on_policy else "distill.soft_labels_from: online"
+        raise EdgedistillError(f"{field} runs the teacher here, and teacher.source is endpoint (no weights here); "
+                               "scoring with the endpoint's top_logprobs is a later step (issue 16)",
+                               f"remove {field.split(':')[0]} to distill from the endpoint's cached soft labels")
+    if online and recipe.progressive is not None:
+        raise EdgedistillError("distill.soft_labels_from: online with a progressive: section: the steps learn from "
+                               "cached soft labels only",
+                               "set distill.soft_labels_from: cache (the default), or remove progressive:")
 
 
 def _own_soft_labels(recipe: Recipe) -> Recipe:
@@ -143,26 +179,46 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     """The stages a recipe runs, in order: `preflight` with a bench.target, `step*` with a
     `progressive:` section, `lora` and `merge` with a `lora:` section, `export_onnx` with export.onnx,
     `route` (after eval) with a `route:` section.
-    A compute: section that asks for a GPU this machine lacks is refused here, before any stage runs."""
+    A compute: section that asks for a GPU this machine lacks is refused here, before any stage runs.
+    With distill.soft_labels_from online, distill reads the teacher instead of the logits stage, which
+    runs only for a lora: section; with distill.on_policy, an `on_policy` stage follows distill and
+    what read distill (lora, merge, the exports, eval) reads it instead."""
     require_device(recipe.compute)
+    _refuse_unsupported(recipe)
     progressive, parent, labels = _progressive_stages(recipe)
+    online = recipe.distill.soft_labels_from == "online"
+    # lora trains from the cache whichever way distill got its soft labels
+    cache = (LOGITS,) if not online or recipe.lora is not None else ()
 
     def build(recipe, out, **inputs):
         return build_student(recipe, out, teacher=inputs[parent], generate=inputs[GENERATE],
                              root_teacher=inputs[TEACHER])
 
     def train(recipe, out, *, student, generate, **inputs):
-        return distill(recipe, out, student=student, logits=inputs[labels], generate=generate)
+        return distill(recipe, out, student=student, generate=generate, logits=inputs.get(labels),
+                       teacher=inputs.get(TEACHER))
 
-    # what the export stages read: the distilled student, and the adapter and merged model of a lora: section
-    tuned = (DISTILL, LORA, MERGE) if recipe.lora is not None else (DISTILL,)
+    # the online teacher runs in the recipe's compute: section (left out of the key at its default)
+    distill_stage = Stage(DISTILL, train, inputs=(STUDENT, TEACHER if online else labels, GENERATE),
+                          sections=("seed", "distill", *(("compute",) if online else ())),
+                          unkeyed_sections=LOADS_TEACHER if online else (), derive=_off_policy, distributed=True)
+    on_policy = [Stage(ON_POLICY, on_policy_stage, inputs=(DISTILL, TEACHER, GENERATE),
+                       sections=("seed", "distill.on_policy", "distill.topk", "distill.max_seq_len",
+                                 "generate.max_new_tokens", "compute"),
+                       unkeyed_sections=("distill.threads", *LOADS_TEACHER))] if recipe.distill.on_policy else []
+    # the student the rest starts from: the on-policy one when there is one
+    base = ON_POLICY if on_policy else DISTILL
+    # what the export stages read: that student, and the adapter and merged model of a lora: section
+    tuned = (base, LORA, MERGE) if recipe.lora is not None else (base,)
     lora_stages = [
-        Stage(LORA, train_lora, inputs=(DISTILL, LOGITS, GENERATE), sections=("seed", "lora", "distill.topk"),
-              distributed=True),
+        Stage(LORA, _reading_as_distill(train_lora, base), inputs=(base, LOGITS, GENERATE),
+              sections=("seed", "lora", "distill.topk"), distributed=True),
         # lora only picks the examples the merge is checked on
-        Stage(MERGE, merge_lora, inputs=(DISTILL, LORA, LOGITS, GENERATE), unkeyed_sections=("lora",)),
+        Stage(MERGE, _reading_as_distill(merge_lora, base), inputs=(base, LORA, LOGITS, GENERATE),
+              unkeyed_sections=("lora",)),
     ] if recipe.lora is not None else []
-    trained = [*(s.name for s in progressive), STUDENT, DISTILL, *(s.name for s in lora_stages)]
+    trained = [*(s.name for s in progressive), STUDENT, DISTILL, *(s.name for s in on_policy),
+               *(s.name for s in lora_stages)]
     onnx = (EXPORT_ONNX,) if recipe.export.onnx else ()
     preflight = (PREFLIGHT,) if recipe.bench.target is not None else ()
     route = (ROUTE,) if recipe.route is not None else ()
@@ -182,18 +238,19 @@ def stages_for(recipe: Recipe) -> list[Stage]:
             "seed", "task", "data", "generate.max_new_tokens", "generate.batch_size", "generate.samples",
             "generate.temperature", "generate.reasoning", "generate.endpoint.model", "compute"),
             unkeyed_sections=("generate.endpoint", "generate.min_kept", *LOADS_TEACHER)),
-        Stage(LOGITS, logits_stage, inputs=(TEACHER, GENERATE), external=soft_label_files,
-              sections=LOGITS_SECTIONS, unkeyed_sections=LOADS_TEACHER, version=2),
+        *([Stage(LOGITS, logits_stage, inputs=(TEACHER, GENERATE), external=soft_label_files,
+                 sections=LOGITS_SECTIONS, unkeyed_sections=LOADS_TEACHER, version=2)] if cache else []),
         *progressive,
         Stage(STUDENT, build, inputs=tuple(dict.fromkeys((parent, GENERATE, TEACHER))), sections=STUDENT_SECTIONS,
               unkeyed_sections=STUDENT_UNKEYED),
-        Stage(DISTILL, train, inputs=(STUDENT, labels, GENERATE), sections=("seed", "distill"), distributed=True),
+        distill_stage,
+        *on_policy,
         *lora_stages,
         # version 2: every file is verified in llama.cpp against its PyTorch model; 3: imatrix, GGUF LoRA
-        Stage(EXPORT, export_student, inputs=(*tuned, GENERATE),
+        Stage(EXPORT, _reading_as_distill(export_student, base), inputs=(*tuned, GENERATE),
               sections=("name", "export.quants", "export.imatrix"), version=3),
         # version 2: int4 rounded by importance on the generate stage's text
-        *([Stage(EXPORT_ONNX, export_student_onnx, inputs=(*tuned, GENERATE),
+        *([Stage(EXPORT_ONNX, _reading_as_distill(export_student_onnx, base), inputs=(*tuned, GENERATE),
                  sections=("export.onnx", "export.onnx_options"), version=2)] if onnx else []),
         Stage(TEACHER_GGUF, export_teacher, inputs=(TEACHER,), sections=("name", "export.teacher_quants"), version=2),
         Stage(BENCH, bench_stage, inputs=(TEACHER_GGUF, EXPORT, *onnx), sections=("bench",),
@@ -201,13 +258,14 @@ def stages_for(recipe: Recipe) -> list[Stage]:
         # the trained student (tuned[-1]: distill, or merge) is a row too, in PyTorch fp32
         # allow_code: a permission to run a custom scorer, not a setting; generate.endpoint: where an
         # endpoint teacher answers (its URL, like generate's, is not part of the key)
-        Stage(EVAL, eval_stage, inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF, EXPORT, *onnx), sections=("eval", "compute"),
+        Stage(EVAL, _reading_as_distill(eval_stage, tuned[-1]), inputs=(TEACHER, GENERATE, tuned[-1], TEACHER_GGUF,
+                                                                   EXPORT, *onnx), sections=("eval", "compute"),
               unkeyed_sections=("allow_code", "generate.endpoint")),
         # when a served student hands a request to the teacher (edgedistill.route): eval's answers of the
         # student artifact and the teacher, that artifact's confidence, from the export folder holding it
         *([Stage(ROUTE, route_stage, inputs=(GENERATE, EVAL, EXPORT, *onnx), sections=("route",))] if route else []),
         # version 2: report.html with plots beside report.md; 3: reads its inputs' folders only
-        Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, LOGITS, *trained, EXPORT, *onnx,
+        Stage(REPORT, report_stage, inputs=(TEACHER, *preflight, GENERATE, *cache, *trained, EXPORT, *onnx,
                                             TEACHER_GGUF, BENCH, EVAL, *route),
               sections=("name", "teacher"), version=3),
     ]

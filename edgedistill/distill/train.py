@@ -1,14 +1,18 @@
-"""The distill stage: train the student on the teacher's answers and cached top-k log-probs.
+"""The distill stage: train the student on the teacher's answers and top-k log-probs.
 
     edgedistill run recipes/tiny.yaml --out runs/tiny --from distill
 
 The loss is (1 - kl_weight) * cross-entropy on the teacher's answer tokens plus kl_weight * T^2 *
 a divergence (forward KL, reverse KL or JSD) from the teacher's top-k distribution
 (edgedistill.distill.losses), on the answer tokens or, with kl_positions: all, on every position
-of prompt and answer. The loop runs under HF Accelerate; with distill.processes > 1 the stage
-starts that many data-parallel workers on this machine (torch.distributed over loopback: gloo on
-CPU, NCCL on GPUs), each training on its share of every batch with its loss weighted so that the
-averaged gradient is the whole batch's: the result matches one process. Under torchrun or
+of prompt and answer. The top-k comes from the logits stage's cache, or with
+distill.soft_labels_from: online from the teacher's forward pass on every batch (teacher_topk:
+taken as the cache takes it, so both give the same loss up to float rounding; no cache is read,
+at the price of a teacher forward per step and the teacher in memory beside the student, one copy
+per worker). The loop runs under HF Accelerate; with distill.processes > 1 the stage starts that
+many data-parallel workers on this machine (torch.distributed over loopback: gloo on CPU, NCCL on
+GPUs), each training on its share of every batch with its loss weighted so that the averaged
+gradient is the whole batch's: the result matches one process. Under torchrun or
 accelerate launch every launched process is such a worker (edgedistill.pipeline runs the other
 stages in the first). The LoRA stage (edgedistill.lora) uses the same loop. A student with
 another tokenizer than the teacher's learns the teacher's answers alone (training_set).
@@ -25,6 +29,8 @@ import os
 import random
 import shutil
 import socket
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,7 +43,8 @@ from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import TRAIN_JSONL
 from edgedistill.pipeline import launched
-from edgedistill.recipe import Recipe, TrainingConfig
+from edgedistill.recipe import DistillConfig, Recipe, TrainingConfig
+from edgedistill.runtimes.compute import Compute, load_on, resolve_compute
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 
 CHECKPOINT = "checkpoint"
@@ -68,14 +75,49 @@ def collate(examples, pad_id: int, kl_positions: str) -> dict[str, torch.Tensor]
             "topk_ids": torch.cat(topk_ids), "topk_logprobs": torch.cat(topk_logprobs)}
 
 
-def _save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, history: list, examples: int) -> None:
+@dataclass(frozen=True)
+class OnlineTeacher:
+    """The teacher run on every batch (distill.soft_labels_from: online): its folder, where and in
+    what dtype it runs (the recipe's compute: section, as for the logits stage) and its top-k."""
+
+    folder: Path
+    compute: Compute
+    topk: int
+    trust_remote_code: bool = False
+
+    def load(self):
+        model = load_on(self.folder, self.compute, trust_remote_code=self.trust_remote_code).eval()
+        return model.requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely next tokens (int32) and their float32 log-probs at the batch's
+    loss rows (`row_mask`, in collate's order), on the batch's device.
+
+    Taken as the logits stage caches them: log_softmax over the full vocabulary at T=1 in float32,
+    then topk, one sequence at a time (a float32 copy of the whole batch's logits would outweigh a
+    small teacher).
+    """
+    logits = teacher(input_ids=batch["input_ids"].to(teacher.device),
+                     attention_mask=batch["attention_mask"].to(teacher.device)).logits
+    mask = batch["row_mask"].to(logits.device)
+    ids, logprobs = [], []
+    for row in range(logits.shape[0]):
+        values, indices = logits[row][mask[row]].float().log_softmax(-1).topk(k, dim=-1)
+        ids.append(indices.to(torch.int32))
+        logprobs.append(values)
+    device = batch["input_ids"].device
+    return torch.cat(ids).to(device), torch.cat(logprobs).to(device)
+
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    """`state` (torch.save-able) as out/checkpoint/state.pt, written aside and renamed into place."""
     aside = out / f"{CHECKPOINT}.writing"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
     try:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "examples": examples,
-                    "torch_rng": torch.get_rng_state()}, aside / "state.pt")
+        torch.save(state, aside / "state.pt")
     except BaseException:
         shutil.rmtree(aside, ignore_errors=True)  # the previous checkpoint stays, for the rerun
         raise
@@ -95,16 +137,35 @@ def training_set(cfg: TrainingConfig, logits: Path, student: Path, generate: Pat
     if meta["tokenizer_sha256"] == tokenizer_identity(student):
         data = SoftLabelSet.from_cache(logits, topk)
     elif cfg.kl_weight > 0:
-        raise EdgedistillError(
-            "the student's tokenizer is not the teacher's, so the teacher's soft labels (top-k token ids of the "
-            "teacher's vocabulary) cannot be compared with the student's predictions",
-            "set kl_weight: 0 in the recipe's distill (and lora) section to train the student on the teacher's "
-            "answers tokenized with its own tokenizer (response distillation), or use a student with the teacher's "
-            "tokenizer")
+        raise _other_tokenizer()
     else:
         assert generate is not None, "response distillation reads generate/train.jsonl"
         examples, _ = tokenize_train_set(load_tokenizer(student), generate / TRAIN_JSONL, meta["max_seq_len"])
         data = SoftLabelSet.responses_only(examples)
+    return _not_empty(data)
+
+
+def online_training_set(cfg: DistillConfig, teacher: Path, student: Path, generate: Path) -> SoftLabelSet:
+    """The examples to train on when the teacher runs every step: generate/train.jsonl tokenized as
+    the logits stage tokenizes it (the cache's examples, in its order), without soft labels."""
+    same = tokenizer_identity(teacher) == tokenizer_identity(student)
+    if not same and cfg.kl_weight > 0:
+        raise _other_tokenizer()
+    examples, _ = tokenize_train_set(load_tokenizer(teacher if same else student), generate / TRAIN_JSONL,
+                                     cfg.max_seq_len)
+    return _not_empty(SoftLabelSet.responses_only(examples))
+
+
+def _other_tokenizer() -> EdgedistillError:
+    return EdgedistillError(
+        "the student's tokenizer is not the teacher's, so the teacher's soft labels (top-k token ids of the "
+        "teacher's vocabulary) cannot be compared with the student's predictions",
+        "set kl_weight: 0 in the recipe's distill (and lora) section to train the student on the teacher's "
+        "answers tokenized with its own tokenizer (response distillation), or use a student with the teacher's "
+        "tokenizer")
+
+
+def _not_empty(data: SoftLabelSet) -> SoftLabelSet:
     if len(data) == 0:
         raise EdgedistillError("there are no training examples (all too long, or none generated)",
                                "check generate/train.jsonl and distill.max_seq_len")
@@ -134,11 +195,13 @@ def _shard(data: SoftLabelSet, rows: list[int], rank: int, world: int, kl_positi
     return mine, tuple(world * sum(c[t] for c in my_counts) / sum(c[t] for c in counts) for t in (0, 1))
 
 
-def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str) -> list[dict]:
+def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str,
+                 teacher=None, topk: int | None = None) -> list[dict]:
     """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
 
     Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses. In a
     data-parallel worker (see `train_and_save`) each process trains on its share of every batch.
+    With a `teacher` model, each batch's soft labels are its top `topk` (teacher_topk), not `data`'s.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -182,6 +245,8 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             rows, scales = _shard(data, order[start:start + cfg.batch_size], rank, world, cfg.kl_positions)
             batch = collate([data[i] for i in rows], pad_id, cfg.kl_positions)
             batch = {key: t.to(accelerator.device) for key, t in batch.items()}
+            if teacher is not None:
+                batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
@@ -200,7 +265,10 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
         if accelerator.is_main_process:
-            _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, epoch, history, len(data))
+            save_checkpoint(out, {"model": accelerator.unwrap_model(model).state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "epoch": epoch, "history": history, "examples": len(data),
+                                  "torch_rng": torch.get_rng_state()})
         accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).config.use_cache = True
     return history
@@ -214,29 +282,36 @@ def finish(out: Path, tokenizer_from: Path) -> None:
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
-def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, data_args: tuple,
-                  out: Path, seed: int, name: str) -> None:
+def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, load_data,
+                  out: Path, seed: int, name: str, online: OnlineTeacher | None) -> None:
     if processes > 1:
         # Read by torch.distributed through Accelerate; a spawned worker's own environment.
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
         if not cfg.threads:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     model = build(*build_args)
-    train_epochs(model, training_set(cfg, *data_args), cfg, out, seed=seed, name=name)
+    # with kl_weight 0 the divergence is not computed: the teacher's answers alone, no teacher needed
+    teacher = online.load() if online is not None and cfg.kl_weight > 0 else None
+    train_epochs(model, load_data(), cfg, out, seed=seed, name=name, teacher=teacher,
+                 topk=online.topk if online is not None else None)
     if rank == 0:
         model.save_pretrained(out, safe_serialization=True)
 
 
-def train_and_save(build, build_args: tuple, cfg: TrainingConfig, out: Path, *, logits: Path, student: Path,
-                   generate: Path, topk: int | None = None, seed: int, name: str) -> tuple[list[dict], int]:
+def train_and_save(build, build_args: tuple, cfg: TrainingConfig, out: Path, *, logits: Path | None = None,
+                   student: Path, generate: Path, topk: int | None = None, seed: int, name: str,
+                   online: OnlineTeacher | None = None) -> tuple[list[dict], int]:
     """Trains `build(*build_args)` as `cfg` says and saves it into `out` (in every process of a launch).
 
-    The data is `training_set(cfg, logits, student, generate, topk)`; `student` is the folder
-    whose tokenizer the model uses. Returns the per-epoch losses and the number of examples. With
+    The data is `training_set(cfg, logits, student, generate, topk)`, or with an `online` teacher
+    `online_training_set` and the teacher's top-k on every batch (each worker holds one
+    teacher); `student` is the folder whose tokenizer the model uses. Returns the per-epoch losses and the number of examples. With
     cfg.processes > 1, that many workers (picklable `build`) are joined by torch.distributed on
     loopback; the pipeline itself stays in one process, only training is spread.
     """
-    args = (build, build_args, cfg, (logits, student, generate, topk), out, seed, name)
+    load_data = (partial(training_set, cfg, logits, student, generate, topk) if online is None
+                 else partial(online_training_set, cfg, online.folder, student, generate))
+    args = (build, build_args, cfg, load_data, out, seed, name, online)
     rank, world = launched()
     if world > 1:
         # Started by torchrun or accelerate launch: this process is already one of the workers, and
@@ -278,9 +353,19 @@ def kl_positions_of(cfg: TrainingConfig, logits: Path) -> tuple[TrainingConfig, 
     return cfg, {}
 
 
-def distill(recipe: Recipe, out: Path, *, student: Path, logits: Path, generate: Path) -> dict:
-    cfg, note = kl_positions_of(recipe.distill, logits)
+def distill(recipe: Recipe, out: Path, *, student: Path, generate: Path, logits: Path | None = None,
+            teacher: Path | None = None) -> dict:
+    """The distill stage: from the `logits` cache, or with soft_labels_from online from the `teacher` folder."""
+    online = None
+    if recipe.distill.soft_labels_from == "online":
+        cfg = recipe.distill
+        compute = resolve_compute(recipe.compute, teacher)
+        online = OnlineTeacher(teacher, compute, cfg.topk, recipe.teacher.trust_remote_code)
+        note = {"soft_labels_from": "online", "teacher_compute": compute.as_dict()}
+    else:
+        cfg, note = kl_positions_of(recipe.distill, logits)
     history, examples = train_and_save(load_model, (student,), cfg, out, logits=logits, student=student,
-                                       generate=generate, topk=cfg.topk, seed=recipe.seed, name="distill")
+                                       generate=generate, topk=cfg.topk, seed=recipe.seed, name="distill",
+                                       online=online)
     return {"epochs": history, "train_examples": examples, "processes": training_processes(cfg),
             "soft_labels": cfg.kl_weight > 0, "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs, **note}
