@@ -269,7 +269,10 @@ class OnnxChatModel:
         if self.template is None:
             raise EdgedistillError(f"{self.folder} has no chat template",
                                    "export from a folder whose tokenizer_config.json has chat_template")
-        return self.encode(render_chat(self.template, messages, self.special, add_generation_prompt))
+        ids = self.encode(render_chat(self.template, messages, self.special, add_generation_prompt))
+        # a template that writes the BOS itself (Llama 3, Gemma, Mistral) would get a second one from the
+        # tokenizer's own; transformers' apply_chat_template never adds it, so neither is it kept here
+        return ids[1:] if len(ids) > 1 and self.bos_id is not None and ids[0] == ids[1] == self.bos_id else ids
 
     def is_end(self, token: int) -> bool:
         return token in self.eos_ids
