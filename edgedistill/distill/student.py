@@ -27,6 +27,7 @@ from edgedistill.layout import (CHAT_TEMPLATE, GENERATION_CONFIG, SPECIAL_TOKENS
                                 TRAIN_JSONL)
 from edgedistill.pipeline import clear_folder
 from edgedistill.recipe import Recipe, WidthConfig
+from edgedistill.runtimes.compute import Compute, stored_dtype
 from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher
@@ -280,7 +281,10 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | 
             teacher_model, teacher_params = None, count_parameters(
                 AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)))
     else:
-        teacher_model = load_model(teacher, trust_remote_code=recipe.teacher.trust_remote_code)
+        # in the dtype it is stored in: a bfloat16 teacher widened to float32 would be a second, larger
+        # copy; the pruned student is widened when distill loads it, at a fraction of the size
+        teacher_model = load_model(teacher, dtype=Compute("cpu", stored_dtype(teacher)).torch_dtype,
+                                   trust_remote_code=recipe.teacher.trust_remote_code)
         teacher_params = count_parameters(teacher_model)
     if cfg.method == "given":
         del teacher_model
@@ -306,6 +310,9 @@ def build_student(recipe: Recipe, out: Path, *, teacher: Path, generate: Path | 
     student_params = count_parameters(student)
     if root_teacher is not None and root_teacher != teacher:
         detail["pruned_from_parameters"] = teacher_params
-        teacher_params = count_parameters(load_model(root_teacher, trust_remote_code=recipe.teacher.trust_remote_code))
+        with torch.device("meta"):  # its size only: no weights read
+            teacher_params = count_parameters(AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(root_teacher, trust_remote_code=recipe.teacher.trust_remote_code),
+                trust_remote_code=recipe.teacher.trust_remote_code))
     return {"method": cfg.method, **detail, "teacher_parameters": teacher_params,
             "student_parameters": student_params, "parameter_ratio": round(student_params / teacher_params, 4)}
