@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one go. On the GPU machine, from the repo root, with .whl and tools/gpu/tokenizer carried
 # (made here by tools/gpu/prepare.sh):
-#   bash tools/gpu/check_cuda.sh                  # all four parts, about 4-6 minutes on an H200
-#   bash tools/gpu/check_cuda.sh bench tests      # some of: distill bench tests runtimes
+#   bash tools/gpu/check_cuda.sh                  # all five parts, about 5-8 minutes on an H200
+#   bash tools/gpu/check_cuda.sh bench tests      # some of: distill bench tests runtimes teacher
 # Installs the carried wheels (transformers 4.57.6 and what it needs; the machine has 5.x) into /tmp/site, then
 #   distill: tools/gpu/check_cuda.py, does `edgedistill run` train on CUDA             -> $OUT/cuda_check.json
 #   bench:   tools/gpu/check_bench.py, bench of an HF folder on CUDA in fp32/fp16/bf16,
@@ -12,11 +12,14 @@
 #            CUDA provider against the CPU; they run only where CUDA builds of llama-cpp-python and
 #            onnxruntime-gpu / onnxruntime-genai-cuda are installed (README: GPU runtimes), else skip
 #            with the reason, which gpu_check.json lists                                -> $OUT/runtimes.log
+#   teacher: tools/gpu/check_teacher.py, the generate and logits stages with compute: auto (bf16 on CUDA)
+#            on a bf16 teacher of the default's shape, logits against 2 CPU threads in float32
+#            (target: 20x) and their top-k agreement                                   -> $OUT/teacher_check.json
 # and prints one JSON of all parts ($OUT/gpu_check.json); each part's log is in $OUT. Exit 0 when every part ran ok.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-check-out}
 mkdir -p "$OUT"
-parts=${*:-distill bench tests runtimes}
+parts=${*:-distill bench tests runtimes teacher}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; echo "wheel install failed: run tools/gpu/prepare.sh here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -42,7 +45,10 @@ for part in $parts; do
     runtimes)
       timeout 200 python3 -m pytest -q -rs tests/test_gpu_runtimes.py >"$OUT/runtimes.log" 2>&1
       status[runtimes]=$?; [ "${status[runtimes]}" -ne 0 ] && show_log "$OUT/runtimes.log" "${status[runtimes]}" ;;
-    *) echo "unknown part $part (distill, bench, tests, runtimes)"; exit 2 ;;
+    teacher)
+      (cd tools/gpu && timeout 240 python3 check_teacher.py --json "$OUT/teacher_check.json") >"$OUT/teacher.log" 2>&1
+      status[teacher]=$?; [ "${status[teacher]}" -ne 0 ] && show_log "$OUT/teacher.log" "${status[teacher]}" ;;
+    *) echo "unknown part $part (distill, bench, tests, runtimes, teacher)"; exit 2 ;;
   esac
 done
 
@@ -56,7 +62,7 @@ out, report = Path(sys.argv[1]), {}
 for item in sys.argv[2:]:
     part, code = item.split("=")
     entry = {"exit": int(code)}
-    result = {"distill": "cuda_check.json", "bench": "bench_check.json"}.get(part)
+    result = {"distill": "cuda_check.json", "bench": "bench_check.json", "teacher": "teacher_check.json"}.get(part)
     if result and (out / result).is_file():
         entry["result"] = json.loads((out / result).read_text())
     if part in ("tests", "runtimes"):
