@@ -39,10 +39,6 @@ from edgedistill.serve.queue import DONE, ERROR, STARTED, TEXT, Generation, Mode
 from edgedistill.serve.router import STUDENT, TEACHER, ExplicitRouter, Router, Who
 from edgedistill.serve.teacher import PROBE_INTERVAL_S, EndpointTeacher, Teacher
 
-# how often a request still waiting for its first token checks that its client is still there
-DISCONNECT_POLL_S = 0.5
-
-
 @dataclass(frozen=True)
 class ServeSettings:
     max_waiting: int = 32  # requests that may wait for a model while it answers another; more get 503
@@ -57,6 +53,14 @@ class ServeSettings:
 
 class ClientGone(Exception):
     """The client closed its connection before the answer began."""
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects: once the body is read, the server's receive() answers
+    only that. One wait per request, instead of polling Request.is_disconnected(), which would wake
+    the event loop (and take the GIL from the worker thread) for every waiting request again and again."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _served_ids(name: str, teacher: Teacher | None) -> list[str]:
@@ -128,47 +132,45 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
                        f"service answers as: {', '.join(_served_ids(name, teacher))}.", param="model",
                        code="model_not_found")
 
-    async def next_event(generation: Generation, deadline: float, request: Request | None = None) -> tuple:
-        """The generation's next event by `deadline` (loop time); watching `request`'s connection meanwhile."""
-        loop = asyncio.get_running_loop()
-        while True:
-            left = deadline - loop.time()
-            try:
-                return await asyncio.wait_for(generation.events.get(),
-                                              max(0.0, min(left, DISCONNECT_POLL_S) if request else left))
-            except TimeoutError:
-                if loop.time() >= deadline:
-                    generation.cancel()
-                    raise ApiError(504, f"No answer within the service's per-request timeout of "
-                                   f"{settings.timeout_s:g} s (edgedistill serve --timeout-s).", type="server_error",
-                                   code="timeout") from None
-                if await request.is_disconnected():
-                    generation.cancel()
-                    raise ClientGone() from None
+    async def next_event(generation: Generation, deadline: float, gone: asyncio.Task | None = None) -> tuple:
+        """The generation's next event by `deadline` (loop time), unless the client is `gone` first."""
+        getter = asyncio.ensure_future(generation.events.get())
+        await asyncio.wait({getter} | ({gone} if gone is not None else set()),
+                           timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        generation.cancel()
+        if gone is not None and gone.done():
+            raise ClientGone()
+        raise ApiError(504, f"No answer within the service's per-request timeout of {settings.timeout_s:g} s "
+                       "(edgedistill serve --timeout-s).", type="server_error", code="timeout")
 
-    async def ask_teacher(chat: ChatRequest, deadline: float, request: Request) -> tuple[Generation, tuple] | str:
+    async def ask_teacher(chat: ChatRequest, deadline: float, gone: asyncio.Task) -> tuple[Generation, tuple] | str:
         """The teacher's generation and its first event, or why it could not answer."""
         loop = asyncio.get_running_loop()
         timeout_s = max(0.1, min(deadline - loop.time(), settings.timeout_s * settings.teacher_share))
         try:
-            generation = teacher.submit(chat.messages, chat.max_tokens, chat.stop, timeout_s=timeout_s)
+            generation = teacher.submit(chat.messages, chat.max_tokens, chat.stop, timeout_s=timeout_s,
+                                        stream=chat.stream)
             # a second of slack: an endpoint's own deadline should fire first, with its reason
-            first = await next_event(generation, loop.time() + timeout_s + 1.0, request)
+            first = await next_event(generation, loop.time() + timeout_s + 1.0, gone)
         except ApiError as exc:  # a local teacher's full queue, or its timeout
             return exc.message
         return (generation, first) if first[0] != ERROR else first[1].message
 
     async def start(chat: ChatRequest, who: Who, deadline: float,
-                    request: Request) -> tuple[Answerer, Generation, tuple]:
+                    gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
         answerer = Answerer(STUDENT)
         if who == TEACHER:
-            found = await ask_teacher(chat, deadline, request)
+            found = await ask_teacher(chat, deadline, gone)
             if not isinstance(found, str):
                 return Answerer(TEACHER), *found
             counts["degraded"] += 1
             answerer = Answerer(STUDENT, degraded=True, reason=found)
-        generation = students.submit(chat.messages, chat.max_tokens, chat.stop)
-        first = await next_event(generation, deadline, request)
+        generation = students.submit(chat.messages, chat.max_tokens, chat.stop, stream=chat.stream)
+        first = await next_event(generation, deadline, gone)
         if first[0] == ERROR:
             raise first[1]
         return answerer, generation, first
@@ -196,24 +198,24 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
         chat = parse_chat_request(await read_body(request))
         who = resolve(chat)
         students.check_max_tokens(chat.max_tokens)
+        # watches the connection until the answer begins (a stream's StreamingResponse watches it after)
+        gone = asyncio.create_task(client_gone(request))
         try:
-            answerer, generation, first = await start(chat, who, deadline, request)
-        except ClientGone:
-            counts["client_gone"] += 1
-            return Response(status_code=499)  # nobody reads it
-        completion = Completion(chat.model or name, answerer)
-        prompt_tokens = first[1] if first[0] == STARTED else None
-        if chat.stream:
-            return StreamingResponse(stream(completion, generation, chat, prompt_tokens, deadline),
-                                     media_type="text/event-stream",
-                                     headers={**answerer.headers(), "Cache-Control": "no-cache"})
-        pieces = []
-        try:
-            while (event := await next_event(generation, deadline, request))[0] == TEXT:
+            answerer, generation, first = await start(chat, who, deadline, gone)
+            completion = Completion(chat.model or name, answerer)
+            prompt_tokens = first[1] if first[0] == STARTED else None
+            if chat.stream:
+                return StreamingResponse(stream(completion, generation, chat, prompt_tokens, deadline),
+                                         media_type="text/event-stream",
+                                         headers={**answerer.headers(), "Cache-Control": "no-cache"})
+            pieces = []
+            while (event := await next_event(generation, deadline, gone))[0] == TEXT:
                 pieces.append(event[1])
         except ClientGone:
             counts["client_gone"] += 1
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            gone.cancel()
         if event[0] == ERROR:
             raise event[1]
         answered_by(answerer)

@@ -72,8 +72,11 @@ class Generation:
     """One request handed to a model's worker thread; its events arrive on `events` in the event loop."""
 
     def __init__(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...],
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, *, stream: bool = True):
         self.messages, self.max_tokens, self.stop = messages, max_tokens, stop
+        # False: the text comes as one TEXT event at the end. Waking the event loop for every token
+        # costs a thread switch each (and a GIL hand-over) that a whole answer does not need.
+        self.stream = stream
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
@@ -117,10 +120,11 @@ class ModelQueue:
                            f"{self.max_tokens} completion tokens (edgedistill serve --max-tokens).",
                            param="max_tokens", code="invalid_value")
 
-    def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...]) -> Generation:
+    def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...], *,
+               stream: bool = True) -> Generation:
         """The request, queued; ApiError 503 when `max_waiting` requests already wait or the service stops."""
         self.check_max_tokens(max_tokens)
-        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop())
+        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream)
         with self._lock:
             if self._closed:
                 raise overloaded("The service is shutting down.")
@@ -220,12 +224,15 @@ class ModelQueue:
                 ids.append(token)
                 yield token
 
-        assembler, sent = TextAssembler(generation.stop), ""
+        assembler, sent, held = TextAssembler(generation.stop), "", []
         try:
             for piece in stream_pieces(answer_tokens(), runtime.decode):
                 sent += piece
                 if text := assembler.feed(piece):
-                    generation.emit(TEXT, text)
+                    if generation.stream:
+                        generation.emit(TEXT, text)
+                    else:
+                        held.append(text)
                 if assembler.stopped:
                     finish[0] = "stop"
                     break
@@ -237,7 +244,7 @@ class ModelQueue:
         # stream_pieces holds back a last piece that ends inside a character; the whole answer has it
         whole = runtime.decode(ids) if ids else ""
         rest = whole[len(sent):] if whole.startswith(sent) and not assembler.stopped else ""
-        if text := assembler.feed(rest) + assembler.finish():
+        if text := "".join(held) + assembler.feed(rest) + assembler.finish():
             generation.emit(TEXT, text)
         self._count("answered")
         generation.emit(DONE, finish[0], len(ids))

@@ -103,8 +103,8 @@ class EndpointTeacher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...], *,
-               timeout_s: float) -> Generation:
-        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop())
+               timeout_s: float, stream: bool = True) -> Generation:
+        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream)
         with self._lock:
             resting = time.monotonic() < self._retry_at
         if resting:  # failed a moment ago: do not make this request wait for it again
@@ -162,8 +162,8 @@ class LocalTeacher:
         self.queue.stop()
 
     def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...], *,
-               timeout_s: float) -> Generation:
-        return self.queue.submit(messages, max_tokens, stop)  # the caller enforces timeout_s, cancelling
+               timeout_s: float, stream: bool = True) -> Generation:
+        return self.queue.submit(messages, max_tokens, stop, stream=stream)  # the caller enforces timeout_s
 
     def status(self) -> dict:
         return {"kind": self.kind, "source": self.source, "reachable": True, "queue": self.queue.status()}
