@@ -225,7 +225,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     serve.add_argument("--teacher-model", metavar="NAME",
                        help="the model name the teacher endpoint serves (default: the one its /models lists)")
     serve.add_argument("--route", type=Path, metavar="FILE",
-                       help="route.json of `edgedistill route` (confidence routing; not built yet)")
+                       help="route.json of `edgedistill route`: the student answers first and hands the request to "
+                            "--teacher when its confidence is below the calibrated threshold")
     serve.add_argument("--queue", type=int, default=32, metavar="N",
                        help="requests that may wait while the model answers another; more are answered 503 "
                             "(default: 32)")

@@ -184,6 +184,7 @@ def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | Non
                           for i in ids] for rule in rules}
     del runtime
     return {"format": ROUTE_FORMAT, "artifact": name, "path": path, "examples": len(ids), "scorer": scorers[0].name,
+            **({"choices": heldout[ids[0]]["choices"]} if labelled else {}),
             **choose_route([student[i] for i in ids], [teacher[i] for i in ids], confidences, target)}
 
 
@@ -242,3 +243,20 @@ def format_route(result: dict) -> str:
                    f"of requests to the teacher give {result['share_of_teacher']:.1%}{interval} of its score, "
                    f"{verdict} the target {result['target']:.0%} (random routing at that share of calls: "
                    f"{result['random_routing_share_of_teacher']:.1%})")
+
+
+def read_route(path: Path) -> dict:
+    """A route.json for serving: its rule, threshold and (for the margin rule) label choices, checked."""
+    try:
+        route = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EdgedistillError(f"{path} cannot be read as route.json ({exc})",
+                               "make it with: edgedistill route RUN (or a recipe's route: section)") from None
+    if not isinstance(route, dict) or route.get("format") != ROUTE_FORMAT or route.get("rule") not in (
+            *OPEN_ENDED_RULES, *CLASSIFICATION_RULES):
+        raise EdgedistillError(f"{path} is not a route.json of this version (format {ROUTE_FORMAT})",
+                               "make it again with: edgedistill route RUN")
+    if route["rule"] == "margin" and not route.get("choices"):
+        raise EdgedistillError(f"{path}: the margin rule needs the task's label choices, and it names none",
+                               "make it again with this version: edgedistill route RUN")
+    return route

@@ -34,6 +34,7 @@ from edgedistill.runtimes import open_runtime
 from edgedistill.serve.app import ServeSettings, create_app
 from edgedistill.serve.protocol import ApiError, parse_chat_request
 from edgedistill.serve.queue import ModelQueue, TextAssembler
+from edgedistill.serve.router import ConfidenceRouter
 from edgedistill.serve.teacher import EndpointTeacher, LocalTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,9 +115,9 @@ def test_a_public_address_needs_an_api_key(monkeypatch, capsys):
 
 
 @pytest.mark.unit
-def test_a_route_file_is_refused_until_routing_exists(capsys):
-    assert main(["serve", "no-such.gguf", "--route", "route.json"]) == 2
-    assert "routing by a route.json" in capsys.readouterr().err
+def test_a_route_file_needs_a_teacher(capsys, tmp_path):
+    assert main(["serve", "no-such.gguf", "--route", str(tmp_path / "route.json")]) == 2
+    assert "no --teacher is given" in capsys.readouterr().err
 
 
 # --- the service over a tiny GGUF in llama.cpp --------------------------------------------------------
@@ -396,6 +397,51 @@ def test_a_local_teacher_answers_when_asked_for(student, expected, ggufs):
         assert text == teacher_answer and chunks[-1].x_edgedistill == {"answered_by": "teacher", "degraded": False}
         assert [m.id for m in api.models.list()] == ["tiny", "student", "teacher"]
         assert health(url)["answered_by"] == {"student": 0, "teacher": 2}
+
+
+def route_file(folder: Path, threshold: float | None, rule: str = "min") -> Path:
+    """A route.json as `edgedistill route` writes it, with only what serving reads."""
+    path = folder / f"route-{threshold}.json"
+    path.write_text(json.dumps({"format": 1, "artifact": "tiny", "rule": rule, "threshold": threshold}))
+    return path
+
+
+@pytest.mark.integration
+def test_routing_defers_unsure_answers_to_the_teacher(student, expected, ggufs, tmp_path):
+    from edgedistill.route import confidence
+
+    teacher_runtime = open_runtime(ggufs["teacher"], threads=1)
+    teacher_answer = teacher_runtime.generate([HELLO], MAX_TOKENS)[0][0]
+    own = confidence(student, HELLO, expected[0], "min")  # the student's confidence in its greedy answer
+    cases = {"above": (own + 1.0, "teacher", teacher_answer), "below": (own - 1.0, "student", expected[0]),
+             "none": (None, "student", expected[0])}
+    for case, (threshold, who, answer) in cases.items():
+        teacher = LocalTeacher(ModelQueue(teacher_runtime, name="teacher", max_waiting=4, max_tokens=LIMIT), "tiny")
+        router = ConfidenceRouter(route_file(tmp_path, threshold))
+        with running(create_app(student, name="tiny", teacher=teacher, router=router)) as url:
+            api = client(url)
+            raw = api.chat.completions.with_raw_response.create(model="tiny", messages=HELLO, max_tokens=MAX_TOKENS)
+            assert raw.parse().choices[0].message.content == answer, case
+            assert raw.headers["x-edgedistill-answered-by"] == who, case
+            field = raw.parse().x_edgedistill
+            assert (field.get("student_confidence") is None) == (threshold is None), case
+            if threshold is not None:
+                assert field["student_confidence"] == pytest.approx(own, abs=1e-3)
+            text, chunks = streamed(api.chat.completions.create(model="tiny", messages=HELLO, max_tokens=MAX_TOKENS,
+                                                                stream=True))
+            assert text == answer and chunks[-1].x_edgedistill["answered_by"] == who, case
+            assert health(url)["deferred_to_teacher"] == (2 if who == "teacher" else 0)
+
+
+@pytest.mark.unit
+def test_a_route_file_of_another_kind_is_refused(tmp_path):
+    bad = tmp_path / "route.json"
+    bad.write_text(json.dumps({"format": 1, "rule": "margin", "threshold": 0.5}))
+    with pytest.raises(Exception, match="label choices"):
+        ConfidenceRouter(bad)
+    bad.write_text("{not json")
+    with pytest.raises(Exception, match="cannot be read"):
+        ConfidenceRouter(bad)
 
 
 @pytest.mark.integration

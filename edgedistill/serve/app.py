@@ -36,7 +36,7 @@ from edgedistill.runtimes import Runtime
 from edgedistill.serve.protocol import (SSE_DONE, Answerer, ApiError, ChatRequest, Completion, parse_chat_request,
                                         sse, usage)
 from edgedistill.serve.queue import DONE, ERROR, STARTED, TEXT, Generation, ModelQueue
-from edgedistill.serve.router import STUDENT, TEACHER, ExplicitRouter, Router, Who
+from edgedistill.serve.router import ROUTED, STUDENT, TEACHER, ExplicitRouter, Router, Who
 from edgedistill.serve.teacher import PROBE_INTERVAL_S, EndpointTeacher, Teacher
 
 @dataclass(frozen=True)
@@ -160,8 +160,34 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
             return exc.message
         return (generation, first) if first[0] != ERROR else first[1].message
 
+    async def routed(chat: ChatRequest, deadline: float, gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
+        """The student's whole answer first; the teacher's instead when the router defers on the student's
+        confidence in it (the student's, marked degraded, when the teacher cannot answer)."""
+        generation = students.submit(chat.messages, chat.max_tokens, chat.stop, stream=False, judge=router.confidence)
+        events = [await next_event(generation, deadline, gone)]
+        while events[-1][0] not in (DONE, ERROR):
+            events.append(await next_event(generation, deadline, gone))
+        if events[-1][0] == ERROR:
+            raise events[-1][1]
+        value = generation.confidence
+        answerer = Answerer(STUDENT, confidence=value)
+        if teacher is not None and value is not None and router.defers(value):
+            found = await ask_teacher(chat, deadline, gone)
+            if not isinstance(found, str):
+                counts["deferred"] += 1
+                return Answerer(TEACHER, confidence=value), *found
+            counts["degraded"] += 1
+            answerer = Answerer(STUDENT, degraded=True, reason=found, confidence=value)
+        # the student's events, handed on as if they were coming now
+        replay = Generation(chat.messages, chat.max_tokens, chat.stop, asyncio.get_running_loop(), stream=False)
+        for event in events[1:]:
+            replay.events.put_nowait(event)
+        return answerer, replay, events[0]
+
     async def start(chat: ChatRequest, who: Who, deadline: float,
                     gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
+        if who == ROUTED:
+            return await routed(chat, deadline, gone)
         answerer = Answerer(STUDENT)
         if who == TEACHER:
             found = await ask_teacher(chat, deadline, gone)
@@ -269,7 +295,8 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
         degraded_now = teacher_status is not None and teacher_status["reachable"] is False
         return {"status": "degraded" if degraded_now else "ok", "model": name, "artifact": artifact,
                 "uptime_s": round(time.time() - started_at, 1), "answered_by": dict(answered),
-                "degraded_answers": counts["degraded"], "client_gone": counts["client_gone"],
+                "degraded_answers": counts["degraded"], "deferred_to_teacher": counts["deferred"],
+                "client_gone": counts["client_gone"],
                 "errors": {key.removeprefix("errors_"): n for key, n in sorted(counts.items())
                            if key.startswith("errors_")},
                 "student": students.status(), "teacher": teacher_status}

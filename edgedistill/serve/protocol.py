@@ -154,10 +154,12 @@ class Answerer:
     answered_by: str  # "student" or "teacher"
     degraded: bool = False  # the teacher was asked for but could not answer: the student did
     reason: str | None = None  # why it is degraded
+    confidence: float | None = None  # with --route: the student's confidence in its own answer
 
     def field(self) -> dict:
         found = {"answered_by": self.answered_by, "degraded": self.degraded}
-        return found | ({"degraded_reason": self.reason} if self.reason else {})
+        return (found | ({"degraded_reason": self.reason} if self.reason else {})
+                | ({"student_confidence": round(self.confidence, 4)} if self.confidence is not None else {}))
 
     def headers(self) -> dict[str, str]:
         return {"X-Edgedistill-Answered-By": self.answered_by, "X-Edgedistill-Degraded": str(self.degraded).lower()}

@@ -72,8 +72,11 @@ class Generation:
     """One request handed to a model's worker thread; its events arrive on `events` in the event loop."""
 
     def __init__(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...],
-                 loop: asyncio.AbstractEventLoop, *, stream: bool = True):
+                 loop: asyncio.AbstractEventLoop, *, stream: bool = True, judge=None):
         self.messages, self.max_tokens, self.stop = messages, max_tokens, stop
+        # judge(runtime, messages, answer) -> float, run on the worker after the answer, before its last
+        # events: the routed student's confidence in it (`confidence`), which the handler reads
+        self.judge, self.confidence = judge, None
         # False: the text comes as one TEXT event at the end. Waking the event loop for every token
         # costs a thread switch each (and a GIL hand-over) that a whole answer does not need.
         self.stream = stream
@@ -121,10 +124,10 @@ class ModelQueue:
                            param="max_tokens", code="invalid_value")
 
     def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...], *,
-               stream: bool = True) -> Generation:
+               stream: bool = True, judge=None) -> Generation:
         """The request, queued; ApiError 503 when `max_waiting` requests already wait or the service stops."""
         self.check_max_tokens(max_tokens)
-        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream)
+        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream, judge=judge)
         with self._lock:
             if self._closed:
                 raise overloaded("The service is shutting down.")
@@ -244,7 +247,10 @@ class ModelQueue:
         # stream_pieces holds back a last piece that ends inside a character; the whole answer has it
         whole = runtime.decode(ids) if ids else ""
         rest = whole[len(sent):] if whole.startswith(sent) and not assembler.stopped else ""
-        if text := "".join(held) + assembler.feed(rest) + assembler.finish():
+        text = "".join(held) + assembler.feed(rest) + assembler.finish()
+        if generation.judge is not None:
+            generation.confidence = generation.judge(runtime, generation.messages, text)
+        if text:
             generation.emit(TEXT, text)
         self._count("answered")
         generation.emit(DONE, finish[0], len(ids))

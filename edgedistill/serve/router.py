@@ -4,22 +4,27 @@ the student and the teacher.
     edgedistill serve model.gguf --teacher http://127.0.0.1:8080/v1    # model "teacher" asks for it
 
 A request names a model: "student" or "teacher" choose directly; the served name (the artifact's,
-listed first by /v1/models) or no model at all leave it to the router. `ExplicitRouter`, the only
-one so far, always chooses the student there. The confidence router of issue 17 (route.json: the
-student answers first and defers when its token log-probs say it is unsure) and plan-and-execute
-(the teacher plans, the student answers) are to be routers behind this same `choose`, each with
-what it needs from the student's answer.
+listed first by /v1/models) or no model at all leave it to the router. `ExplicitRouter` always
+chooses the student there. `ConfidenceRouter` (`--route route.json`, from `edgedistill route`)
+chooses ROUTED: the student answers first, its confidence in that answer is computed the way the
+calibration computed it (edgedistill.route.confidence: label margin, or a quantile of its answer's
+token log-probs), and below route.json's threshold the request goes to the teacher; when the
+teacher cannot answer, the student's answer is returned, marked degraded.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Protocol
 
+from edgedistill.route import confidence, read_route
+from edgedistill.runtimes import Runtime
 from edgedistill.serve.protocol import ChatRequest
 
-Who = Literal["student", "teacher"]
+Who = Literal["student", "teacher", "routed"]
 STUDENT: Who = "student"
 TEACHER: Who = "teacher"
+ROUTED: Who = "routed"  # the student first; the teacher when the student's confidence is below the threshold
 
 
 class Router(Protocol):
@@ -32,3 +37,23 @@ class ExplicitRouter:
 
     def choose(self, request: ChatRequest) -> Who:
         return STUDENT
+
+
+class ConfidenceRouter:
+    """route.json's rule and threshold (module docstring)."""
+
+    def __init__(self, path: Path):
+        route = read_route(path)
+        self.rule, self.threshold, self.choices = route["rule"], route["threshold"], route.get("choices")
+        self.calibrated_on = route.get("artifact")
+
+    def choose(self, request: ChatRequest) -> Who:
+        # a threshold of None: the student alone reached the target, nothing is ever deferred
+        return STUDENT if self.threshold is None else ROUTED
+
+    def confidence(self, runtime: Runtime, messages: list[dict[str, str]], answer: str) -> float:
+        """The student's confidence in `answer`; called on the student's worker thread."""
+        return confidence(runtime, messages, answer, self.rule, self.choices)
+
+    def defers(self, value: float) -> bool:
+        return self.threshold is not None and value < self.threshold

@@ -22,6 +22,7 @@ from edgedistill.recipe import is_loopback
 from edgedistill.runtimes import open_runtime, resolve_artifact
 from edgedistill.serve.app import ServeSettings, create_app
 from edgedistill.serve.queue import ModelQueue
+from edgedistill.serve.router import ConfidenceRouter
 from edgedistill.serve.teacher import EndpointTeacher, LocalTeacher, Teacher
 
 API_KEY_ENV = "EDGEDISTILL_API_KEY"
@@ -93,10 +94,12 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, teacher: 
     """Serve `artifact` until SIGINT/SIGTERM."""
     import uvicorn
 
+    router = None
     if route is not None:
-        raise EdgedistillError(f"--route {route}: routing by a route.json (issue 17, items 2-3) is not built yet",
-                               "leave out --route; meanwhile a request asks for the teacher by naming it "
-                               '(model: "teacher")')
+        if teacher is None:
+            raise EdgedistillError(f"--route {route} defers unsure answers to the teacher, but no --teacher is given",
+                                   "add --teacher URL (an OpenAI-compatible endpoint) or a local model path")
+        router = ConfidenceRouter(route)
     api_key = check_listen(host, port)
     path = resolve_artifact(artifact)
     print(f"loading {path} ...", flush=True)
@@ -107,7 +110,7 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, teacher: 
                                        dtype=dtype)
     name = served_name(artifact)
     app = create_app(student, name=name, settings=settings, teacher=teacher_backend, api_key=api_key,
-                     artifact=str(path))
+                     artifact=str(path), router=router)
     where = f"[{host}]" if ":" in host else host
     print(f"serving {name} at http://{where}:{port}/v1 (model ids: {name}, student"
           + (f", teacher → {teacher}" if teacher else "") + ")" + ("; API key required" if api_key else ""),
