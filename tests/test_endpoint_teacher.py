@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_tokenizer
-from test_generate import free_port, start_llama_server
+from test_generate import free_port, kill_when_answered, start_llama_server
 
 from edgedistill.cli import main
 from edgedistill.data import remote
@@ -239,14 +237,7 @@ def test_a_server_killed_mid_way_loses_no_answer_and_no_soft_label(served, tmp_p
     out.mkdir()
     teacher_stage(recipe, teacher)
     partial = out / ANSWERS_PARTIAL_JSONL
-
-    def kill_after_three():
-        while not partial.exists() or partial.read_text().count("\n") < 3:
-            time.sleep(0.005)
-        process.kill()
-
-    killer = threading.Thread(target=kill_after_three)
-    killer.start()
+    killer = kill_when_answered(partial, 3, process)
     try:
         with pytest.raises(EdgedistillError, match="kept failing"):
             generate(recipe, out, teacher=teacher)
@@ -275,27 +266,25 @@ def test_a_server_without_logprobs_and_another_tokenizer_are_refused_before_trai
     port = free_port()
     process = start_llama_server(port, gguf, "--logits_all", "false")
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        recipe = load_recipe(endpoint_recipe(tmp_path / "r", url, tokenizer_only))
-        teacher = tmp_path / "teacher"
+    def refusal(name: str, tokenizer: Path) -> EdgedistillError:
+        """The generate stage's error for a run named `name` whose teacher.tokenizer is `tokenizer`."""
+        recipe = load_recipe(endpoint_recipe(tmp_path / name, url, tokenizer))
+        teacher, out = tmp_path / name / "teacher", tmp_path / name / "generate"
         teacher.mkdir()
+        out.mkdir()
         teacher_stage(recipe, teacher)
-        (tmp_path / "g1").mkdir()
-        with pytest.raises(EdgedistillError, match="logits_all") as info:
-            generate(recipe, tmp_path / "g1", teacher=teacher)
-        assert "kl_weight: 0" in info.value.hint
+        with pytest.raises(EdgedistillError) as info:
+            generate(recipe, out, teacher=teacher)
+        return info.value
 
+    try:
+        error = refusal("no-logprobs", tokenizer_only)
+        assert "logits_all" in str(error) and "kl_weight: 0" in error.hint
         other = tmp_path / "other"
         make_tiny_tokenizer(other)
         (other / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 256}))
-        recipe = load_recipe(endpoint_recipe(tmp_path / "r2", url, other))
-        teacher = tmp_path / "teacher2"
-        teacher.mkdir()
-        teacher_stage(recipe, teacher)
-        (tmp_path / "g2").mkdir()
-        with pytest.raises(EdgedistillError, match="not teacher.tokenizer's") as info:
-            generate(recipe, tmp_path / "g2", teacher=teacher)
-        assert "kl_weight: 0" in info.value.hint
+        error = refusal("other-tokenizer", other)
+        assert "not teacher.tokenizer's" in str(error) and "kl_weight: 0" in error.hint
     finally:
         process.kill()
         process.wait()

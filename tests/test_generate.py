@@ -329,6 +329,18 @@ def start_llama_server(port: int, model: str, *options: str) -> subprocess.Popen
             time.sleep(0.1)
 
 
+def kill_when_answered(partial: Path, answers: int, server: subprocess.Popen) -> threading.Thread:
+    """A started thread that kills `server` once `partial` (a generate stage's answers so far) holds `answers`."""
+    def kill():
+        while not partial.exists() or partial.read_text().count("\n") < answers:
+            time.sleep(0.005)
+        server.kill()
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -375,13 +387,7 @@ def test_llama_cpp_server_answers_and_a_dead_server_loses_nothing(tmp_path, teac
         out.mkdir()
         partial = out / PARTIAL_ANSWERS
 
-        def kill_after_three():
-            while not partial.exists() or partial.read_text().count("\n") < 3:
-                time.sleep(0.005)
-            server.kill()
-
-        killer = threading.Thread(target=kill_after_three)
-        killer.start()
+        killer = kill_when_answered(partial, 3, server)
         with pytest.raises(EdgedistillError, match=f"{url}/chat/completions kept failing") as info:
             generate(recipe, out, teacher=teacher)
         killer.join()
