@@ -63,16 +63,10 @@ MISMATCH_HINT = ("set teacher.tokenizer to the tokenizer of the model the endpoi
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character table, inverted: how byte-level BPE tokens spell bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    """How byte-level BPE tokens spell bytes: GPT-2's byte-to-printable-character table, inverted."""
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenTable:
