@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from edgedistill.data.logits import SoftLabelSet, tokenize_train_set, tokenizer_identity
 from edgedistill.distill.losses import distill_loss
-from edgedistill.distill.train import CHECKPOINT, OnlineTeacher, collate, finish, save_checkpoint, teacher_topk
+from edgedistill.distill.train import (OnlineTeacher, collate, finish, load_checkpoint, save_checkpoint,
+                                      teacher_topk)
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import TRAIN_JSONL
 from edgedistill.recipe import OnPolicyConfig, Recipe
@@ -148,15 +149,9 @@ def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, o
     each epoch and resumes from there. Returns the per-epoch losses and the sampling counts."""
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=0.0)
-    start_epoch, history, counts = 0, [], SampleCounts()
-    checkpoint = out / CHECKPOINT / "state.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history, counts = state["epoch"] + 1, state["history"], SampleCounts(**state["counts"])
-        print(f"[on_policy] resuming after epoch {start_epoch} from {checkpoint}")
+    state = load_checkpoint(out, "on_policy", student, optimizer)
+    start_epoch, history, counts = ((state["epoch"] + 1, state["history"], SampleCounts(**state["counts"]))
+                                    if state else (0, [], SampleCounts()))
     device = next(student.parameters()).device
     student.config.use_cache = False  # the training forward; generate turns it on for sampling
     student.train()

@@ -111,6 +111,22 @@ def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int) -> tuple[torch
     return torch.cat(ids).to(device), torch.cat(logprobs).to(device)
 
 
+def load_checkpoint(out: Path, name: str, model, optimizer, scheduler=None) -> dict | None:
+    """The state save_checkpoint left in `out`, loaded into `model`, `optimizer` (and `scheduler`)
+    with the torch RNG restored; None when there is none (a fresh start)."""
+    checkpoint = out / CHECKPOINT / "state.pt"
+    if not checkpoint.exists():
+        return None
+    state = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"[{name}] resuming after epoch {state['epoch'] + 1} from {checkpoint}")
+    return state
+
+
 def save_checkpoint(out: Path, state: dict) -> None:
     """`state` (torch.save-able) as out/checkpoint/state.pt, written aside and renamed into place."""
     aside = out / f"{CHECKPOINT}.writing"
@@ -220,16 +236,8 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    start_epoch, history = 0, []
-    checkpoint = out / CHECKPOINT / "state.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        print(f"[{name}] resuming after epoch {start_epoch} from {checkpoint}")
+    state = load_checkpoint(out, name, model, optimizer, scheduler)
+    start_epoch, history = (state["epoch"] + 1, state["history"]) if state else (0, [])
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
