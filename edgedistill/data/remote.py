@@ -369,12 +369,19 @@ def describe_skips(skips: list[BadResponse]) -> tuple[str, str]:
     return f"{len(skips)}, the last one answered {skips[-1]}", "; ".join(dict.fromkeys(error.hint for error in skips))
 
 
+def fetch_json(url: str, endpoint: EndpointConfig, *, payload: dict | None = None,
+               timeout_s: float | None = None) -> object:
+    """GET `url` (POST `payload` as JSON) with the endpoint's key, no redirects followed, and its parsed
+    JSON body; raises OSError (urllib's HTTPError included), ValueError or http.client.HTTPException."""
+    request = urllib.request.Request(url, data=None if payload is None else json.dumps(payload).encode(),
+                                     headers=_headers(endpoint), method="GET" if payload is None else "POST")
+    with urllib.request.build_opener(_NoRedirect()).open(request, timeout=timeout_s or endpoint.timeout_s) as response:
+        return json.loads(response.read())
+
+
 def _post_json(url: str, payload: dict, endpoint: EndpointConfig) -> object | None:
-    post = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=_headers(endpoint), method="POST")
-    opener = urllib.request.build_opener(_NoRedirect())
     try:
-        with opener.open(post, timeout=endpoint.timeout_s) as response:
-            return json.loads(response.read())
+        return fetch_json(url, endpoint, payload=payload)
     except (OSError, ValueError, http.client.HTTPException):
         return None  # urllib's HTTPError is an OSError: this server has no such route
 

@@ -17,16 +17,14 @@ answer as one chunk. A local teacher is a second runtime with a queue of its own
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import ValidationError
 
-from edgedistill.data.remote import BadResponse, EndpointError, Request, _headers, _NoRedirect, request_once
+from edgedistill.data.remote import BadResponse, EndpointError, Request, fetch_json, request_once
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import EndpointConfig
 from edgedistill.serve.protocol import ApiError
@@ -84,10 +82,8 @@ class EndpointTeacher:
 
     def probe(self) -> None:
         """Ask the endpoint's /models (blocking, a short timeout); learns the served model's name."""
-        request = urllib.request.Request(self.models_url(), headers=_headers(self.endpoint))
         try:
-            with urllib.request.build_opener(_NoRedirect()).open(request, timeout=PROBE_TIMEOUT_S) as response:
-                listed = json.loads(response.read()).get("data") or []
+            listed = fetch_json(self.models_url(), self.endpoint, timeout_s=PROBE_TIMEOUT_S).get("data") or []
         except (OSError, ValueError, AttributeError) as exc:
             self._mark(False, f"{self.models_url()}: {type(exc).__name__}: {exc}")
             return
