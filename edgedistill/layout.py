@@ -25,6 +25,7 @@ GENERATE = "generate"
 LOGITS = "logits"
 STUDENT = "student"
 DISTILL = "distill"
+ON_POLICY = "on_policy"  # with distill.on_policy: the student trained further on its own samples
 LORA = "lora"
 MERGE = "merge"
 EXPORT = "export"

@@ -22,8 +22,8 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export import check as export_check
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
-from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, PREFLIGHT,
-                                REPORT, ROUTE, STUDENT, TEACHER, TEACHER_GGUF)
+from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, ON_POLICY,
+                                PREFLIGHT, REPORT, ROUTE, STUDENT, TEACHER, TEACHER_GGUF)
 from edgedistill.lora import merge_lora, train_lora
 from edgedistill.pipeline import Check, Stage, clear_folder
 from edgedistill.preflight import preflight_stage
@@ -35,9 +35,6 @@ from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher, write_endpoint_teacher
 from edgedistill.sources.endpoint import tokenizer_path as endpoint_tokenizer_path
 from edgedistill.sources.random_model import build_random_model
-
-# the on-policy stage's folder (a recipe with distill.on_policy), beside edgedistill.layout's stage names
-ON_POLICY = "on_policy"
 
 
 def teacher_stage(recipe: Recipe, out: Path) -> dict:
