@@ -237,10 +237,16 @@ class GenerateConfig(Section):
 
 
 class WidthConfig(Section):
-    """Width pruning: the most important MLP channels and attention heads are kept."""
+    """Width pruning: the most important MLP channels, attention heads and hidden (embedding)
+    channels are kept."""
+
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_size": None}
 
     intermediate_size: Annotated[int, Field(gt=0)] | None = None
     num_attention_heads: Annotated[int, Field(gt=0)] | None = None
+    # The residual stream's width: every tensor that reads or writes it (embeddings, lm_head, norms,
+    # the blocks' input and output projections) keeps the same top channels (Minitron's embedding pruning).
+    hidden_size: Annotated[int, Field(gt=0)] | None = None
 
 
 class StudentConfig(Section):
