@@ -325,8 +325,37 @@ class OnPolicyConfig(Section):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-4
 
 
+# quant_aware's names for the ONNX grids: export.onnx's quantized precisions
+ONNX_GRIDS = {"onnx-int4": "int4", "onnx-int8": "int8"}
+# GGUF types that are float: a grid only when named (no default grid rounds to them)
+FLOAT_GGUF = ("F16", "BF16")
+
+
+class QuantAwareConfig(Section):
+    """Quantization-aware distillation (edgedistill.distill.quant_aware): during the last `epochs`
+    of distill (and every on-policy epoch) the student's weights are rounded in the forward pass to
+    exactly what an exported file holds, with straight-through gradients; several grids take turns,
+    one per step. `grids`: GGUF types of export.quants and onnx-int4 / onnx-int8 of export.onnx;
+    None: every quantized one the recipe exports."""
+
+    grids: Annotated[list[str], Field(min_length=1)] | None = None
+    epochs: Annotated[int, Field(gt=0)] = 1
+
+    @field_validator("grids")
+    @classmethod
+    def _known_grids(cls, grids: list[str] | None) -> list[str] | None:
+        known = (*GGUF_QUANTS, *ONNX_GRIDS)
+        for grid in grids or []:
+            if grid not in known:
+                raise ValueError(f"unknown grid {grid!r}: use GGUF types ({', '.join(GGUF_QUANTS)}) or "
+                                 f"{', '.join(ONNX_GRIDS)}")
+        if grids is not None and len(set(grids)) != len(grids):
+            raise ValueError(f"a grid is listed twice: {grids}")
+        return grids
+
+
 class DistillConfig(TrainingConfig):
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels_from": "cache", "on_policy": None}
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels_from": "cache", "on_policy": None, "quant_aware": None}
 
     max_seq_len: Annotated[int, Field(gt=8)] = 256
     topk: Annotated[int, Field(gt=0, le=1024)] = 32
@@ -340,12 +369,21 @@ class DistillConfig(TrainingConfig):
     # batch, top-k taken as the cache takes it, and no cache is written or read
     soft_labels_from: Literal["cache", "online"] = "cache"
     on_policy: OnPolicyConfig | None = None
+    quant_aware: QuantAwareConfig | None = None
 
     @model_validator(mode="after")
     def _one_soft_label_source(self) -> DistillConfig:
         if self.soft_labels is not None and self.soft_labels_from == "online":
             raise ValueError("soft_labels imports a logits cache, soft_labels_from 'online' reads none: "
                              "remove one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _quant_aware_within_epochs(self) -> DistillConfig:
+        if self.quant_aware is not None and self.quant_aware.epochs > self.epochs:
+            raise ValueError(f"quant_aware.epochs {self.quant_aware.epochs} is more than distill.epochs {self.epochs}: "
+                             "the fake-quantized epochs are the last ones of distill; lower quant_aware.epochs or "
+                             "raise epochs")
         return self
 
 
@@ -494,6 +532,15 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _quant_aware_grids_exported(self) -> Recipe:
+        if self.distill.quant_aware is not None:
+            try:
+                quant_aware_grids(self.distill, self.export)
+            except EdgedistillError as exc:
+                raise ValueError(f"{exc.problem}; {exc.hint}") from None
+        return self
+
+    @model_validator(mode="after")
     def _endpoint_teacher_has_no_weights(self) -> Recipe:
         if self.teacher.source != "endpoint":
             return self
@@ -515,6 +562,33 @@ class Recipe(Section):
         there, else as given (a built-in name, or a path from the working folder)."""
         relative = self.resolve(Path(spec))
         return str(relative) if relative.exists() else spec
+
+
+def quant_aware_grids(distill: DistillConfig, export: ExportConfig) -> list[str]:
+    """The grids distill.quant_aware trains against, each one the recipe exports and the
+    exporter rounds without the trained student's activations; EdgedistillError otherwise."""
+    exported = [*export.quants, *(grid for grid, precision in ONNX_GRIDS.items() if precision in export.onnx)]
+    names = f"export.quants {list(export.quants)} and export.onnx {list(export.onnx)}"
+    grids = distill.quant_aware.grids
+    if grids is None:
+        grids = [grid for grid in exported if grid not in FLOAT_GGUF]
+        if not grids:
+            raise EdgedistillError(f"distill.quant_aware: the recipe exports no quantized grid ({names})",
+                                   "add a quantized type to export.quants or int4 to export.onnx, or remove quant_aware")
+    for grid in grids:
+        if grid not in exported:
+            raise EdgedistillError(f"distill.quant_aware: grid {grid} is not exported by this recipe ({names})",
+                                   f"list only exported grids ({', '.join(exported) or 'none'}), or export {grid}")
+    if export.imatrix and any(grid in export.quants for grid in grids):
+        raise EdgedistillError("distill.quant_aware with export.imatrix: llama.cpp weighs its rounding by the "
+                               "trained student's activations, which do not exist while it trains, so no grid "
+                               "fixed in advance is the one the GGUF gets",
+                               "set export.imatrix: false, or leave the GGUF types out of quant_aware.grids")
+    if export.onnx_options.calibrate and "onnx-int4" in grids:
+        raise EdgedistillError("distill.quant_aware with export.onnx_options.calibrate: the int4 rounding is "
+                               "weighed by the trained student's activations, which do not exist while it trains",
+                               "set export.onnx_options.calibrate: false, or leave onnx-int4 out of quant_aware.grids")
+    return grids
 
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
