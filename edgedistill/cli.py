@@ -220,14 +220,16 @@ def cmd_route(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgedistill.serve.app import ServeSettings
+    from edgedistill.serve.plan import Planner, plan_prompt
     from edgedistill.serve.server import serve
 
     for flag, value in (("--queue", args.queue), ("--max-tokens", args.max_tokens), ("--timeout-s", args.timeout_s)):
         if value <= 0:
             raise EdgedistillError(f"{flag} {value:g} must be positive", f"pass {flag} with a number above 0")
+    plan = Planner(plan_prompt(args.plan_prompt), args.plan_max_tokens) if args.plan else None
     serve(args.artifact, host=args.host, port=args.port, teacher=args.teacher, teacher_model=args.teacher_model,
-          route=args.route, settings=ServeSettings(max_waiting=args.queue, max_tokens=args.max_tokens,
-                                                   timeout_s=args.timeout_s),
+          route=args.route, plan=plan, settings=ServeSettings(max_waiting=args.queue, max_tokens=args.max_tokens,
+                                                              timeout_s=args.timeout_s),
           threads=args.threads, device=args.device, dtype=args.dtype)
 
 

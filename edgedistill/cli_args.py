@@ -210,9 +210,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     serve = add("serve", "an OpenAI-compatible HTTP service over a GGUF, ONNX export or HF folder: /v1/chat/completions "
                 "(streamed or whole), /v1/models and /health, one answer at a time per model behind a bounded queue; "
                 "with --teacher, requests that name the teacher go to it, and to the student (marked degraded) when "
-                "it cannot answer",
+                "it cannot answer; --route or --plan route the others",
                 "edgedistill serve runs/sentiment/export/student-q4_k_m.gguf --port 8000\n"
                 "  edgedistill serve model.gguf --teacher http://gpu-box:8000/v1\n"
+                "  edgedistill serve student.gguf --teacher teacher.gguf --plan --plan-max-tokens 48\n"
                 "  EDGEDISTILL_API_KEY=$(openssl rand -hex 24) edgedistill serve model.gguf --host 0.0.0.0")
     serve.add_argument("artifact", help="GGUF file, ONNX export folder, HF folder or built-in name")
     serve.add_argument("--host", default="127.0.0.1",
@@ -227,6 +228,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     serve.add_argument("--route", type=Path, metavar="FILE",
                        help="route.json of `edgedistill route`: the student answers first and hands the request to "
                             "--teacher when its confidence is below the calibrated threshold")
+    serve.add_argument("--plan", action="store_true",
+                       help="plan-and-execute: for each request to the served name, --teacher writes a short plan "
+                            "and the student answers following it (answered_by \"student+teacher-plan\")")
+    serve.add_argument("--plan-prompt", default="steps", metavar="NAME",
+                       help="with --plan, the plan prompt of edgedistill/serve/plan.py: steps (default), keywords "
+                            "or draft")
+    serve.add_argument("--plan-max-tokens", type=int, default=48, metavar="N",
+                       help="with --plan, the most tokens a plan may take (default: 48)")
     serve.add_argument("--queue", type=int, default=32, metavar="N",
                        help="requests that may wait while the model answers another; more are answered 503 "
                             "(default: 32)")

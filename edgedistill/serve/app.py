@@ -13,9 +13,17 @@ per-request timeout covers the wait in the queue and the answer (504, or an erro
 stream); a client that goes away cancels its generation at the next token. A request for the
 teacher that the teacher cannot answer is answered by the student, marked degraded.
 
+With a PlanRouter (`--plan`, serve.plan) a request for the served name is planned: the teacher's
+plan comes whole first (at most plan_max_tokens, within the teacher's share of the timeout), then
+the student's answer following it is sent, whole or streamed, as any student answer is; when the
+teacher cannot plan, the student answers the request as it came, marked degraded.
+
 Every answer says who gave it: `x_edgedistill: {"answered_by", "degraded"}` in the body (every
 chunk of a stream too) and the X-Edgedistill-Answered-By / X-Edgedistill-Degraded headers; /health
-counts answers by who gave them.
+counts answers by who gave them. A planned answer is "student+teacher-plan", and its field adds
+`plan` and `teacher_tokens`: the plan's length as the teacher counted it (a local teacher), or in
+the student's tokens when an endpoint does not say (a distilled student shares the teacher's
+tokenizer); /health adds them up in `teacher_plan_tokens`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from edgedistill.runtimes import Runtime
 from edgedistill.serve.protocol import (SSE_DONE, Answerer, ApiError, ChatRequest, Completion, parse_chat_request,
                                         sse, usage)
 from edgedistill.serve.queue import DONE, ERROR, STARTED, TEXT, Generation, ModelQueue
-from edgedistill.serve.router import ROUTED, STUDENT, TEACHER, ExplicitRouter, Router, Who
+from edgedistill.serve.plan import student_messages, teacher_messages
+from edgedistill.serve.router import PLAN, PLANNED, ROUTED, STUDENT, TEACHER, ExplicitRouter, PlanRouter, Router, Who
 from edgedistill.serve.teacher import PROBE_INTERVAL_S, EndpointTeacher, Teacher
 
 @dataclass(frozen=True)
@@ -74,7 +83,8 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
     a bearer token on every request when given."""
     router = router or ExplicitRouter()
     students = ModelQueue(student, name=STUDENT, max_waiting=settings.max_waiting, max_tokens=settings.max_tokens)
-    answered: Counter[str] = Counter({STUDENT: 0, TEACHER: 0})
+    planning = isinstance(router, PlanRouter)
+    answered: Counter[str] = Counter({STUDENT: 0, TEACHER: 0, **({PLANNED: 0} if planning else {})})
     counts: Counter[str] = Counter()  # degraded answers and errors by status
     started_at = time.time()
 
@@ -147,13 +157,13 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
         raise ApiError(504, f"No answer within the service's per-request timeout of {settings.timeout_s:g} s "
                        "(edgedistill serve --timeout-s).", type="server_error", code="timeout")
 
-    async def ask_teacher(chat: ChatRequest, deadline: float, gone: asyncio.Task) -> tuple[Generation, tuple] | str:
+    async def ask_teacher(messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...],
+                          stream: bool, deadline: float, gone: asyncio.Task) -> tuple[Generation, tuple] | str:
         """The teacher's generation and its first event, or why it could not answer."""
         loop = asyncio.get_running_loop()
         timeout_s = max(0.1, min(deadline - loop.time(), settings.timeout_s * settings.teacher_share))
         try:
-            generation = teacher.submit(chat.messages, chat.max_tokens, chat.stop, timeout_s=timeout_s,
-                                        stream=chat.stream)
+            generation = teacher.submit(messages, max_tokens, stop, timeout_s=timeout_s, stream=stream)
             # a second of slack: an endpoint's own deadline should fire first, with its reason
             first = await next_event(generation, loop.time() + timeout_s + 1.0, gone)
         except ApiError as exc:  # a local teacher's full queue, or its timeout
@@ -172,7 +182,7 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
         value = generation.confidence
         answerer = Answerer(STUDENT, confidence=value)
         if teacher is not None and value is not None and router.defers(value):
-            found = await ask_teacher(chat, deadline, gone)
+            found = await ask_teacher(chat.messages, chat.max_tokens, chat.stop, chat.stream, deadline, gone)
             if not isinstance(found, str):
                 counts["deferred"] += 1
                 return Answerer(TEACHER, confidence=value), *found
@@ -184,22 +194,62 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
             replay.events.put_nowait(event)
         return answerer, replay, events[0]
 
-    async def start(chat: ChatRequest, who: Who, deadline: float,
-                    gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
-        if who == ROUTED:
-            return await routed(chat, deadline, gone)
-        answerer = Answerer(STUDENT)
-        if who == TEACHER:
-            found = await ask_teacher(chat, deadline, gone)
-            if not isinstance(found, str):
-                return Answerer(TEACHER), *found
+    async def plan(messages: list[dict[str, str]], deadline: float, gone: asyncio.Task) -> tuple[str, int | None] | str:
+        """The teacher's plan for `messages` and its length in the teacher's tokens (None: not said),
+        or why the teacher could not write one."""
+        found = await ask_teacher(messages, router.planner.max_tokens, (), False, deadline, gone)
+        if isinstance(found, str):
+            return found
+        generation, event = found
+        pieces = []
+        while event[0] != DONE:
+            if event[0] == ERROR:
+                return event[1].message
+            if event[0] == TEXT:
+                pieces.append(event[1])
+            event = await next_event(generation, deadline, gone)
+        return "".join(pieces), event[2]
+
+    async def planned(chat: ChatRequest, deadline: float, gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
+        """The teacher's plan, then the student's answer following it (module docstring)."""
+        asked = teacher_messages(chat.messages, router.planner.prompt)
+        if asked is None:
+            return await by_student(chat, chat.messages, Answerer(STUDENT), deadline, gone)
+        found = await plan(asked, deadline, gone)
+        if isinstance(found, str):
             counts["degraded"] += 1
-            answerer = Answerer(STUDENT, degraded=True, reason=found)
-        generation = students.submit(chat.messages, chat.max_tokens, chat.stop, stream=chat.stream)
+            return await by_student(chat, chat.messages, Answerer(STUDENT, degraded=True, reason=found), deadline,
+                                    gone)
+        text, teacher_tokens = found
+        _, generation, first = await by_student(
+            chat, student_messages(chat.messages, text, router.planner.prompt), Answerer(PLANNED), deadline, gone,
+            count=text if teacher_tokens is None else None)
+        teacher_tokens = generation.counted_tokens if teacher_tokens is None else teacher_tokens
+        counts["teacher_plan_tokens"] += teacher_tokens
+        return Answerer(PLANNED, teacher_tokens=teacher_tokens, plan=text), generation, first
+
+    async def by_student(chat: ChatRequest, messages: list[dict[str, str]], answerer: Answerer, deadline: float,
+                         gone: asyncio.Task, count: str | None = None) -> tuple[Answerer, Generation, tuple]:
+        generation = students.submit(messages, chat.max_tokens, chat.stop, stream=chat.stream, count=count)
         first = await next_event(generation, deadline, gone)
         if first[0] == ERROR:
             raise first[1]
         return answerer, generation, first
+
+    async def start(chat: ChatRequest, who: Who, deadline: float,
+                    gone: asyncio.Task) -> tuple[Answerer, Generation, tuple]:
+        if who == ROUTED:
+            return await routed(chat, deadline, gone)
+        if who == PLAN and teacher is not None:
+            return await planned(chat, deadline, gone)
+        answerer = Answerer(STUDENT)
+        if who == TEACHER:
+            found = await ask_teacher(chat.messages, chat.max_tokens, chat.stop, chat.stream, deadline, gone)
+            if not isinstance(found, str):
+                return Answerer(TEACHER), *found
+            counts["degraded"] += 1
+            answerer = Answerer(STUDENT, degraded=True, reason=found)
+        return await by_student(chat, chat.messages, answerer, deadline, gone)
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
@@ -296,6 +346,7 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
         return {"status": "degraded" if degraded_now else "ok", "model": name, "artifact": artifact,
                 "uptime_s": round(time.time() - started_at, 1), "answered_by": dict(answered),
                 "degraded_answers": counts["degraded"], "deferred_to_teacher": counts["deferred"],
+                **({"teacher_plan_tokens": counts["teacher_plan_tokens"]} if planning else {}),
                 "client_gone": counts["client_gone"],
                 "errors": {key.removeprefix("errors_"): n for key, n in sorted(counts.items())
                            if key.startswith("errors_")},

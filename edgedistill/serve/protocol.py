@@ -151,15 +151,18 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 class Answerer:
     """Who answered a request, as every response says it (the `x_edgedistill` field and headers)."""
 
-    answered_by: str  # "student" or "teacher"
+    answered_by: str  # "student", "teacher" or (--plan) "student+teacher-plan"
     degraded: bool = False  # the teacher was asked for but could not answer: the student did
     reason: str | None = None  # why it is degraded
     confidence: float | None = None  # with --route: the student's confidence in its own answer
+    teacher_tokens: int | None = None  # with --plan: the tokens of the teacher's plan
+    plan: str | None = None  # with --plan: the plan the student followed
 
     def field(self) -> dict:
         found = {"answered_by": self.answered_by, "degraded": self.degraded}
         return (found | ({"degraded_reason": self.reason} if self.reason else {})
-                | ({"student_confidence": round(self.confidence, 4)} if self.confidence is not None else {}))
+                | ({"student_confidence": round(self.confidence, 4)} if self.confidence is not None else {})
+                | ({"teacher_tokens": self.teacher_tokens, "plan": self.plan} if self.plan is not None else {}))
 
     def headers(self) -> dict[str, str]:
         return {"X-Edgedistill-Answered-By": self.answered_by, "X-Edgedistill-Degraded": str(self.degraded).lower()}

@@ -72,8 +72,11 @@ class Generation:
     """One request handed to a model's worker thread; its events arrive on `events` in the event loop."""
 
     def __init__(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...],
-                 loop: asyncio.AbstractEventLoop, *, stream: bool = True, judge=None):
+                 loop: asyncio.AbstractEventLoop, *, stream: bool = True, judge=None, count: str | None = None):
         self.messages, self.max_tokens, self.stop = messages, max_tokens, stop
+        # count: a text whose length in the model's tokens the worker puts in `counted_tokens` before
+        # the STARTED event (a plan from a teacher endpoint, which does not say how long it was)
+        self.count, self.counted_tokens = count, None
         # judge(runtime, messages, answer) -> float, run on the worker after the answer, before its last
         # events: the routed student's confidence in it (`confidence`), which the handler reads
         self.judge, self.confidence = judge, None
@@ -124,10 +127,11 @@ class ModelQueue:
                            param="max_tokens", code="invalid_value")
 
     def submit(self, messages: list[dict[str, str]], max_tokens: int | None, stop: tuple[str, ...], *,
-               stream: bool = True, judge=None) -> Generation:
+               stream: bool = True, judge=None, count: str | None = None) -> Generation:
         """The request, queued; ApiError 503 when `max_waiting` requests already wait or the service stops."""
         self.check_max_tokens(max_tokens)
-        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream, judge=judge)
+        generation = Generation(messages, max_tokens, stop, asyncio.get_running_loop(), stream=stream, judge=judge,
+                                count=count)
         with self._lock:
             if self._closed:
                 raise overloaded("The service is shutting down.")
@@ -213,6 +217,8 @@ class ModelQueue:
         if found is None:
             return
         prompt, max_new_tokens = found
+        if generation.count is not None:
+            generation.counted_tokens = len(self.runtime.encode(generation.count, add_special=False))
         generation.emit(STARTED, len(prompt))
         runtime, ids, finish = self.runtime, [], ["length"]
         tokens = runtime.greedy_ids(prompt, max_new_tokens)

@@ -9,7 +9,10 @@ chooses the student there. `ConfidenceRouter` (`--route route.json`, from `edged
 chooses ROUTED: the student answers first, its confidence in that answer is computed the way the
 calibration computed it (edgedistill.route.confidence: label margin, or a quantile of its answer's
 token log-probs), and below route.json's threshold the request goes to the teacher; when the
-teacher cannot answer, the student's answer is returned, marked degraded.
+teacher cannot answer, the student's answer is returned, marked degraded. `PlanRouter` (`--plan`)
+chooses PLAN: the teacher writes a short plan and the student answers following it (serve.plan);
+such an answer is marked PLANNED ("student+teacher-plan"), and the student's own, degraded, when
+the teacher cannot plan.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Literal, Protocol
 
 from edgedistill.route import confidence, read_route
 from edgedistill.runtimes import Runtime
+from edgedistill.serve.plan import Planner
 from edgedistill.serve.protocol import ChatRequest
 
-Who = Literal["student", "teacher", "routed"]
+Who = Literal["student", "teacher", "routed", "plan"]
 STUDENT: Who = "student"
 TEACHER: Who = "teacher"
 ROUTED: Who = "routed"  # the student first; the teacher when the student's confidence is below the threshold
+PLAN: Who = "plan"  # the teacher's plan, then the student's answer following it
+PLANNED = "student+teacher-plan"  # who answered a PLAN request, as responses and /health say it
 
 
 class Router(Protocol):
@@ -57,3 +63,13 @@ class ConfidenceRouter:
 
     def defers(self, value: float) -> bool:
         return self.threshold is not None and value < self.threshold
+
+
+class PlanRouter:
+    """Every request that leaves the choice to the service is planned by the teacher (module docstring)."""
+
+    def __init__(self, planner: Planner):
+        self.planner = planner
+
+    def choose(self, request: ChatRequest) -> Who:
+        return PLAN

@@ -1,6 +1,7 @@
 """`edgedistill serve`: open the artifact (and a local teacher), check where it listens, run uvicorn.
 
     edgedistill serve runs/sentiment/export/student-q4_k_m.gguf --port 8000
+    edgedistill serve student.gguf --teacher teacher.gguf --plan     # the teacher plans, the student answers
     EDGEDISTILL_API_KEY=$(openssl rand -hex 24) edgedistill serve model.gguf --host 0.0.0.0
 
 Loopback needs no key (a key in EDGEDISTILL_API_KEY is still required when set); any other
@@ -22,7 +23,8 @@ from edgedistill.recipe import is_loopback
 from edgedistill.runtimes import open_runtime, resolve_artifact
 from edgedistill.serve.app import ServeSettings, create_app
 from edgedistill.serve.queue import ModelQueue
-from edgedistill.serve.router import ConfidenceRouter
+from edgedistill.serve.plan import Planner
+from edgedistill.serve.router import ConfidenceRouter, PlanRouter
 from edgedistill.serve.teacher import EndpointTeacher, LocalTeacher, Teacher
 
 API_KEY_ENV = "EDGEDISTILL_API_KEY"
@@ -89,17 +91,25 @@ def _graceful_server(config):
 
 
 def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, teacher: str | None = None,
-          teacher_model: str | None = None, route: Path | None = None, settings: ServeSettings = ServeSettings(),
-          threads: int | None = None, device: str = "cpu", dtype: str = "fp32", log_level: str = "info") -> None:
-    """Serve `artifact` until SIGINT/SIGTERM."""
+          teacher_model: str | None = None, route: Path | None = None, plan: Planner | None = None,
+          settings: ServeSettings = ServeSettings(), threads: int | None = None, device: str = "cpu",
+          dtype: str = "fp32", log_level: str = "info") -> None:
+    """Serve `artifact` until SIGINT/SIGTERM; `plan`: the teacher plans every request for the served name."""
     import uvicorn
 
     router = None
-    if route is not None:
-        if teacher is None:
-            raise EdgedistillError(f"--route {route} defers unsure answers to the teacher, but no --teacher is given",
+    if route is not None and plan is not None:
+        raise EdgedistillError("--route and --plan are two routing modes; the service runs one",
+                               "leave out --route (the teacher plans every request) or --plan (the teacher answers "
+                               "the requests the student is unsure of)")
+    for flag, given in (("--route", route), ("--plan", plan)):
+        if given is not None and teacher is None:
+            raise EdgedistillError(f"{flag} asks the teacher, but no --teacher is given",
                                    "add --teacher URL (an OpenAI-compatible endpoint) or a local model path")
+    if route is not None:
         router = ConfidenceRouter(route)
+    if plan is not None:
+        router = PlanRouter(plan)
     api_key = check_listen(host, port)
     path = resolve_artifact(artifact)
     print(f"loading {path} ...", flush=True)
@@ -113,8 +123,9 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, teacher: 
                      artifact=str(path), router=router)
     where = f"[{host}]" if ":" in host else host
     print(f"serving {name} at http://{where}:{port}/v1 (model ids: {name}, student"
-          + (f", teacher → {teacher}" if teacher else "") + ")" + ("; API key required" if api_key else ""),
-          flush=True)
+          + (f", teacher → {teacher}" if teacher else "") + ")"
+          + (f"; {name}: the teacher plans ({plan.prompt.name}, at most {plan.max_tokens} tokens), the student "
+             "answers" if plan else "") + ("; API key required" if api_key else ""), flush=True)
     _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                     timeout_graceful_shutdown=GRACE_S)).run()
     print("stopped", flush=True)
