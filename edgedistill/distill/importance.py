@@ -6,7 +6,12 @@ One pass of the teacher over the calibration sequences, with forward hooks, meas
 - per block, ShortGPT's block influence: the mean over tokens of 1 - cos(hidden in, hidden out);
   a block that barely turns the residual stream is cheap to drop;
 - per MLP channel, the mean |act(gate) * up| (the input of down_proj), as in Minitron;
-- per attention head, the mean L2 norm of the head's output before o_proj (Minitron).
+- per attention head, the mean L2 norm of the head's output before o_proj (Minitron);
+- per hidden (embedding) channel, per block, the mean |x| of the outputs of the block's RMSNorms
+  (and of the final norm), Minitron's embedding-channel score: what each later matrix reads of
+  that residual-stream channel; and per norm, the mean square of its input per channel, which says
+  how much of the stream's energy a channel subset holds (edgedistill.distill.student.prune_hidden
+  rescales each pruned norm by it).
 Padding positions are excluded from every mean. The student stage uses these scores to choose
 which blocks, channels and heads to keep (edgedistill.distill.student). The pass runs wherever the
 model is, in its dtype (the command runs the teacher as a recipe's compute: auto would); the sums are
@@ -26,6 +31,10 @@ from edgedistill.errors import EdgedistillError
 
 # Long conversations add little signal per token and cost quadratic attention time.
 CALIBRATION_MAX_TOKENS = 512
+# The norms of a block whose outputs are hidden-sized (llama-family names; Gemma's pre/post
+# feed-forward norms too); q_norm/k_norm work on head_dim and say nothing of hidden channels.
+HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,10 @@ class Importance:
     heads: list[torch.Tensor]  # (num_attention_heads,) per block
     sequences: int
     tokens: int
+    hidden: list[torch.Tensor] | None = None  # (hidden_size,) per block: its norms' mean |output|
+    hidden_final: torch.Tensor | None = None  # (hidden_size,): the final norm's mean |output|
+    # norm module name ("model.layers.3.input_layernorm", "model.norm") -> (hidden_size,) mean square input
+    norm_energy: dict[str, torch.Tensor] | None = None
 
 
 def calibration_sequences(tokenizer, train_jsonl: Path, limit: int) -> list[list[int]]:
@@ -83,6 +96,10 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
     block_sum = torch.zeros(len(layers), dtype=torch.float64)
     channel_sum = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
     head_sum = [torch.zeros(n_heads, dtype=torch.float64) for _ in layers]
+    hidden_size = model.config.hidden_size
+    # the last entry: the final norm, read by lm_head
+    hidden_sum = [torch.zeros(hidden_size, dtype=torch.float64) for _ in range(len(layers) + 1)]
+    energy_sum: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
 
     def block_hook(index: int):
@@ -103,11 +120,25 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
             head_sum[index] += (per_head * state["mask"][..., None]).sum(dim=(0, 1)).cpu()
         return hook
 
+    def hidden_hook(index: int, norm: str):
+        energy_sum[norm] = torch.zeros(hidden_size, dtype=torch.float64)
+
+        def hook(module, args, output):
+            mask = state["mask"][..., None]
+            hidden_sum[index] += (output.double().abs() * mask).sum(dim=(0, 1)).cpu()
+            energy_sum[norm] += (args[0].double().square() * mask).sum(dim=(0, 1)).cpu()
+        return hook
+
     handles = []
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(block_hook(index), with_kwargs=True))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(index)))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(index)))
+        for name in HIDDEN_NORMS:
+            if hasattr(layer, name):
+                handles.append(getattr(layer, name).register_forward_hook(
+                    hidden_hook(index, f"model.layers.{index}.{name}")))
+    handles.append(model.model.norm.register_forward_hook(hidden_hook(len(layers), "model.norm")))
     was_training = model.training
     model.eval()
     try:
@@ -131,6 +162,9 @@ def compute_importance(model, sequences: list[list[int]], *, batch_size: int = 8
         heads=[(s / tokens).float() for s in head_sum],
         sequences=len(sequences),
         tokens=tokens,
+        hidden=[(s / tokens).float() for s in hidden_sum[:-1]],
+        hidden_final=(hidden_sum[-1] / tokens).float(),
+        norm_energy={name: (s / tokens).float() for name, s in energy_sum.items()},
     )
 
 

@@ -7,8 +7,9 @@ Depth pruning keeps a subset of the teacher's transformer blocks: a count spread
 first block to the last, a count chosen by importance (ShortGPT's block influence on the training
 prompts, edgedistill.distill.importance), or explicit indices. Width pruning then keeps, in every
 remaining block, the most important MLP channels and attention heads (Minitron), whole GQA groups
-at a time. Embeddings, norms and lm_head stay as they are, so the student starts from the
-teacher's representations and shares its tokenizer. A config student is a fresh random model of
+at a time, and optionally the most important hidden (residual-stream) channels in every tensor that
+reads or writes the stream: embeddings, norms, lm_head, the blocks' input and output projections.
+The vocabulary is kept, so the student shares the teacher's tokenizer. A config student is a fresh random model of
 the teacher's family with some config keys overridden; a given student is an existing model
 (`student.source`) whose tokenizer must equal the teacher's.
 """
@@ -32,6 +33,20 @@ from edgedistill.runtimes.pytorch import load_model, load_tokenizer
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher
 
+# Row lengths the exporters' quantization grids want (llama.cpp's K-quant super-block; the ONNX
+# MatMulNBits block_size the recipes use): other hidden sizes export, at a cost hidden_size_notes names.
+K_QUANT_ROW = 256
+ONNX_INT4_BLOCK = 32
+# Parameter name (its end) -> the dimension indexed by hidden channel, or None: no hidden dimension.
+# Tied lm_head.weight is embed_tokens.weight and is not listed by named_parameters.
+HIDDEN_DIMS = {
+    "embed_tokens.weight": 1, "lm_head.weight": 1, "norm.weight": 0,
+    "input_layernorm.weight": 0, "post_attention_layernorm.weight": 0,
+    "pre_feedforward_layernorm.weight": 0, "post_feedforward_layernorm.weight": 0,
+    "q_proj.weight": 1, "k_proj.weight": 1, "v_proj.weight": 1, "o_proj.weight": 0, "o_proj.bias": 0,
+    "gate_proj.weight": 1, "up_proj.weight": 1, "down_proj.weight": 0, "down_proj.bias": 0,
+    "q_proj.bias": None, "k_proj.bias": None, "v_proj.bias": None, "q_norm.weight": None, "k_norm.weight": None,
+}
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, GENERATION_CONFIG)
 # Texts both tokenizers of a given student and its teacher must split identically.
 TOKENIZER_PROBES = ("Hello, world! How are you?", "  spaces   and\n\ttabs\n\n", "digits 12345 and 3.14159",
@@ -105,6 +120,24 @@ def check_width(config, width: WidthConfig) -> None:
                 f"{config.num_attention_heads} query heads in {config.num_key_value_heads} KV groups of {group}, "
                 "and heads are pruned a whole group at a time",
                 f"choose one of {', '.join(map(str, choices))}")
+    if width.hidden_size is not None and width.hidden_size > config.hidden_size:
+        raise EdgedistillError(
+            f"student.width.hidden_size is {width.hidden_size}, but the teacher's hidden size is {config.hidden_size}",
+            f"choose 1..{config.hidden_size}; multiples of 256 quantize best with K-quants")
+
+
+def hidden_size_notes(hidden_size: int) -> list[str]:
+    """What a hidden size does to the exports, when it is not what they work best with (never a refusal:
+    llama.cpp and the ONNX int4 quantizer both take any width, with these costs)."""
+    notes = []
+    if hidden_size % K_QUANT_ROW:
+        notes.append(f"hidden_size {hidden_size} is not a multiple of {K_QUANT_ROW}: llama.cpp's K-quants "
+                     "(Q4_K_M, ...) store the matrices that read the hidden stream (and the embeddings) in a "
+                     "fallback type (q5_0/q8_0, larger)")
+    if hidden_size % ONNX_INT4_BLOCK:
+        notes.append(f"hidden_size {hidden_size} is not a multiple of {ONNX_INT4_BLOCK}: the ONNX int4 export pads "
+                     "the last block of each row and cannot share the embedding table with the lm_head (a second copy)")
+    return notes
 
 
 def _slice_linear(linear: torch.nn.Linear, *, rows: torch.Tensor | None = None,
@@ -172,6 +205,70 @@ def prune_width(model, channel_scores: list[torch.Tensor], head_scores: list[tor
             **({"kept_kv_groups": kept_groups} if kept_groups else {})}
 
 
+def _hidden_dim(name: str, model_type: str) -> int | None:
+    for suffix, dim in HIDDEN_DIMS.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    raise EdgedistillError(
+        f"student.width.hidden_size: the {model_type} tensor {name} is not one hidden-size pruning knows "
+        f"(llama-family names: {', '.join(HIDDEN_DIMS)})",
+        "drop student.width.hidden_size for this teacher, or prune depth, heads and MLP channels only")
+
+
+@torch.no_grad()
+def prune_hidden(model, hidden_scores: torch.Tensor, hidden_size: int,
+                 norm_energy: dict[str, torch.Tensor] | None = None) -> dict:
+    """Narrows the residual stream of `model` in place to its `hidden_size` top-scoring channels.
+
+    Every parameter is looked up in HIDDEN_DIMS (an unknown one is an error: pruning it wrong would
+    be silent); those with a hidden dimension keep the same channels, in their original order.
+    RMSNorm divides by the root mean square over the channels it sees: without the dropped ones it
+    divides by sqrt(H * kept_share / H') times what it did, kept_share being the kept channels'
+    share of the input's energy. `norm_energy` (norm module name -> mean square input per channel,
+    edgedistill.distill.importance) gives that share on the calibration text; each norm's weight is
+    multiplied by the square root of it, so the kept channels start at the teacher's scale on
+    average. config.head_dim is set explicitly (hidden_size / num_attention_heads no longer gives it).
+    """
+    config = model.config
+    check_width(config, WidthConfig(hidden_size=hidden_size))
+    if hasattr(model.get_input_embeddings(), "embed_scale"):
+        # Gemma scales embeddings by sqrt(hidden_size): a narrower stream would change that scale too
+        raise EdgedistillError(
+            f"student.width.hidden_size: {config.model_type} scales its embeddings by sqrt(hidden_size), which "
+            "hidden-size pruning does not carry over",
+            "drop student.width.hidden_size for this teacher, or prune depth, heads and MLP channels only")
+    head_dim = _head_dim(config)
+    channels = hidden_scores.topk(hidden_size).indices.sort().values
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    modules = dict(model.named_modules())
+    rescaled: dict[str, float] = {}
+    for name, param in list(model.named_parameters()):
+        dim = _hidden_dim(name, config.model_type)
+        if dim is None:
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        module = modules[module_name]
+        kept = param.detach().index_select(dim, channels).clone()
+        if norm_energy is not None and module_name in norm_energy:
+            energy = norm_energy[module_name].double()
+            share = energy[channels].sum() / energy.sum()
+            kept = kept * torch.sqrt(share * energy.numel() / hidden_size).to(kept.dtype)
+            rescaled[module_name] = round(float(share), 4)
+        setattr(module, attribute, torch.nn.Parameter(kept, requires_grad=param.requires_grad))
+        if isinstance(module, torch.nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, torch.nn.Embedding):
+            module.embedding_dim = hidden_size
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    config.head_dim = head_dim
+    config.hidden_size = hidden_size
+    return {"hidden_size": hidden_size, "head_dim": head_dim,
+            **({"kept_energy_share_by_norm": rescaled} if rescaled else {}),
+            **({"hidden_size_notes": notes} if (notes := hidden_size_notes(hidden_size)) else {})}
+
+
 def count_parameters(model) -> int:
     # Tied input/output embeddings are one tensor and counted once.
     return sum(p.numel() for p in model.parameters())
@@ -188,6 +285,13 @@ def _teacher_importance(recipe: Recipe, model, teacher: Path, generate: Path | N
     sequences = calibration_sequences(tokenizer, generate / TRAIN_JSONL, cfg.calibration_examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return compute_importance(model, sequences, pad_id=pad_id)
+
+
+def _teacher_name(student_module: str, renamed: dict[str, str]) -> str:
+    for student_prefix, teacher_prefix in renamed.items():
+        if student_module.startswith(student_prefix):
+            return teacher_prefix + student_module[len(student_prefix):]
+    return student_module
 
 
 def _pruned_student(recipe: Recipe, model, teacher: Path, generate: Path | None):
@@ -224,6 +328,16 @@ def _pruned_student(recipe: Recipe, model, teacher: Path, generate: Path | None)
                                       [importance.heads[i] for i in kept],
                                       intermediate_size=cfg.width.intermediate_size,
                                       num_attention_heads=cfg.width.num_attention_heads)
+        if cfg.width.hidden_size is not None:
+            # the kept blocks' norms and the final norm: what the student's matrices will read
+            scores = torch.stack([importance.hidden[i] for i in kept] + [importance.hidden_final]).sum(dim=0)
+            # the teacher's block kept[j] is the student's block j
+            renamed = {f"model.layers.{j}.": f"model.layers.{old}." for j, old in enumerate(kept)}
+            energy = {name: importance.norm_energy[_teacher_name(name, renamed)]
+                      for name, _ in student.named_modules() if _teacher_name(name, renamed) in importance.norm_energy}
+            detail["width"].update(prune_hidden(student, scores, cfg.width.hidden_size, energy))
+            for note in detail["width"].get("hidden_size_notes", []):
+                print(f"[student] note: {note}")
     return student, detail
 
 
