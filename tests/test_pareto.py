@@ -36,8 +36,11 @@ def pareto():
 def test_shapes_parse_and_refuse_bad_text(pareto):
     shape = pareto.parse_shape("8x384x1024")
     assert (shape.blocks, shape.hidden_size, shape.intermediate_size, shape.name) == (8, 384, 1024, "8x384x1024")
-    with pytest.raises(SystemExit, match="BLOCKSxHIDDENxMLP"):
-        pareto.parse_shape("8x384")
+    longer = pareto.parse_shape("8x256x1024@8")
+    assert (longer.epochs, longer.name) == (8, "8x256x1024-e8")
+    for bad in ("8x384", "8x384x1024@0", "8x384x1024@"):
+        with pytest.raises(SystemExit, match="BLOCKSxHIDDENxMLP"):
+            pareto.parse_shape(bad)
 
 
 def test_shape_recipe_keeps_the_base_keys_at_full_width(pareto):
@@ -50,6 +53,8 @@ def test_shape_recipe_keeps_the_base_keys_at_full_width(pareto):
     assert narrow.student.keep_layers == 8 and narrow.student.layer_selection == recipe.student.layer_selection
     assert narrow.student.width.model_dump() == {"intermediate_size": None, "num_attention_heads": None,
                                                  "hidden_size": 256}
+    assert narrow.distill.epochs == recipe.distill.epochs
+    assert pareto.shape_recipe(recipe, pareto.parse_shape("8x256x1536@8"), TEACHER).distill.epochs == 8
     with pytest.raises(SystemExit, match="wider than the teacher's 576"):
         pareto.shape_recipe(recipe, pareto.parse_shape("8x640x1024"), TEACHER)
 

@@ -2,11 +2,12 @@
 
     .venv/bin/python tools/pareto.py --recipe recipes/default.yaml --base runs/sentiment --out runs/pareto
     .venv/bin/python tools/pareto.py --recipe recipes/default.yaml --base runs/sentiment --out runs/pareto \
-        --shapes 10x576x1536 8x384x1024 6x320x1024 8x256x1024
+        --shapes 10x576x1536 8x384x1024 6x320x1024 8x256x1024 8x256x1024@8
 
-A shape is BLOCKSxHIDDENxMLP: the recipe's student with student.keep_layers BLOCKS (chosen as the
-recipe's layer_selection says) and, where narrower than the teacher, student.width.hidden_size HIDDEN
-and student.width.intermediate_size MLP. Each shape runs through the pipeline up to its export
+A shape is BLOCKSxHIDDENxMLP[@EPOCHS]: the recipe's student with student.keep_layers BLOCKS (chosen
+as the recipe's layer_selection says) and, where narrower than the teacher, student.width.hidden_size
+HIDDEN and student.width.intermediate_size MLP; with @EPOCHS, distill.epochs EPOCHS instead of the
+recipe's (a narrow stream has more to recover). Each shape runs through the pipeline up to its export
 stage in OUT/<shape>/ (ONNX left out; stages whose cache key matches the base run's are hard-linked
 from it, tools/ablation.py's link_shared), then
 - its Q4_K_M answers the base run's held-out prompts greedily in llama.cpp (the eval stage's task
@@ -59,17 +60,20 @@ class Shape:
     blocks: int
     hidden_size: int
     intermediate_size: int
+    epochs: int | None = None  # distill.epochs; None: the recipe's
 
     @property
     def name(self) -> str:
-        return f"{self.blocks}x{self.hidden_size}x{self.intermediate_size}"
+        epochs = f"-e{self.epochs}" if self.epochs is not None else ""
+        return f"{self.blocks}x{self.hidden_size}x{self.intermediate_size}{epochs}"
 
 
 def parse_shape(text: str) -> Shape:
-    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
-    if match is None:
-        raise SystemExit(f"shape {text!r}: write BLOCKSxHIDDENxMLP, e.g. 8x384x1024")
-    return Shape(*map(int, match.groups()))
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:@(\d+))?", text)
+    if match is None or match[4] == "0":
+        raise SystemExit(f"shape {text!r}: write BLOCKSxHIDDENxMLP or BLOCKSxHIDDENxMLP@EPOCHS, e.g. 8x384x1024@8")
+    blocks, hidden, mlp, epochs = match.groups()
+    return Shape(int(blocks), int(hidden), int(mlp), int(epochs) if epochs else None)
 
 
 def shape_recipe(recipe: Recipe, shape: Shape, teacher_config: dict) -> Recipe:
@@ -84,8 +88,9 @@ def shape_recipe(recipe: Recipe, shape: Shape, teacher_config: dict) -> Recipe:
             width[key] = value
     width = {k: v for k, v in width.items() if v is not None}
     quants = list(dict.fromkeys([*recipe.export.quants, QTYPE]))
+    epochs = {"distill": {"epochs": shape.epochs}} if shape.epochs is not None else {}
     return _with(recipe, student={"keep_layers": shape.blocks, "width": width or None},
-                 export={"quants": quants, "onnx": []})
+                 export={"quants": quants, "onnx": []}, **epochs)
 
 
 def with_front(rows: list[dict]) -> list[dict]:
@@ -148,7 +153,7 @@ def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: di
     student = _manifest_result(run / STUDENT)
     return {
         "shape": shape.name, "blocks": shape.blocks, "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
+        "intermediate_size": shape.intermediate_size, "distill_epochs": recipe.distill.epochs,
         "kept_layers": student.get("kept_layers"), "width": student.get("width"),
         "student_parameters": student.get("student_parameters"), "parameter_ratio": student.get("parameter_ratio"),
         "block_parameters": block_parameters(run / DISTILL),
@@ -255,7 +260,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "default.yaml")
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "sentiment", help="a finished run of --recipe")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
-    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BLOCKSxHIDDENxMLP each")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BLOCKSxHIDDENxMLP[@EPOCHS] each")
     args = parser.parse_args()
     shapes = [parse_shape(s) for s in args.shapes]
     recipe = load_recipe(args.recipe)
