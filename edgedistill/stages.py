@@ -21,6 +21,7 @@ from edgedistill.distill.train import distill
 from edgedistill.errors import EdgedistillError
 from edgedistill.evaluate.task import eval_stage
 from edgedistill.export import check as export_check
+from edgedistill.export.quant_grids import build_quant_aware
 from edgedistill.export.stage import export_student, export_student_onnx, export_teacher
 from edgedistill.layout import (BENCH, DISTILL, EVAL, EXPORT, EXPORT_ONNX, GENERATE, LOGITS, LORA, MERGE, ON_POLICY,
                                 PREFLIGHT, REPORT, ROUTE, STUDENT, TEACHER, TEACHER_GGUF)
@@ -31,6 +32,7 @@ from edgedistill.recipe import Recipe, recipe_target_files
 from edgedistill.report.stage import report_stage
 from edgedistill.route import route_stage
 from edgedistill.runtimes.compute import require_device
+from edgedistill.runtimes.pytorch import load_model
 from edgedistill.sources import materialize, resolve_source, tokenizer_source
 from edgedistill.sources.endpoint import is_endpoint_teacher, write_endpoint_teacher
 from edgedistill.sources.endpoint import tokenizer_path as endpoint_tokenizer_path
@@ -89,6 +91,9 @@ STUDENT_UNKEYED = (*LOADS_TEACHER, "distill.kl_weight")
 # key of every stage that runs it; left out at its default, so older runs stay cached)
 LOGITS_SECTIONS = ("distill.topk", "distill.max_seq_len", "distill.shard_examples", "distill.soft_labels",
                    "generate.batch_size", "compute")
+# distill.quant_aware's grids are the exports' (edgedistill.export.quant_grids): in the key of the
+# stages it fake-quantizes, only when it is set, so other runs keep their keys
+QUANT_AWARE_SECTIONS = ("distill.quant_aware", "export.quants", "export.imatrix", "export.onnx", "export.onnx_options")
 
 
 def _step_recipe(recipe: Recipe, index: int) -> Recipe:
@@ -96,14 +101,29 @@ def _step_recipe(recipe: Recipe, index: int) -> Recipe:
     step = recipe.progressive.steps[index - 1]
     student = recipe.student.model_copy(update={"keep_layers": step.keep_layers, "layer_selection":
                                                 step.layer_selection, "width": step.width})
+    # an intermediate model is never exported: it trains in float
     distill_cfg = recipe.distill.model_copy(update={"epochs": step.epochs or recipe.distill.epochs,
-                                                    "soft_labels": None, "on_policy": None})
+                                                    "soft_labels": None, "on_policy": None, "quant_aware": None})
     return recipe.model_copy(update={"student": student, "distill": distill_cfg})
 
 
 def _off_policy(recipe: Recipe) -> Recipe:
     """The distill stage's recipe: distill.on_policy is the on_policy stage's, not in distill's key."""
     return recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"on_policy": None})})
+
+
+def _quant_aware(recipe: Recipe, student: Path, first_epoch: int):
+    """distill.quant_aware's grids for the student in `student` (None without quant_aware), rounded
+    from epoch `first_epoch` on (0-based)."""
+    if recipe.distill.quant_aware is None:
+        return None
+    return build_quant_aware(load_model(student), student, recipe.distill, recipe.export, first_epoch=first_epoch)
+
+
+def _on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, generate: Path) -> dict:
+    # with distill.quant_aware, every on-policy epoch is fake-quantized
+    return on_policy_stage(recipe, out, distill=distill, teacher=teacher, generate=generate,
+                           quant_aware=_quant_aware(recipe, distill, 0))
 
 
 def _reading_as_distill(fn, folder: str):
@@ -192,16 +212,19 @@ def stages_for(recipe: Recipe) -> list[Stage]:
                              root_teacher=inputs[TEACHER])
 
     def train(recipe, out, *, student, generate, **inputs):
+        qa = recipe.distill.quant_aware
         return distill(recipe, out, student=student, generate=generate, logits=inputs.get(labels),
-                       teacher=inputs.get(TEACHER))
+                       teacher=inputs.get(TEACHER),
+                       quant_aware=_quant_aware(recipe, student, recipe.distill.epochs - qa.epochs) if qa else None)
 
+    quant_aware = QUANT_AWARE_SECTIONS if recipe.distill.quant_aware is not None else ()
     # the online teacher runs in the recipe's compute: section (left out of the key at its default)
     distill_stage = Stage(DISTILL, train, inputs=(STUDENT, TEACHER if online else labels, GENERATE),
-                          sections=("seed", "distill", *(("compute",) if online else ())),
+                          sections=("seed", "distill", *(("compute",) if online else ()), *quant_aware),
                           unkeyed_sections=LOADS_TEACHER if online else (), derive=_off_policy, distributed=True)
-    on_policy = [Stage(ON_POLICY, on_policy_stage, inputs=(DISTILL, TEACHER, GENERATE),
+    on_policy = [Stage(ON_POLICY, _on_policy_stage, inputs=(DISTILL, TEACHER, GENERATE),
                        sections=("seed", "distill.on_policy", "distill.topk", "distill.max_seq_len",
-                                 "generate.max_new_tokens", "compute"),
+                                 "generate.max_new_tokens", "compute", *quant_aware),
                        unkeyed_sections=("distill.threads", *LOADS_TEACHER))] if recipe.distill.on_policy else []
     # the student the rest starts from: the on-policy one when there is one
     base = ON_POLICY if on_policy else DISTILL

@@ -22,6 +22,11 @@ on-policy batch is empty, or every one is truncated while the teacher's answers 
 prompts end within max_new_tokens, the student cannot answer yet: the stage stops and names the
 off-policy warm-up (the distill stage's epochs) as the fix.
 
+With distill.quant_aware as well, every epoch of this stage is fake-quantized
+(edgedistill.distill.quant_aware): the training forward passes and the sampling both run on the
+rounded weights of the step's grid (one grid per step in turn), so the student samples as the
+exported file it becomes would, and learns from the teacher's scores of those samples.
+
 After every epoch the student, optimizer and RNG state go to `checkpoint/` (as in the distill
 stage) and a killed stage resumes after its last finished epoch. The finished folder holds the
 student as an HF folder; the export stages read it instead of distill/.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +45,7 @@ from tqdm import tqdm
 
 from edgedistill.data.logits import SoftLabelSet, tokenize_train_set, tokenizer_identity
 from edgedistill.distill.losses import distill_loss
+from edgedistill.distill.quant_aware import QuantAware, generate_rounded
 from edgedistill.distill.train import (OnlineTeacher, collate, finish, load_checkpoint, save_checkpoint,
                                       teacher_topk)
 from edgedistill.errors import EdgedistillError
@@ -78,8 +85,9 @@ class SampleCounts:
 
 @torch.no_grad()
 def sample_answers(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, pad_id: int,
-                   stop_ids: list[int]) -> list[tuple[list[int], bool]]:
-    """(answer ids, finished) per prompt, sampled in one batched `generate` with the KV cache.
+                   stop_ids: list[int], generate=None) -> list[tuple[list[int], bool]]:
+    """(answer ids, finished) per prompt, sampled in one batched `generate` with the KV cache
+    (`generate`: model.generate with other weights, edgedistill.distill.quant_aware.generate_rounded).
 
     A finished answer ends with the stop token that ended it (the student learns to stop, as the
     training answers end with eos); an unfinished one ran to max_new_tokens.
@@ -94,10 +102,10 @@ def sample_answers(model, prompts: list[list[int]], *, max_new_tokens: int, temp
     training = model.training
     model.eval()
     try:
-        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+        output = (generate or model.generate)(
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+            min_new_tokens=0, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
     finally:
         model.train(training)
     answers = []
@@ -127,12 +135,12 @@ def _check_can_answer(answers: list[tuple[list[int], bool]], teacher_answer_toke
 
 
 def _on_policy_examples(student, examples: list, *, max_new_tokens: int, max_seq_len: int, temperature: float,
-                        pad_id: int, stop_ids: list[int], counts: SampleCounts, check: bool) -> list:
+                        pad_id: int, stop_ids: list[int], counts: SampleCounts, check: bool, generate=None) -> list:
     """The batch's prompts, each followed by the student's sampled answer, as collate takes examples."""
     prompts = [ids[:prompt_len].tolist() for ids, prompt_len, *_ in examples]
     started = time.perf_counter()
     answers = sample_answers(student, prompts, max_new_tokens=max_new_tokens, temperature=temperature, pad_id=pad_id,
-                             stop_ids=stop_ids)
+                             stop_ids=stop_ids, generate=generate)
     # a sequence longer than distill.max_seq_len is cut there, as the teacher's training answers are
     answers = [(answer[:max_seq_len - len(prompt)], finished and len(prompt) + len(answer) <= max_seq_len)
                for prompt, (answer, finished) in zip(prompts, answers)]
@@ -144,7 +152,8 @@ def _on_policy_examples(student, examples: list, *, max_new_tokens: int, max_seq
 
 
 def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, out: Path, *, seed: int, topk: int,
-                    max_new_tokens: int, max_seq_len: int, pad_id: int, stop_ids: list[int]) -> dict:
+                    max_new_tokens: int, max_seq_len: int, pad_id: int, stop_ids: list[int],
+                    quant_aware: QuantAware | None = None) -> dict:
     """Trains `student` on `data`'s prompts as the module docstring says; checkpoints to `out` after
     each epoch and resumes from there. Returns the per-epoch losses and the sampling counts."""
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -162,16 +171,22 @@ def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, o
         draw = random.Random(f"on_policy {seed} {epoch}")
         sums = {"on_policy": [0.0, 0], "off_policy": [0.0, 0]}
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"on_policy epoch {epoch + 1}/{cfg.epochs}", unit="step")
-        for start in bar:
+        steps_per_epoch = len(bar)
+        rounding_before = quant_aware.rounding_seconds if quant_aware is not None else 0.0
+        for step, start in enumerate(bar):
+            grid = quant_aware.grid_at(epoch, epoch * steps_per_epoch + step) if quant_aware is not None else None
             examples = [data[i] for i in order[start:start + cfg.batch_size]]
             kind = "on_policy" if draw.random() < cfg.fraction else "off_policy"
             if kind == "on_policy":
                 examples = _on_policy_examples(student, examples, max_new_tokens=max_new_tokens,
                                                max_seq_len=max_seq_len, temperature=cfg.temperature, pad_id=pad_id,
-                                               stop_ids=stop_ids, counts=counts, check=counts.samples == 0)
+                                               stop_ids=stop_ids, counts=counts, check=counts.samples == 0,
+                                               generate=partial(generate_rounded, quant_aware, student, grid)
+                                               if grid is not None else None)
             batch = {key: t.to(device) for key, t in collate(examples, pad_id, "answer").items()}
             batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            logits = (quant_aware.forward(student, grid, **inputs) if grid is not None else student(**inputs)).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=1.0, temperature=1.0,
                                   divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
@@ -184,13 +199,19 @@ def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, o
             bar.set_postfix({f"{name}_{cfg.divergence}": f"{total / n:.3f}" for name, (total, n) in sums.items() if n})
         history.append({"epoch": epoch + 1, **{f"{name}_batches": n for name, (_, n) in sums.items()},
                         **{f"{name}_{cfg.divergence}": round(total / n, 4) for name, (total, n) in sums.items() if n}})
+        if quant_aware is not None:
+            quant_aware.record(history[-1], epoch, steps_per_epoch, rounding_before)
         save_checkpoint(out, {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                               "history": history, "counts": asdict(counts), "torch_rng": torch.get_rng_state()})
     student.config.use_cache = True
-    return {"epochs": history, "samples": counts.as_dict()}
+    return {"epochs": history, "samples": counts.as_dict(),
+            **({"quant_aware": quant_aware.summary(history)} if quant_aware is not None else {})}
 
 
-def on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, generate: Path) -> dict:
+def on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, generate: Path,
+                    quant_aware: QuantAware | None = None) -> dict:
+    """The on_policy stage; with `quant_aware` (distill.quant_aware's grids, built by the stage graph
+    from the exporters: edgedistill.export.quant_grids) every epoch fake-quantized."""
     cfg = recipe.distill.on_policy
     max_new_tokens = cfg.max_new_tokens or recipe.generate.max_new_tokens
     if tokenizer_identity(distill) != tokenizer_identity(teacher):
@@ -219,7 +240,8 @@ def on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, 
     torch.manual_seed(recipe.seed)
     result = train_on_policy(student, teacher_model, SoftLabelSet.responses_only(examples), cfg, out, seed=recipe.seed,
                              topk=recipe.distill.topk, max_new_tokens=max_new_tokens,
-                             max_seq_len=recipe.distill.max_seq_len, pad_id=pad_id, stop_ids=stop_ids)
+                             max_seq_len=recipe.distill.max_seq_len, pad_id=pad_id, stop_ids=stop_ids,
+                             quant_aware=quant_aware)
     student.save_pretrained(out, safe_serialization=True)
     finish(out, distill)
     return {**result, "prompts": len(examples), "skipped_too_long": skipped, "max_new_tokens": max_new_tokens,

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from edgedistill.data.logits import SoftLabelSet, read_meta, tokenize_train_set, tokenizer_identity
 from edgedistill.distill.losses import distill_loss
+from edgedistill.distill.quant_aware import QuantAware
 from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
 from edgedistill.layout import TRAIN_JSONL
@@ -212,12 +213,14 @@ def _shard(data: SoftLabelSet, rows: list[int], rank: int, world: int, kl_positi
 
 
 def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str,
-                 teacher=None, topk: int | None = None) -> list[dict]:
+                 teacher=None, topk: int | None = None, quant_aware: QuantAware | None = None) -> list[dict]:
     """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
 
     Resumes from the checkpoint in `out` if there is one. Returns the per-epoch mean losses. In a
     data-parallel worker (see `train_and_save`) each process trains on its share of every batch.
     With a `teacher` model, each batch's soft labels are its top `topk` (teacher_topk), not `data`'s.
+    With `quant_aware`, its epochs run the forward pass on its grids' rounded weights
+    (edgedistill.distill.quant_aware), one grid per step in turn.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -249,13 +252,16 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not accelerator.is_main_process)
+        rounding_before = quant_aware.rounding_seconds if quant_aware is not None else 0.0
         for step, start in enumerate(bar, 1):
+            grid = quant_aware.grid_at(epoch, epoch * steps_per_epoch + step - 1) if quant_aware is not None else None
             rows, scales = _shard(data, order[start:start + cfg.batch_size], rank, world, cfg.kl_positions)
             batch = collate([data[i] for i in rows], pad_id, cfg.kl_positions)
             batch = {key: t.to(accelerator.device) for key, t in batch.items()}
             if teacher is not None:
                 batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            logits = (quant_aware.forward(model, grid, **inputs) if grid is not None else model(**inputs)).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
                                   temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
@@ -272,6 +278,8 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             sums["loss"] += (1 - cfg.kl_weight) * ce + cfg.kl_weight * kl
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
+        if quant_aware is not None:
+            quant_aware.record(history[-1], epoch, steps_per_epoch, rounding_before)
         if accelerator.is_main_process:
             save_checkpoint(out, {"model": accelerator.unwrap_model(model).state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -291,7 +299,8 @@ def finish(out: Path, tokenizer_from: Path) -> None:
 
 
 def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: TrainingConfig, load_data,
-                  out: Path, seed: int, name: str, online: OnlineTeacher | None) -> None:
+                  out: Path, seed: int, name: str, online: OnlineTeacher | None,
+                  quant_aware: QuantAware | None) -> None:
     if processes > 1:
         # Read by torch.distributed through Accelerate; a spawned worker's own environment.
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -301,25 +310,27 @@ def _train_worker(rank: int, processes: int, build, build_args: tuple, cfg: Trai
     # with kl_weight 0 the divergence is not computed: the teacher's answers alone, no teacher needed
     teacher = online.load() if online is not None and cfg.kl_weight > 0 else None
     train_epochs(model, load_data(), cfg, out, seed=seed, name=name, teacher=teacher,
-                 topk=online.topk if online is not None else None)
+                 topk=online.topk if online is not None else None, quant_aware=quant_aware)
     if rank == 0:
         model.save_pretrained(out, safe_serialization=True)
 
 
 def train_and_save(build, build_args: tuple, cfg: TrainingConfig, out: Path, *, logits: Path | None = None,
                    student: Path, generate: Path, topk: int | None = None, seed: int, name: str,
-                   online: OnlineTeacher | None = None) -> tuple[list[dict], int]:
+                   online: OnlineTeacher | None = None,
+                   quant_aware: QuantAware | None = None) -> tuple[list[dict], int]:
     """Trains `build(*build_args)` as `cfg` says and saves it into `out` (in every process of a launch).
 
     The data is `training_set(cfg, logits, student, generate, topk)`, or with an `online` teacher
     `online_training_set` and the teacher's top-k on every batch (each worker holds one
-    teacher); `student` is the folder whose tokenizer the model uses. Returns the per-epoch losses and the number of examples. With
+    teacher); with `quant_aware`, its epochs are fake-quantized; `student` is the folder whose
+    tokenizer the model uses. Returns the per-epoch losses and the number of examples. With
     cfg.processes > 1, that many workers (picklable `build`) are joined by torch.distributed on
     loopback; the pipeline itself stays in one process, only training is spread.
     """
     load_data = (partial(training_set, cfg, logits, student, generate, topk) if online is None
                  else partial(online_training_set, cfg, online.folder, student, generate))
-    args = (build, build_args, cfg, load_data, out, seed, name, online)
+    args = (build, build_args, cfg, load_data, out, seed, name, online, quant_aware)
     rank, world = launched()
     if world > 1:
         # Started by torchrun or accelerate launch: this process is already one of the workers, and
@@ -362,8 +373,10 @@ def kl_positions_of(cfg: TrainingConfig, logits: Path) -> tuple[TrainingConfig, 
 
 
 def distill(recipe: Recipe, out: Path, *, student: Path, generate: Path, logits: Path | None = None,
-            teacher: Path | None = None) -> dict:
-    """The distill stage: from the `logits` cache, or with soft_labels_from online from the `teacher` folder."""
+            teacher: Path | None = None, quant_aware: QuantAware | None = None) -> dict:
+    """The distill stage: from the `logits` cache, or with soft_labels_from online from the `teacher`
+    folder; with `quant_aware` (distill.quant_aware's grids, built by the stage graph from the
+    exporters: edgedistill.export.quant_grids), its epochs fake-quantized."""
     online = None
     if recipe.distill.soft_labels_from == "online":
         cfg = recipe.distill
@@ -374,6 +387,9 @@ def distill(recipe: Recipe, out: Path, *, student: Path, generate: Path, logits:
         cfg, note = kl_positions_of(recipe.distill, logits)
     history, examples = train_and_save(load_model, (student,), cfg, out, logits=logits, student=student,
                                        generate=generate, topk=cfg.topk, seed=recipe.seed, name="distill",
-                                       online=online)
+                                       online=online, quant_aware=quant_aware)
+    if quant_aware is not None:
+        note["quant_aware"] = quant_aware.summary(history)
     return {"epochs": history, "train_examples": examples, "processes": training_processes(cfg),
             "soft_labels": cfg.kl_weight > 0, "steps": math.ceil(examples / cfg.batch_size) * cfg.epochs, **note}
+
