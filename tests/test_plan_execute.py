@@ -59,6 +59,9 @@ def test_bad_plan_settings_are_refused_with_the_fix(capsys):
     assert "--plan asks the teacher, but no --teacher is given" in capsys.readouterr().err
     assert main(["serve", "no-such.gguf", "--plan", "--route", "route.json", "--teacher", "t.gguf"]) == 2
     assert "two routing modes" in capsys.readouterr().err
+    assert main(["serve", "no-such.gguf", "--plan", "--teacher", "t.gguf", "--plan-max-tokens", "64",
+                 "--max-tokens", "32"]) == 2
+    assert "--plan-max-tokens 64 is over --max-tokens 32" in capsys.readouterr().err
 
 
 # --- the service --------------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, teacher: 
     if route is not None:
         router = ConfidenceRouter(route)
     if plan is not None:
+        if plan.max_tokens > settings.max_tokens:
+            raise EdgedistillError(f"--plan-max-tokens {plan.max_tokens} is over --max-tokens {settings.max_tokens}, "
+                                   "the most any answer may take", "lower --plan-max-tokens or raise --max-tokens")
         router = PlanRouter(plan)
     api_key = check_listen(host, port)
     path = resolve_artifact(artifact)
