@@ -69,6 +69,10 @@ def test_front_marks_the_rows_nothing_beats(pareto):
     assert marked == {"a": True, "b": False, "c": True, "d": True, "e": False}
 
 
+def test_median_of_rounds(pareto):
+    assert pareto.median([3.0, 1.0, 2.0]) == 2.0 and pareto.median([4.0, 1.0]) == 2.5
+
+
 def _result(shape: str, share: float, ratio: float) -> dict:
     return {"shape": shape, "share_of_teacher": share, "share_of_teacher_interval": [share - 0.05, share + 0.05],
             "speed_ratio": ratio, "task_score": 0.8 * share, "correct": 100, "examples": 128, "file_mb": 20.0,
@@ -99,3 +103,11 @@ def test_summary_table_and_plot(pareto, tmp_path):
     pareto.write_plot(summary, tmp_path / "pareto.svg")
     svg = (tmp_path / "pareto.svg").read_text()
     assert "8x256x1024" in svg and "Pareto front" in svg
+
+
+def test_a_teacher_that_scores_zero_gives_no_shares(pareto, tmp_path):
+    summary = pareto.summarize(Path("recipes/tiny.yaml"), {"task_score": 0.0, "q4_task_score": 0.0, "q4_file_mb": 1.0},
+                               [{**_result("2x32x96", 0.0, 1.2), "share_of_teacher": None}])
+    assert summary["teacher"]["q4_share"] is None and not summary["shapes"][0]["on_front"]
+    assert "| 2x32x96 |" in pareto.table_lines(summary)[3]
+    pareto.write_plot(summary, tmp_path / "pareto.svg")

@@ -14,8 +14,9 @@ from it, tools/ablation.py's link_shared), then
   score, its share of the teacher's PyTorch score with a paired 95% bootstrap interval for label
   tasks, and of the teacher's Q4_K_M score from BASE/eval/eval.json);
 - the teacher's Q4_K_M (BASE/teacher_gguf) and the student's are benched one right after the other
-  in llama.cpp (edgedistill.bench, the recipe's bench: settings, same threads): the decode speed
-  ratio is taken within that one measurement, with the load average before and after it.
+  in llama.cpp (edgedistill.bench, the recipe's bench: settings, same threads, --threads to set
+  them), --rounds times in turn: the decode speed ratio is the median of the rounds' ratios, each
+  taken within one round, with the load average before and after.
 A shape's result is saved as soon as it is done (OUT/shapes/<shape>.json): a rerun does only the
 missing ones. Writes OUT/pareto.json, OUT/pareto.md and OUT/pareto.svg (share vs speed ratio, the
 front marked). On a shared machine speeds are noisy: compare the ratios, and read the load.
@@ -136,7 +137,13 @@ def _seconds(run: Path) -> dict:
             for name in (STUDENT, DISTILL, EXPORT) if is_complete(run / name)}
 
 
-def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: dict) -> dict:
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: dict, rounds: int) -> dict:
     """One shape through the pipeline to its export, its Q4_K_M scored and benched beside the teacher's."""
     run = out / shape.name
     link_shared(base, run)
@@ -148,8 +155,11 @@ def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: di
     row, _ = task_score(student_file, heldout, max_new_tokens=recipe.eval.max_new_tokens,
                         scorers=task_scorers(heldout_file, heldout), name=student_file.name)
     load_before = os.getloadavg()
-    teacher_bench, student_bench = bench_many([reference["teacher_file"], student_file], recipe.bench)
+    rows = bench_many([reference["teacher_file"], student_file] * rounds, recipe.bench)
     load_after = os.getloadavg()
+    pairs = list(zip(rows[0::2], rows[1::2]))
+    ratios = [s.decode_tokens_per_s / t.decode_tokens_per_s for t, s in pairs]
+    teacher_bench, student_bench = pairs[0]
     student = _manifest_result(run / STUDENT)
     return {
         "shape": shape.name, "blocks": shape.blocks, "hidden_size": shape.hidden_size,
@@ -164,15 +174,15 @@ def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: di
         "share_of_teacher_q4_k_m": (round(row.task_score / reference["q4_task_score"], 4)
                                     if reference.get("q4_task_score") else None),
         "file_mb": student_bench.file_mb, "bytes_per_token": student_bench.bytes_per_token,
-        "decode_tokens_per_s": student_bench.decode_tokens_per_s,
-        "teacher_decode_tokens_per_s": teacher_bench.decode_tokens_per_s,
-        "speed_ratio": round(student_bench.decode_tokens_per_s / teacher_bench.decode_tokens_per_s, 3),
+        "decode_tokens_per_s": round(median([s.decode_tokens_per_s for _, s in pairs]), 1),
+        "teacher_decode_tokens_per_s": round(median([t.decode_tokens_per_s for t, _ in pairs]), 1),
+        "speed_ratio": round(median(ratios), 3), "speed_ratio_per_round": [round(r, 3) for r in ratios],
         "bytes_ratio": round(teacher_bench.bytes_per_token / student_bench.bytes_per_token, 3),
         "threads": student_bench.threads, "prompt_tokens": student_bench.prompt_tokens,
         "gen_tokens": student_bench.gen_tokens, "repetitions": student_bench.repetitions,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
-        "bench": [teacher_bench.model_dump(exclude_none=True), student_bench.model_dump(exclude_none=True)],
+        "bench": [row.model_dump(exclude_none=True) for row in rows],
         "stage_seconds": _seconds(run),
     }
 
@@ -181,17 +191,21 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def table_lines(summary: dict) -> list[str]:
     teacher = summary["teacher"]
     lines = ["| student (blocks x hidden x MLP) | Q4_K_M MB | task score | share of teacher [95%] | "
              "decode tokens/s (teacher's in the same bench) | speed ratio | front | 1-min load |",
              "|---|---|---|---|---|---|---|---|",
-             f"| teacher Q4_K_M (reference) | {teacher['q4_file_mb']} | {teacher['q4_task_score']:.3f} | "
+             f"| teacher Q4_K_M (reference) | {teacher['q4_file_mb']} | {_score(teacher['q4_task_score'])} | "
              f"{_percent(teacher['q4_share'])} | – | 1.00x | {'yes' if teacher.get('on_front') else ''} | – |"]
     for r in summary["shapes"]:
         interval = r.get("share_of_teacher_interval")
         low_high = f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else ""
-        lines.append(f"| {r['shape']} | {r['file_mb']} | {r['task_score']:.3f} ({r['correct']}/{r['examples']}) | "
+        lines.append(f"| {r['shape']} | {r['file_mb']} | {_score(r['task_score'])} ({r['correct']}/{r['examples']}) | "
                      f"{_percent(r['share_of_teacher'])}{low_high} | {r['decode_tokens_per_s']:.0f} "
                      f"({r['teacher_decode_tokens_per_s']:.0f}) | {r['speed_ratio']:.2f}x | "
                      f"{'yes' if r['on_front'] else ''} | {r['load_average_before'][0]:.1f}–"
@@ -207,8 +221,11 @@ def write_plot(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(7.0, 4.6), layout="constrained")
     ax = fig.subplots()
     teacher = summary["teacher"]
-    points = [(r["shape"], r["speed_ratio"], 100 * r["share_of_teacher"], r["on_front"]) for r in summary["shapes"]]
-    points.append(("teacher Q4_K_M", 1.0, 100 * teacher["q4_share"], teacher.get("on_front", False)))
+    # a share is None when the teacher scores 0: nothing to place on this plot
+    points = [(r["shape"], r["speed_ratio"], 100 * r["share_of_teacher"], r["on_front"]) for r in summary["shapes"]
+              if r["share_of_teacher"] is not None]
+    if teacher["q4_share"] is not None:
+        points.append(("teacher Q4_K_M", 1.0, 100 * teacher["q4_share"], teacher["on_front"]))
     for label, x, y, front in points:
         ax.scatter([x], [y], color="#d62728" if front else "#1f77b4", zorder=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -261,9 +278,14 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "sentiment", help="a finished run of --recipe")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BLOCKSxHIDDENxMLP[@EPOCHS] each")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads for both benches (default: bench.threads)")
+    parser.add_argument("--rounds", type=int, default=2, help="teacher-then-student bench rounds per shape")
     args = parser.parse_args()
     shapes = [parse_shape(s) for s in args.shapes]
     recipe = load_recipe(args.recipe)
+    if args.threads is not None:
+        # bench is in no stage's key this tool runs: the trained shapes stay cached
+        recipe = _with(recipe, bench={"threads": args.threads})
     if not is_complete(args.base / EVAL):
         sys.exit(f"{args.base} is not a finished run of {args.recipe} (no eval stage): run `edgedistill run "
                  f"{args.recipe} --out {args.base}` first")
@@ -273,7 +295,8 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     for shape in pending(shapes, results):
         print(f"[pareto] {shape.name}: blocks {shape.blocks}, hidden {shape.hidden_size}, MLP {shape.intermediate_size}")
-        result = run_shape(shape, shape_recipe(recipe, shape, teacher_config), args.base, args.out, reference)
+        result = run_shape(shape, shape_recipe(recipe, shape, teacher_config), args.base, args.out, reference,
+                           args.rounds)
         (results / f"{shape.name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"[pareto] {shape.name}: share {_percent(result['share_of_teacher'])}, "
               f"speed {result['speed_ratio']:.2f}x the teacher's {QTYPE}")
