@@ -120,10 +120,14 @@ def _quant_aware(recipe: Recipe, student: Path, first_epoch: int):
     return build_quant_aware(load_model(student), student, recipe.distill, recipe.export, first_epoch=first_epoch)
 
 
-def _on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, generate: Path) -> dict:
-    # with distill.quant_aware, every on-policy epoch is fake-quantized
-    return on_policy_stage(recipe, out, distill=distill, teacher=teacher, generate=generate,
-                           quant_aware=_quant_aware(recipe, distill, 0))
+def _on_policy_stage(quant_aware: bool):
+    """The on_policy stage; with distill.quant_aware (`quant_aware`, known from the whole recipe:
+    the stage's view declares that section only when it is set) every on-policy epoch is
+    fake-quantized."""
+    def stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, generate: Path) -> dict:
+        return on_policy_stage(recipe, out, distill=distill, teacher=teacher, generate=generate,
+                               quant_aware=_quant_aware(recipe, distill, 0) if quant_aware else None)
+    return stage
 
 
 def _reading_as_distill(fn, folder: str):
@@ -222,7 +226,7 @@ def stages_for(recipe: Recipe) -> list[Stage]:
     distill_stage = Stage(DISTILL, train, inputs=(STUDENT, TEACHER if online else labels, GENERATE),
                           sections=("seed", "distill", *(("compute",) if online else ()), *quant_aware),
                           unkeyed_sections=LOADS_TEACHER if online else (), derive=_off_policy, distributed=True)
-    on_policy = [Stage(ON_POLICY, _on_policy_stage, inputs=(DISTILL, TEACHER, GENERATE),
+    on_policy = [Stage(ON_POLICY, _on_policy_stage(bool(quant_aware)), inputs=(DISTILL, TEACHER, GENERATE),
                        sections=("seed", "distill.on_policy", "distill.topk", "distill.max_seq_len",
                                  "generate.max_new_tokens", "compute", *quant_aware),
                        unkeyed_sections=("distill.threads", *LOADS_TEACHER))] if recipe.distill.on_policy else []

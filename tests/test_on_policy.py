@@ -265,3 +265,20 @@ def test_the_tiny_recipe_runs_on_policy_before_its_exports(tmp_path):
     assert result["samples"]["samples"] > 0 and {"empty", "truncated"} <= set(result["samples"])
     assert (tmp_path / "run" / ON_POLICY / "model.safetensors").is_file()
     assert set(results["export"].manifest["inputs"]) == {ON_POLICY, "generate"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("quant_aware", [None, {"grids": ["Q4_K_M"]}])
+def test_the_on_policy_stage_reads_only_what_it_declares(monkeypatch, quant_aware):
+    # Its recipe view holds distill.quant_aware only when the recipe sets it; whether it is set
+    # comes from the whole recipe, so the stage never reads an undeclared section.
+    import edgedistill.stages as stages_module
+
+    seen = {}
+    monkeypatch.setattr(stages_module, "on_policy_stage", lambda recipe, out, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(stages_module, "_quant_aware", lambda recipe, student, first: ("grids", first))
+    recipe = tiny_recipe(on_policy={"fraction": 1.0}, quant_aware=quant_aware)
+    stage = next(s for s in stages_for(recipe) if s.name == ON_POLICY)
+    pipeline = Pipeline(stages_for(recipe), recipe, Path("unused"))
+    stage.fn(pipeline.view(stage), Path("out"), distill=Path("d"), teacher=Path("t"), generate=Path("g"))
+    assert seen["quant_aware"] == (None if quant_aware is None else ("grids", 0))
