@@ -12,12 +12,23 @@ from there instead of recomputed):
   reasoning    kd on distilling-step-by-step data: the teacher's reasoning traces are learned too
   lora         kd, then a LoRA adapter trained on the task data and merged
   progressive  kd through an intermediate model with two thirds of the teacher's blocks
+  online       kd with the teacher's forward pass at every step instead of the cached top-k
+  on_policy_L_D  kd, then on-policy distillation (distill.on_policy) on a fraction L of the batches
+               (0.5 or 1.0) with divergence D (fkl: forward KL, rkl: reverse KL)
+  quant_aware  kd with the exported grids fake-quantized in the last epoch (distill.quant_aware)
+  on_policy_qa on_policy_0.5_rkl with quant_aware
 
 Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32); the
-table gives each task score, its share of the teacher's, and the student's share of the
-teacher's transformer-block parameters. A variant's result is saved as soon as it is done
+table gives each task score, its share of the teacher's, the student's share of the teacher's
+transformer-block parameters and the seconds its training stages took. With --exports every
+variant is also exported as the recipe says (GGUF F16 and export.quants, the ONNX of export.onnx)
+and each file is scored on the same prompts in its runtime, against the float student (its share
+of that student's score, the KL from it on the student's own answers) and the teacher (its share,
+with a 95% paired-bootstrap interval). A variant's result is saved as soon as it is done
 (OUT/<variant>.json), so a rerun only does what is missing. Writes OUT/ablation.json and
 OUT/ablation.md.
+
+    .venv/bin/python tools/ablation.py --variants kd quant_aware on_policy_0.5_rkl --exports
 """
 
 from __future__ import annotations
@@ -31,18 +42,29 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgedistill.errors import EdgedistillError  # noqa: E402
-from edgedistill.evaluate.task import load_heldout, task_score  # noqa: E402
+from edgedistill.evaluate.intervals import bootstrap_ratio  # noqa: E402
+from edgedistill.evaluate.task import evaluate, load_heldout, task_score  # noqa: E402
+from edgedistill.layout import EXPORT, EXPORT_ONNX, HELDOUT_JSONL, ON_POLICY  # noqa: E402
 from edgedistill.pipeline import Pipeline, is_complete  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
+from edgedistill.runtimes import gguf_artifacts  # noqa: E402
+from edgedistill.runtimes.onnx import onnx_artifacts  # noqa: E402
 from edgedistill.stages import stages_for  # noqa: E402
 
-SHARED = ("teacher", "generate", "logits", "student", "distill")
+# Linked from the base run; the pipeline keeps a linked stage only where its cache key matches.
+SHARED = ("teacher", "generate", "logits", "student", "distill", EXPORT, EXPORT_ONNX)
+# The stages whose seconds are a variant's training time.
+TRAINING = ("step", "distill", ON_POLICY, "lora", "merge")
+# The 4-bit files the recipe ships: Q8_0 is nearly lossless, and a step spent on its grid is one
+# not spent on these (quant-aware training takes one grid per step in turn).
+QUANT_AWARE = {"grids": ["Q4_K_M", "onnx-int4"]}
 
 
 def _with(recipe: Recipe, **sections) -> Recipe:
@@ -50,6 +72,16 @@ def _with(recipe: Recipe, **sections) -> Recipe:
     for name, fields in sections.items():
         raw[name] = {**(raw.get(name) or {}), **fields}
     return Recipe.model_validate(raw)
+
+
+def _if_valid(name: str, title: str, make) -> dict[str, tuple[str, Recipe]]:
+    """The variant, or none where the recipe cannot take it (the reason printed): quant-aware
+    training refuses what its exports cannot match, such as calibrated int4 ONNX rounding."""
+    try:
+        return {name: (title, make())}
+    except ValidationError as exc:
+        print(f"[{name}] left out: {exc.errors()[0]['msg']}")
+        return {}
 
 
 def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe]]:
@@ -67,6 +99,18 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
         "lora": ("+ logit distillation + LoRA, merged", _with(recipe, lora={})),
         "progressive": ("+ logit distillation through an intermediate (2/3 of the blocks)",
                         _with(recipe, progressive={"steps": [{"keep_layers": intermediate, "epochs": 2}]})),
+        "online": ("+ logit distillation, the teacher's forward at every step instead of the cache",
+                   _with(recipe, distill={"soft_labels_from": "online"})),
+        **{f"on_policy_{fraction}_{short}": (
+            f"kd, then on-policy ({long}) on {fraction:.0%} of the batches",
+            _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": divergence}}))
+           for fraction in (0.5, 1.0)
+           for short, divergence, long in (("fkl", "forward_kl", "forward KL"), ("rkl", "reverse_kl", "reverse KL"))},
+        **_if_valid("quant_aware", "kd, the exported grids fake-quantized in the last epoch",
+                    lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE})),
+        **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
+                    lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
+                                                   "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),
     }
 
 
@@ -89,21 +133,83 @@ def link_shared(base: Path, run: Path) -> None:
             subprocess.run(["cp", "-al", str(base / name), str(run / name)], check=True)
 
 
-def run_variant(name: str, recipe: Recipe, base: Path, out: Path) -> Path:
+def trained_stage(recipe: Recipe) -> str:
+    """The stage holding the finished student: what the exports are made from."""
+    return "merge" if recipe.lora is not None else ON_POLICY if recipe.distill.on_policy else "distill"
+
+
+def run_variant(name: str, recipe: Recipe, base: Path, out: Path, *, exports: bool = False) -> Path:
+    """Runs the variant up to its trained student (with `exports`: up to its export stages too) and
+    returns the student's folder; the seconds of every stage are in its manifest."""
     run = out / name
     link_shared(base, run)
     stages = stages_for(recipe)
-    last = "merge" if recipe.lora is not None else "distill"
+    last = trained_stage(recipe)
     names = [s.name for s in stages]
+    wanted = stages[:names.index(last) + 1]
+    if exports:
+        wanted += [s for s in stages if s.name in (EXPORT, EXPORT_ONNX)]
     started = time.perf_counter()
-    results = Pipeline(stages[:names.index(last) + 1], recipe, run).run()
+    results = Pipeline(wanted, recipe, run).run()
     seconds = {r.name: round(r.seconds, 1) for r in results if not r.cached}
-    print(f"[{name}] trained in {time.perf_counter() - started:.0f} s: {seconds}")
+    print(f"[{name}] done in {time.perf_counter() - started:.0f} s: {seconds}")
     return run / last
+
+
+def training_seconds(run: Path) -> float:
+    """Seconds the variant's training stages took, from their manifests (a stage linked from the
+    base run reports the base run's seconds)."""
+    total = 0.0
+    for manifest in run.glob("*/manifest.json"):
+        if manifest.parent.name.startswith(TRAINING):
+            total += json.loads(manifest.read_text()).get("seconds") or 0.0
+    return round(total, 1)
+
+
+def _correct(answers: list[dict]) -> list[float]:
+    return [float(a["predicted"] == a["label"]) if "label" in a else float("nan") for a in answers]
+
+
+def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: int) -> list[dict]:
+    """Every exported file of the variant scored on the held-out prompts in its runtime, against
+    the float student (the reference: share of its score, KL from it on its own answers) and the
+    teacher's scores on the same prompts (share with a paired interval; label tasks)."""
+    run = student.parent
+    files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
+    report = evaluate(files, heldout, student, max_new_tokens=max_new_tokens)
+    teacher_values = _correct(teacher["answers"])
+    rows = []
+    for row in report.artifacts:
+        share = bootstrap_ratio(_correct(row.answers), teacher_values) if row.correct is not None else None
+        rows.append({"artifact": row.artifact, "task_score": row.task_score,
+                     "share_of_teacher": share and share.mean and round(share.mean, 4),
+                     "share_of_teacher_interval": share and share.low is not None and [round(share.low, 4),
+                                                                                      round(share.high, 4)],
+                     "share_of_float_student": row.share_of_reference,
+                     "share_of_float_student_interval": row.share_of_reference_interval,
+                     "kl_to_float_student": row.kl_to_reference, "top1_to_float_student": row.top1_agreement})
+    return rows
 
 
 def _percent(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.1f}%"
+
+
+def _interval(values) -> str:
+    return f" [{100 * values[0]:.1f}, {100 * values[1]:.1f}]" if values else ""
+
+
+def export_lines(rows: list[dict]) -> list[str]:
+    """The exports table: one line per variant and file."""
+    lines = ["| variant | file | task score | share of teacher [95%] | share of float student [95%] | "
+             "KL to float student | training s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for e in r.get("exports") or []:
+            lines.append(f"| {r['variant']} | {e['artifact']} | {e['task_score']:.3f} | "
+                         f"{_percent(e['share_of_teacher'])}{_interval(e['share_of_teacher_interval'])} | "
+                         f"{_percent(e['share_of_float_student'])}{_interval(e['share_of_float_student_interval'])} | "
+                         f"{e['kl_to_float_student']} | {r.get('training_seconds', '–')} |")
+    return lines
 
 
 def main() -> None:
@@ -112,6 +218,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "sentiment", help="a finished run of --recipe")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--variants", nargs="*", help="a subset, in this order (default: all)")
+    parser.add_argument("--exports", action="store_true",
+                        help="also export each variant as the recipe says and score every file in its runtime")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     if not is_complete(args.base / "generate"):
@@ -125,30 +233,36 @@ def main() -> None:
             sys.exit(f"unknown variants {sorted(unknown)}; choose from {', '.join(chosen)}")
         chosen = {name: chosen[name] for name in args.variants}
     args.out.mkdir(parents=True, exist_ok=True)
-    heldout = load_heldout(args.base / "generate" / "heldout.jsonl")
+    heldout_file = args.base / "generate" / HELDOUT_JSONL
+    heldout = load_heldout(heldout_file)
     max_new = recipe.eval.max_new_tokens
 
     reference_file = args.out / "teacher.json"
     if not reference_file.exists():
-        reference = task_score(args.base / "teacher", heldout, max_new_tokens=max_new).to_dict()
+        reference = task_score(args.base / "teacher", heldout, max_new_tokens=max_new)[0].to_dict()
         reference["block_parameters"] = block_parameters(args.base / "teacher")
         reference_file.write_text(json.dumps(reference, indent=2) + "\n")
     reference = json.loads(reference_file.read_text())
 
     for name, (title, variant) in chosen.items():
         result_file = args.out / f"{name}.json"
-        if result_file.exists():
+        result = json.loads(result_file.read_text()) if result_file.exists() else None
+        if result is not None and (not args.exports or "exports" in result):
             continue
         try:
-            model = run_variant(name, variant, args.base, args.out)
+            model = run_variant(name, variant, args.base, args.out, exports=args.exports)
         except EdgedistillError as exc:
             # Not saved: a rerun tries again (after the fix the message names).
             print(f"[{name}] failed: {exc}")
             continue
-        # The held-out prompts are the plain ones for every variant (reasoning is training data only).
-        result = task_score(model, heldout, max_new_tokens=max_new).to_dict()
-        result.update(variant=name, title=title, block_parameters=block_parameters(model),
-                      distill=json.loads((model.parent / "distill" / "manifest.json").read_text())["result"])
+        if result is None:
+            # The held-out prompts are the plain ones for every variant (reasoning is training data only).
+            result = task_score(model, heldout, max_new_tokens=max_new)[0].to_dict()
+            result.update(variant=name, title=title, block_parameters=block_parameters(model),
+                          distill=json.loads((model.parent / "distill" / "manifest.json").read_text())["result"])
+        result["training_seconds"] = training_seconds(model.parent)
+        if args.exports:
+            result["exports"] = score_exports(model, heldout_file, reference, max_new)
         result_file.write_text(json.dumps(result, indent=2) + "\n")
         # The run folders are large (a student per stage); the result file is what the table needs.
         shutil.rmtree(model.parent / ".partial", ignore_errors=True)
@@ -162,16 +276,22 @@ def main() -> None:
                          "share_of_teacher": round(result["task_score"] / reference["task_score"], 4)
                          if reference["task_score"] else None,
                          "block_parameter_share": round(result["block_parameters"] / reference["block_parameters"], 4),
-                         "train_examples": result["distill"]["train_examples"]})
+                         "train_examples": result["distill"]["train_examples"],
+                         "training_seconds": result.get("training_seconds"),
+                         **({"exports": result["exports"]} if "exports" in result else {})})
     summary = {"recipe": str(args.recipe), "heldout_examples": len(heldout),
                "teacher": {"task_score": reference["task_score"], "correct": reference["correct"],
                            "block_parameters": reference["block_parameters"]}, "variants": rows}
     (args.out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| variant | what | task score | share of teacher | block params vs teacher |", "|---|---|---|---|---|",
+    lines = ["| variant | what | task score | share of teacher | block params vs teacher | training s |",
+             "|---|---|---|---|---|---|",
              f"| teacher | PyTorch fp32, reference | {reference['task_score']:.3f} ({reference['correct']}/"
-             f"{len(heldout)}) | 100% | 100% |"]
+             f"{len(heldout)}) | 100% | 100% | |"]
     lines += [f"| {r['variant']} | {r['title']} | {r['task_score']:.3f} ({r['correct']}/{r['examples']}) | "
-              f"{_percent(r['share_of_teacher'])} | {_percent(r['block_parameter_share'])} |" for r in rows]
+              f"{_percent(r['share_of_teacher'])} | {_percent(r['block_parameter_share'])} | "
+              f"{r['training_seconds'] if r['training_seconds'] is not None else '–'} |" for r in rows]
+    if any("exports" in r for r in rows):
+        lines += ["", *export_lines(rows)]
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
