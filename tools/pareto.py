@@ -12,8 +12,9 @@ stage in OUT/<shape>/ (ONNX left out; stages whose cache key matches the base ru
 from it, tools/ablation.py's link_shared), then
 - its Q4_K_M answers the base run's held-out prompts greedily in llama.cpp (the eval stage's task
   score, its share of the teacher's PyTorch score with a paired 95% bootstrap interval for label
-  tasks, and of the teacher's Q4_K_M score from BASE/eval/eval.json);
-- the teacher's Q4_K_M (BASE/teacher_gguf) and the student's are benched one right after the other
+  tasks, and of the teacher's Q4_K_M score; both teacher scores from BASE/eval/eval.json, or, before
+  the base run has them, scored here once into OUT/teacher.json);
+- the teacher's Q4_K_M (BASE/teacher_gguf, or exported into OUT/teacher_gguf) and the student's are benched one right after the other
   in llama.cpp (edgedistill.bench, the recipe's bench: settings, same threads, --threads to set
   them), --rounds times in turn: the decode speed ratio is the median of the rounds' ratios, each
   taken within one round, with the load average before and after.
@@ -41,6 +42,7 @@ from ablation import _with, block_parameters, link_shared  # noqa: E402
 from edgedistill.bench.latency import bench_many  # noqa: E402
 from edgedistill.evaluate.intervals import bootstrap_ratio  # noqa: E402
 from edgedistill.evaluate.task import load_heldout, task_score, task_scorers  # noqa: E402
+from edgedistill.export.stage import export_gguf_set  # noqa: E402
 from edgedistill.layout import (DISTILL, EVAL, EVAL_JSON, EXPORT, GENERATE, HELDOUT_JSONL, LOGITS,  # noqa: E402
                                 STUDENT, TEACHER, TEACHER_GGUF, gguf_name)
 from edgedistill.pipeline import Pipeline, is_complete  # noqa: E402
@@ -150,10 +152,7 @@ def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: di
     stages = [s for s in stages_for(recipe) if s.name in STAGES]
     Pipeline(stages, recipe, run).run()
     student_file = run / EXPORT / gguf_name("student", QTYPE)
-    heldout_file = base / GENERATE / HELDOUT_JSONL
-    heldout = load_heldout(heldout_file)
-    row, _ = task_score(student_file, heldout, max_new_tokens=recipe.eval.max_new_tokens,
-                        scorers=task_scorers(heldout_file, heldout), name=student_file.name)
+    row = _scored(student_file, recipe, base)
     load_before = os.getloadavg()
     rows = bench_many([reference["teacher_file"], student_file] * rounds, recipe.bench)
     load_after = os.getloadavg()
@@ -243,18 +242,40 @@ def write_plot(summary: dict, path: Path) -> None:
         fig.savefig(path, format="svg", metadata={"Date": None})
 
 
-def _reference(base: Path) -> dict:
-    """The teacher's scores from the base run's eval.json and its Q4_K_M file."""
-    report = read_eval(base / EVAL / EVAL_JSON)
+def _scored(artifact: Path, recipe: Recipe, base: Path):
+    heldout_file = base / GENERATE / HELDOUT_JSONL
+    heldout = load_heldout(heldout_file)
+    row, _ = task_score(artifact, heldout, max_new_tokens=recipe.eval.max_new_tokens,
+                        scorers=task_scorers(heldout_file, heldout), name=artifact.name)
+    return row
+
+
+def _reference(recipe: Recipe, base: Path, out: Path) -> dict:
+    """The teacher's PyTorch score and answers, its Q4_K_M file and that file's score: from the base run's
+    eval and teacher_gguf stages when it has finished them, else made here once and kept in
+    OUT/teacher.json (the Q4_K_M exported and verified in OUT/teacher_gguf/ as the teacher_gguf stage
+    does, both scored on the held-out prompts as run_shape scores a student)."""
     q4_name = gguf_name("teacher", QTYPE)
-    q4 = next((r for r in report.artifacts if r.artifact == q4_name), None)
     teacher_file = base / TEACHER_GGUF / q4_name
-    if not teacher_file.is_file():
-        raise SystemExit(f"{teacher_file} does not exist: the base run must export the teacher as {QTYPE} "
-                         "(export.teacher_quants)")
-    return {"task_score": report.reference.task_score, "answers": report.reference.answers,
-            "q4_task_score": q4.task_score if q4 else None, "teacher_file": teacher_file,
-            "q4_file_mb": round(teacher_file.stat().st_size / 1e6, 2)}
+    if is_complete(base / EVAL) and teacher_file.is_file():
+        report = read_eval(base / EVAL / EVAL_JSON)
+        q4 = next((r for r in report.artifacts if r.artifact == q4_name), None)
+        return {"task_score": report.reference.task_score, "answers": report.reference.answers,
+                "q4_task_score": q4.task_score if q4 else None, "teacher_file": teacher_file,
+                "q4_file_mb": round(teacher_file.stat().st_size / 1e6, 2), "source": str(base / EVAL / EVAL_JSON)}
+    saved = out / "teacher.json"
+    if not saved.is_file():
+        if not (is_complete(base / TEACHER_GGUF) and teacher_file.is_file()):
+            (out / TEACHER_GGUF).mkdir(parents=True, exist_ok=True)
+            export_gguf_set(base / TEACHER, out / TEACHER_GGUF, "teacher", [QTYPE], f"{recipe.name}-teacher")
+            teacher_file = out / TEACHER_GGUF / q4_name
+        teacher, q4 = _scored(base / TEACHER, recipe, base), _scored(teacher_file, recipe, base)
+        saved.write_text(json.dumps({
+            "task_score": teacher.task_score, "answers": teacher.answers, "q4_task_score": q4.task_score,
+            "teacher_file": str(teacher_file), "q4_file_mb": round(teacher_file.stat().st_size / 1e6, 2),
+            "source": "scored here: the base run had no eval yet"}, indent=2) + "\n")
+    reference = json.loads(saved.read_text())
+    return {**reference, "teacher_file": Path(reference["teacher_file"])}
 
 
 def summarize(recipe_path: Path, reference: dict, rows: list[dict]) -> dict:
@@ -275,7 +296,7 @@ def summarize(recipe_path: Path, reference: dict, rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "default.yaml")
-    parser.add_argument("--base", type=Path, default=ROOT / "runs" / "sentiment", help="a finished run of --recipe")
+    parser.add_argument("--base", type=Path, default=ROOT / "runs" / "sentiment", help="a run of --recipe, done at least to its logits stage")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BLOCKSxHIDDENxMLP[@EPOCHS] each")
     parser.add_argument("--threads", type=int, help="llama.cpp threads for both benches (default: bench.threads)")
@@ -286,11 +307,12 @@ def main() -> None:
     if args.threads is not None:
         # bench is in no stage's key this tool runs: the trained shapes stay cached
         recipe = _with(recipe, bench={"threads": args.threads})
-    if not is_complete(args.base / EVAL):
-        sys.exit(f"{args.base} is not a finished run of {args.recipe} (no eval stage): run `edgedistill run "
+    if not is_complete(args.base / GENERATE):
+        sys.exit(f"{args.base} is not a run of {args.recipe} up to generate: run `edgedistill run "
                  f"{args.recipe} --out {args.base}` first")
     teacher_config = json.loads((args.base / TEACHER / "config.json").read_text())
-    reference = _reference(args.base)
+    args.out.mkdir(parents=True, exist_ok=True)
+    reference = _reference(recipe, args.base, args.out)
     results = args.out / "shapes"
     results.mkdir(parents=True, exist_ok=True)
     for shape in pending(shapes, results):
