@@ -52,6 +52,8 @@ def _pruned_config(config: PretrainedConfig, keep_layers: int | list[int], width
             group = config.num_attention_heads // config.num_key_value_heads
             config.num_attention_heads = width.num_attention_heads
             config.num_key_value_heads = width.num_attention_heads // group
+        if width.hidden_size is not None:
+            config.hidden_size = width.hidden_size
 
 
 def student_config(recipe: Recipe, teacher: Path) -> PretrainedConfig:

@@ -209,6 +209,8 @@ STUDENTS = {
     "prune-explicit": "student:\n  method: prune\n  keep_layers: [0, 3]\n",
     "prune-width": ("student:\n  method: prune\n  keep_layers: 3\n  calibration_examples: 4\n"
                     "  width:\n    intermediate_size: 64\n    num_attention_heads: 2\n"),
+    "prune-hidden": ("student:\n  method: prune\n  keep_layers: 2\n  calibration_examples: 4\n"
+                     "  width:\n    hidden_size: 32\n"),
     "config": "student:\n  method: config\n  config:\n    num_hidden_layers: 1\n    intermediate_size: 96\n",
 }
 
@@ -229,7 +231,8 @@ def test_estimated_student_has_the_built_students_parameters_and_shape(student, 
     built = build_student(recipe, out, teacher=tiny_teacher, generate=chats)
     assert parameter_count(meta_model(config)) == built["student_parameters"]
     saved = json.loads((out / "config.json").read_text())
-    for key in ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
         assert getattr(config, key) == saved.get(key, getattr(config, key)), key
 
 

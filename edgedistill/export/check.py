@@ -44,7 +44,8 @@ SECTIONS = ("teacher.trust_remote_code", "teacher.source", "student", "progressi
 # The config keys depth and width pruning change, and the student field that changes each.
 PRUNED_KEYS = {"num_hidden_layers": "keep_layers", "layer_types": "keep_layers",
                "intermediate_size": "width.intermediate_size", "num_attention_heads": "width.num_attention_heads",
-               "num_key_value_heads": "width.num_attention_heads", "head_dim": "width.num_attention_heads"}
+               "num_key_value_heads": "width.num_attention_heads", "head_dim": "width.num_attention_heads",
+               "hidden_size": "width.hidden_size"}
 
 
 def _gguf(config: dict, where: str) -> None:
