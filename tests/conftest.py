@@ -64,6 +64,15 @@ student: {{method: prune, keep_layers: 1}}
 """
 
 
+def student_recipe(train_jsonl: Path, **student):
+    """A minimal label recipe over `train_jsonl` with these student fields (build_student's tests)."""
+    from edgedistill.recipe import Recipe
+
+    return Recipe.model_validate({
+        "name": "t", "task": {"labels": ["a", "b"], "prompt": "{text}"},
+        "data": {"prompts": str(train_jsonl)}, "student": student})
+
+
 def tokenizer_corpus() -> list[str]:
     """The text the tiny tokenizer is trained on: 196 two-syllable words (accents included), digits,
     whitespace runs and emoji."""

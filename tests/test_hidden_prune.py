@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SHAPE, build_tiny_model, make_tiny_model, make_tiny_tokenizer
+from conftest import TINY_SHAPE, build_tiny_model, make_tiny_model, make_tiny_tokenizer, student_recipe
 from transformers import AutoModelForCausalLM
 
 from edgedistill.distill.importance import compute_importance
@@ -67,9 +67,7 @@ def generate(tmp_path_factory) -> Path:
 
 
 def _recipe(generate: Path, **student) -> Recipe:
-    return Recipe.model_validate({
-        "name": "t", "task": {"labels": ["a", "b"], "prompt": "{text}"},
-        "data": {"prompts": str(generate / "train.jsonl")}, "student": student})
+    return student_recipe(generate / "train.jsonl", **student)
 
 
 @pytest.mark.unit

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SHAPE, make_tiny_model
+from conftest import TINY_SHAPE, make_tiny_model, student_recipe
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from edgedistill.distill.importance import compute_importance
@@ -60,9 +60,7 @@ def generate(tmp_path_factory) -> Path:
 
 
 def _recipe(generate: Path, **student) -> Recipe:
-    return Recipe.model_validate({
-        "name": "t", "task": {"labels": ["a", "b"], "prompt": "{text}"},
-        "data": {"prompts": str(generate / "train.jsonl")}, "student": student})
+    return student_recipe(generate / "train.jsonl", **student)
 
 
 def _sequences(teacher: Path) -> list[list[int]]:
