@@ -14,6 +14,11 @@ from the student alone, each with its interval, and whether that difference is w
 the tokens each model generated (a plan's and an answer's, end tokens left out) and the teacher's
 share of them, with an interval (examples resampled); and the wall time, which on a shared machine
 is noisy: the load average before and after is recorded.
+
+Each configuration's answers are kept in RUN/plan_execute/<name>.jsonl with what they depend on (the
+models, the budgets, the prompt's texts) and reused while that stays the same: a stopped benchmark
+resumes, and `--only NAME ...` computes some configurations (processes side by side, say) without
+writing the summary, which a last run without --only writes from the kept answers.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import os
 import platform
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from edgedistill import layout
 from edgedistill.evaluate.intervals import bootstrap_ratio, paired_difference, within_noise
@@ -45,16 +52,37 @@ def greedy(runtime: Runtime, messages: list[dict[str, str]], max_new_tokens: int
     return runtime.decode(ids).strip(), len(ids)
 
 
+class Kept:
+    """One configuration's answers so far, per held-out id, in RUN/plan_execute/<name>.jsonl after a
+    first line holding what they depend on; a file of other settings is started again."""
+
+    def __init__(self, folder: Path, name: str, settings: dict):
+        self.path = folder / f"{name.replace(' ', '_')}.jsonl"
+        self.rows: dict = {}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        if lines and json.loads(lines[0]) == settings:
+            self.rows = {row["id"]: row for row in map(json.loads, lines[1:])}
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(settings) + "\n")
+
+    def add(self, row: dict) -> None:
+        self.rows[row["id"]] = row
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def _interval(found) -> dict:
     return {key: None if value is None else round(value, 4) for key, value in found.as_dict().items()} | {"n": found.n}
 
 
-def run_configuration(name: str, records: list[dict], student: Runtime, teacher: Runtime, *, max_new_tokens: int,
-                      plan_max_tokens: int) -> dict:
-    """Answers and token counts of one configuration over `records`."""
-    answers, plans, teacher_tokens, student_tokens = [], [], [], []
+def run_configuration(name: str, records: list[dict], student: Runtime, teacher: Runtime, kept: Kept, *,
+                      max_new_tokens: int, plan_max_tokens: int, teacher_answers: dict | None = None) -> dict:
+    """Answers and token counts of one configuration over `records`, the kept ones reused;
+    `teacher_answers`: the teacher alone's kept rows, which are the plans of a prompt that asks the
+    teacher the request itself with the same budget (draft)."""
     started = time.perf_counter()
-    for record in records:
+    for record in tqdm([r for r in records if r["id"] not in kept.rows], desc=name, unit="request"):
         messages = record["messages"]
         if name == STUDENT_ALONE:
             answer, n = greedy(student, messages, max_new_tokens)
@@ -64,14 +92,19 @@ def run_configuration(name: str, records: list[dict], student: Runtime, teacher:
             plan, n = None, 0
         else:
             prompt = PLAN_PROMPTS[name]
-            plan, planned = greedy(teacher, teacher_messages(messages, prompt), plan_max_tokens)
+            asked = teacher_messages(messages, prompt)
+            same = teacher_answers.get(record["id"]) if (
+                teacher_answers and asked == messages and plan_max_tokens == max_new_tokens) else None
+            plan, planned = (same["answer"], same["teacher_tokens"]) if same else greedy(teacher, asked,
+                                                                                          plan_max_tokens)
             answer, n = greedy(student, student_messages(messages, plan, prompt), max_new_tokens)
-        answers.append(answer)
-        plans.append(plan)
-        teacher_tokens.append(planned)
-        student_tokens.append(n)
-    return {"answers": answers, "plans": plans, "teacher_tokens": teacher_tokens, "student_tokens": student_tokens,
-            "wall_s": round(time.perf_counter() - started, 1)}
+        kept.add({"id": record["id"], "answer": answer, "plan": plan, "teacher_tokens": planned, "student_tokens": n,
+                  "wall_s": round(time.perf_counter() - started, 2)})
+        started = time.perf_counter()
+    rows = [kept.rows[record["id"]] for record in records]
+    return {"answers": [r["answer"] for r in rows], "plans": [r["plan"] for r in rows],
+            "teacher_tokens": [r["teacher_tokens"] for r in rows], "student_tokens": [r["student_tokens"] for r in rows],
+            "wall_s": round(sum(r["wall_s"] for r in rows), 1)}
 
 
 def scored(answers: list[str], records: list[dict], scorers, task: dict | None) -> dict:
@@ -104,8 +137,12 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=list(PLAN_PROMPTS), choices=list(PLAN_PROMPTS))
     parser.add_argument("--plan-max-tokens", type=int, default=DEFAULT_PLAN_MAX_TOKENS)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="an answer's budget (the recipe's eval's)")
-    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores; on a busy machine 1 is "
+                        "faster, since llama.cpp's threads wait for each other spinning)")
     parser.add_argument("--limit", type=int, help="only the first N held-out records")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help=f"compute (and keep) only these configurations: {STUDENT_ALONE!r}, {TEACHER_ALONE!r} "
+                             "or plan prompt names; no summary")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
@@ -118,11 +155,20 @@ def main() -> None:
     load_before = os.getloadavg()
 
     names = [STUDENT_ALONE, TEACHER_ALONE, *args.prompts]
-    found = {}
-    for name in names:
-        found[name] = run_configuration(name, records, student, teacher, max_new_tokens=args.max_new_tokens,
-                                        plan_max_tokens=args.plan_max_tokens)
+    found, kept = {}, {}
+    for name in [TEACHER_ALONE, *(n for n in names if n != TEACHER_ALONE)]:
+        settings = {"student": str(student_path), "teacher": str(teacher_path), "max_new_tokens": args.max_new_tokens,
+                    "plan_max_tokens": args.plan_max_tokens,
+                    "prompt": PLAN_PROMPTS[name].__dict__ if name in PLAN_PROMPTS else None}
+        kept[name] = Kept(args.run / "plan_execute", name, settings)
+        if args.only and name not in args.only:
+            continue
+        found[name] = run_configuration(name, records, student, teacher, kept[name],
+                                        max_new_tokens=args.max_new_tokens, plan_max_tokens=args.plan_max_tokens,
+                                        teacher_answers=kept[TEACHER_ALONE].rows)
         print(f"{name}: {found[name]['wall_s']} s", flush=True)
+    if args.only:
+        return
     results = {name: scored(found[name]["answers"], records, scorers, task) for name in names}
     # an example a scorer could not score counts 0, so that every configuration keeps all examples paired
     primary = {name: [0.0 if v is None else v for v in results[name][scorers[0].name].values] for name in names}
