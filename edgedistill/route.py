@@ -19,8 +19,11 @@ point of the curve: the routed score (teacher's answers on the k, the student's 
 share of the teacher's own score, with a 95% bootstrap interval (examples resampled in pairs).
 route.json holds the curve of each rule, the rule and threshold that reach `target` (default
 0.99 of the teacher's score) with the fewest teacher calls, and what random routing would give at
-that share of calls. `edgedistill serve --route route.json` applies the threshold: an answer whose
-confidence is below it goes to the teacher.
+that share of calls. Since a threshold fitted and measured on the same examples flatters itself,
+route.json also holds `held_out_check`: the rule and threshold chosen on a random half of the
+examples, applied to the other half, both ways, and the share and teacher calls that gives.
+`edgedistill serve --route route.json` applies the threshold: an answer whose confidence is below
+it goes to the teacher.
 
 With a `route:` section in the recipe, the `route` stage of `edgedistill run` (route_stage) does the
 same after eval and writes RUN/route/route.json, reading the artifact from the run's export folders.
@@ -190,24 +193,67 @@ def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | Non
             **choose_route([student[i] for i in ids], [teacher[i] for i in ids], confidences, target)}
 
 
-def choose_route(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
-                 target: float) -> dict:
-    """route.json's target, scores, curves and choice from per-example scores of the student and the
-    teacher and each rule's confidences in the student's answers (the first rule when none reaches)."""
+def _choose(student: list[float], teacher: list[float], confidences: dict[str, list[float]], target: float):
+    """The curves, and the rule and point that reach `target` with the fewest teacher calls (the first
+    rule's last point when none reaches), and whether one reached."""
     curves = {rule: routing_curve(student, teacher, values) for rule, values in confidences.items()}
     best = {rule: _cheapest(points, target) for rule, points in curves.items()}
     reached = [rule for rule in curves if best[rule] is not None]
     rule = min(reached, key=lambda r: best[r].teacher_calls) if reached else next(iter(curves))
-    chosen = best[rule] or curves[rule][-1]
+    return curves, rule, best[rule] or curves[rule][-1], best[rule] is not None
+
+
+def _routed(threshold: float | None, student, teacher, confidences) -> list[float]:
+    """Per-example scores when answers less confident than `threshold` go to the teacher (as serve does)."""
+    return [t if threshold is not None and c < threshold else s for s, t, c in zip(student, teacher, confidences)]
+
+
+def held_out_check(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
+                   target: float, *, seed: int = 0) -> dict:
+    """The chosen route measured on examples it was not chosen on: the examples are split in two
+    halves at random (`seed`); the rule and threshold chosen on one half route the other, and the
+    other way round. Both halves' routed answers together give the share of the teacher's score and
+    of teacher calls a new request may expect (a threshold fitted and measured on the same examples
+    flatters itself)."""
+    n = len(student)
+    order = np.random.default_rng(seed).permutation(n)
+    halves = [sorted(order[::2].tolist()), sorted(order[1::2].tolist())]
+    routed, calls, folds = [0.0] * n, 0, []
+    for fit, test in ((halves[0], halves[1]), (halves[1], halves[0])):
+        pick = lambda values, ids: [values[i] for i in ids]  # noqa: E731
+        _, rule, point, _ = _choose(pick(student, fit), pick(teacher, fit),
+                                    {r: pick(v, fit) for r, v in confidences.items()}, target)
+        scores = _routed(point.threshold, pick(student, test), pick(teacher, test), pick(confidences[rule], test))
+        sent = sum(point.threshold is not None and c < point.threshold for c in pick(confidences[rule], test))
+        for i, value in zip(test, scores):
+            routed[i] = value
+        calls += sent
+        folds.append({"rule": rule, "threshold": point.threshold, "fit_examples": len(fit),
+                      "examples": len(test), "teacher_call_share": round(sent / len(test), 4)})
+    share = bootstrap_ratio(routed, teacher)
+    return {"seed": seed, "teacher_call_share": round(calls / n, 4),
+            "share_of_teacher": None if share.mean is None else round(share.mean, 4),
+            "share_interval": [None if share.low is None else round(share.low, 4),
+                               None if share.high is None else round(share.high, 4)],
+            "reached": share.mean is not None and share.mean >= target, "folds": folds}
+
+
+def choose_route(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
+                 target: float) -> dict:
+    """route.json's target, scores, curves and choice from per-example scores of the student and the
+    teacher and each rule's confidences in the student's answers (the first rule when none reaches),
+    with the same choice measured on examples it was not made on (held_out_check)."""
+    curves, rule, chosen, reached = _choose(student, teacher, confidences, target)
     student_mean, teacher_mean = float(np.mean(student)), float(np.mean(teacher))
     random_share = ((student_mean + chosen.teacher_call_share * (teacher_mean - student_mean)) / teacher_mean
                     if teacher_mean else None)
     return {"target": target, "student_score": round(student_mean, 4),
             "teacher_score": round(teacher_mean, 4), "rule": rule,
-            "threshold": chosen.threshold, "reached": best[rule] is not None,
+            "threshold": chosen.threshold, "reached": reached,
             "teacher_call_share": chosen.teacher_call_share, "share_of_teacher": chosen.share_of_teacher,
             "share_interval": [chosen.low, chosen.high],
             "random_routing_share_of_teacher": None if random_share is None else round(random_share, 4),
+            **({"held_out_check": held_out_check(student, teacher, confidences, target)} if len(student) >= 4 else {}),
             "curves": {r: [p.__dict__ for p in points] for r, points in curves.items()}}
 
 
@@ -241,10 +287,17 @@ def format_route(result: dict) -> str:
     interval = f" [{low:.1%}, {high:.1%}]" if low is not None else ""
     # no threshold: the student alone reaches the target
     threshold = "none" if result["threshold"] is None else f"{result['threshold']:.4g}"
-    return head + (f"Rule {result['rule']}, threshold {threshold}: {result['teacher_call_share']:.0%} "
+    line = head + (f"Rule {result['rule']}, threshold {threshold}: {result['teacher_call_share']:.0%} "
                    f"of requests to the teacher give {result['share_of_teacher']:.1%}{interval} of its score, "
                    f"{verdict} the target {result['target']:.0%} (random routing at that share of calls: "
                    f"{result['random_routing_share_of_teacher']:.1%})")
+    check = result.get("held_out_check")
+    if check and check["share_of_teacher"] is not None:
+        low, high = check["share_interval"]
+        line += (f". Chosen on one half of the examples and applied to the other (both ways): "
+                 f"{check['teacher_call_share']:.0%} of requests to the teacher give "
+                 f"{check['share_of_teacher']:.1%} [{low:.1%}, {high:.1%}] of its score")
+    return line
 
 
 def read_route(path: Path) -> dict:

@@ -13,6 +13,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_tiny_model
 from test_bundle import _fake_run as fake_bundle_run
@@ -27,7 +28,8 @@ from edgedistill.recipe import RouteConfig, load_recipe
 from edgedistill.report.data import load_run
 from edgedistill.report.html import render_html
 from edgedistill.report.markdown import render_markdown
-from edgedistill.route import LEAST_CONFIDENT, calibrate, choose_route, routing_curve, token_confidence
+from edgedistill.route import (LEAST_CONFIDENT, calibrate, choose_route, held_out_check, routing_curve,
+                               token_confidence)
 from edgedistill.stages import stages_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +191,24 @@ def test_the_chosen_route_is_the_rule_with_the_fewest_teacher_calls():
     assert route["rule"] == "min" and route["threshold"] == -0.6 and route["teacher_call_share"] == 0.25
     assert route["share_of_teacher"] == 1.0 and route["reached"]
     assert route["random_routing_share_of_teacher"] == 0.8125  # 0.75 + 0.25 of the 0.25 the student misses
+
+
+@pytest.mark.unit
+def test_the_held_out_check_applies_each_halfs_threshold_to_the_other_half():
+    # the student misses exactly its least confident answers: a threshold fitted on either half
+    # sends the other half's misses to the teacher, and only a few others
+    student = [0 if i % 5 == 0 else 1 for i in range(40)]
+    teacher = [1] * 40
+    confidences = {"min": [-5.0 - i / 100 if s == 0 else -0.1 - i / 100 for i, s in enumerate(student)]}
+    check = held_out_check(student, teacher, confidences, 0.99)
+    assert check["share_of_teacher"] == 1.0 and check["reached"]
+    assert sum(fold["examples"] for fold in check["folds"]) == 40
+    assert 0.2 <= check["teacher_call_share"] <= 0.3
+    # uninformative confidences fitted on one half do not carry to the other
+    noise = {"min": [float(np.sin(7.0 * i)) for i in range(40)]}
+    fitted = choose_route(student, teacher, noise, 0.99)
+    assert fitted["held_out_check"]["teacher_call_share"] >= 0.5 or not fitted["held_out_check"]["reached"]
+    assert "held_out_check" in _route_json()
 
 
 @pytest.mark.unit
