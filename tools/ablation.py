@@ -181,10 +181,10 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
     rows = []
     for row in report.artifacts:
         share = bootstrap_ratio(_correct(row.answers), teacher_values) if row.correct is not None else None
+        known = share is not None and share.low is not None
         rows.append({"artifact": row.artifact, "task_score": row.task_score,
-                     "share_of_teacher": share and share.mean and round(share.mean, 4),
-                     "share_of_teacher_interval": share and share.low is not None and [round(share.low, 4),
-                                                                                      round(share.high, 4)],
+                     "share_of_teacher": round(share.mean, 4) if known else None,
+                     "share_of_teacher_interval": [round(share.low, 4), round(share.high, 4)] if known else None,
                      "share_of_float_student": row.share_of_reference,
                      "share_of_float_student_interval": row.share_of_reference_interval,
                      "kl_to_float_student": row.kl_to_reference, "top1_to_float_student": row.top1_agreement})
