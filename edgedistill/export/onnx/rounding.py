@@ -136,7 +136,8 @@ def dequantize(quantized: QuantizedWeight, k: int, bits: int, block_size: int) -
     product of it and its block's scale, and an 8-bit lm_head (28 M weights) takes about a second
     where numpy's float64 broadcast took ten."""
     n, blocks = quantized.scales.shape
-    data = torch.from_numpy(np.ascontiguousarray(quantized.data))
+    # np.require copies only what torch cannot wrap: read-only arrays (initializers read from a file)
+    data = torch.from_numpy(np.require(quantized.data, requirements=["C", "W"]))
     if bits == 4:
         levels = torch.stack([data & 15, data >> 4], -1).reshape(n, blocks, block_size)
     else:
@@ -144,9 +145,9 @@ def dequantize(quantized: QuantizedWeight, k: int, bits: int, block_size: int) -
     if quantized.zero_points is None:
         zeros = torch.full((n, blocks), float(2 ** (bits - 1)))
     else:
-        points = torch.from_numpy(np.ascontiguousarray(quantized.zero_points))
+        points = torch.from_numpy(np.require(quantized.zero_points, requirements=["C", "W"]))
         zeros = (torch.stack([points & 15, points >> 4], -1).reshape(n, -1)[:, :blocks] if bits == 4
                  else points.reshape(n, blocks)).to(torch.float32)
-    scales = torch.from_numpy(np.ascontiguousarray(quantized.scales, dtype=np.float32))
+    scales = torch.from_numpy(np.require(quantized.scales, dtype=np.float32, requirements=["C", "W"]))
     values = (levels.to(torch.float32) - zeros[:, :, None]) * scales[:, :, None]
     return values.reshape(n, blocks * block_size)[:, :k].T.numpy()
