@@ -166,8 +166,15 @@ def training_seconds(run: Path) -> float:
     return round(total, 1)
 
 
-def _correct(answers: list[dict]) -> list[float]:
-    return [float(a["predicted"] == a["label"]) if "label" in a else float("nan") for a in answers]
+def paired_share(student_answers: list[dict], teacher_answers: list[dict]):
+    """The student's share of the teacher's score on the label answers both gave (matched by id),
+    with its paired bootstrap interval; None with fewer than two such examples."""
+    def correct(answers):
+        return {a["id"]: float(a["predicted"] == a["label"]) for a in answers if "label" in a}
+
+    mine, theirs = correct(student_answers), correct(teacher_answers)
+    ids = [i for i in theirs if i in mine]
+    return bootstrap_ratio([mine[i] for i in ids], [theirs[i] for i in ids]) if len(ids) >= 2 else None
 
 
 def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: int) -> list[dict]:
@@ -177,10 +184,9 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
     run = student.parent
     files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
     report = evaluate(files, heldout, student, max_new_tokens=max_new_tokens)
-    teacher_values = _correct(teacher["answers"])
     rows = []
     for row in report.artifacts:
-        share = bootstrap_ratio(_correct(row.answers), teacher_values) if row.correct is not None else None
+        share = paired_share(row.answers, teacher["answers"])
         known = share is not None and share.low is not None
         rows.append({"artifact": row.artifact, "task_score": row.task_score,
                      "share_of_teacher": round(share.mean, 4) if known else None,

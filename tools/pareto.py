@@ -32,15 +32,15 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from ablation import _with, block_parameters, link_shared  # noqa: E402
+from ablation import _percent, _with, block_parameters, link_shared, paired_share  # noqa: E402
 
 from edgedistill.bench.latency import bench_many  # noqa: E402
-from edgedistill.evaluate.intervals import bootstrap_ratio  # noqa: E402
 from edgedistill.evaluate.task import load_heldout, task_score, task_scorers  # noqa: E402
 from edgedistill.export.stage import export_gguf_set  # noqa: E402
 from edgedistill.layout import (DISTILL, EVAL, EVAL_JSON, EXPORT, GENERATE, HELDOUT_JSONL, LOGITS,  # noqa: E402
@@ -116,18 +116,10 @@ def load_results(shapes: list[Shape], results: Path) -> list[dict]:
             if (results / f"{s.name}.json").is_file()]
 
 
-def _correct(answers: list[dict]) -> dict:
-    return {a["id"]: float(a["predicted"] == a["label"]) for a in answers if "label" in a}
-
-
 def _share(student_answers: list[dict], teacher_answers: list[dict]) -> list[float] | None:
     """The paired bootstrap interval of the student's share of the teacher's score (label tasks only)."""
-    mine, theirs = _correct(student_answers), _correct(teacher_answers)
-    ids = [i for i in theirs if i in mine]
-    if len(ids) < 2:
-        return None
-    share = bootstrap_ratio([mine[i] for i in ids], [theirs[i] for i in ids])
-    return None if share.low is None else [round(share.low, 4), round(share.high, 4)]
+    share = paired_share(student_answers, teacher_answers)
+    return None if share is None or share.low is None else [round(share.low, 4), round(share.high, 4)]
 
 
 def _manifest_result(folder: Path) -> dict:
@@ -137,12 +129,6 @@ def _manifest_result(folder: Path) -> dict:
 def _seconds(run: Path) -> dict:
     return {name: json.loads((run / name / "manifest.json").read_text())["seconds"]
             for name in (STUDENT, DISTILL, EXPORT) if is_complete(run / name)}
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: dict, rounds: int) -> dict:
@@ -184,10 +170,6 @@ def run_shape(shape: Shape, recipe: Recipe, base: Path, out: Path, reference: di
         "bench": [row.model_dump(exclude_none=True) for row in rows],
         "stage_seconds": _seconds(run),
     }
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def _score(value: float | None) -> str:
