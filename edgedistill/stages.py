@@ -144,12 +144,14 @@ def _reading_as_distill(fn, folder: str):
 
 def _refuse_unsupported(recipe: Recipe) -> None:
     """Combinations of distill.soft_labels_from / distill.on_policy with other sections that do not run yet."""
-    online, on_policy = recipe.distill.soft_labels_from == "online", recipe.distill.on_policy is not None
-    if recipe.teacher.source == "endpoint" and (online or on_policy):
-        field = "distill.on_policy" if on_policy else "distill.soft_labels_from: online"
-        raise EdgedistillError(f"{field} runs the teacher here, and teacher.source is endpoint (no weights here); "
-                               "scoring with the endpoint's top_logprobs is a later step (issue 16)",
-                               f"remove {field.split(':')[0]} to distill from the endpoint's cached soft labels")
+    online = recipe.distill.soft_labels_from == "online"
+    if recipe.teacher.source == "endpoint" and online:
+        # the endpoint's soft labels of its own answers are cached already: asking again each step
+        # would give the same rows at the price of a request per token
+        raise EdgedistillError("distill.soft_labels_from: online runs the teacher here, and teacher.source is endpoint "
+                               "(no weights here)",
+                               "remove distill.soft_labels_from to distill from the endpoint's cached soft labels; "
+                               "distill.on_policy does score the student's own answers through the endpoint")
     if online and recipe.progressive is not None:
         raise EdgedistillError("distill.soft_labels_from: online with a progressive: section: the steps learn from "
                                "cached soft labels only",
@@ -228,8 +230,11 @@ def stages_for(recipe: Recipe) -> list[Stage]:
                           unkeyed_sections=LOADS_TEACHER if online else (), derive=_off_policy, distributed=True)
     on_policy = [Stage(ON_POLICY, _on_policy_stage(bool(quant_aware)), inputs=(DISTILL, TEACHER, GENERATE),
                        sections=("seed", "distill.on_policy", "distill.topk", "distill.max_seq_len",
-                                 "generate.max_new_tokens", "compute", *quant_aware),
-                       unkeyed_sections=("distill.threads", *LOADS_TEACHER))] if recipe.distill.on_policy else []
+                                 "generate.max_new_tokens", "compute", "teacher.source", "generate.endpoint.model",
+                                 *quant_aware),
+                       # an endpoint teacher scores the samples: where it is, how many requests at once
+                       unkeyed_sections=("distill.threads", "generate.endpoint", *LOADS_TEACHER))] \
+        if recipe.distill.on_policy else []
     # the student the rest starts from: the on-policy one when there is one
     base = ON_POLICY if on_policy else DISTILL
     # what the export stages read: that student, and the adapter and merged model of a lora: section

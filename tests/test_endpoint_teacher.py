@@ -288,3 +288,104 @@ def test_a_server_without_logprobs_and_another_tokenizer_are_refused_before_trai
     finally:
         process.kill()
         process.wait()
+
+
+# --- on-policy: the server scores the student's own tokens ----------------------------------------
+
+@pytest.mark.integration
+def test_the_server_scores_sampled_answers_as_the_local_teacher_does(served, server):
+    """EndpointScorer's rows at sampled answer positions against teacher_topk of the same model in
+    PyTorch: the same top-k where the server reads the same ids (the decoded prefix re-tokenizes to
+    them, which a random model's samples do not always)."""
+    from edgedistill.distill.endpoint_scorer import EndpointScorer
+    from edgedistill.distill.on_policy import sample_answers
+    from edgedistill.distill.train import collate, teacher_topk
+
+    model_dir, _, _ = served
+    url, _ = server
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True) for p in PROMPTS]
+    torch.manual_seed(0)
+    answers = sample_answers(model, prompts, max_new_tokens=6, temperature=0.7, pad_id=tokenizer.eos_token_id,
+                             stop_ids=[tokenizer.eos_token_id])
+    examples = [(torch.tensor(p + a, dtype=torch.int32), len(p), torch.zeros((0, 0)), torch.zeros((0, 0)))
+                for p, (a, _) in zip(prompts, answers)]
+    batch = collate(examples, tokenizer.eos_token_id, "answer")
+    scorer = EndpointScorer(EndpointConfig(url=url, retries=0), tokenizer, 32)
+    ids, logprobs = scorer(batch)
+    local_ids, local_logprobs = teacher_topk(model, batch, ENDPOINT_TOPK)
+    assert ids.shape == local_ids.shape == (int(batch["row_mask"].sum()), ENDPOINT_TOPK)
+    assert ids.dtype == torch.int32 and logprobs.dtype == torch.float32
+    # which rows the server reads as the student's ids: the decoded prefix encodes back to them
+    same_ids = []
+    for row in range(len(examples)):
+        sequence = batch["input_ids"][row].tolist()
+        for position in torch.nonzero(batch["row_mask"][row]).flatten().tolist():
+            prefix = sequence[:position + 1]
+            text = tokenizer.decode(prefix, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            same_ids.append(tokenizer.encode(text, add_special_tokens=False) == prefix)
+    checked = top1 = 0
+    overlap, worst = 0.0, 0.0
+    for row in (r for r, same in enumerate(same_ids) if same):
+        theirs = {int(i): float(lp) for i, lp in zip(ids[row], logprobs[row]) if lp > -1e3}
+        mine = dict(zip(local_ids[row].tolist(), local_logprobs[row].tolist()))
+        checked += 1
+        top1 += max(theirs, key=theirs.get) == local_ids[row, 0].item()
+        overlap += len(set(theirs) & set(mine)) / ENDPOINT_TOPK
+        worst = max(worst, max(abs(lp - mine[i]) for i, lp in theirs.items() if i in mine))
+    print(f"\n{len(same_ids)} rows, {checked} read as the same ids: top-1 {top1 / checked:.3f}, "
+          f"overlap {overlap / checked:.3f}, largest log-prob difference {worst:.4f}; {scorer.stats()}")
+    assert checked >= 10 and top1 / checked >= 0.85 and overlap / checked >= 0.85 and worst < 0.1
+    assert scorer.stats()["positions_scored"] == len(same_ids)
+
+
+@pytest.mark.slow
+def test_a_run_distills_on_policy_from_the_server_with_no_teacher_weights(served, server, tmp_path):
+    """The endpoint recipe with distill.on_policy, to its on_policy stage (about 3 minutes on 2 busy
+    cores, most of it the random teacher's answers and one request per scored position)."""
+    _, tokenizer_only, _ = served
+    url, _ = server
+    recipe = endpoint_recipe(tmp_path / "r", url, tokenizer_only)
+    text = recipe.read_text()
+    recipe.write_text(text.replace("warmup_steps: 1}", "warmup_steps: 1, on_policy: {fraction: 1.0, "
+                                   "max_new_tokens: 4, batch_size: 4}}"))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--to", "on_policy"]) == 0
+    assert not list((out / "teacher").glob("*.safetensors"))
+    result = json.loads((out / "on_policy" / "manifest.json").read_text())["result"]
+    assert result["teacher"]["endpoint"] == f"{url}/completions"
+    assert result["teacher"]["endpoint_tokenizer"] == "same ids"
+    assert result["teacher"]["topk"] == 8  # the recipe's distill.topk, under the API's 20
+    samples = result["samples"]
+    assert samples["samples"] == result["prompts"] and samples["sampled_tokens"] > 0
+    # every sampled position and the eos row after it, no more
+    assert result["teacher"]["positions_scored"] >= samples["sampled_tokens"]
+    assert result["teacher"]["alternatives_unmapped"] <= 0.2 * result["teacher"]["alternatives"]
+
+
+@pytest.mark.integration
+def test_a_server_that_cannot_score_the_students_tokens_is_named(served, tmp_path):
+    from edgedistill.distill.endpoint_scorer import EndpointScorer
+    from edgedistill.distill.train import collate
+
+    model_dir, _, gguf = served
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                                        tokenize=True)
+    batch = collate([(torch.tensor(ids + [tokenizer.eos_token_id], dtype=torch.int32), len(ids),
+                      torch.zeros((0, 0)), torch.zeros((0, 0)))], tokenizer.eos_token_id, "answer")
+    port = free_port()
+    process = start_llama_server(port, gguf, "--logits_all", "false")
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with pytest.raises(EdgedistillError, match="refused to score") as info:
+            EndpointScorer(EndpointConfig(url=url, retries=0), tokenizer, 8)(batch)
+        assert "--logits_all true" in info.value.hint and "/v1/completions" in info.value.hint
+    finally:
+        process.kill()
+        process.wait()
+    # the server gone: named, with what is kept
+    with pytest.raises(EdgedistillError, match="kept failing") as info:
+        EndpointScorer(EndpointConfig(url=url, retries=0), tokenizer, 8)(batch)
+    assert "checkpoint" in info.value.hint

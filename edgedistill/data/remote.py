@@ -26,6 +26,8 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import EndpointConfig
@@ -260,8 +262,15 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
                "temperature": temperature, "seed": request.seed, "stream": False}
     if top_logprobs:
         payload.update(logprobs=True, top_logprobs=top_logprobs)
-    post = urllib.request.Request(chat_url(endpoint), data=json.dumps(payload).encode(),
-                                  headers=_headers(endpoint), method="POST")
+    body = _post(endpoint, chat_url(endpoint), payload, no_logprobs_hint=NO_LOGPROBS if top_logprobs else None)
+    return parse_completion(body, top_logprobs=top_logprobs)
+
+
+def _post(endpoint: EndpointConfig, url: str, payload: dict, *, no_logprobs_hint: str | None) -> bytes:
+    """The response body of one POST of `payload` to `url`, within endpoint.timeout_s; each failure
+    raised as the EndpointError subclass that says what may be done about it (`no_logprobs_hint`:
+    the fix when the payload asks for log-probs and the server cannot give them)."""
+    post = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=_headers(endpoint), method="POST")
     with _Deadline(endpoint.timeout_s) as deadline:
         opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline),
                                              _NoRedirect())
@@ -272,10 +281,10 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
         except urllib.error.HTTPError as exc:
             error_body = exc.read()
             detail = f"HTTP {exc.code}: {error_body[:200]!r}"
-            if top_logprobs and exc.code < 600 and b"logprob" in error_body.lower():
+            if no_logprobs_hint and exc.code < 600 and b"logprob" in error_body.lower():
                 # the server cannot give log-probs (llama-cpp-python without logits_all answers 500):
                 # no retry brings them
-                raise EndpointRefused(detail, NO_LOGPROBS) from None
+                raise EndpointRefused(detail, no_logprobs_hint) from None
             if exc.code in SKIP_STATUSES:
                 raise BadResponse(detail, REFUSED_REQUEST) from None
             if 300 <= exc.code < 400:
@@ -294,20 +303,63 @@ def request_once(endpoint: EndpointConfig, request: Request, *, max_new_tokens: 
             raise EndpointDown(f"{type(exc).__name__}: {reason}", SERVER_DOWN) from None
     if deadline.expired:  # a body without Content-Length reads as ended when its socket is shut
         raise _timed_out(endpoint)
-    return parse_completion(body, top_logprobs=top_logprobs)
+    return body
 
 
-def _with_retries(endpoint: EndpointConfig, request: Request, stop: threading.Event,
-                  **kwargs) -> Completion | BadResponse | None:
-    """The answer; the last BadResponse when the example is skipped; None when stopped.
+def completions_url(endpoint: EndpointConfig) -> str:
+    """The endpoint's text-completions route (/v1/completions) beside its chat route."""
+    base = endpoint.url.rstrip("/")
+    return (base[: -len("/chat/completions")] if base.endswith("/chat/completions") else base) + "/completions"
 
-    Raises EndpointDown when the server stays down.
-    """
+
+NO_NEXT_TOKEN_LOGPROBS = (
+    "on-policy distillation from an endpoint scores the student's tokens through the text-completions API "
+    "(/v1/completions with logprobs: k, which vLLM, llama.cpp's server and llama-cpp-python's server with "
+    "--logits_all true give); or remove distill.on_policy and distill from the endpoint's cached soft labels")
+
+
+def next_token_top(endpoint: EndpointConfig, prompt: str, k: int) -> list[dict]:
+    """The served model's `k` most likely next tokens after the raw text `prompt` (special-token
+    text included, no chat template applied) as [{"token", "logprob", "bytes"?, "id"?}], asked
+    through /v1/completions for one greedy token with `logprobs: k`."""
+    payload = {"model": endpoint.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": k,
+               "stream": False}
+    return parse_next_token_top(_post(endpoint, completions_url(endpoint), payload,
+                                      no_logprobs_hint=NO_NEXT_TOKEN_LOGPROBS))
+
+
+def parse_next_token_top(body: bytes) -> list[dict]:
+    """The first generated token's alternatives in a text-completions body: the legacy OpenAI form
+    (logprobs.top_logprobs: [{text: logprob}], vLLM and llama-cpp-python) or the chat form
+    (logprobs.content[0].top_logprobs, as llama.cpp's server may answer)."""
+    try:
+        choice = json.loads(body)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BadResponse(f"no choices[0] in {body[:200]!r}", NOT_A_CHAT_ENDPOINT) from None
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+        return parse_logprobs(choice)[0]["top"] if logprobs["content"] else []
+    tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(tops, list) or not tops or not isinstance(tops[0], dict) or not tops[0]:
+        raise EndpointRefused(f"the completion has no logprobs.top_logprobs (got {logprobs!r:.120})",
+                              NO_NEXT_TOKEN_LOGPROBS)
+    if not all(isinstance(lp, (int, float)) for lp in tops[0].values()):
+        raise BadResponse(f"a top_logprobs entry without a numeric log-prob: {tops[0]!r:.120}", NOT_A_CHAT_ENDPOINT)
+    return [{"token": str(token), "logprob": float(lp)} for token, lp in tops[0].items()]
+
+
+T = TypeVar("T")
+
+
+def with_retries(endpoint: EndpointConfig, send: Callable[[], T], stop: threading.Event) -> T | BadResponse | None:
+    """What `send()` returns; the last BadResponse when that request is given up on; None when
+    stopped. Retries EndpointDown and BadResponse with backoff; raises EndpointDown when the server
+    stays down, and EndpointRefused at once."""
     for attempt in range(endpoint.retries + 1):
         if stop.is_set():
             return None
         try:
-            return request_once(endpoint, request, **kwargs)
+            return send()
         except (EndpointDown, BadResponse) as exc:
             last = exc
         if attempt < endpoint.retries:
@@ -334,8 +386,8 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
 
     def work(request: Request) -> None:
         try:
-            result = _with_retries(endpoint, request, stop, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_logprobs=top_logprobs)
+            result = with_retries(endpoint, partial(request_once, endpoint, request, max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, top_logprobs=top_logprobs), stop)
         except BaseException:
             stop.set()  # no new requests to a server that is down; in-flight ones still land
             raise

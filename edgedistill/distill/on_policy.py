@@ -9,9 +9,11 @@ samples an answer to each of the batch's prompts and the targets are the teacher
 sampled position; the other batches keep the teacher's own answers (generate/train.jsonl), scored
 the same way. The loss is distill.on_policy.divergence (reverse KL by default, mode-seeking, as in
 MiniLLM and on-policy distillation) on the k+1 buckets of edgedistill.distill.losses at T=1, on the
-answer positions only; the teacher's top-k is edgedistill.distill.train.teacher_topk, the one
+answer positions only. The teacher's top-k is edgedistill.distill.train.teacher_topk, the one
 distill.soft_labels_from: online uses, computed by the local teacher (one copy in memory beside the
-student). An endpoint teacher's top_logprobs for the samples is a later step (issue 16).
+student); where teacher.source is endpoint, the served teacher scores every position instead
+(edgedistill.distill.endpoint_scorer: one text completion per position, its top_logprobs, at most
+20 of them), and no teacher weights are read here.
 
 Sampling is batched: one HF `generate` per batch, prompts padded on the left, KV cache on,
 do_sample at on_policy.temperature with top-k and top-p off (the student's whole distribution).
@@ -36,14 +38,19 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
+from edgedistill.data.endpoint_labels import check_endpoint_tokenizer
 from edgedistill.data.logits import SoftLabelSet, tokenize_train_set, tokenizer_identity
+from edgedistill.data.remote import completions_url
+from edgedistill.distill.endpoint_scorer import EndpointScorer
 from edgedistill.distill.losses import distill_loss
 from edgedistill.distill.quant_aware import QuantAware, generate_rounded
 from edgedistill.distill.train import (OnlineTeacher, collate, finish, load_checkpoint, save_checkpoint,
@@ -151,11 +158,13 @@ def _on_policy_examples(student, examples: list, *, max_new_tokens: int, max_seq
             for prompt, (answer, _) in zip(prompts, answers)]
 
 
-def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, out: Path, *, seed: int, topk: int,
-                    max_new_tokens: int, max_seq_len: int, pad_id: int, stop_ids: list[int],
-                    quant_aware: QuantAware | None = None) -> dict:
-    """Trains `student` on `data`'s prompts as the module docstring says; checkpoints to `out` after
-    each epoch and resumes from there. Returns the per-epoch losses and the sampling counts."""
+def train_on_policy(student, score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], data: SoftLabelSet,
+                    cfg: OnPolicyConfig, out: Path, *, seed: int, max_new_tokens: int, max_seq_len: int, pad_id: int,
+                    stop_ids: list[int], quant_aware: QuantAware | None = None) -> dict:
+    """Trains `student` on `data`'s prompts as the module docstring says, the teacher's top-k at a
+    batch's answer rows being `score(batch)` (teacher_topk of a local teacher, or an EndpointScorer);
+    checkpoints to `out` after each epoch and resumes from there. Returns the per-epoch losses and
+    the sampling counts."""
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=0.0)
     state = load_checkpoint(out, "on_policy", student, optimizer)
@@ -184,7 +193,7 @@ def train_on_policy(student, teacher, data: SoftLabelSet, cfg: OnPolicyConfig, o
                                                generate=partial(generate_rounded, quant_aware, student, grid)
                                                if grid is not None else None)
             batch = {key: t.to(device) for key, t in collate(examples, pad_id, "answer").items()}
-            batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
+            batch["topk_ids"], batch["topk_logprobs"] = score(batch)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             logits = (quant_aware.forward(student, grid, **inputs) if grid is not None else student(**inputs)).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
@@ -221,16 +230,23 @@ def on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, 
     if recipe.distill.threads:
         torch.set_num_threads(recipe.distill.threads)
     compute = resolve_compute(recipe.compute, teacher)
-    teacher_model = OnlineTeacher(teacher, compute, recipe.distill.topk, recipe.teacher.trust_remote_code).load()
+    tokenizer = load_tokenizer(teacher)
+    endpoint = recipe.generate.endpoint if recipe.teacher.source == "endpoint" else None
+    if endpoint is None:
+        teacher_model = OnlineTeacher(teacher, compute, recipe.distill.topk, recipe.teacher.trust_remote_code).load()
+        score = partial(teacher_topk, teacher_model, k=recipe.distill.topk)
+        teacher_rows = teacher_model.get_output_embeddings().weight.shape[0]
+    else:
+        endpoint_tokenizer = check_endpoint_tokenizer(endpoint, teacher)
+        score = EndpointScorer(endpoint, tokenizer, recipe.distill.topk)
+        teacher_rows = AutoConfig.from_pretrained(teacher).vocab_size
     student = load_model(distill).to(compute.device)
-    rows = {name: model.get_output_embeddings().weight.shape[0] for name, model in
-            (("student", student), ("teacher", teacher_model))}
+    rows = {"student": student.get_output_embeddings().weight.shape[0], "teacher": teacher_rows}
     if rows["student"] != rows["teacher"]:
         raise EdgedistillError(f"distill.on_policy: the student's output layer has {rows['student']} rows, the "
                                f"teacher's {rows['teacher']}: the student could sample ids the teacher has no row for",
                                "use a student with the teacher's vocabulary (a pruned one has it), or remove "
                                "distill.on_policy")
-    tokenizer = load_tokenizer(teacher)
     examples, skipped = tokenize_train_set(tokenizer, generate / TRAIN_JSONL, recipe.distill.max_seq_len)
     if not examples:
         raise EdgedistillError("distill.on_policy: there are no training prompts (all too long, or none generated)",
@@ -238,11 +254,12 @@ def on_policy_stage(recipe: Recipe, out: Path, *, distill: Path, teacher: Path, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = [i for i in dict.fromkeys([tokenizer.eos_token_id, *declared_stop_tokens(distill)]) if i is not None]
     torch.manual_seed(recipe.seed)
-    result = train_on_policy(student, teacher_model, SoftLabelSet.responses_only(examples), cfg, out, seed=recipe.seed,
-                             topk=recipe.distill.topk, max_new_tokens=max_new_tokens,
-                             max_seq_len=recipe.distill.max_seq_len, pad_id=pad_id, stop_ids=stop_ids,
-                             quant_aware=quant_aware)
+    result = train_on_policy(student, score, SoftLabelSet.responses_only(examples), cfg, out, seed=recipe.seed,
+                             max_new_tokens=max_new_tokens, max_seq_len=recipe.distill.max_seq_len, pad_id=pad_id,
+                             stop_ids=stop_ids, quant_aware=quant_aware)
     student.save_pretrained(out, safe_serialization=True)
     finish(out, distill)
     return {**result, "prompts": len(examples), "skipped_too_long": skipped, "max_new_tokens": max_new_tokens,
-            "teacher_compute": compute.as_dict()}
+            "teacher": ({"compute": compute.as_dict()} if endpoint is None else
+                        {"endpoint": completions_url(endpoint), "endpoint_tokenizer": endpoint_tokenizer,
+                         **score.stats()})}
