@@ -4,7 +4,8 @@ from a real llama.cpp server on loopback (llama-cpp-python's `python -m llama_cp
 The served model is a tiny random llama with SmolLM2's tokenizer, exported to an F16 GGUF; the
 machine that trains holds only its tokenizer and config. Checked: the server's top-20 against the
 same model's local top-20 (PyTorch, fp32), a whole run to eval with no teacher weights, a server
-killed mid-way, a server without log-probs, and a tokenizer that is not the served one.
+killed mid-way, a server without log-probs, and a tokenizer that is not the served one; and for
+on-policy distillation, the server's scores of a student's sampled answers against the local ones.
 
     .venv/bin/python -m pytest -q tests/test_endpoint_teacher.py
 """
