@@ -102,6 +102,29 @@ def test_a_local_teacher_plans_and_the_student_answers_following_it(student, ggu
 
 
 @pytest.mark.integration
+def test_a_plan_that_does_not_fit_the_students_context_is_left_out(student, ggufs):  # noqa: F811
+    """A request that fits the student alone, and not with the plan beside it, is answered as it came
+    (a short plan prompt, so that the teacher's request fits its own context of the same size)."""
+    planner = Planner(PROMPT, PLAN_TOKENS)
+    context = student.context_length
+    words = 1
+    while len(student.prompt_ids([{"role": "user", "content": "ka " * (words + 1)}])) + MAX_TOKENS <= context:
+        words += 1
+    long = [{"role": "user", "content": "ka " * words}]  # the longest that fits with MAX_TOKENS
+    assert len(student.prompt_ids(student_messages(long, "plan " * PLAN_TOKENS, planner.prompt))) + MAX_TOKENS > context
+    teacher = LocalTeacher(ModelQueue(open_runtime(ggufs["teacher"], threads=1), name="teacher", max_waiting=4,
+                                      max_tokens=LIMIT), "tiny")
+    with running(create_app(student, name="tiny", teacher=teacher, router=PlanRouter(planner))) as url:
+        raw = client(url).chat.completions.with_raw_response.create(model="tiny", messages=long,
+                                                                    max_tokens=MAX_TOKENS)
+        assert (raw.headers["x-edgedistill-answered-by"], raw.headers["x-edgedistill-degraded"]) == ("student", "true")
+        field = raw.parse().x_edgedistill
+        assert field["degraded_reason"].startswith("the teacher's plan did not fit the student's context")
+        assert raw.parse().choices[0].message.content == _greedy(student, long, MAX_TOKENS)[0]
+        assert health(url)["degraded_answers"] == 1
+
+
+@pytest.mark.integration
 def test_an_endpoint_teacher_plans_and_when_it_dies_the_student_answers_alone(student, ggufs):  # noqa: F811
     planner = Planner(PLAN_PROMPTS["keywords"], PLAN_TOKENS)
     alone = _greedy(student, HELLO, MAX_TOKENS)[0]
@@ -116,8 +139,8 @@ def test_an_endpoint_teacher_plans_and_when_it_dies_the_student_answers_alone(st
             first = api.chat.completions.create(model="tiny", messages=HELLO, max_tokens=MAX_TOKENS)
             field = first.x_edgedistill
             assert (field["answered_by"], field["degraded"]) == (PLANNED, False) and field["plan"]
-            # the endpoint does not say how long its plan was: counted in the student's (shared) tokens
-            assert field["teacher_tokens"] == len(student.encode(field["plan"], add_special=False)) > 0
+            # the plan's length as the endpoint's usage counts it
+            assert field["teacher_tokens"] == PLAN_TOKENS
             assert first.choices[0].message.content == _greedy(
                 student, student_messages(HELLO, field["plan"], planner.prompt), MAX_TOKENS)[0]
 

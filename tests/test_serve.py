@@ -456,6 +456,8 @@ def test_a_killed_teacher_endpoint_loses_no_request(student, expected, ggufs):
             first = api.chat.completions.create(model="teacher", messages=HELLO, max_tokens=MAX_TOKENS)
             assert first.x_edgedistill == {"answered_by": "teacher", "degraded": False}
             assert first.choices[0].message.content != expected[0]
+            # the endpoint's own token counts, passed on
+            assert first.usage.completion_tokens >= 1 and first.usage.prompt_tokens >= 1
             assert health(url)["teacher"]["reachable"] is True
 
             # four clients ask the teacher five times each; it is killed after its third answer

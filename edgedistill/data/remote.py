@@ -178,11 +178,14 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
 @dataclass(frozen=True)
 class Completion:
     """One chat completion: the answer, whether it ended by itself (False for finish_reason "length"),
-    and, when top_logprobs were asked for, its tokens as the server reports them (see parse_logprobs)."""
+    when top_logprobs were asked for its tokens as the server reports them (see parse_logprobs), and
+    the token counts of the server's `usage` where it gives them."""
 
     text: str
     finished: bool
     tokens: list[dict] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 NO_LOGPROBS = ("soft labels from an endpoint need the OpenAI API's logprobs/top_logprobs (vLLM has them; "
@@ -206,7 +209,10 @@ def parse_completion(body: bytes, *, top_logprobs: int = 0) -> Completion:
         raise BadResponse(f"choices[0].message.content is {type(content).__name__}, not text: {body[:200]!r}",
                           NOT_A_CHAT_ENDPOINT)
     tokens = parse_logprobs(choice) if top_logprobs else None
-    return Completion((content or "").strip(), choice.get("finish_reason") != "length", tokens)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    counts = [usage.get(name) if isinstance(usage.get(name), int) else None
+              for name in ("prompt_tokens", "completion_tokens")]
+    return Completion((content or "").strip(), choice.get("finish_reason") != "length", tokens, *counts)
 
 
 def parse_logprobs(choice: dict) -> list[dict]:

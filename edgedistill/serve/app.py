@@ -16,14 +16,15 @@ teacher that the teacher cannot answer is answered by the student, marked degrad
 With a PlanRouter (`--plan`, serve.plan) a request for the served name is planned: the teacher's
 plan comes whole first (at most plan_max_tokens, within the teacher's share of the timeout), then
 the student's answer following it is sent, whole or streamed, as any student answer is; when the
-teacher cannot plan, the student answers the request as it came, marked degraded.
+teacher cannot plan, or the plan beside the request does not fit the student's context, the
+student answers the request as it came, marked degraded.
 
 Every answer says who gave it: `x_edgedistill: {"answered_by", "degraded"}` in the body (every
 chunk of a stream too) and the X-Edgedistill-Answered-By / X-Edgedistill-Degraded headers; /health
 counts answers by who gave them. A planned answer is "student+teacher-plan", and its field adds
-`plan` and `teacher_tokens`: the plan's length as the teacher counted it (a local teacher), or in
-the student's tokens when an endpoint does not say (a distilled student shares the teacher's
-tokenizer); /health adds them up in `teacher_plan_tokens`.
+`plan` and `teacher_tokens`: the plan's length as the teacher counted it (a local teacher, or an
+endpoint's `usage`), or in the student's tokens when an endpoint does not say (a distilled student
+shares the teacher's tokenizer); /health adds them up in `teacher_plan_tokens`.
 """
 
 from __future__ import annotations
@@ -221,9 +222,18 @@ def create_app(student: Runtime, *, name: str, settings: ServeSettings = ServeSe
             return await by_student(chat, chat.messages, Answerer(STUDENT, degraded=True, reason=found), deadline,
                                     gone)
         text, teacher_tokens = found
-        _, generation, first = await by_student(
-            chat, student_messages(chat.messages, text, router.planner.prompt), Answerer(PLANNED), deadline, gone,
-            count=text if teacher_tokens is None else None)
+        try:
+            _, generation, first = await by_student(
+                chat, student_messages(chat.messages, text, router.planner.prompt), Answerer(PLANNED), deadline,
+                gone, count=text if teacher_tokens is None else None)
+        except ApiError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            # the request fits the student, the plan beside it does not: the student answers as asked
+            counts["degraded"] += 1
+            reason = f"the teacher's plan did not fit the student's context: {exc.message}"
+            return await by_student(chat, chat.messages, Answerer(STUDENT, degraded=True, reason=reason), deadline,
+                                    gone)
         teacher_tokens = generation.counted_tokens if teacher_tokens is None else teacher_tokens
         counts["teacher_plan_tokens"] += teacher_tokens
         return Answerer(PLANNED, teacher_tokens=teacher_tokens, plan=text), generation, first

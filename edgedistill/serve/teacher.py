@@ -131,10 +131,12 @@ class EndpointTeacher:
         self._mark(True, None)
         assembler = TextAssembler(generation.stop)
         text = assembler.feed(completion.text) + assembler.finish()
-        generation.emit(STARTED, None)
+        generation.emit(STARTED, completion.prompt_tokens)
         if text:
             generation.emit(TEXT, text)
-        generation.emit(DONE, "stop" if completion.finished or assembler.stopped else "length", None)
+        # the server's count: the answer may have been cut at a stop string after it was counted
+        generation.emit(DONE, "stop" if completion.finished or assembler.stopped else "length",
+                        completion.completion_tokens)
 
     def status(self) -> dict:
         with self._lock:
