@@ -222,8 +222,10 @@ def test_a_run_with_no_teacher_weights_learns_the_servers_soft_labels(served, se
     assert {row["artifact"] for row in report["artifacts"]} >= {"student-q8_0.gguf", "student-f16.gguf"}
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_server_killed_mid_way_loses_no_answer_and_no_soft_label(served, tmp_path):
+    """(about 35 s: in the slow tier to keep the fast suite within 10 minutes; a killed server's
+    answers are kept in the fast suite by test_generate's dead-server test)"""
     from edgedistill.data.generate import generate
     from edgedistill.recipe import load_recipe
     from edgedistill.stages import teacher_stage

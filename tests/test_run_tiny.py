@@ -167,7 +167,7 @@ def test_bad_input_fails_at_once_and_keeps_finished_stages(tiny_run, tmp_path, c
 
 
 def test_killed_during_distill_resumes_and_finishes(tiny_run, tmp_path):
-    recipe = copy_recipe(tmp_path / "recipe", **{"epochs: 2": "epochs: 4"})
+    recipe = copy_recipe(tmp_path / "recipe")  # 2 epochs: killed after the first, resumed for the second
     out = tmp_path / "run"
     out.mkdir()
     # The stages before distill are the same as the tiny run's (same recipe sections and inputs).
@@ -191,7 +191,7 @@ def test_killed_during_distill_resumes_and_finishes(tiny_run, tmp_path):
     for stage in ("teacher", "generate", "logits", "student"):
         assert "[%s] up to date" % stage in done.stdout
     history = json.loads((out / "distill" / "manifest.json").read_text())["result"]["epochs"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in history] == [1, 2]
     assert is_complete(out / "distill") and not (out / "export").exists()
 
 
