@@ -355,6 +355,7 @@ def parse_next_token_top(body: bytes) -> list[dict]:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def with_retries(endpoint: EndpointConfig, send: Callable[[], T], stop: threading.Event) -> T | BadResponse | None:
@@ -375,6 +376,45 @@ def with_retries(endpoint: EndpointConfig, send: Callable[[], T], stop: threadin
     raise last
 
 
+def in_pool(endpoint: EndpointConfig, items: list, work: Callable[[object, threading.Event], R], *, url: str,
+            refused: str, down_hint: str | None = None, name: str = "teacher-endpoint") -> list[R]:
+    """`work(item, stop)` for each item with at most endpoint.concurrency in flight; the results in order.
+
+    The first error sets `stop` (work checks it between requests: with_retries returns None) and
+    cancels what has not started; in-flight requests still land. Then an EndpointRefused raises
+    EdgedistillError "the teacher endpoint URL <refused>: ...", an EndpointDown one naming the
+    retries (hint: `down_hint`, or the error's), and any other error is raised as it is.
+    """
+    stop = threading.Event()
+
+    def guarded(item):
+        try:
+            return work(item, stop)
+        except BaseException:
+            stop.set()  # no new requests to a server that is down
+            raise
+
+    with ThreadPoolExecutor(max_workers=endpoint.concurrency, thread_name_prefix=name) as pool:
+        futures = [pool.submit(guarded, item) for item in items]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if stop.is_set():
+            for future in futures:
+                future.cancel()
+        wait(futures)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+    for error in errors:
+        if isinstance(error, EndpointRefused):
+            raise EdgedistillError(f"the teacher endpoint {url} {refused}: {error}", error.hint)
+    for error in errors:
+        if isinstance(error, EndpointDown):
+            raise EdgedistillError(
+                f"the teacher endpoint {url} kept failing after {endpoint.retries} retries; last error: {error}",
+                down_hint or error.hint)
+    if errors:
+        raise errors[0]
+    return [future.result() for future in futures]
+
+
 def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_tokens: int, temperature: float,
                   on_answer: Callable[[Request, Completion], None],
                   on_skip: Callable[[Request, BadResponse], None], top_logprobs: int = 0) -> None:
@@ -387,39 +427,15 @@ def answer_remote(endpoint: EndpointConfig, requests: list[Request], *, max_new_
     Raises EdgedistillError naming the URL and the last error when the endpoint stays down; the
     answers handed out before that are the caller's to keep.
     """
-    stop = threading.Event()
-    url = chat_url(endpoint)
-
-    def work(request: Request) -> None:
-        try:
-            result = with_retries(endpoint, partial(request_once, endpoint, request, max_new_tokens=max_new_tokens,
-                                                    temperature=temperature, top_logprobs=top_logprobs), stop)
-        except BaseException:
-            stop.set()  # no new requests to a server that is down; in-flight ones still land
-            raise
+    def work(request: Request, stop: threading.Event) -> None:
+        result = with_retries(endpoint, partial(request_once, endpoint, request, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_logprobs=top_logprobs), stop)
         if isinstance(result, Completion):
             on_answer(request, result)
         elif result is not None and not stop.is_set():
             on_skip(request, result)
 
-    with ThreadPoolExecutor(max_workers=endpoint.concurrency, thread_name_prefix="teacher-endpoint") as pool:
-        futures = [pool.submit(work, request) for request in requests]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        if stop.is_set():
-            for future in futures:
-                future.cancel()
-        wait(futures)
-    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
-    for error in errors:
-        if isinstance(error, EndpointRefused):
-            raise EdgedistillError(f"the teacher endpoint {url} refused the request: {error}", error.hint)
-    for error in errors:
-        if isinstance(error, EndpointDown):
-            raise EdgedistillError(
-                f"the teacher endpoint {url} kept failing after {endpoint.retries} retries; last error: {error}",
-                error.hint)
-    if errors:
-        raise errors[0]
+    in_pool(endpoint, requests, work, url=chat_url(endpoint), refused="refused the request")
 
 
 def describe_skips(skips: list[BadResponse]) -> tuple[str, str]:

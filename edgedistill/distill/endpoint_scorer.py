@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from functools import partial
 
 import torch
 
 from edgedistill.data.endpoint_labels import ENDPOINT_TOPK, TokenTable, _row
-from edgedistill.data.remote import (BadResponse, EndpointDown, EndpointRefused, completions_url, next_token_top,
-                                     with_retries)
+from edgedistill.data.remote import BadResponse, completions_url, in_pool, next_token_top, with_retries
 from edgedistill.errors import EdgedistillError
 from edgedistill.recipe import EndpointConfig
 
@@ -55,8 +53,9 @@ class EndpointScorer:
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
-    def _answer_rows(self, ids: list[int], positions: list[int], stop: threading.Event) -> list:
-        """The rows of one sequence: the server's next-token top-k after ids[:p + 1] for each p."""
+    def _answer_rows(self, sequence: tuple[list[int], list[int]], stop: threading.Event) -> list:
+        """The rows of one sequence (ids, positions): the server's next-token top-k after ids[:p + 1] for each p."""
+        ids, positions = sequence
         rows = []
         for position in positions:
             prefix = self.tokenizer.decode(ids[:position + 1], skip_special_tokens=False,
@@ -80,24 +79,9 @@ class EndpointScorer:
         mask = batch["row_mask"].cpu()
         sequences = [(batch["input_ids"][row].tolist(), torch.nonzero(mask[row]).flatten().tolist())
                      for row in range(mask.shape[0])]
-        stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=self.endpoint.concurrency, thread_name_prefix="teacher-score") as pool:
-            futures = [pool.submit(self._answer_rows, ids, positions, stop) for ids, positions in sequences]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.done() and f.exception() is not None for f in futures):
-                stop.set()  # no new requests once one answer failed
-            wait(futures)
-        for future in futures:
-            error = future.exception()
-            if isinstance(error, EndpointRefused):
-                raise EdgedistillError(f"the teacher endpoint {completions_url(self.endpoint)} refused to score the "
-                                       f"student's tokens: {error}", error.hint)
-            if isinstance(error, EndpointDown):
-                raise EdgedistillError(f"the teacher endpoint {completions_url(self.endpoint)} kept failing after "
-                                       f"{self.endpoint.retries} retries; last error: {error}", KEPT)
-            if error is not None:
-                raise error
-        rows = [row for future in futures for row in future.result()]
+        per_sequence = in_pool(self.endpoint, sequences, self._answer_rows, url=completions_url(self.endpoint),
+                               refused="refused to score the student's tokens", down_hint=KEPT, name="teacher-score")
+        rows = [row for found in per_sequence for row in found]
         device = batch["input_ids"].device
         return (torch.tensor([ids for ids, _ in rows], dtype=torch.int32, device=device),
                 torch.tensor([logprobs for _, logprobs in rows], dtype=torch.float32, device=device))
