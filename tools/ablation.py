@@ -16,7 +16,8 @@ from there instead of recomputed):
   on_policy_L_D  kd, then on-policy distillation (distill.on_policy) on a fraction L of the batches
                (0.5 or 1.0) with divergence D (fkl: forward KL, rkl: reverse KL)
   quant_aware  kd with the exported grids fake-quantized in the last epoch (distill.quant_aware)
-  quant_aware_2  the same in the last two epochs (each grid then has as many steps as one epoch)
+  quant_aware_N  the same in the last N epochs, N from 2 to distill.epochs (with two grids taking
+               turns, each grid has N/2 epochs' worth of steps)
   on_policy_qa on_policy_0.5_rkl with quant_aware
 
 Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32); the
@@ -109,8 +110,10 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
            for short, divergence, long in (("fkl", "forward_kl", "forward KL"), ("rkl", "reverse_kl", "reverse KL"))},
         **_if_valid("quant_aware", "kd, the exported grids fake-quantized in the last epoch",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE})),
-        **_if_valid("quant_aware_2", "kd, the exported grids fake-quantized in the last two epochs",
-                    lambda: _with(recipe, distill={"quant_aware": {**QUANT_AWARE, "epochs": 2}})),
+        **{name: variant for epochs in range(2, recipe.distill.epochs + 1)
+           for name, variant in _if_valid(
+               f"quant_aware_{epochs}", f"kd, the exported grids fake-quantized in the last {epochs} epochs",
+               lambda epochs=epochs: _with(recipe, distill={"quant_aware": {**QUANT_AWARE, "epochs": epochs}})).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),
