@@ -26,7 +26,8 @@ transformer-block parameters and the seconds its training stages took. With --ex
 variant is also exported as the recipe says (GGUF F16 and export.quants, the ONNX of export.onnx)
 and each file is scored on the same prompts in its runtime, against the float student (its share
 of that student's score, the KL from it on the student's own answers) and the teacher (its share,
-with a 95% paired-bootstrap interval). A variant's result is saved as soon as it is done
+with a 95% paired-bootstrap interval; the KL from the teacher on the teacher's answers, for the
+float student too). A variant's result is saved as soon as it is done
 (OUT/<variant>.json), so a rerun only does what is missing. Writes OUT/ablation.json and
 OUT/ablation.md.
 
@@ -203,6 +204,26 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
     return rows
 
 
+def teacher_kl(student: Path, teacher: Path, heldout: Path, max_new_tokens: int) -> dict[str, float]:
+    """The KL from the teacher's next-token distribution on the teacher's own answers, for the float
+    student ("student/") and each exported file: the distance distillation trains down, measured on
+    what ships. Quantization-aware training pulls the rounded weights towards the teacher, not
+    towards the float ones, so the KL to the float student alone does not say whether a file came
+    closer to the teacher."""
+    run = student.parent
+    files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
+    report = evaluate([student, *files], heldout, teacher, max_new_tokens=max_new_tokens,
+                      names={student: "student/"})
+    return {row.artifact: row.kl_to_reference for row in report.artifacts}
+
+
+def add_teacher_kl(result: dict, student: Path, teacher: Path, heldout: Path, max_new_tokens: int) -> None:
+    kl = teacher_kl(student, teacher, heldout, max_new_tokens)
+    result["kl_to_teacher"] = kl.get("student/")
+    for row in result["exports"]:
+        row["kl_to_teacher"] = kl.get(row["artifact"])
+
+
 def _percent(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.1f}%"
 
@@ -214,13 +235,14 @@ def _interval(values) -> str:
 def export_lines(rows: list[dict]) -> list[str]:
     """The exports table: one line per variant and file."""
     lines = ["| variant | file | task score | share of teacher [95%] | share of float student [95%] | "
-             "KL to float student | training s |", "|---|---|---|---|---|---|---|"]
+             "KL to float student | KL to teacher | training s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for e in r.get("exports") or []:
             lines.append(f"| {r['variant']} | {e['artifact']} | {e['task_score']:.3f} | "
                          f"{_percent(e['share_of_teacher'])}{_interval(e['share_of_teacher_interval'])} | "
                          f"{_percent(e['share_of_float_student'])}{_interval(e['share_of_float_student_interval'])} | "
-                         f"{e['kl_to_float_student']} | {r.get('training_seconds', '–')} |")
+                         f"{e['kl_to_float_student']} | {e.get('kl_to_teacher', '–')} | "
+                         f"{r.get('training_seconds', '–')} |")
     return lines
 
 
@@ -260,6 +282,11 @@ def main() -> None:
         result_file = args.out / f"{name}.json"
         result = json.loads(result_file.read_text()) if result_file.exists() else None
         if result is not None and (not args.exports or "exports" in result):
+            if args.exports and "kl_to_teacher" not in result and (args.out / name / trained_stage(variant)).is_dir():
+                # a result saved before the teacher's KL was measured: only that is added
+                add_teacher_kl(result, args.out / name / trained_stage(variant), args.base / "teacher",
+                               heldout_file, max_new)
+                result_file.write_text(json.dumps(result, indent=2) + "\n")
             continue
         try:
             model = run_variant(name, variant, args.base, args.out, exports=args.exports)
@@ -275,6 +302,7 @@ def main() -> None:
         result["training_seconds"] = training_seconds(model.parent)
         if args.exports:
             result["exports"] = score_exports(model, heldout_file, reference, max_new)
+            add_teacher_kl(result, model, args.base / "teacher", heldout_file, max_new)
         result_file.write_text(json.dumps(result, indent=2) + "\n")
         # The run folders are large (a student per stage); the result file is what the table needs.
         shutil.rmtree(model.parent / ".partial", ignore_errors=True)
@@ -290,6 +318,7 @@ def main() -> None:
                          "block_parameter_share": round(result["block_parameters"] / reference["block_parameters"], 4),
                          "train_examples": result["distill"]["train_examples"],
                          "training_seconds": result.get("training_seconds"),
+                         **({"kl_to_teacher": result["kl_to_teacher"]} if "kl_to_teacher" in result else {}),
                          **({"exports": result["exports"]} if "exports" in result else {})})
     summary = {"recipe": str(args.recipe), "heldout_examples": len(heldout),
                "teacher": {"task_score": reference["task_score"], "correct": reference["correct"],

@@ -82,7 +82,7 @@ def parse_shape(text: str) -> Shape:
 def shape_recipe(recipe: Recipe, shape: Shape, teacher_config: dict) -> Recipe:
     """The recipe with the student of `shape`; a width as wide as the teacher's is left out, so a shape
     equal to the recipe's own student has the base run's cache keys. No ONNX export: the front is
-    drawn from the Q4_K_M GGUFs."""
+    drawn from the Q4_K_M GGUFs (a quant-aware recipe keeps its GGUF grids only)."""
     width = dict((recipe.student.width.model_dump() if recipe.student.width else {}))
     for key, value in (("hidden_size", shape.hidden_size), ("intermediate_size", shape.intermediate_size)):
         if value > teacher_config[key]:
@@ -91,9 +91,14 @@ def shape_recipe(recipe: Recipe, shape: Shape, teacher_config: dict) -> Recipe:
             width[key] = value
     width = {k: v for k, v in width.items() if v is not None}
     quants = list(dict.fromkeys([*recipe.export.quants, QTYPE]))
-    epochs = {"distill": {"epochs": shape.epochs}} if shape.epochs is not None else {}
+    distill = {"epochs": shape.epochs} if shape.epochs is not None else {}
+    quant_aware = recipe.distill.quant_aware
+    if quant_aware is not None and quant_aware.grids is not None:
+        # the ONNX grids go with the ONNX export; a quant-aware recipe trains for its GGUF grids
+        kept = [grid for grid in quant_aware.grids if grid in quants]
+        distill["quant_aware"] = {**quant_aware.model_dump(), "grids": kept} if kept else None
     return _with(recipe, student={"keep_layers": shape.blocks, "width": width or None},
-                 export={"quants": quants, "onnx": []}, **epochs)
+                 export={"quants": quants, "onnx": []}, **({"distill": distill} if distill else {}))
 
 
 def with_front(rows: list[dict]) -> list[dict]:
