@@ -59,6 +59,17 @@ def test_shape_recipe_keeps_the_base_keys_at_full_width(pareto):
         pareto.shape_recipe(recipe, pareto.parse_shape("8x640x1024"), TEACHER)
 
 
+def test_a_quant_aware_recipe_keeps_its_gguf_grids(pareto):
+    # the shapes export no ONNX, so an onnx-int4 grid would make the recipe invalid
+    recipe = load_recipe(ROOT / "recipes" / "sentiment-quant-aware.yaml")
+    shaped = pareto.shape_recipe(recipe, pareto.parse_shape("8x256x1024@6"), TEACHER)
+    assert shaped.distill.quant_aware.grids == ["Q4_K_M"]
+    assert (shaped.distill.epochs, shaped.distill.quant_aware.epochs) == (6, recipe.distill.quant_aware.epochs)
+    only_onnx = recipe.model_copy(update={"distill": recipe.distill.model_copy(
+        update={"quant_aware": recipe.distill.quant_aware.model_copy(update={"grids": ["onnx-int4"]})})})
+    assert pareto.shape_recipe(only_onnx, pareto.parse_shape("8x256x1024"), TEACHER).distill.quant_aware is None
+
+
 def test_front_marks_the_rows_nothing_beats(pareto):
     rows = [{"shape": "a", "share_of_teacher": 0.95, "speed_ratio": 2.0},
             {"shape": "b", "share_of_teacher": 0.90, "speed_ratio": 1.5},  # beaten by a in both
