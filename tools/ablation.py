@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgedistill.errors import EdgedistillError  # noqa: E402
 from edgedistill.evaluate.intervals import bootstrap_ratio  # noqa: E402
-from edgedistill.evaluate.task import evaluate, load_heldout, task_score  # noqa: E402
+from edgedistill.evaluate.task import evaluate, load_heldout, read_task, task_score, task_scorers  # noqa: E402
 from edgedistill.layout import EXPORT, EXPORT_ONNX, HELDOUT_JSONL, ON_POLICY  # noqa: E402
 from edgedistill.pipeline import Pipeline, is_complete  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
@@ -187,7 +187,8 @@ def paired_share(student_answers: list[dict], teacher_answers: list[dict]):
 def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: int) -> list[dict]:
     """Every exported file of the variant scored on the held-out prompts in its runtime, against
     the float student (the reference: share of its score, KL from it on its own answers) and the
-    teacher's scores on the same prompts (share with a paired interval; label tasks)."""
+    teacher's scores on the same prompts (share with a paired interval for label tasks; the ratio
+    of the scores for others)."""
     run = student.parent
     files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
     report = evaluate(files, heldout, student, max_new_tokens=max_new_tokens)
@@ -195,8 +196,11 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
     for row in report.artifacts:
         share = paired_share(row.answers, teacher["answers"])
         known = share is not None and share.low is not None
+        # open-ended tasks: the ratio of the scores, without an interval
+        ratio = row.task_score / teacher["task_score"] if teacher["task_score"] else None
         rows.append({"artifact": row.artifact, "task_score": row.task_score,
-                     "share_of_teacher": round(share.mean, 4) if known else None,
+                     "share_of_teacher": round(share.mean, 4) if known else
+                     round(ratio, 4) if ratio is not None and share is None else None,
                      "share_of_teacher_interval": [round(share.low, 4), round(share.high, 4)] if known else None,
                      "share_of_float_student": row.share_of_reference,
                      "share_of_float_student_interval": row.share_of_reference_interval,
@@ -222,6 +226,12 @@ def add_teacher_kl(result: dict, student: Path, teacher: Path, heldout: Path, ma
     result["kl_to_teacher"] = kl.get("student/")
     for row in result["exports"]:
         row["kl_to_teacher"] = kl.get(row["artifact"])
+
+
+def _score(row: dict) -> str:
+    """The task score, with the count answered right where the task has labels."""
+    counted = f" ({row['correct']}/{row['examples']})" if row.get("correct") is not None else ""
+    return f"{row['task_score']:.3f}{counted}"
 
 
 def _percent(share: float | None) -> str:
@@ -270,10 +280,15 @@ def main() -> None:
     heldout_file = args.base / "generate" / HELDOUT_JSONL
     heldout = load_heldout(heldout_file)
     max_new = recipe.eval.max_new_tokens
+    # the task's own scorers (generation and extraction too), as the eval stage scores it
+    task, scorers = read_task(heldout_file), task_scorers(heldout_file, heldout)
+
+    def score(model: Path) -> dict:
+        return task_score(model, heldout, max_new_tokens=max_new, scorers=scorers, task=task)[0].to_dict()
 
     reference_file = args.out / "teacher.json"
     if not reference_file.exists():
-        reference = task_score(args.base / "teacher", heldout, max_new_tokens=max_new)[0].to_dict()
+        reference = score(args.base / "teacher")
         reference["block_parameters"] = block_parameters(args.base / "teacher")
         reference_file.write_text(json.dumps(reference, indent=2) + "\n")
     reference = json.loads(reference_file.read_text())
@@ -296,7 +311,7 @@ def main() -> None:
             continue
         if result is None:
             # The held-out prompts are the plain ones for every variant (reasoning is training data only).
-            result = task_score(model, heldout, max_new_tokens=max_new)[0].to_dict()
+            result = score(model)
             result.update(variant=name, title=title, block_parameters=block_parameters(model),
                           distill=json.loads((model.parent / "distill" / "manifest.json").read_text())["result"])
         result["training_seconds"] = training_seconds(model.parent)
@@ -312,7 +327,7 @@ def main() -> None:
         if (args.out / f"{name}.json").exists():
             result = json.loads((args.out / f"{name}.json").read_text())
             rows.append({"variant": name, "title": title, "task_score": result["task_score"],
-                         "correct": result["correct"], "examples": result["examples"],
+                         "correct": result.get("correct"), "examples": result["examples"],
                          "share_of_teacher": round(result["task_score"] / reference["task_score"], 4)
                          if reference["task_score"] else None,
                          "block_parameter_share": round(result["block_parameters"] / reference["block_parameters"], 4),
@@ -321,14 +336,13 @@ def main() -> None:
                          **({"kl_to_teacher": result["kl_to_teacher"]} if "kl_to_teacher" in result else {}),
                          **({"exports": result["exports"]} if "exports" in result else {})})
     summary = {"recipe": str(args.recipe), "heldout_examples": len(heldout),
-               "teacher": {"task_score": reference["task_score"], "correct": reference["correct"],
+               "teacher": {"task_score": reference["task_score"], "correct": reference.get("correct"),
                            "block_parameters": reference["block_parameters"]}, "variants": rows}
     (args.out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| variant | what | task score | share of teacher | block params vs teacher | training s |",
              "|---|---|---|---|---|---|",
-             f"| teacher | PyTorch fp32, reference | {reference['task_score']:.3f} ({reference['correct']}/"
-             f"{len(heldout)}) | 100% | 100% | |"]
-    lines += [f"| {r['variant']} | {r['title']} | {r['task_score']:.3f} ({r['correct']}/{r['examples']}) | "
+             f"| teacher | PyTorch fp32, reference | {_score(reference)} | 100% | 100% | |"]
+    lines += [f"| {r['variant']} | {r['title']} | {_score(r)} | "
               f"{_percent(r['share_of_teacher'])} | {_percent(r['block_parameter_share'])} | "
               f"{r['training_seconds'] if r['training_seconds'] is not None else '–'} |" for r in rows]
     if any("exports" in r for r in rows):
