@@ -20,8 +20,9 @@ from there instead of recomputed):
                turns, each grid has N/2 epochs' worth of steps)
   on_policy_qa on_policy_0.5_rkl with quant_aware
 
-Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32); the
-table gives each task score, its share of the teacher's, the student's share of the teacher's
+Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32), scored
+with the task's own scorers (any task kind: --recipe recipes/past-tense.yaml); the table gives
+each task score, its share of the teacher's, the student's share of the teacher's
 transformer-block parameters and the seconds its training stages took. With --exports every
 variant is also exported as the recipe says (GGUF F16 and export.quants, the ONNX of export.onnx)
 and each file is scored on the same prompts in its runtime, against the float student (its share
