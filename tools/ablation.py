@@ -185,23 +185,30 @@ def paired_share(student_answers: list[dict], teacher_answers: list[dict]):
     return bootstrap_ratio([mine[i] for i in ids], [theirs[i] for i in ids]) if len(ids) >= 2 else None
 
 
+def exported_files(run: Path) -> list[Path]:
+    """The variant's GGUF files and ONNX folders, as its export stages wrote them."""
+    return [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
+
+
 def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: int) -> list[dict]:
     """Every exported file of the variant scored on the held-out prompts in its runtime, against
     the float student (the reference: share of its score, KL from it on its own answers) and the
     teacher's scores on the same prompts (share with a paired interval for label tasks; the ratio
     of the scores for others)."""
-    run = student.parent
-    files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
-    report = evaluate(files, heldout, student, max_new_tokens=max_new_tokens)
+    report = evaluate(exported_files(student.parent), heldout, student, max_new_tokens=max_new_tokens)
     rows = []
     for row in report.artifacts:
         share = paired_share(row.answers, teacher["answers"])
         known = share is not None and share.low is not None
-        # open-ended tasks: the ratio of the scores, without an interval
-        ratio = row.task_score / teacher["task_score"] if teacher["task_score"] else None
+        if known:
+            share_of_teacher = round(share.mean, 4)
+        elif share is None and teacher["task_score"]:
+            # open-ended tasks: the ratio of the scores, without an interval
+            share_of_teacher = round(row.task_score / teacher["task_score"], 4)
+        else:
+            share_of_teacher = None
         rows.append({"artifact": row.artifact, "task_score": row.task_score,
-                     "share_of_teacher": round(share.mean, 4) if known else
-                     round(ratio, 4) if ratio is not None and share is None else None,
+                     "share_of_teacher": share_of_teacher,
                      "share_of_teacher_interval": [round(share.low, 4), round(share.high, 4)] if known else None,
                      "share_of_float_student": row.share_of_reference,
                      "share_of_float_student_interval": row.share_of_reference_interval,
@@ -215,9 +222,7 @@ def teacher_kl(student: Path, teacher: Path, heldout: Path, max_new_tokens: int)
     what ships. Quantization-aware training pulls the rounded weights towards the teacher, not
     towards the float ones, so the KL to the float student alone does not say whether a file came
     closer to the teacher."""
-    run = student.parent
-    files = [*gguf_artifacts(run / EXPORT), *onnx_artifacts(run / EXPORT_ONNX)]
-    report = evaluate([student, *files], heldout, teacher, max_new_tokens=max_new_tokens,
+    report = evaluate([student, *exported_files(student.parent)], heldout, teacher, max_new_tokens=max_new_tokens,
                       names={student: "student/"})
     return {row.artifact: row.kl_to_reference for row in report.artifacts}
 
@@ -298,10 +303,10 @@ def main() -> None:
         result_file = args.out / f"{name}.json"
         result = json.loads(result_file.read_text()) if result_file.exists() else None
         if result is not None and (not args.exports or "exports" in result):
-            if args.exports and "kl_to_teacher" not in result and (args.out / name / trained_stage(variant)).is_dir():
+            trained = args.out / name / trained_stage(variant)
+            if args.exports and "kl_to_teacher" not in result and trained.is_dir():
                 # a result saved before the teacher's KL was measured: only that is added
-                add_teacher_kl(result, args.out / name / trained_stage(variant), args.base / "teacher",
-                               heldout_file, max_new)
+                add_teacher_kl(result, trained, args.base / "teacher", heldout_file, max_new)
                 result_file.write_text(json.dumps(result, indent=2) + "\n")
             continue
         try:
