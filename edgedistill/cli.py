@@ -213,7 +213,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_route(args: argparse.Namespace) -> None:
     from edgedistill.route import format_route, route_command
 
-    out = route_command(args.run, artifact=args.artifact, target=args.target, out=args.json)
+    out = route_command(args.run, artifact=args.artifact, target=args.target, out=args.json, budget=args.budget)
     print(format_route(json.loads(out.read_text())))
     print(f"wrote {out}")
 

@@ -199,6 +199,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     route.add_argument("--artifact", help="the eval row to route from (default: the student's Q4_K_M GGUF)")
     route.add_argument("--target", type=float, default=0.99,
                        help="share of the teacher's task score to reach with the fewest teacher calls")
+    route.add_argument("--budget", type=float, metavar="SHARE",
+                       help="the most of the requests the teacher may take (0.25: a quarter): the route keeps the "
+                            "most of its score within that, checked against --target (default: the fewest calls "
+                            "that reach --target)")
     route.add_argument("--json", type=Path, help="write route.json here (default: RUN/route/route.json)")
 
     chat = add("chat", "one greedy chat answer from a GGUF, an ONNX export or an HF folder",

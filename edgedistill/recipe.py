@@ -482,8 +482,14 @@ class RouteConfig(Section):
     """A `route` stage after eval (edgedistill.route): when a served student hands a request to the
     teacher, calibrated on the held-out split; it writes route/route.json for `edgedistill serve --route`."""
 
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"budget": None}
+
     # the share of the teacher's task score that routing must keep, with the fewest teacher calls
     target: Annotated[float, Field(gt=0, le=1)] = 0.99
+    # the most of the requests the teacher may take: with it, the threshold keeps the most of the
+    # teacher's score within that share of calls (target is then what it is checked against);
+    # a threshold fitted to just reach target falls short of it on new requests
+    budget: Annotated[float, Field(gt=0, le=1)] | None = None
     # the eval row routed from, as eval.json names it (student-q8_0.gguf, student-int4/); None: the
     # student's Q4_K_M GGUF
     artifact: Annotated[str, Field(min_length=1)] | None = None

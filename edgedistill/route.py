@@ -2,6 +2,7 @@
 
     edgedistill route runs/sentiment                       # writes runs/sentiment/route/route.json
     edgedistill route runs/sentiment --artifact student-int4/ --target 0.99
+    edgedistill route runs/sentiment --budget 0.25             # the best route within 25% of calls
 
 The student answers every held-out prompt first (its answers and the teacher's are those of the
 run's eval stage, eval/eval.json, scored again per example with the task's scorers); a confidence
@@ -19,9 +20,13 @@ point of the curve: the routed score (teacher's answers on the k, the student's 
 share of the teacher's own score, with a 95% bootstrap interval (examples resampled in pairs).
 route.json holds the curve of each rule, the rule and threshold that reach `target` (default
 0.99 of the teacher's score) with the fewest teacher calls, and what random routing would give at
-that share of calls. Since a threshold fitted and measured on the same examples flatters itself,
-route.json also holds `held_out_check`: the rule and threshold chosen on a random half of the
-examples, applied to the other half, both ways, and the share and teacher calls that gives.
+that share of calls. With a `budget` (the most of the requests the teacher may take) the rule and
+threshold are instead those that keep the most of the teacher's score within it, and `target` is
+what that is checked against: the cheapest threshold that just reaches the target on the
+calibration examples tends to fall short of it on new ones, a budget's does not lean that way. Since a threshold fitted and measured on the same examples flatters itself,
+route.json also holds `held_out_check` (8-fold cross-validation): the examples dealt at random into 8
+parts, each part routed by the rule and threshold chosen on the other 7, and the share and teacher
+calls that gives.
 `edgedistill serve --route route.json` applies the threshold: an answer whose confidence is below
 it goes to the teacher.
 
@@ -55,6 +60,9 @@ CLASSIFICATION_RULES = ("margin", "min", "mean")
 QUANTILES = {"min": 0.0, "p10": 0.10, "p25": 0.25}
 # finite, so route.json stays plain JSON: below any log-prob a model gives
 LEAST_CONFIDENT = -1e9
+# held_out_check's folds: each threshold is fitted on 7/8 of the held-out split (112 of the default
+# 128), near what the served threshold is fitted on; halves fitted on 64 and swung with their noise
+HELD_OUT_FOLDS = 8
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,10 @@ def routing_curve(student: list[float], teacher: list[float], confidences: list[
     for k in range(n + 1):
         if k:
             routed[order[k - 1]] = teacher[order[k - 1]]
+        if 0 < k < n and sorted_conf[k] == sorted_conf[k - 1]:
+            continue  # no threshold sends the k-th of equal confidences without the next: no such point
         share = bootstrap_ratio(routed.tolist(), teacher)
-        # "below the (k+1)-th confidence" sends exactly the k least confident (ties go together)
+        # "below the (k+1)-th confidence" sends exactly the k least confident
         threshold = None if k == 0 else float(sorted_conf[k]) if k < n else float(sorted_conf[-1]) + 1.0
         points.append(RoutePoint(threshold, k, round(k / n, 4), None if share.mean is None else round(share.mean, 4),
                                  None if share.low is None else round(share.low, 4),
@@ -128,6 +138,19 @@ def _cheapest(points: list[RoutePoint], target: float) -> RoutePoint | None:
     return next((p for p in points if p.share_of_teacher is not None and p.share_of_teacher >= target), None)
 
 
+def _best_within(points: list[RoutePoint], budget: float) -> RoutePoint | None:
+    """The point keeping the most of the teacher's score with at most `budget` of requests sent to it
+    (the fewest calls among equals: the points come in order of calls)."""
+    within = [p for p in points if p.share_of_teacher is not None and p.teacher_call_share <= budget]
+    return max(within, key=lambda p: p.share_of_teacher, default=None)
+
+
+def rule_point(points: list[RoutePoint], target: float, budget: float | None = None) -> RoutePoint | None:
+    """One rule's choice on its curve: without `budget` the fewest calls that reach `target`, with it
+    the most of the teacher's score within `budget` of calls; None when no point qualifies."""
+    return _cheapest(points, target) if budget is None else _best_within(points, budget)
+
+
 def _per_example(answers: list[dict], heldout: dict, scorers, task) -> dict:
     items = [ScoreInput(final_answer(a["answer"], task), heldout[a["id"]].get("reference"), heldout[a["id"]])
              for a in answers]
@@ -136,11 +159,11 @@ def _per_example(answers: list[dict], heldout: dict, scorers, task) -> dict:
 
 
 def calibrate(run: Path, *, artifact: str | None = None, target: float = DEFAULT_TARGET,
-              rules: tuple[str, ...] | None = None) -> dict:
+              budget: float | None = None, rules: tuple[str, ...] | None = None) -> dict:
     """route.json's content for the run folder `run` (module docstring)."""
     run = Path(run)
     return calibrate_files(run / layout.EVAL / layout.EVAL_JSON, run / layout.GENERATE / layout.HELDOUT_JSONL,
-                           artifact=artifact, target=target, rules=rules)
+                           artifact=artifact, target=target, budget=budget, rules=rules)
 
 
 def _artifact_in(folders: tuple[Path, ...], name: str) -> Path:
@@ -154,8 +177,8 @@ def _artifact_in(folders: tuple[Path, ...], name: str) -> Path:
 
 
 def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | None = None,
-                    target: float = DEFAULT_TARGET, rules: tuple[str, ...] | None = None,
-                    folders: tuple[Path, ...] = ()) -> dict:
+                    target: float = DEFAULT_TARGET, budget: float | None = None,
+                    rules: tuple[str, ...] | None = None, folders: tuple[Path, ...] = ()) -> dict:
     """route.json's content from an eval stage's eval.json and the generate stage's heldout.jsonl.
     The artifact is run from where eval.json says it ran, or, with `folders`, from the one of them
     that holds it (the route stage's export inputs, which its cache key covers)."""
@@ -190,14 +213,24 @@ def calibrate_files(eval_json: Path, heldout_jsonl: Path, *, artifact: str | Non
     del runtime
     return {"format": ROUTE_FORMAT, "artifact": name, "path": path, "examples": len(ids), "scorer": scorers[0].name,
             **({"choices": heldout[ids[0]]["choices"]} if labelled else {}),
-            **choose_route([student[i] for i in ids], [teacher[i] for i in ids], confidences, target)}
+            **choose_route([student[i] for i in ids], [teacher[i] for i in ids], confidences, target, budget=budget)}
 
 
-def _choose(student: list[float], teacher: list[float], confidences: dict[str, list[float]], target: float):
-    """The curves, and the rule and point that reach `target` with the fewest teacher calls (the first
-    rule's last point when none reaches), and whether one reached."""
+def _choose(student: list[float], teacher: list[float], confidences: dict[str, list[float]], target: float,
+            budget: float | None = None):
+    """The curves, the rule and point chosen, and whether it reaches `target`. Without `budget`: the
+    point that reaches `target` with the fewest teacher calls (the first rule's last point when none
+    reaches); with it: the point keeping the most of the teacher's score within `budget` of calls
+    (the fewest calls among equals)."""
     curves = {rule: routing_curve(student, teacher, values) for rule, values in confidences.items()}
-    best = {rule: _cheapest(points, target) for rule, points in curves.items()}
+    best = {rule: rule_point(points, target, budget) for rule, points in curves.items()}
+    if budget is not None:
+        rules = [rule for rule in curves if best[rule] is not None]
+        if not rules:  # the teacher scores 0: no share to keep, so no call is worth making
+            rule = next(iter(curves))
+            return curves, rule, curves[rule][0], False
+        rule = max(rules, key=lambda r: (best[r].share_of_teacher, -best[r].teacher_calls))
+        return curves, rule, best[rule], best[rule].share_of_teacher >= target
     reached = [rule for rule in curves if best[rule] is not None]
     rule = min(reached, key=lambda r: best[r].teacher_calls) if reached else next(iter(curves))
     return curves, rule, best[rule] or curves[rule][-1], best[rule] is not None
@@ -209,56 +242,66 @@ def _routed(threshold: float | None, student, teacher, confidences) -> list[floa
 
 
 def held_out_check(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
-                   target: float, *, seed: int = 0) -> dict:
-    """The chosen route measured on examples it was not chosen on: the examples are split in two
-    halves at random (`seed`); the rule and threshold chosen on one half route the other, and the
-    other way round. Both halves' routed answers together give the share of the teacher's score and
-    of teacher calls a new request may expect (a threshold fitted and measured on the same examples
-    flatters itself)."""
+                   target: float, *, budget: float | None = None, folds: int = HELD_OUT_FOLDS,
+                   seed: int = 0) -> dict:
+    """The chosen route measured on examples it was not chosen on (k-fold cross-validation): the
+    examples are dealt at random (`seed`) into `folds` parts; each part is routed by the rule and
+    threshold chosen on all the others. The parts' routed answers together give the share of the
+    teacher's score and of teacher calls a new request may expect (a threshold fitted and measured
+    on the same examples flatters itself). More folds fit each threshold on more examples, as the
+    final one is fitted on all of them; two folds (halves) fit on half and err pessimistic."""
     n = len(student)
-    order = np.random.default_rng(seed).permutation(n)
-    halves = [sorted(order[::2].tolist()), sorted(order[1::2].tolist())]
-    routed, calls, folds = [0.0] * n, 0, []
-    for fit, test in ((halves[0], halves[1]), (halves[1], halves[0])):
-        pick = lambda values, ids: [values[i] for i in ids]  # noqa: E731
+    folds = max(2, min(folds, n // 2))
+    parts = [sorted(part.tolist()) for part in np.array_split(np.random.default_rng(seed).permutation(n), folds)]
+    routed, calls, fold_rows = [0.0] * n, 0, []
+    pick = lambda values, ids: [values[i] for i in ids]  # noqa: E731
+    for test in parts:
+        held = set(test)
+        fit = [i for i in range(n) if i not in held]
         _, rule, point, _ = _choose(pick(student, fit), pick(teacher, fit),
-                                    {r: pick(v, fit) for r, v in confidences.items()}, target)
+                                    {r: pick(v, fit) for r, v in confidences.items()}, target, budget)
         scores = _routed(point.threshold, pick(student, test), pick(teacher, test), pick(confidences[rule], test))
         sent = sum(point.threshold is not None and c < point.threshold for c in pick(confidences[rule], test))
         for i, value in zip(test, scores):
             routed[i] = value
         calls += sent
-        folds.append({"rule": rule, "threshold": point.threshold, "fit_examples": len(fit),
-                      "examples": len(test), "teacher_call_share": round(sent / len(test), 4)})
+        fold_rows.append({"rule": rule, "threshold": point.threshold, "fit_examples": len(fit),
+                          "examples": len(test), "teacher_call_share": round(sent / len(test), 4)})
     share = bootstrap_ratio(routed, teacher)
-    return {"seed": seed, "teacher_call_share": round(calls / n, 4),
+    return {"seed": seed, "folds_count": folds, "teacher_call_share": round(calls / n, 4),
             "share_of_teacher": None if share.mean is None else round(share.mean, 4),
             "share_interval": [None if share.low is None else round(share.low, 4),
                                None if share.high is None else round(share.high, 4)],
-            "reached": share.mean is not None and share.mean >= target, "folds": folds}
+            "reached": share.mean is not None and share.mean >= target, "folds": fold_rows}
 
 
 def choose_route(student: list[float], teacher: list[float], confidences: dict[str, list[float]],
-                 target: float) -> dict:
+                 target: float, *, budget: float | None = None) -> dict:
     """route.json's target, scores, curves and choice from per-example scores of the student and the
     teacher and each rule's confidences in the student's answers (the first rule when none reaches),
     with the same choice measured on examples it was not made on (held_out_check)."""
-    curves, rule, chosen, reached = _choose(student, teacher, confidences, target)
+    curves, rule, chosen, reached = _choose(student, teacher, confidences, target, budget)
     student_mean, teacher_mean = float(np.mean(student)), float(np.mean(teacher))
     random_share = ((student_mean + chosen.teacher_call_share * (teacher_mean - student_mean)) / teacher_mean
                     if teacher_mean else None)
-    return {"target": target, "student_score": round(student_mean, 4),
+    return {"target": target, **({"budget": budget} if budget is not None else {}),
+            "student_score": round(student_mean, 4),
             "teacher_score": round(teacher_mean, 4), "rule": rule,
             "threshold": chosen.threshold, "reached": reached,
             "teacher_call_share": chosen.teacher_call_share, "share_of_teacher": chosen.share_of_teacher,
             "share_interval": [chosen.low, chosen.high],
             "random_routing_share_of_teacher": None if random_share is None else round(random_share, 4),
-            **({"held_out_check": held_out_check(student, teacher, confidences, target)} if len(student) >= 4 else {}),
+            **({"held_out_check": held_out_check(student, teacher, confidences, target, budget=budget)}
+               if len(student) >= 4 else {}),
             "curves": {r: [p.__dict__ for p in points] for r, points in curves.items()}}
 
 
-def route_command(run: Path, *, artifact: str | None, target: float, out: Path | None) -> Path:
-    result = calibrate(run, artifact=artifact, target=target)
+def route_command(run: Path, *, artifact: str | None, target: float, out: Path | None,
+                  budget: float | None = None) -> Path:
+    for name, value in (("--target", target), ("--budget", budget)):
+        if value is not None and not 0 < value <= 1:
+            raise EdgedistillError(f"{name} {value:g} is not a share", f"give {name} as a fraction in (0, 1], e.g. 0.25")
+    result = calibrate(run, artifact=artifact, target=target, budget=budget)
     out = out or Path(run) / layout.ROUTE / layout.ROUTE_JSON
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -268,10 +311,12 @@ def route_command(run: Path, *, artifact: str | None, target: float, out: Path |
 def route_stage(recipe: Recipe, out: Path, *, generate: Path, eval: Path, export: Path,
                 export_onnx: Path | None = None) -> dict:
     """The route stage (a recipe with a `route:` section): route/route.json for route.artifact (None:
-    the student's Q4_K_M GGUF row) and route.target, the artifact read from the export folders."""
+    the student's Q4_K_M GGUF row), route.target and route.budget, the artifact read from the export
+    folders."""
     cfg = recipe.route
     result = calibrate_files(eval / layout.EVAL_JSON, generate / layout.HELDOUT_JSONL, artifact=cfg.artifact,
-                             target=cfg.target, folders=(export, *((export_onnx,) if export_onnx else ())))
+                             target=cfg.target, budget=cfg.budget,
+                             folders=(export, *((export_onnx,) if export_onnx else ())))
     (out / layout.ROUTE_JSON).write_text(json.dumps(result, indent=2) + "\n")
     return {key: result[key] for key in ("artifact", "rule", "threshold", "teacher_call_share", "share_of_teacher",
                                          "reached")}
@@ -287,14 +332,16 @@ def format_route(result: dict) -> str:
     interval = f" [{low:.1%}, {high:.1%}]" if low is not None else ""
     # no threshold: the student alone reaches the target
     threshold = "none" if result["threshold"] is None else f"{result['threshold']:.4g}"
+    budget = f" (budget {result['budget']:.0%})" if result.get("budget") is not None else ""
     line = head + (f"Rule {result['rule']}, threshold {threshold}: {result['teacher_call_share']:.0%} "
-                   f"of requests to the teacher give {result['share_of_teacher']:.1%}{interval} of its score, "
+                   f"of requests to the teacher{budget} give {result['share_of_teacher']:.1%}{interval} of its score, "
                    f"{verdict} the target {result['target']:.0%} (random routing at that share of calls: "
                    f"{result['random_routing_share_of_teacher']:.1%})")
     check = result.get("held_out_check")
     if check and check["share_of_teacher"] is not None:
         low, high = check["share_interval"]
-        line += (f". Chosen on one half of the examples and applied to the other (both ways): "
+        line += (f". Chosen on {check['folds_count'] - 1}/{check['folds_count']} of the examples and applied to "
+                 f"the rest ({check['folds_count']}-fold cross-validation): "
                  f"{check['teacher_call_share']:.0%} of requests to the teacher give "
                  f"{check['share_of_teacher']:.1%} [{low:.1%}, {high:.1%}] of its score")
     return line

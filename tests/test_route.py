@@ -49,6 +49,10 @@ def test_routing_the_least_confident_first_reaches_the_teacher_with_those_calls_
     for point in curve[1:]:
         assert sum(c < point.threshold for c in confidences) == point.teacher_calls
     assert curve[2].low <= 1.0 <= curve[2].high
+    # equal confidences go to the teacher together: no point claims to split them
+    tied = routing_curve([0, 0, 1, 1], [1] * 4, [-2.0, -2.0, -0.5, -0.1])
+    assert [p.teacher_calls for p in tied] == [0, 2, 3, 4]
+    assert all(sum(c < p.threshold for c in [-2.0, -2.0, -0.5, -0.1]) == p.teacher_calls for p in tied[1:])
 
 
 @pytest.mark.unit
@@ -103,6 +107,12 @@ def test_route_calibrates_a_run_and_writes_route_json(routed_run, capsys):
     assert main(["route", str(routed_run), "--target", "0.9"]) == 0
     written = json.loads((routed_run / "route" / "route.json").read_text())
     assert written["target"] == 0.9 and "teacher" in capsys.readouterr().out
+    assert main(["route", str(routed_run), "--budget", "0.5"]) == 0
+    written = json.loads((routed_run / "route" / "route.json").read_text())
+    assert written["budget"] == 0.5 and written["teacher_call_share"] <= 0.5
+    assert "(budget 50%)" in capsys.readouterr().out
+    assert main(["route", str(routed_run), "--budget", "25"]) == 2
+    assert "--budget 25 is not a share" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -194,17 +204,43 @@ def test_the_chosen_route_is_the_rule_with_the_fewest_teacher_calls():
 
 
 @pytest.mark.unit
-def test_the_held_out_check_applies_each_halfs_threshold_to_the_other_half():
-    # the student misses exactly its least confident answers: a threshold fitted on either half
-    # sends the other half's misses to the teacher, and only a few others
+def test_a_budget_keeps_the_most_of_the_teachers_score_within_that_share_of_calls():
+    # the student misses its 2 least confident answers under `min` and is never helped by `mean`'s
+    # order past its third call: within 3 calls min keeps all of the teacher's score with 2 of them
+    student, teacher = [1, 0, 1, 1, 0, 1, 1, 1], [1] * 8
+    confidences = {"mean": [-0.1, -1.0, -3.0, -0.3, -2.5, -0.4, -0.5, -0.6],
+                   "min": [-0.1, -3.0, -0.2, -0.3, -2.5, -0.4, -0.5, -0.6]}
+    route = choose_route(student, teacher, confidences, 0.99, budget=3 / 8)
+    assert route["budget"] == 3 / 8 and route["rule"] == "min" and route["teacher_call_share"] == 0.25
+    assert route["share_of_teacher"] == 1.0 and route["reached"]
+    # one call allowed: the best share within it, and the target is not reached
+    tight = choose_route(student, teacher, confidences, 0.99, budget=1 / 8)
+    assert tight["teacher_call_share"] == 0.125 and tight["share_of_teacher"] == round(7 / 8, 4)
+    assert not tight["reached"] and tight["held_out_check"]["teacher_call_share"] <= 0.25
+    # each fold is routed by the budget's choice on the others: 40 examples, 10 misses, the least
+    # confident; a fold's misses fall below the threshold the other 35 chose, all within 30% of calls
+    many = [1 if i % 4 else 0 for i in range(40)]
+    order = {"min": [(-3.0 if s == 0 else -0.5) - i / 1000 for i, s in enumerate(many)]}
+    check = held_out_check(many, [1] * 40, order, 0.99, budget=0.3)
+    assert check["share_of_teacher"] == 1.0 and check["teacher_call_share"] <= 0.3
+    assert all(fold["threshold"] is not None for fold in check["folds"])
+
+
+@pytest.mark.unit
+def test_the_held_out_check_routes_each_fold_by_the_threshold_fitted_on_the_others():
+    # the student misses exactly its least confident answers: a threshold fitted on 7 of 8 folds
+    # sends the eighth's misses to the teacher, and only a few others
     student = [0 if i % 5 == 0 else 1 for i in range(40)]
     teacher = [1] * 40
     confidences = {"min": [-5.0 - i / 100 if s == 0 else -0.1 - i / 100 for i, s in enumerate(student)]}
     check = held_out_check(student, teacher, confidences, 0.99)
     assert check["share_of_teacher"] == 1.0 and check["reached"]
+    assert check["folds_count"] == 8 and len(check["folds"]) == 8
+    assert all(fold["fit_examples"] + fold["examples"] == 40 for fold in check["folds"])
     assert sum(fold["examples"] for fold in check["folds"]) == 40
+    assert held_out_check(student, teacher, confidences, 0.99, folds=2)["folds_count"] == 2
     assert 0.2 <= check["teacher_call_share"] <= 0.3
-    # uninformative confidences fitted on one half do not carry to the other
+    # uninformative confidences fitted on some folds do not carry to another
     noise = {"min": [float(np.sin(7.0 * i)) for i in range(40)]}
     fitted = choose_route(student, teacher, noise, 0.99)
     assert fitted["held_out_check"]["teacher_call_share"] >= 0.5 or not fitted["held_out_check"]["reached"]
@@ -225,6 +261,17 @@ def test_report_shows_the_routing_section_and_plot_when_the_run_has_route_json(t
     # rule mean sends one right answer first: its fewest calls that reach 99% are 3
     assert rows["mean"] == "| mean | -0.6 | 37.5 (3 of 8) | 100.0 [100.0, 100.0] | yes |"
     assert rows["random (same calls as chosen)"] == "| random (same calls as chosen) | – | 25.0 (2 of 8) | 81.2 | no |"
+    # the choice made on other examples (4 folds of 2 here): what a new request may expect
+    assert rows["chosen on other examples (4-fold cross-validation)"] == \
+        "| chosen on other examples (4-fold cross-validation) | per fold | 37.5 (3 of 8) | 100.0 [100.0, 100.0] | yes |"
+    # with a budget the other rules show their best within it, and the note says what was chosen
+    budgeted = {**_route_json(), "budget": 0.125}
+    (run / "route" / "route.json").write_text(json.dumps(budgeted))
+    with_budget = render_markdown(load_run(run))
+    # mean's least confident answer is right: within one call, none is worth making
+    assert "| mean | – (none) | 0.0 (0 of 8) | 75.0 [37.5, 100.0] | no |" in with_budget
+    assert "at most 12.5% of requests sent to it" in with_budget
+    (run / "route" / "route.json").write_text(json.dumps(_route_json()))
     assert "reaches 99%" in section and "Source: from route/route.json: rule, threshold" in section
     assert "`edgedistill serve student-q4_k_m.gguf --route route/route.json --teacher URL`" in section
     assert "`route/route.json`" in report.split("## Sources")[1]

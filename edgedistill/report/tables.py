@@ -15,6 +15,7 @@ from edgedistill.evaluate.json_scorers import FIELD_PREFIX
 from edgedistill.records import STUDENT_ROW, format_interval, format_score, score_basis
 from edgedistill.report.data import (BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, ROUTE_SOURCE, RunData,
                                      column_sources, fmt, pareto_front)
+from edgedistill.route import RoutePoint, rule_point
 from edgedistill.targets import any_failed, completed_checks
 
 RUNTIME_NAMES = {"llama.cpp": "llama.cpp (GGUF)", "onnxruntime-genai": "ONNX Runtime GenAI (ONNX folders)",
@@ -228,10 +229,9 @@ def route_table(data: RunData) -> Table | None:
                      "high": route["share_interval"][1]}
             reached, label = route["reached"], f"**{rule} (chosen)**"
         else:
-            point = next((p for p in curve if p["share_of_teacher"] is not None and p["share_of_teacher"] >= target),
-                         None)
-            reached, label = point is not None, f"{rule}"
-            point = point or curve[-1]
+            chosen = rule_point([RoutePoint(**p) for p in curve], target, route.get("budget"))
+            point = chosen.__dict__ if chosen else curve[-1]
+            reached, label = chosen is not None and chosen.share_of_teacher >= target, f"{rule}"
         threshold = point["threshold"]
         rows.append([label, "– (none)" if threshold is None else f"{threshold:.4g}",
                      _calls(point["teacher_call_share"], examples),
@@ -239,22 +239,33 @@ def route_table(data: RunData) -> Table | None:
     random_share = route.get("random_routing_share_of_teacher")
     rows.append(["random (same calls as chosen)", "–", _calls(route["teacher_call_share"], examples),
                  _percent(random_share), "–" if random_share is None else "yes" if random_share >= target else "no"])
+    check = route.get("held_out_check")
+    if check and check["share_of_teacher"] is not None:
+        rows.append([f"chosen on other examples ({check.get('folds_count', 2)}-fold cross-validation)", "per fold",
+                     _calls(check["teacher_call_share"], examples),
+                     _percent(check["share_of_teacher"], check["share_interval"]), "yes" if check["reached"] else "no"])
     header = ["confidence rule", "threshold", "teacher calls %", "% of teacher's score", f"reaches {100 * target:g}%"]
     return Table("routing", "Routing: when the student hands a request to the teacher", header, rows,
                  f"from {ROUTE_SOURCE}: rule, threshold, teacher_call_share, share_of_teacher, share_interval, "
-                 "reached, random_routing_share_of_teacher (×100); the other rules: curves.<rule>[], their first "
-                 "point at or above target")
+                 "reached, random_routing_share_of_teacher, held_out_check (×100); the other rules: "
+                 "curves.<rule>[], their first point at or above target (with a budget: their best within it)")
 
 
 def route_note(data: RunData) -> str:
     route = data.route
     if not route:
         return ""
+    budget = route.get("budget")
+    folds = (route.get("held_out_check") or {}).get("folds_count")
+    check = (f" Cross-validation ({folds} folds) routes each fold by the rule and threshold chosen on the "
+             "others: what a new request may expect." if folds else "")
+    goal = (f"keep {100 * route['target']:g}% of the teacher's score with the fewest teacher calls" if budget is None
+            else f"keep the most of the teacher's score with at most {100 * budget:g}% of requests sent to it")
     return (f"Calibrated on {route['examples']} held-out examples with `{route['artifact']}` (task score "
             f"{route['student_score']:.3f} by {route['scorer']}) and the teacher ({route['teacher_score']:.3f}), from "
             "eval's answers: the student answers first and a request goes to the teacher when the student's "
             "confidence in its answer is below the threshold (the least confident first). The chosen rule and "
-            f"threshold keep {100 * route['target']:g}% of the teacher's score with the fewest teacher calls. In "
+            f"threshold {goal}.{check} In "
             "brackets: the 95% bootstrap interval (examples resampled in pairs). Random routing sends the same share "
             "of requests at random (expected share). The curve of every rule: `report.html`; serve with "
             f"`edgedistill serve {route['artifact'].rstrip('/')} --route {ROUTE_SOURCE} --teacher URL`.")
