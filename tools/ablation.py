@@ -18,6 +18,7 @@ from there instead of recomputed):
   quant_aware  kd with the exported grids fake-quantized in the last epoch (distill.quant_aware)
   quant_aware_N  the same in the last N epochs, N from 2 to distill.epochs (with two grids taking
                turns, each grid has N/2 epochs' worth of steps)
+  quant_aware_N_GRID  the same with one grid (Q4_K_M or onnx-int4) alone: all N epochs' steps on it
   on_policy_qa on_policy_0.5_rkl with quant_aware
 
 Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32), scored
@@ -116,6 +117,11 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
            for name, variant in _if_valid(
                f"quant_aware_{epochs}", f"kd, the exported grids fake-quantized in the last {epochs} epochs",
                lambda epochs=epochs: _with(recipe, distill={"quant_aware": {**QUANT_AWARE, "epochs": epochs}})).items()},
+        **{name: variant for epochs in range(1, recipe.distill.epochs + 1) for grid in QUANT_AWARE["grids"]
+           for name, variant in _if_valid(
+               f"quant_aware_{epochs}_{grid}", f"kd, {grid} alone fake-quantized in the last {epochs} epochs",
+               lambda epochs=epochs, grid=grid: _with(recipe, distill={"quant_aware": {"grids": [grid],
+                                                                                     "epochs": epochs}})).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),
