@@ -23,10 +23,10 @@ route.json holds the curve of each rule, the rule and threshold that reach `targ
 that share of calls. With a `budget` (the most of the requests the teacher may take) the rule and
 threshold are instead those that keep the most of the teacher's score within it, and `target` is
 what that is checked against: the cheapest threshold that just reaches the target on the
-calibration examples tends to fall short of it on new ones, a budget's does not lean that way. Since a threshold fitted and measured on the same examples flatters itself,
-route.json also holds `held_out_check` (8-fold cross-validation): the examples dealt at random into 8
-parts, each part routed by the rule and threshold chosen on the other 7, and the share and teacher
-calls that gives.
+calibration examples tends to fall short of it on new ones, a budget's does not lean that way.
+Since a threshold fitted and measured on the same examples flatters itself, route.json also holds
+`held_out_check` (8-fold cross-validation): the examples dealt at random into 8 parts, each part
+routed by the rule and threshold chosen on the other 7, and the share and teacher calls that gives.
 `edgedistill serve --route route.json` applies the threshold: an answer whose confidence is below
 it goes to the teacher.
 
