@@ -15,6 +15,7 @@ from there instead of recomputed):
   online       kd with the teacher's forward pass at every step instead of the cached top-k
   on_policy_L_D  kd, then on-policy distillation (distill.on_policy) on a fraction L of the batches
                (0.5 or 1.0) with divergence D (fkl: forward KL, rkl: reverse KL)
+  on_policy_L_rkl_t0.5  the same with reverse KL, the student sampling at temperature 0.5
   quant_aware  kd with the exported grids fake-quantized in the last epoch (distill.quant_aware)
   quant_aware_N  the same in the last N epochs, N from 2 to distill.epochs (with two grids taking
                turns, each grid has N/2 epochs' worth of steps)
@@ -111,6 +112,11 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
             _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": divergence}}))
            for fraction in (0.5, 1.0)
            for short, divergence, long in (("fkl", "forward_kl", "forward KL"), ("rkl", "reverse_kl", "reverse KL"))},
+        **{f"on_policy_{fraction}_rkl_t0.5": (
+            f"kd, then on-policy (reverse KL) on {fraction:.0%} of the batches, sampled at T=0.5",
+            _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": "reverse_kl",
+                                                 "temperature": 0.5}}))
+           for fraction in (0.5, 1.0)},
         **_if_valid("quant_aware", "kd, the exported grids fake-quantized in the last epoch",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE})),
         **{name: variant for epochs in range(2, recipe.distill.epochs + 1)
