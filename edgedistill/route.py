@@ -37,7 +37,6 @@ same after eval and writes RUN/route/route.json, reading the artifact from the r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ from edgedistill.evaluate.scorers import ScoreInput, score_all
 from edgedistill.evaluate.task import final_answer, load_heldout, read_task, task_scorers
 from edgedistill.recipe import Recipe
 from edgedistill.records import STUDENT_ROW, read_eval
+from edgedistill.route_curve import routing_curve, rule_point
 from edgedistill.runtimes import Runtime, open_runtime
 
 ROUTE_FORMAT = 1
@@ -63,16 +63,6 @@ LEAST_CONFIDENT = -1e9
 # held_out_check's folds: each threshold is fitted on 7/8 of the held-out split (112 of the default
 # 128), near what the served threshold is fitted on; halves fitted on 64 and swung with their noise
 HELD_OUT_FOLDS = 8
-
-
-@dataclass(frozen=True)
-class RoutePoint:
-    threshold: float | None  # answers with a confidence below it go to the teacher (None: none go)
-    teacher_calls: int
-    teacher_call_share: float
-    share_of_teacher: float | None
-    low: float | None
-    high: float | None
 
 
 def token_confidence(logprobs: list[float], rule: str) -> float:
@@ -111,44 +101,6 @@ def confidence(runtime: Runtime, messages: list[dict[str, str]], answer: str, ru
                                    "use an open-ended rule (min, p10, p25, mean) for this task")
         return label_margin(runtime, messages, choices)
     return token_confidence(answer_logprobs(runtime, messages, answer), rule)
-
-
-def routing_curve(student: list[float], teacher: list[float], confidences: list[float]) -> list[RoutePoint]:
-    """One point per number of teacher calls, the least confident examples routed first."""
-    n = len(student)
-    order = np.argsort(np.asarray(confidences, dtype=float), kind="stable")
-    sorted_conf = np.asarray(confidences, dtype=float)[order]
-    routed = np.asarray(student, dtype=float).copy()
-    points = []
-    for k in range(n + 1):
-        if k:
-            routed[order[k - 1]] = teacher[order[k - 1]]
-        if 0 < k < n and sorted_conf[k] == sorted_conf[k - 1]:
-            continue  # no threshold sends the k-th of equal confidences without the next: no such point
-        share = bootstrap_ratio(routed.tolist(), teacher)
-        # "below the (k+1)-th confidence" sends exactly the k least confident
-        threshold = None if k == 0 else float(sorted_conf[k]) if k < n else float(sorted_conf[-1]) + 1.0
-        points.append(RoutePoint(threshold, k, round(k / n, 4), None if share.mean is None else round(share.mean, 4),
-                                 None if share.low is None else round(share.low, 4),
-                                 None if share.high is None else round(share.high, 4)))
-    return points
-
-
-def _cheapest(points: list[RoutePoint], target: float) -> RoutePoint | None:
-    return next((p for p in points if p.share_of_teacher is not None and p.share_of_teacher >= target), None)
-
-
-def _best_within(points: list[RoutePoint], budget: float) -> RoutePoint | None:
-    """The point keeping the most of the teacher's score with at most `budget` of requests sent to it
-    (the fewest calls among equals: the points come in order of calls)."""
-    within = [p for p in points if p.share_of_teacher is not None and p.teacher_call_share <= budget]
-    return max(within, key=lambda p: p.share_of_teacher, default=None)
-
-
-def rule_point(points: list[RoutePoint], target: float, budget: float | None = None) -> RoutePoint | None:
-    """One rule's choice on its curve: without `budget` the fewest calls that reach `target`, with it
-    the most of the teacher's score within `budget` of calls; None when no point qualifies."""
-    return _cheapest(points, target) if budget is None else _best_within(points, budget)
 
 
 def _per_example(answers: list[dict], heldout: dict, scorers, task) -> dict:

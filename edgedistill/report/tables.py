@@ -15,7 +15,7 @@ from edgedistill.evaluate.json_scorers import FIELD_PREFIX
 from edgedistill.records import STUDENT_ROW, format_interval, format_score, score_basis
 from edgedistill.report.data import (BENCH_SOURCE, EVAL_SOURCE, PREFLIGHT_SOURCE, ROUTE_SOURCE, RunData,
                                      column_sources, fmt, pareto_front)
-from edgedistill.route import RoutePoint, rule_point
+from edgedistill.route_curve import RoutePoint, rule_point
 from edgedistill.targets import any_failed, completed_checks
 
 RUNTIME_NAMES = {"llama.cpp": "llama.cpp (GGUF)", "onnxruntime-genai": "ONNX Runtime GenAI (ONNX folders)",
