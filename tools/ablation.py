@@ -93,6 +93,14 @@ def _if_valid(name: str, title: str, make) -> dict[str, tuple[str, Recipe]]:
 def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe]]:
     blocks = recipe.student.keep_layers
     intermediate = round(teacher_layers * 2 / 3)
+
+    def on_policy(fraction: float, divergence: str, **sampling) -> Recipe:
+        return _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": divergence, **sampling}})
+
+    def quant_aware(**fields):
+        """A maker of kd with distill.quant_aware: QUANT_AWARE, with `fields` in its place (for _if_valid)."""
+        return lambda: _with(recipe, distill={"quant_aware": {**QUANT_AWARE, **fields}})
+
     return {
         "sft": ("responses only (cross-entropy on the teacher's answers)", _with(recipe, distill={"kl_weight": 0.0})),
         "kd": ("+ logit distillation (top-k soft labels)", recipe),
@@ -108,26 +116,22 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
         "online": ("+ logit distillation, the teacher's forward at every step instead of the cache",
                    _with(recipe, distill={"soft_labels_from": "online"})),
         **{f"on_policy_{fraction}_{short}": (
-            f"kd, then on-policy ({long}) on {fraction:.0%} of the batches",
-            _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": divergence}}))
+            f"kd, then on-policy ({long}) on {fraction:.0%} of the batches", on_policy(fraction, divergence))
            for fraction in (0.5, 1.0)
            for short, divergence, long in (("fkl", "forward_kl", "forward KL"), ("rkl", "reverse_kl", "reverse KL"))},
         **{f"on_policy_{fraction}_rkl_t0.5": (
             f"kd, then on-policy (reverse KL) on {fraction:.0%} of the batches, sampled at T=0.5",
-            _with(recipe, distill={"on_policy": {"fraction": fraction, "divergence": "reverse_kl",
-                                                 "temperature": 0.5}}))
+            on_policy(fraction, "reverse_kl", temperature=0.5))
            for fraction in (0.5, 1.0)},
-        **_if_valid("quant_aware", "kd, the exported grids fake-quantized in the last epoch",
-                    lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE})),
+        **_if_valid("quant_aware", "kd, the exported grids fake-quantized in the last epoch", quant_aware()),
         **{name: variant for epochs in range(2, recipe.distill.epochs + 1)
            for name, variant in _if_valid(
                f"quant_aware_{epochs}", f"kd, the exported grids fake-quantized in the last {epochs} epochs",
-               lambda epochs=epochs: _with(recipe, distill={"quant_aware": {**QUANT_AWARE, "epochs": epochs}})).items()},
+               quant_aware(epochs=epochs)).items()},
         **{name: variant for epochs in range(1, recipe.distill.epochs + 1) for grid in QUANT_AWARE["grids"]
            for name, variant in _if_valid(
                f"quant_aware_{epochs}_{grid}", f"kd, {grid} alone fake-quantized in the last {epochs} epochs",
-               lambda epochs=epochs, grid=grid: _with(recipe, distill={"quant_aware": {"grids": [grid],
-                                                                                     "epochs": epochs}})).items()},
+               quant_aware(grids=[grid], epochs=epochs)).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),
