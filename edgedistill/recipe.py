@@ -336,15 +336,10 @@ class QuantAwareConfig(Section):
     of distill (and every on-policy epoch) the student's weights are rounded in the forward pass to
     exactly what an exported file holds, with straight-through gradients; several grids take turns,
     one per step. `grids`: GGUF types of export.quants and onnx-int4 / onnx-int8 of export.onnx;
-    None: every quantized one the recipe exports. `dampen`: the weight, at the last step, of the
-    weights' rounding error in the loss (rising from 0 over the fake-quantized steps): it pulls the
-    float weights onto the grid, so that the float student and its files agree; 0: off."""
-
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"dampen": 0.0}
+    None: every quantized one the recipe exports."""
 
     grids: Annotated[list[str], Field(min_length=1)] | None = None
     epochs: Annotated[int, Field(gt=0)] = 1
-    dampen: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("grids")
     @classmethod

@@ -27,7 +27,6 @@ from edgedistill.export.gguf import GgufExportOptions, arch, export_gguf
 from edgedistill.export.gguf.writer import plan_tensors
 from edgedistill.export.onnx import OnnxExportOptions, export_onnx
 from edgedistill.export.onnx.rounding import QuantizedWeight, dequantize
-from edgedistill.distill.quant_aware import QuantAware
 from edgedistill.export.quant_grids import build_quant_aware
 from edgedistill.layout import MANIFEST, TRAIN_JSONL
 from edgedistill.pipeline import Pipeline
@@ -147,7 +146,7 @@ def test_fake_quantized_forward_gives_the_files_logits(exported, grid):
     model, quant_aware = exported["model"], exported["quant_aware"]
     ids = torch.tensor([TEXT_IDS])
     with torch.no_grad():
-        fake = _logprobs(quant_aware.forward(model, exported["grids"][grid], input_ids=ids)[0].logits[0])
+        fake = _logprobs(quant_aware.forward(model, exported["grids"][grid], input_ids=ids).logits[0])
         plain = _logprobs(model(input_ids=ids).logits[0])
     if grid == "onnx-int4":
         runtime = _logprobs(OnnxDecoder(exported["files"][grid]).logits(TEXT_IDS))
@@ -209,60 +208,6 @@ def test_distill_and_on_policy_train_quant_aware_and_the_export_holds_the_roundi
 
 
 @pytest.mark.unit
-def test_the_dampening_rises_over_the_fake_quantized_steps():
-    quant_aware = QuantAware([], first_epoch=2, dampen=10.0)
-    weights = [quant_aware.dampen_at(step, 4, 4) for step in range(16)]
-    assert weights[:8] == [0.0] * 8 and weights[8:] == [10.0 * i / 8 for i in range(1, 9)]
-    assert QuantAware([], first_epoch=0).dampen_at(3, 4, 4) == 0.0
-
-
-@pytest.mark.unit
-def test_the_rounding_error_pulls_each_weight_towards_its_rounding(exported):
-    """forward's rounding error is sum |w - q(w)|^2 / |w|^2 over the rounded tensors, with the
-    gradient 2 (w - q) / |w|^2 (q held fixed) when dampened and none when not."""
-    model, quant_aware, grid = exported["model"], exported["quant_aware"], exported["grids"]["Q4_K_M"]
-    ids = torch.tensor([TEXT_IDS])
-    _, plain = quant_aware.forward(model, grid, input_ids=ids)
-    assert not plain.requires_grad
-    model.zero_grad()
-    _, error = quant_aware.forward(model, grid, dampen=1.0, input_ids=ids)
-    error.backward()
-    name = "model.layers.0.mlp.down_proj.weight"
-    weight = dict(model.named_parameters())[name]
-    q = quant_aware.rounded(model, grid, straight_through=False)[name]
-    assert float(error) == pytest.approx(float(plain), rel=1e-5) and 0 < float(error) < 1
-    torch.testing.assert_close(weight.grad, 2 * (weight.detach() - q) / weight.detach().pow(2).sum())
-    model.zero_grad()
-
-
-@pytest.mark.integration
-def test_dampened_training_brings_the_float_weights_onto_the_grid(student, tmp_path):
-    """distill with quant_aware.dampen: the float student ends nearer its Q4_K_M rounding than the
-    same training without it (the stage reports the last epoch's rounding error per grid)."""
-    teacher = make_tiny_model(tmp_path / "teacher", seed=3, **SHAPE)
-    (teacher / MANIFEST).write_text(json.dumps({"files": {"model.safetensors": "tiny"}}))
-    generate = _train_set(tmp_path / "generate", 16)
-    errors = {}
-    for dampen in (0.0, 1000.0):
-        recipe = tiny_recipe(quant_aware={"grids": ["Q4_K_M"], "epochs": 2, "dampen": dampen}, epochs=2,
-                             batch_size=4, topk=8, max_seq_len=64)
-        run = tmp_path / str(dampen)
-        for stage in ("logits", "distill"):
-            (run / stage).mkdir(parents=True)
-        cache_teacher_logits(recipe, run / "logits", teacher=teacher, generate=generate)
-        quant_aware = build_quant_aware(load_model(student), student, recipe.distill, recipe.export, first_epoch=0)
-        result = distill(recipe, run / "distill", student=student, generate=generate, logits=run / "logits",
-                         quant_aware=quant_aware)
-        assert result["quant_aware"]["dampen"] == dampen
-        trained = load_model(run / "distill")
-        check = build_quant_aware(trained, run / "distill", recipe.distill, recipe.export, first_epoch=0)
-        errors[dampen] = float(check.forward(trained, check.grids[0], input_ids=torch.tensor([TEXT_IDS]))[1])
-        assert result["quant_aware"]["last_rounding_error"]["Q4_K_M"] > 0
-    # measured: 0.062 without, 0.0075 with (8 steps, all fake-quantized)
-    assert errors[1000.0] < errors[0.0] / 2, errors
-
-
-@pytest.mark.unit
 @pytest.mark.parametrize("change, message", [
     ({"distill": {"quant_aware": {"grids": ["Q6_K"]}}}, r"grid Q6_K is not exported by this recipe \(export.quants"),
     ({"distill": {"quant_aware": {"grids": ["onnx-int8"]}}}, "grid onnx-int8 is not exported"),
@@ -299,7 +244,4 @@ def test_the_stage_keys():
     assert "export.quants" not in {s.name: s for s in stages_for(plain)}["distill"].sections
     assert key(qa, "distill") != key(plain, "distill") and key(qa, ON_POLICY) != key(plain, ON_POLICY)
     assert key(qa, "export") == key(plain, "export")
-    # dampen, added later, is left out of the key at its default: quant-aware runs made before stay cached
-    assert "dampen" not in qa.distill.model_dump()["quant_aware"]
-    dampened = tiny_recipe(on_policy={"fraction": 1.0}, quant_aware={"grids": ["Q4_K_M"], "dampen": 10.0})
-    assert key(dampened, "distill") != key(qa, "distill")
+

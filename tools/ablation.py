@@ -132,14 +132,6 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
            for name, variant in _if_valid(
                f"quant_aware_{epochs}_{grid}", f"kd, {grid} alone fake-quantized in the last {epochs} epochs",
                quant_aware(grids=[grid], epochs=epochs)).items()},
-        # the rounding error in the loss at the last step; 100 makes its gradient about the
-        # distillation loss's on the default student (measured on one batch of the kd student)
-        **{name: variant for grid in (None, *QUANT_AWARE["grids"])
-           for name, variant in _if_valid(
-               "quant_aware_3_dampen" + (f"_{grid}" if grid else ""),
-               f"kd, {grid + ' alone' if grid else 'the exported grids'} fake-quantized in the last 3 epochs, "
-               "the weights pulled onto the grid (dampen 100)",
-               quant_aware(epochs=3, dampen=100.0, **({"grids": [grid]} if grid else {}))).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),

@@ -57,7 +57,7 @@ def main() -> None:
     model.train()
 
     def step(grid=None):
-        logits = (quant_aware.forward(model, grid, input_ids=ids)[0] if grid else model(input_ids=ids)).logits
+        logits = (quant_aware.forward(model, grid, input_ids=ids) if grid else model(input_ids=ids)).logits
         logits.float().logsumexp(-1).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -195,15 +195,11 @@ def train_on_policy(student, score: Callable[[dict], tuple[torch.Tensor, torch.T
             batch = {key: t.to(device) for key, t in collate(examples, pad_id, "answer").items()}
             batch["topk_ids"], batch["topk_logprobs"] = score(batch)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if grid is not None:
-                dampen = quant_aware.dampen_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg.epochs)
-                output, rounding_error = quant_aware.forward(student, grid, dampen=dampen, **inputs)
-            else:
-                output, dampen, rounding_error = student(**inputs), 0.0, 0.0
-            losses = distill_loss(output.logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
+            logits = (quant_aware.forward(student, grid, **inputs) if grid is not None else student(**inputs)).logits
+            losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=1.0, temperature=1.0,
                                   divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
-            (losses["loss"] + dampen * rounding_error if dampen else losses["loss"]).backward()
+            losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

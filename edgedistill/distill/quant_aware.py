@@ -29,15 +29,6 @@ edgedistill.export.quant_grids, with the exporters' own code):
   float, or with quantize_embeddings: true gets onnxruntime's int4 Gather quantizer; an untied
   table likewise. Not with onnx_options.calibrate (refused).
 
-With distill.quant_aware.dampen > 0 the loss also holds the weights' rounding error, the sum over
-the rounded tensors of |w - q(w)|^2 / |w|^2 with q(w) held fixed, its weight rising from 0 to
-`dampen` over the fake-quantized steps: it pulls each float weight onto its grid point, so that
-the float student and its files come to hold nearly the same weights. Without it, the
-straight-through gradient is blind to where w sits between two grid points: the rounded student
-is trained, the float weights drift, and the float student (the one LoRA trains further, say) is
-as far from its files as before. The idea and the name are Nagel et al.'s oscillation dampening
-(ICML 2022); their weights oscillate across a rounding boundary, which this also stops.
-
 Several grids take turns, one per step (step i uses grids[i % n]): each artifact's error is in
 the loss as often as the others', at the cost of one forward pass per step (averaging the grids'
 losses would cost n). On-policy epochs use the grid of their step for sampling too, so the
@@ -56,7 +47,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -95,23 +86,20 @@ class QuantAware:
 
     grids: list[Grid]
     first_epoch: int = 0
-    # the weight of the rounding error in the loss at the last step (distill.quant_aware.dampen)
-    dampen: float = 0.0
     rounding_seconds: float = 0.0
-    # grid name -> [sum, steps] of the rounding error since the last record()
-    errors: dict[str, list[float]] = field(default_factory=dict)
 
     def grid_at(self, epoch: int, step: int) -> Grid | None:
         """The grid of global step `step` (counted from 0 over the whole stage) in `epoch`, or None
         before the fake-quantized epochs."""
         return self.grids[step % len(self.grids)] if epoch >= self.first_epoch else None
 
-    def _round(self, model, grid: Grid) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
-        """(names, float weight, its rounding) per distinct (parameter, rounding) of `grid`: a shared
-        table is rounded once. Weights are rounded in parallel threads (ggml and onnxruntime release
-        the GIL)."""
+    def rounded(self, model, grid: Grid, *, straight_through: bool = True) -> dict[str, torch.Tensor]:
+        """Parameter name -> the rounded weight with a straight-through gradient (q(w) alone when not
+        `straight_through`), for functional_call. Weights are rounded in parallel threads (ggml
+        and onnxruntime release the GIL)."""
         started = time.perf_counter()
         params = dict(model.named_parameters(remove_duplicate=False))
+        # one rounding per distinct (parameter, rounding): a shared table is rounded once
         jobs: dict[tuple[int, Rounding], list[str]] = {}
         for name, rounding in grid.weights.items():
             jobs.setdefault((id(params[name]), rounding), []).append(name)
@@ -123,80 +111,43 @@ class QuantAware:
 
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
             results = list(pool.map(run, keys))
-        out = []
+        out = {}
         for key, values in zip(keys, results):
             weight = params[jobs[key][0]]
-            out.append((jobs[key], weight, torch.from_numpy(values).to(device=weight.device, dtype=weight.dtype)))
-        self.rounding_seconds += time.perf_counter() - started
-        return out
-
-    @staticmethod
-    def _values(rounded, straight_through: bool) -> dict[str, torch.Tensor]:
-        out = {}
-        for names, weight, quantized in rounded:
+            quantized = torch.from_numpy(values).to(device=weight.device, dtype=weight.dtype)
             # q + (w - w.detach()): the value is q(w) bit for bit (w + (q - w).detach() rounds twice
             # in float arithmetic and misses q by an ulp here and there), the gradient the identity
             value = quantized + (weight - weight.detach()) if straight_through else quantized
-            for name in names:
+            for name in jobs[key]:
                 out[name] = value
+        self.rounding_seconds += time.perf_counter() - started
         return out
 
-    def rounded(self, model, grid: Grid, *, straight_through: bool = True) -> dict[str, torch.Tensor]:
-        """Parameter name -> the rounded weight with a straight-through gradient (q(w) alone when not
-        `straight_through`), for functional_call."""
-        return self._values(self._round(model, grid), straight_through)
-
-    def forward(self, model, grid: Grid, *, dampen: float = 0.0, **inputs):
-        """(`model(**inputs)` with `grid`'s rounded weights, the rounding error): the error is the sum
-        over the rounded tensors of |w - q(w)|^2 / |w|^2, with a gradient (pulling each w towards
-        q(w), held fixed) only when `dampen` > 0 (it is then in the loss at that weight). `model`
-        may be a DDP/Accelerate wrapper: the names then carry its `module.` prefix."""
+    def forward(self, model, grid: Grid, **inputs):
+        """`model(**inputs)` with `grid`'s rounded weights. `model` may be a DDP/Accelerate wrapper:
+        the names then carry its `module.` prefix."""
         inner = getattr(model, "module", model)
         prefix = "module." if inner is not model else ""
-        rounded = self._round(inner, grid)
-        params = {prefix + name: value for name, value in self._values(rounded, True).items()}
-        with torch.set_grad_enabled(dampen > 0 and torch.is_grad_enabled()):
-            error = sum(((weight - quantized) ** 2).sum() / (weight.detach() ** 2).sum().clamp_min(1e-30)
-                        for _, weight, quantized in rounded)
-        total = self.errors.setdefault(grid.name, [0.0, 0])
-        total[0], total[1] = total[0] + float(error.detach()), total[1] + 1
-        output = functional_call(model, params, args=(), kwargs=inputs, tie_weights=False, strict=False)
-        return output, error
-
-    def dampen_at(self, step: int, steps_per_epoch: int, epochs: int) -> float:
-        """The rounding error's weight in the loss at global step `step` (from 0 over the stage's
-        `epochs`): 0 before the fake-quantized epochs, then rising linearly to `dampen` at the
-        last step, so that the first fake-quantized steps adapt to the rounding freely and the last
-        settle the weights onto the grid (Nagel et al. 2022, "Overcoming oscillations in
-        quantization-aware training", anneal their dampening likewise)."""
-        first, total = self.first_epoch * steps_per_epoch, epochs * steps_per_epoch
-        if not self.dampen or step < first:
-            return 0.0
-        return self.dampen * (step - first + 1) / (total - first)
+        params = {prefix + name: value for name, value in self.rounded(inner, grid).items()}
+        return functional_call(model, params, args=(), kwargs=inputs, tie_weights=False, strict=False)
 
     def record(self, history_entry: dict, epoch: int, steps: int, rounding_before: float) -> None:
-        """Notes in an epoch's history entry its fake-quantized steps, rounding time per step and mean
-        rounding error per grid (see forward): the history is checkpointed, so a resumed or
-        data-parallel run still reports them."""
+        """Notes in an epoch's history entry its fake-quantized steps and rounding time per step: the
+        history is checkpointed, so a resumed or data-parallel run still reports them."""
         if epoch >= self.first_epoch and steps:
             history_entry.update({"fake_quantized_steps": steps, "rounding_ms_per_step":
-                                  round(1000 * (self.rounding_seconds - rounding_before) / steps, 1),
-                                  "rounding_error": {name: float(f"{total / n:.4g}")
-                                                     for name, (total, n) in self.errors.items() if n}})
-        self.errors.clear()
+                                  round(1000 * (self.rounding_seconds - rounding_before) / steps, 1)})
 
     def summary(self, history: list[dict]) -> dict:
-        """The grids (parameter names per type), the order they take turns in, the fake-quantized
-        epochs' steps and mean rounding time per step, and the last one's rounding error per grid,
-        for a stage's result."""
+        """The grids (parameter names per type), the order they take turns in, and the fake-quantized
+        epochs' steps and mean rounding time per step, for a stage's result."""
         epochs = [entry for entry in history if "fake_quantized_steps" in entry]
         steps = sum(entry["fake_quantized_steps"] for entry in epochs)
         total_ms = sum(entry["rounding_ms_per_step"] * entry["fake_quantized_steps"] for entry in epochs)
         return {"grids": {grid.name: grid.summary() for grid in self.grids},
                 "one_grid_per_step": [grid.name for grid in self.grids],
                 "epochs": [entry["epoch"] for entry in epochs], "fake_quantized_steps": steps,
-                "rounding_ms_per_step": round(total_ms / steps, 1) if steps else None,
-                "dampen": self.dampen, "last_rounding_error": epochs[-1].get("rounding_error") if epochs else None}
+                "rounding_ms_per_step": round(total_ms / steps, 1) if steps else None}
 
 
 class _Generate(torch.nn.Module):

@@ -261,17 +261,12 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             if teacher is not None:
                 batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if grid is not None:
-                dampen = quant_aware.dampen_at(epoch * steps_per_epoch + step - 1, steps_per_epoch, cfg.epochs)
-                output, rounding_error = quant_aware.forward(model, grid, dampen=dampen, **inputs)
-            else:
-                output, dampen, rounding_error = model(**inputs), 0.0, 0.0
-            losses = distill_loss(output.logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
+            logits = (quant_aware.forward(model, grid, **inputs) if grid is not None else model(**inputs)).logits
+            losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
                                   batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
                                   temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
                                   scales=scales)
-            # every data-parallel worker holds the same weights, so each adds the whole term
-            accelerator.backward(losses["loss"] + dampen * rounding_error if dampen else losses["loss"])
+            accelerator.backward(losses["loss"])
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
