@@ -26,6 +26,9 @@ LOGITS = "logits"
 STUDENT = "student"
 DISTILL = "distill"
 ON_POLICY = "on_policy"  # with distill.on_policy: the student trained further on its own samples
+# in distill/ with distill.quant_aware.soft_labels: float_student, the float student that taught
+# its rounded self (an HF folder): what the files are compared with
+FLOAT_STUDENT = "float_student"
 LORA = "lora"
 MERGE = "merge"
 EXPORT = "export"

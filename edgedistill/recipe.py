@@ -336,10 +336,16 @@ class QuantAwareConfig(Section):
     of distill (and every on-policy epoch) the student's weights are rounded in the forward pass to
     exactly what an exported file holds, with straight-through gradients; several grids take turns,
     one per step. `grids`: GGUF types of export.quants and onnx-int4 / onnx-int8 of export.onnx;
-    None: every quantized one the recipe exports."""
+    None: every quantized one the recipe exports. `soft_labels`: whose top-k the fake-quantized
+    epochs learn: the teacher's (as distill's other epochs), or the float student's own as those
+    epochs begin (float_student: the float model teaches its rounded self, NVIDIA's QAD; those
+    epochs' loss is then the divergence from it alone, at temperature 1)."""
+
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels": "teacher"}
 
     grids: Annotated[list[str], Field(min_length=1)] | None = None
     epochs: Annotated[int, Field(gt=0)] = 1
+    soft_labels: Literal["teacher", "float_student"] = "teacher"
 
     @field_validator("grids")
     @classmethod
@@ -384,6 +390,19 @@ class DistillConfig(TrainingConfig):
             raise ValueError(f"quant_aware.epochs {self.quant_aware.epochs} is more than distill.epochs {self.epochs}: "
                              "the fake-quantized epochs are the last ones of distill; lower quant_aware.epochs or "
                              "raise epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _float_student_first(self) -> DistillConfig:
+        if self.quant_aware is None or self.quant_aware.soft_labels != "float_student":
+            return self
+        if self.quant_aware.epochs >= self.epochs:
+            raise ValueError(f"quant_aware.soft_labels float_student with quant_aware.epochs {self.quant_aware.epochs} "
+                             f"of distill.epochs {self.epochs}: the float student that teaches its rounded self is "
+                             "trained by the epochs before; raise distill.epochs above quant_aware.epochs")
+        if self.on_policy is not None:
+            raise ValueError("quant_aware.soft_labels float_student with on_policy: the on-policy stage learns "
+                             "the teacher's corrections of the student's samples; remove one of them")
         return self
 
 

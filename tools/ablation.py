@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from edgedistill.errors import EdgedistillError  # noqa: E402
 from edgedistill.evaluate.intervals import bootstrap_ratio  # noqa: E402
 from edgedistill.evaluate.task import evaluate, load_heldout, read_task, task_score, task_scorers  # noqa: E402
-from edgedistill.layout import EXPORT, EXPORT_ONNX, HELDOUT_JSONL, ON_POLICY  # noqa: E402
+from edgedistill.layout import EXPORT, EXPORT_ONNX, FLOAT_STUDENT, HELDOUT_JSONL, ON_POLICY  # noqa: E402
 from edgedistill.pipeline import Pipeline, is_complete  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
 from edgedistill.runtimes import gguf_artifacts  # noqa: E402
@@ -132,6 +132,14 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
            for name, variant in _if_valid(
                f"quant_aware_{epochs}_{grid}", f"kd, {grid} alone fake-quantized in the last {epochs} epochs",
                quant_aware(grids=[grid], epochs=epochs)).items()},
+        # NVIDIA's QAD: the float student, trained as kd's, teaches its own rounded self one more epoch
+        **{name: variant for epochs in (1, 2) for name, variant in _if_valid(
+            f"quant_aware_self_{epochs}",
+            f"kd + {epochs} epoch{'s' * (epochs > 1)} in which the exported grids, fake-quantized, learn the float "
+            "student's soft labels",
+            lambda epochs=epochs: _with(recipe, distill={
+                "epochs": recipe.distill.epochs + epochs,
+                "quant_aware": {**QUANT_AWARE, "epochs": epochs, "soft_labels": "float_student"}})).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),
@@ -208,10 +216,12 @@ def exported_files(run: Path) -> list[Path]:
 
 def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: int) -> list[dict]:
     """Every exported file of the variant scored on the held-out prompts in its runtime, against
-    the float student (the reference: share of its score, KL from it on its own answers) and the
-    teacher's scores on the same prompts (share with a paired interval for label tasks; the ratio
-    of the scores for others)."""
-    report = evaluate(exported_files(student.parent), heldout, student, max_new_tokens=max_new_tokens)
+    the float student (the reference: share of its score, KL from it on its own answers; the one
+    that taught the fake-quantized epochs where it did, distill/float_student) and the teacher's
+    scores on the same prompts (share with a paired interval for label tasks; the ratio of the
+    scores for others)."""
+    reference = student / FLOAT_STUDENT if (student / FLOAT_STUDENT).is_dir() else student
+    report = evaluate(exported_files(student.parent), heldout, reference, max_new_tokens=max_new_tokens)
     rows = []
     for row in report.artifacts:
         share = paired_share(row.answers, teacher["answers"])
@@ -228,7 +238,9 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
                      "share_of_teacher_interval": [round(share.low, 4), round(share.high, 4)] if known else None,
                      "share_of_float_student": row.share_of_reference,
                      "share_of_float_student_interval": row.share_of_reference_interval,
-                     "kl_to_float_student": row.kl_to_reference, "top1_to_float_student": row.top1_agreement})
+                     "kl_to_float_student": row.kl_to_reference, "top1_to_float_student": row.top1_agreement,
+                     "float_student": str(reference.relative_to(student.parent)),
+                     "float_student_task_score": report.reference.task_score})
     return rows
 
 

@@ -29,6 +29,13 @@ edgedistill.export.quant_grids, with the exporters' own code):
   float, or with quantize_embeddings: true gets onnxruntime's int4 Gather quantizer; an untied
   table likewise. Not with onnx_options.calibrate (refused).
 
+The fake-quantized steps learn the teacher's soft labels, or with quant_aware.soft_labels
+float_student the float student's own, as it stands when they begin (saved in
+distill/float_student: edgedistill.distill.train.float_student): the float model teaches its
+rounded self, as NVIDIA's quantization-aware distillation does (the divergence from it alone, at
+temperature 1), so the files are trained to be that model rather than to come nearer the
+teacher than it did.
+
 Several grids take turns, one per step (step i uses grids[i % n]): each artifact's error is in
 the loss as often as the others', at the cost of one forward pass per step (averaging the grids'
 losses would cost n). On-policy epochs use the grid of their step for sampling too, so the
@@ -86,6 +93,9 @@ class QuantAware:
 
     grids: list[Grid]
     first_epoch: int = 0
+    # distill.quant_aware.soft_labels: "teacher", or "float_student" (the float student as the
+    # fake-quantized epochs begin gives their soft labels; edgedistill.distill.train)
+    soft_labels: str = "teacher"
     rounding_seconds: float = 0.0
 
     def grid_at(self, epoch: int, step: int) -> Grid | None:
@@ -139,15 +149,17 @@ class QuantAware:
                                   round(1000 * (self.rounding_seconds - rounding_before) / steps, 1)})
 
     def summary(self, history: list[dict]) -> dict:
-        """The grids (parameter names per type), the order they take turns in, and the fake-quantized
-        epochs' steps and mean rounding time per step, for a stage's result."""
+        """The grids (parameter names per type), the order they take turns in, the fake-quantized
+        epochs' steps and mean rounding time per step, and whose soft labels they learnt, for a
+        stage's result."""
         epochs = [entry for entry in history if "fake_quantized_steps" in entry]
         steps = sum(entry["fake_quantized_steps"] for entry in epochs)
         total_ms = sum(entry["rounding_ms_per_step"] * entry["fake_quantized_steps"] for entry in epochs)
         return {"grids": {grid.name: grid.summary() for grid in self.grids},
                 "one_grid_per_step": [grid.name for grid in self.grids],
                 "epochs": [entry["epoch"] for entry in epochs], "fake_quantized_steps": steps,
-                "rounding_ms_per_step": round(total_ms / steps, 1) if steps else None}
+                "rounding_ms_per_step": round(total_ms / steps, 1) if steps else None,
+                "soft_labels": self.soft_labels}
 
 
 class _Generate(torch.nn.Module):

@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM
 
 from edgedistill.data.logits import SoftLabelSet, read_meta, tokenize_train_set, tokenizer_identity
 from edgedistill.distill.losses import distill_loss
 from edgedistill.distill.quant_aware import QuantAware
 from edgedistill.distill.student import TOKENIZER_FILES
 from edgedistill.errors import EdgedistillError
-from edgedistill.layout import TRAIN_JSONL
+from edgedistill.layout import FLOAT_STUDENT, TRAIN_JSONL
 from edgedistill.pipeline import launched
 from edgedistill.recipe import DistillConfig, Recipe, TrainingConfig
 from edgedistill.runtimes.compute import Compute, load_on, resolve_compute
@@ -212,6 +213,26 @@ def _shard(data: SoftLabelSet, rows: list[int], rank: int, world: int, kl_positi
     return mine, tuple(world * sum(c[t] for c in my_counts) / sum(c[t] for c in counts) for t in (0, 1))
 
 
+def float_student(accelerator: Accelerator, model, out: Path):
+    """The float student as the fake-quantized epochs begin, frozen: with quant_aware.soft_labels
+    float_student it gives those epochs their soft labels. Saved in out/float_student (written
+    aside, then renamed) by the first process, so a resumed run reads back the same model and the
+    finished stage holds the model its files are measured against."""
+    folder = out / FLOAT_STUDENT
+    inner = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and not folder.is_dir():
+        aside = out / f".{FLOAT_STUDENT}.writing"  # a killed write's leftover is dropped (pipeline.drop_leftovers)
+        shutil.rmtree(aside, ignore_errors=True)
+        inner.config.use_cache = True  # the saved config is the one generation reads
+        inner.save_pretrained(aside, safe_serialization=True)
+        inner.config.use_cache = False
+        os.rename(aside, folder)
+    accelerator.wait_for_everyone()
+    # the stage's own folder, without its tokenizer until finish(): load_model's checks would refuse it
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    return reference.to(accelerator.device).eval().requires_grad_(False)
+
+
 def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, seed: int, name: str,
                  teacher=None, topk: int | None = None, quant_aware: QuantAware | None = None) -> list[dict]:
     """Trains the parameters of `model` that require grad; checkpoints to `out` after each epoch.
@@ -220,7 +241,9 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
     data-parallel worker (see `train_and_save`) each process trains on its share of every batch.
     With a `teacher` model, each batch's soft labels are its top `topk` (teacher_topk), not `data`'s.
     With `quant_aware`, its epochs run the forward pass on its grids' rounded weights
-    (edgedistill.distill.quant_aware), one grid per step in turn.
+    (edgedistill.distill.quant_aware), one grid per step in turn, learning the teacher's soft
+    labels or (soft_labels float_student) the float student's as those epochs begin, with the
+    divergence alone at temperature 1.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -246,7 +269,11 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
     rank, world = accelerator.process_index, accelerator.num_processes
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    reference = None
     for epoch in range(start_epoch, cfg.epochs):
+        if (quant_aware is not None and quant_aware.soft_labels == "float_student"
+                and epoch >= quant_aware.first_epoch and reference is None):
+            reference = float_student(accelerator, model, out)
         order = list(range(len(data)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
@@ -260,11 +287,17 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             batch = {key: t.to(accelerator.device) for key, t in batch.items()}
             if teacher is not None:
                 batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(teacher, batch, topk)
+            kl_weight, temperature = cfg.kl_weight, cfg.temperature
+            if reference is not None and grid is not None:
+                # the float student's distribution as it is, alone: the cross-entropy on the teacher's
+                # answers (or a temperature) would pull the rounded student away from it
+                batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(reference, batch, cfg.topk)
+                kl_weight, temperature = 1.0, 1.0
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             logits = (quant_aware.forward(model, grid, **inputs) if grid is not None else model(**inputs)).logits
             losses = distill_loss(logits[batch["row_mask"]], batch["is_answer"], batch["targets"],
-                                  batch["topk_logprobs"], batch["topk_ids"], kl_weight=cfg.kl_weight,
-                                  temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
+                                  batch["topk_logprobs"], batch["topk_ids"], kl_weight=kl_weight,
+                                  temperature=temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
                                   scales=scales)
             accelerator.backward(losses["loss"])
             accelerator.clip_grad_norm_(trainable, 1.0)
@@ -275,7 +308,7 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
             ce, kl = losses["ce"].item(), losses["kl"].item()
             sums["ce"] += ce
             sums["kl"] += kl
-            sums["loss"] += (1 - cfg.kl_weight) * ce + cfg.kl_weight * kl
+            sums["loss"] += (1 - kl_weight) * ce + kl_weight * kl
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", ce=f"{sums['ce'] / step:.3f}", kl=f"{sums['kl'] / step:.3f}")
         history.append({"epoch": epoch + 1, **{key: round(v / steps_per_epoch, 4) for key, v in sums.items()}})
         if quant_aware is not None:
@@ -291,10 +324,12 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
 
 
 def finish(out: Path, tokenizer_from: Path) -> None:
-    """Copies the tokenizer files next to the saved model and drops the checkpoint."""
-    for name in TOKENIZER_FILES:
-        if (tokenizer_from / name).exists():
-            shutil.copy2(tokenizer_from / name, out / name)
+    """Copies the tokenizer files next to the saved model (and the float student, where one
+    taught the fake-quantized epochs) and drops the checkpoint."""
+    for folder in (out, out / FLOAT_STUDENT):
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).exists() and folder.is_dir():
+                shutil.copy2(tokenizer_from / name, folder / name)
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
