@@ -19,7 +19,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
+        # help is %-formatted by argparse ("95% intervals" broke `edgedistill --help`)
+        return sub.add_parser(name, help=help_text.replace("%", "%%"), description=f"{help_text}\n\nexample:\n  {example}",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add_models(command: argparse.ArgumentParser, device_help: str, dtype_help: str,
