@@ -341,11 +341,13 @@ class QuantAwareConfig(Section):
     epochs begin (float_student: the float model teaches its rounded self, NVIDIA's QAD; those
     epochs' loss is then the divergence from it alone, at temperature 1)."""
 
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels": "teacher"}
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"soft_labels": "teacher", "learning_rate": None}
 
     grids: Annotated[list[str], Field(min_length=1)] | None = None
     epochs: Annotated[int, Field(gt=0)] = 1
     soft_labels: Literal["teacher", "float_student"] = "teacher"
+    # the fake-quantized distill epochs' learning rate, constant; None: distill's schedule goes on
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("grids")
     @classmethod

@@ -242,6 +242,30 @@ def test_the_float_student_teaches_its_rounded_self(student, tmp_path):
     assert not torch.equal(snapshot, weights["start"]) and not torch.equal(snapshot, weights["end"])
 
 
+@pytest.mark.integration
+def test_the_fake_quantized_epochs_take_their_own_learning_rate(student, tmp_path):
+    """quant_aware.learning_rate replaces the schedule's rate on the fake-quantized steps only: at
+    1e-30 the first (float) epoch trains and the second leaves the weights where the float student
+    stood, bit for bit."""
+    teacher = make_tiny_model(tmp_path / "teacher", seed=3, **SHAPE)
+    (teacher / MANIFEST).write_text(json.dumps({"files": {"model.safetensors": "tiny"}}))
+    generate = _train_set(tmp_path / "generate", 8)
+    recipe = tiny_recipe(quant_aware={"grids": ["Q4_K_M"], "soft_labels": "float_student", "learning_rate": 1e-30},
+                         epochs=2, batch_size=4, topk=8, max_seq_len=64)
+    for stage in ("logits", "distill"):
+        (tmp_path / stage).mkdir()
+    cache_teacher_logits(recipe, tmp_path / "logits", teacher=teacher, generate=generate)
+    quant_aware = build_quant_aware(load_model(student), student, recipe.distill, recipe.export, first_epoch=1)
+    distill(recipe, tmp_path / "distill", student=student, generate=generate, logits=tmp_path / "logits",
+            quant_aware=quant_aware)
+    start, snapshot, end = (dict(load_model(path).named_parameters()) for path in
+                            (student, tmp_path / "distill" / FLOAT_STUDENT, tmp_path / "distill"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(start[name], snapshot[name])
+    for name, weight in end.items():
+        assert torch.equal(weight, snapshot[name]), name
+
+
 @pytest.mark.unit
 def test_a_resumed_run_reads_the_float_student_back(student, tmp_path):
     """Saved once, as the first fake-quantized epoch begins; a resumed run reads that one back."""
@@ -303,3 +327,7 @@ def test_the_stage_keys():
     assert "soft_labels" not in qa.distill.model_dump()["quant_aware"]
     taught = tiny_recipe(quant_aware={"grids": ["Q4_K_M"], "soft_labels": "float_student"})
     assert key(taught, "distill") != key(tiny_recipe(quant_aware={"grids": ["Q4_K_M"]}), "distill")
+    # so is learning_rate
+    assert "learning_rate" not in taught.distill.model_dump()["quant_aware"]
+    slow = tiny_recipe(quant_aware={"grids": ["Q4_K_M"], "soft_labels": "float_student", "learning_rate": 1e-5})
+    assert key(slow, "distill") != key(taught, "distill")

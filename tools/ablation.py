@@ -140,6 +140,13 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
             lambda epochs=epochs: _with(recipe, distill={
                 "epochs": recipe.distill.epochs + epochs,
                 "quant_aware": {**QUANT_AWARE, "epochs": epochs, "soft_labels": "float_student"}})).items()},
+        **_if_valid("quant_aware_self_1_lr1e-5",
+                    "kd + 1 epoch in which the exported grids, fake-quantized, learn the float student's soft "
+                    "labels at a constant learning rate of 1e-5",
+                    lambda: _with(recipe, distill={
+                        "epochs": recipe.distill.epochs + 1,
+                        "quant_aware": {**QUANT_AWARE, "epochs": 1, "soft_labels": "float_student",
+                                        "learning_rate": 1e-5}})),
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
                                                    "on_policy": {"fraction": 0.5, "divergence": "reverse_kl"}})),

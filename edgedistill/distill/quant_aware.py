@@ -96,6 +96,8 @@ class QuantAware:
     # distill.quant_aware.soft_labels: "teacher", or "float_student" (the float student as the
     # fake-quantized epochs begin gives their soft labels; edgedistill.distill.train)
     soft_labels: str = "teacher"
+    # distill.quant_aware.learning_rate: the fake-quantized epochs' constant rate (None: the schedule's)
+    learning_rate: float | None = None
     rounding_seconds: float = 0.0
 
     def grid_at(self, epoch: int, step: int) -> Grid | None:

@@ -301,6 +301,9 @@ def train_epochs(model, data: SoftLabelSet, cfg: TrainingConfig, out: Path, *, s
                                   scales=scales)
             accelerator.backward(losses["loss"])
             accelerator.clip_grad_norm_(trainable, 1.0)
+            if grid is not None and quant_aware.learning_rate is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = quant_aware.learning_rate  # the scheduler sets it anew after the step
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -163,4 +163,5 @@ def build_quant_aware(model, folder: Path, distill: DistillConfig, export: Expor
         if not grid.weights:
             raise EdgedistillError(f"distill.quant_aware: grid {grid.name} rounds no weight of this student",
                                    "leave it out of distill.quant_aware.grids")
-    return QuantAware(grids, first_epoch=first_epoch, soft_labels=distill.quant_aware.soft_labels)
+    return QuantAware(grids, first_epoch=first_epoch, soft_labels=distill.quant_aware.soft_labels,
+                      learning_rate=distill.quant_aware.learning_rate)
