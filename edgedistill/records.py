@@ -187,6 +187,7 @@ class EvalRow(TaskScore):
     perplexity: Number | None = None
     perplexity_ratio: Number | None = None
     kl_to_reference: Number | None = None
+    kl_to_reference_interval: list[Number] | None = None  # [low, high], records resampled
     top1_agreement: Number | None = None
     scored_tokens: int | None = None
 

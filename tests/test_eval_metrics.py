@@ -116,6 +116,8 @@ def test_gguf_and_onnx_exports_score_like_their_model(report):
     evaluation, printed = report
     for row in evaluation["artifacts"][1:]:
         assert row["kl_to_reference"] < 1e-3, row["artifact"]
+        low, high = row["kl_to_reference_interval"]
+        assert low <= row["kl_to_reference"] <= high, row["artifact"]
         assert row["top1_agreement"] >= 0.95, row["artifact"]
         assert row["perplexity_ratio"] == pytest.approx(1.0, abs=0.01), row["artifact"]
         assert row["scored_tokens"] == evaluation["reference"]["scored_tokens"]

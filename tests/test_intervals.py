@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgedistill.evaluate.intervals import (Interval, bootstrap_mean, bootstrap_ratio, paired_difference,
                                             within_noise)
+from edgedistill.evaluate.scoring import kl_interval
+from edgedistill.export.verify import Agreement
 
 
 @pytest.mark.unit
@@ -127,3 +130,22 @@ def test_bad_input_is_a_programming_error():
         bootstrap_mean([0.5, float("nan")])
     with pytest.raises(ValueError, match="level"):
         bootstrap_mean([0.5], level=95)
+
+
+@pytest.mark.unit
+def test_the_mean_kl_interval_resamples_records():
+    """eval's KL to the reference is a mean over positions; its interval resamples whole records, so
+    one record far from the reference (an answer near a decision) widens it as it moves the mean."""
+    reference, near, far = (np.log(np.array(p)) for p in ([[0.5, 0.5], [0.9, 0.1]], [[0.45, 0.55], [0.88, 0.12]],
+                                                       [[0.05, 0.95], [0.9, 0.1]]))
+    even, skewed = Agreement(), Agreement()
+    for i in range(64):
+        even.add(reference, near)
+        skewed.add(reference, far if i == 0 else reference)
+    for agreement in (even, skewed):
+        interval = kl_interval(agreement)
+        assert interval.n == 64 and interval.mean == pytest.approx(agreement.mean_kl)
+        assert interval.low - 1e-12 <= agreement.mean_kl <= interval.high + 1e-12
+    assert kl_interval(even).high - kl_interval(even).low < 1e-9  # every record alike
+    # one far record carries the mean: resamples without it give 0, with it twice, twice the mean
+    assert kl_interval(skewed).low == pytest.approx(0, abs=1e-12) and kl_interval(skewed).high >= 2 * skewed.mean_kl

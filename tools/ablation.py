@@ -28,11 +28,11 @@ each task score, its share of the teacher's, the student's share of the teacher'
 transformer-block parameters and the seconds its training stages took. With --exports every
 variant is also exported as the recipe says (GGUF F16 and export.quants, the ONNX of export.onnx)
 and each file is scored on the same prompts in its runtime, against the float student (its share
-of that student's score, the KL from it on the student's own answers) and the teacher (its share,
-with a 95% paired-bootstrap interval; the KL from the teacher on the teacher's answers, for the
-float student too). A variant's result is saved as soon as it is done
-(OUT/<variant>.json), so a rerun only does what is missing. Writes OUT/ablation.json and
-OUT/ablation.md.
+of that student's score, the KL from it on the student's own answers with a 95% interval over
+the records) and the teacher (its share, with a 95% paired-bootstrap interval; the KL from the
+teacher on the teacher's answers, for the float student too). A variant's result is saved as
+soon as it is done (OUT/<variant>.json), so a rerun only does what is missing. Writes
+OUT/ablation.json and OUT/ablation.md.
 
     .venv/bin/python tools/ablation.py --variants kd quant_aware on_policy_0.5_rkl --exports
 """
@@ -245,7 +245,9 @@ def score_exports(student: Path, heldout: Path, teacher: dict, max_new_tokens: i
                      "share_of_teacher_interval": [round(share.low, 4), round(share.high, 4)] if known else None,
                      "share_of_float_student": row.share_of_reference,
                      "share_of_float_student_interval": row.share_of_reference_interval,
-                     "kl_to_float_student": row.kl_to_reference, "top1_to_float_student": row.top1_agreement,
+                     "kl_to_float_student": row.kl_to_reference,
+                     "kl_to_float_student_interval": row.kl_to_reference_interval,
+                     "top1_to_float_student": row.top1_agreement,
                      "float_student": str(reference.relative_to(student.parent)),
                      "float_student_task_score": report.reference.task_score})
     return rows
@@ -283,16 +285,22 @@ def _interval(values) -> str:
     return f" [{100 * values[0]:.1f}, {100 * values[1]:.1f}]" if values else ""
 
 
+def _kl_interval(values) -> str:
+    # a result saved before KL intervals existed has none
+    return f" [{values[0]:.3g}, {values[1]:.3g}]" if values else ""
+
+
 def export_lines(rows: list[dict]) -> list[str]:
     """The exports table: one line per variant and file."""
     lines = ["| variant | file | task score | share of teacher [95%] | share of float student [95%] | "
-             "KL to float student | KL to teacher | training s |", "|---|---|---|---|---|---|---|---|"]
+             "KL to float student [95%] | KL to teacher | training s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for e in r.get("exports") or []:
             lines.append(f"| {r['variant']} | {e['artifact']} | {e['task_score']:.3f} | "
                          f"{_percent(e['share_of_teacher'])}{_interval(e['share_of_teacher_interval'])} | "
                          f"{_percent(e['share_of_float_student'])}{_interval(e['share_of_float_student_interval'])} | "
-                         f"{e['kl_to_float_student']} | {e.get('kl_to_teacher', '–')} | "
+                         f"{e['kl_to_float_student']}{_kl_interval(e.get('kl_to_float_student_interval'))} | "
+                         f"{e.get('kl_to_teacher', '–')} | "
                          f"{r.get('training_seconds', '–')} |")
     return lines
 

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgedistill.errors import EdgedistillError
+from edgedistill.evaluate.intervals import Interval, bootstrap_ratio
 from edgedistill.export.verify import Agreement
 from edgedistill.runtimes import Runtime
 
@@ -54,6 +55,21 @@ class ScoredRecords:
 
 def _significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
+
+
+def kl_interval(agreement: Agreement) -> Interval:
+    """The mean KL's 95% bootstrap interval, resampling records: the mean is taken over their
+    positions, so a few records near a decision, far from the reference, weigh in it as they do
+    in the mean (and can carry most of it)."""
+    return bootstrap_ratio(agreement.record_kl, agreement.record_positions)
+
+
+def _interval(agreement: Agreement) -> list[float] | None:
+    interval = kl_interval(agreement)
+    if interval.low is None:
+        return None
+    # a model scored against itself sums rounding errors of either sign
+    return [_significant(max(interval.low, 0.0)), _significant(max(interval.high, 0.0))]
 
 
 def conversation_ids(runtime: Runtime, messages: list[dict[str, str]], answer: str) -> tuple[list[int], int]:
@@ -127,5 +143,6 @@ def score_against(runtime: Runtime, name: str, records: ScoredRecords) -> dict:
             "perplexity_ratio": round(agreement.perplexity_other / agreement.perplexity_reference, 4),
             # a model scored against itself sums rounding errors of either sign
             "kl_to_reference": _significant(max(agreement.mean_kl, 0.0)),
+            "kl_to_reference_interval": _interval(agreement),
             "top1_agreement": round(agreement.top1_agreement, 4),
             "scored_tokens": agreement.targets}

@@ -12,7 +12,8 @@ same score every time, in any runtime that computes the same logits.
 
 eval.json (edgedistill.records.EvalReport): "reference" (task score, and "perplexity" and
 "scored_tokens" on its own answers), "artifacts" (per artifact: task score, "share_of_reference",
-"perplexity", "perplexity_ratio", "kl_to_reference", "top1_agreement", "scored_tokens"),
+"perplexity", "perplexity_ratio", "kl_to_reference" (with "kl_to_reference_interval", records
+resampled), "top1_agreement", "scored_tokens"),
 "scored_records" (how many held-out records were scored, the first ones) and "scored_text" (what
 was scored, in words). Every row's "scores" holds each scorer's mean with its 95% bootstrap
 interval, and "task_score_interval" the task score's; an artifact's "share_of_reference_interval"
@@ -362,7 +363,9 @@ def format_eval(report: EvalReport) -> str:
                  f"{format_interval(r.share_of_reference_interval, scale=100, digits=1)} of reference"
                  + (" (within the noise)" if r.within_noise_of_reference else "")
                  if r.share_of_reference is not None else "")
-        scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}, "
+        kl_range = r.kl_to_reference_interval
+        kl_range = f" [{kl_range[0]:.3g}, {kl_range[1]:.3g}]" if kl_range else ""
+        scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}{kl_range}, "
                   f"top-1 {r.top1_agreement:.3f}") if r.perplexity is not None else ""
         lines.append(f"{r.artifact}: task score {format_score(r.task_score)}{format_interval(r.task_score_interval)} "
                      f"({score_basis(r.to_dict())}){share}{scored}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +79,10 @@ class Agreement:
     targets: int = 0
     nll_reference: float = 0.0
     nll_other: float = 0.0
+    # per add() (a record or a text): its KL sum and positions, for the mean KL's bootstrap interval
+    # (edgedistill.evaluate.scoring.kl_interval)
+    record_kl: list[float] = field(default_factory=list)
+    record_positions: list[int] = field(default_factory=list)
 
     def add(self, reference: np.ndarray, other: np.ndarray, targets: list[int] | np.ndarray = (), *,
             tie_margin: float = 0.0) -> None:
@@ -95,7 +99,10 @@ class Agreement:
         self.positions += len(reference)
         self.agree += int(same.sum())
         self.near_ties += int((~same & (gap <= tie_margin)).sum())
-        self.kl_sum += float((np.exp(reference) * (reference - other)).sum())
+        kl = float((np.exp(reference) * (reference - other)).sum())
+        self.kl_sum += kl
+        self.record_kl.append(kl)
+        self.record_positions.append(len(reference))
         self.max_abs_logprob_diff = max(self.max_abs_logprob_diff, float(np.abs(reference - other).max()))
         targets = np.asarray(targets, dtype=np.int64)
         scored = np.arange(len(targets))

@@ -67,7 +67,7 @@ COLUMNS = (
     Column("share_of_reference", "% of teacher", EVAL_SOURCE, percent=True, interval="share_of_reference_interval"),
     Column("perplexity", "perplexity", EVAL_SOURCE, digits=2, optional=True),
     Column("perplexity_ratio", "perplexity ratio", EVAL_SOURCE, digits=3, optional=True),
-    Column("kl_to_reference", "KL to teacher", EVAL_SOURCE, digits=4, optional=True),
+    Column("kl_to_reference", "KL to teacher", EVAL_SOURCE, digits=4, optional=True, interval="kl_to_reference_interval"),
     Column("top1_agreement", "top-1 agreement", EVAL_SOURCE, digits=3, optional=True),
 )
 
