@@ -58,9 +58,8 @@ def _significant(value: float, digits: int = 4) -> float:
 
 
 def kl_interval(agreement: Agreement) -> Interval:
-    """The mean KL's 95% bootstrap interval, resampling records: the mean is taken over their
-    positions, so a few records near a decision, far from the reference, weigh in it as they do
-    in the mean (and can carry most of it)."""
+    """The mean KL's 95% bootstrap interval: whole records resampled with their positions (the
+    mean is over positions). On a label task a few answers near the decision can carry most of it."""
     return bootstrap_ratio(agreement.record_kl, agreement.record_positions)
 
 
