@@ -22,8 +22,8 @@ from there instead of recomputed):
   quant_aware_N_GRID  the same with one grid (Q4_K_M or onnx-int4) alone: all N epochs' steps on it
   quant_aware_self_N  kd, then N more epochs in which the grids learn the float student's own soft
                labels (distill.quant_aware.soft_labels: float_student, NVIDIA's QAD)
-  quant_aware_self_1[_Q4_K_M]_lrR  the same for 1 epoch (Q4_K_M's grid alone) at a constant rate R,
-               1e-5 or 3e-5 (distill.quant_aware.learning_rate)
+  quant_aware_self_N[_Q4_K_M]_lrR  the same for N = 1 or 2 epochs (Q4_K_M's grid alone) at a
+               constant rate R, 1e-5 or 3e-5 (distill.quant_aware.learning_rate)
   on_policy_qa on_policy_0.5_rkl with quant_aware
 
 Every student and the teacher answer the same held-out prompts greedily in PyTorch (fp32), scored
@@ -146,15 +146,16 @@ def variants(recipe: Recipe, teacher_layers: int) -> dict[str, tuple[str, Recipe
                 "quant_aware": {**QUANT_AWARE, "epochs": epochs, "soft_labels": "float_student"}})).items()},
         # the same at a constant learning rate, both grids or Q4_K_M's alone: Adam moves each weight by
         # about the rate per step, so it sets how many weights can cross a rounding boundary
-        **{name: variant for rate in ("1e-5", "3e-5")
+        **{name: variant for epochs in (1, 2) for rate in ("1e-5", "3e-5")
            for grids, which, who in ((QUANT_AWARE["grids"], "", "the exported grids, fake-quantized, learn"),
                                      (["Q4_K_M"], "_Q4_K_M", "Q4_K_M alone, fake-quantized, learns"))
            for name, variant in _if_valid(
-               f"quant_aware_self_1{which}_lr{rate}",
-               f"kd + 1 epoch in which {who} the float student's soft labels at a constant learning rate of {rate}",
-               lambda grids=grids, rate=rate: _with(recipe, distill={
-                   "epochs": recipe.distill.epochs + 1,
-                   "quant_aware": {"grids": grids, "epochs": 1, "soft_labels": "float_student",
+               f"quant_aware_self_{epochs}{which}_lr{rate}",
+               f"kd + {epochs} epoch{'s' * (epochs > 1)} in which {who} the float student's soft labels at a "
+               f"constant learning rate of {rate}",
+               lambda epochs=epochs, grids=grids, rate=rate: _with(recipe, distill={
+                   "epochs": recipe.distill.epochs + epochs,
+                   "quant_aware": {"grids": grids, "epochs": epochs, "soft_labels": "float_student",
                                    "learning_rate": float(rate)}})).items()},
         **_if_valid("on_policy_qa", "kd, then on-policy (reverse KL, 50%), both quant-aware",
                     lambda: _with(recipe, distill={"quant_aware": QUANT_AWARE,
