@@ -170,12 +170,14 @@ def format_score(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def format_interval(interval: Any, *, scale: float = 1, digits: int = 2) -> str:
-    """" [0.74, 0.87]" for a [low, high] pair (times `scale`), "" when there is none."""
+def format_interval(interval: Any, *, scale: float = 1, digits: int = 2, significant: bool = False) -> str:
+    """" [0.74, 0.87]" for a [low, high] pair (times `scale`), "" when there is none; `digits`
+    decimals, or with `significant` that many significant digits (a KL: " [0.00232, 0.00554]")."""
     if not isinstance(interval, (list, tuple)) or len(interval) != 2 or any(v is None for v in interval):
         return ""
     low, high = (scale * value for value in interval)
-    return f" [{low:.{digits}f}, {high:.{digits}f}]"
+    spec = f".{digits}{'g' if significant else 'f'}"
+    return f" [{low:{spec}}, {high:{spec}}]"
 
 
 class EvalRow(TaskScore):

@@ -64,6 +64,7 @@ from edgedistill.evaluate.task import evaluate, load_heldout, read_task, task_sc
 from edgedistill.layout import EXPORT, EXPORT_ONNX, FLOAT_STUDENT, HELDOUT_JSONL, ON_POLICY  # noqa: E402
 from edgedistill.pipeline import Pipeline, is_complete  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
+from edgedistill.records import format_interval  # noqa: E402
 from edgedistill.runtimes import gguf_artifacts  # noqa: E402
 from edgedistill.runtimes.onnx import onnx_artifacts  # noqa: E402
 from edgedistill.stages import stages_for  # noqa: E402
@@ -291,25 +292,20 @@ def _percent(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.1f}%"
 
 
-def _interval(values) -> str:
-    return f" [{100 * values[0]:.1f}, {100 * values[1]:.1f}]" if values else ""
-
-
-def _kl_interval(values) -> str:
-    # a result saved before KL intervals existed has none
-    return f" [{values[0]:.3g}, {values[1]:.3g}]" if values else ""
-
-
 def export_lines(rows: list[dict]) -> list[str]:
     """The exports table: one line per variant and file."""
     lines = ["| variant | file | task score | share of teacher [95%] | share of float student [95%] | "
              "KL to float student [95%] | KL to teacher | training s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for e in r.get("exports") or []:
+            of_teacher, of_float = (format_interval(e[key], scale=100, digits=1) for key in
+                                    ("share_of_teacher_interval", "share_of_float_student_interval"))
+            # a result saved before KL intervals existed has none
+            kl = format_interval(e.get("kl_to_float_student_interval"), digits=3, significant=True)
             lines.append(f"| {r['variant']} | {e['artifact']} | {e['task_score']:.3f} | "
-                         f"{_percent(e['share_of_teacher'])}{_interval(e['share_of_teacher_interval'])} | "
-                         f"{_percent(e['share_of_float_student'])}{_interval(e['share_of_float_student_interval'])} | "
-                         f"{e['kl_to_float_student']}{_kl_interval(e.get('kl_to_float_student_interval'))} | "
+                         f"{_percent(e['share_of_teacher'])}{of_teacher} | "
+                         f"{_percent(e['share_of_float_student'])}{of_float} | "
+                         f"{e['kl_to_float_student']}{kl} | "
                          f"{e.get('kl_to_teacher', '–')} | "
                          f"{r.get('training_seconds', '–')} |")
     return lines

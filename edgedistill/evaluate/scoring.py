@@ -63,12 +63,14 @@ def kl_interval(agreement: Agreement) -> Interval:
     return bootstrap_ratio(agreement.record_kl, agreement.record_positions)
 
 
+def _kl(value: float) -> float:
+    # a model scored against itself sums rounding errors of either sign
+    return _significant(max(value, 0.0))
+
+
 def _interval(agreement: Agreement) -> list[float] | None:
     interval = kl_interval(agreement)
-    if interval.low is None:
-        return None
-    # a model scored against itself sums rounding errors of either sign
-    return [_significant(max(interval.low, 0.0)), _significant(max(interval.high, 0.0))]
+    return None if interval.low is None else [_kl(interval.low), _kl(interval.high)]
 
 
 def conversation_ids(runtime: Runtime, messages: list[dict[str, str]], answer: str) -> tuple[list[int], int]:
@@ -140,8 +142,7 @@ def score_against(runtime: Runtime, name: str, records: ScoredRecords) -> dict:
         agreement.add(reference, runtime.score(ids[:-1], last=scored), ids[-scored:])
     return {"perplexity": _significant(agreement.perplexity_other),
             "perplexity_ratio": round(agreement.perplexity_other / agreement.perplexity_reference, 4),
-            # a model scored against itself sums rounding errors of either sign
-            "kl_to_reference": _significant(max(agreement.mean_kl, 0.0)),
+            "kl_to_reference": _kl(agreement.mean_kl),
             "kl_to_reference_interval": _interval(agreement),
             "top1_agreement": round(agreement.top1_agreement, 4),
             "scored_tokens": agreement.targets}

@@ -363,8 +363,7 @@ def format_eval(report: EvalReport) -> str:
                  f"{format_interval(r.share_of_reference_interval, scale=100, digits=1)} of reference"
                  + (" (within the noise)" if r.within_noise_of_reference else "")
                  if r.share_of_reference is not None else "")
-        kl_range = r.kl_to_reference_interval
-        kl_range = f" [{kl_range[0]:.3g}, {kl_range[1]:.3g}]" if kl_range else ""
+        kl_range = format_interval(r.kl_to_reference_interval, digits=3, significant=True)
         scored = (f"; perplexity {r.perplexity:.4g} (x{r.perplexity_ratio:.3f}), KL {r.kl_to_reference:.4g}{kl_range}, "
                   f"top-1 {r.top1_agreement:.3f}") if r.perplexity is not None else ""
         lines.append(f"{r.artifact}: task score {format_score(r.task_score)}{format_interval(r.task_score_interval)} "

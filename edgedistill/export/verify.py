@@ -74,13 +74,12 @@ class Agreement:
     positions: int = 0
     agree: int = 0
     near_ties: int = 0
-    kl_sum: float = 0.0
     max_abs_logprob_diff: float = 0.0
     targets: int = 0
     nll_reference: float = 0.0
     nll_other: float = 0.0
-    # per add() (a record or a text): its KL sum and positions, for the mean KL's bootstrap interval
-    # (edgedistill.evaluate.scoring.kl_interval)
+    # per add() (a record or a text): its KL sum and positions; the mean KL, and its bootstrap
+    # interval (edgedistill.evaluate.scoring.kl_interval), come from these
     record_kl: list[float] = field(default_factory=list)
     record_positions: list[int] = field(default_factory=list)
 
@@ -99,9 +98,7 @@ class Agreement:
         self.positions += len(reference)
         self.agree += int(same.sum())
         self.near_ties += int((~same & (gap <= tie_margin)).sum())
-        kl = float((np.exp(reference) * (reference - other)).sum())
-        self.kl_sum += kl
-        self.record_kl.append(kl)
+        self.record_kl.append(float((np.exp(reference) * (reference - other)).sum()))
         self.record_positions.append(len(reference))
         self.max_abs_logprob_diff = max(self.max_abs_logprob_diff, float(np.abs(reference - other).max()))
         targets = np.asarray(targets, dtype=np.int64)
@@ -116,7 +113,7 @@ class Agreement:
 
     @property
     def mean_kl(self) -> float:
-        return self.kl_sum / self.positions
+        return sum(self.record_kl) / self.positions
 
     @property
     def perplexity_reference(self) -> float:
